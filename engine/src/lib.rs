@@ -1,0 +1,1 @@
+//! The restore engine (filled in by the engine issue).

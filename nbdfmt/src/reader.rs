@@ -1,0 +1,533 @@
+//! `StreamReader`: walks the frames of one sparse stream, validating as it goes, and
+//! streams data payloads (raw or LZ4) in caller-sized pieces with bounded memory.
+//!
+//! What it enforces (virtnbdrestore checks none of it): the first frame is `meta`;
+//! every header is well formed; data/zero frames strictly increase, never overlap and
+//! stay inside `virtualSize`; payloads are complete and followed by CR LF; the data
+//! lengths add up to `dataSize`; a compressed stream has exactly one trailer entry per
+//! data frame and each payload decodes to exactly its header length; `stop` ends the
+//! body exactly where the trailer (or the file) begins.
+
+use std::io::{self, Read, Seek, SeekFrom};
+
+use crate::error::{io_at, Error, ErrorKind, Result};
+use crate::frame::{FrameHeader, FrameKind, HEADER_LEN};
+use crate::lz4::Lz4FrameReader;
+use crate::meta::{StreamMeta, MAX_META_LEN};
+use crate::trailer::{parse_trailer, TrailerEntry, MAX_TRAILER_LEN};
+
+const CRLF: &[u8; 2] = b"\r\n";
+
+/// A data or zero frame as found in the file.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Frame {
+    /// `Data` or `Zero`.
+    pub kind: FrameKind,
+    /// Disk offset.
+    pub start: u64,
+    /// Disk length (uncompressed).
+    pub length: u64,
+    /// File offset of the 40-byte header.
+    pub header_offset: u64,
+    /// File offset of the payload (data frames; equals the next byte for zero frames).
+    pub payload_offset: u64,
+    /// Bytes of payload stored in the file (0 for zero frames).
+    pub stored_len: u64,
+    /// For compressed data frames: the size of each LZ4 frame of the payload.
+    pub lz4_frames: Vec<u64>,
+}
+
+impl Frame {
+    /// End of the disk range.
+    pub fn end(&self) -> u64 {
+        self.start + self.length
+    }
+}
+
+struct Payload {
+    payload_offset: u64,
+    length: u64,
+    /// Next disk offset to hand out.
+    disk_pos: u64,
+    /// Next stored byte to read.
+    file_pos: u64,
+    /// Uncompressed: stored bytes left.
+    raw_left: u64,
+    /// Compressed: LZ4 frames not yet started.
+    lz4_left: std::collections::VecDeque<u64>,
+    /// Compressed: size of the LZ4 frame being decoded.
+    lz4_current: u64,
+    decoded: u64,
+}
+
+/// Reads one stream file frame by frame. See the module docs for what it checks.
+pub struct StreamReader<R: Read + Seek> {
+    src: Option<R>,
+    lz4: Option<Lz4FrameReader<R>>,
+    meta: StreamMeta,
+    meta_len: u64,
+    file_size: u64,
+    body_end: u64,
+    trailer: Option<Vec<TrailerEntry>>,
+    next_header: u64,
+    crlf_before_header: bool,
+    payload: Option<Payload>,
+    data_frames: usize,
+    prev_end: u64,
+    data_sum: u64,
+    finished: bool,
+}
+
+impl<R: Read + Seek> std::fmt::Debug for StreamReader<R> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("StreamReader")
+            .field("disk", &self.meta.disk_name)
+            .field("next_header", &self.next_header)
+            .field("finished", &self.finished)
+            .finish_non_exhaustive()
+    }
+}
+
+fn read_at<R: Read + Seek>(src: &mut R, offset: u64, buf: &mut [u8]) -> Result<usize> {
+    src.seek(SeekFrom::Start(offset)).map_err(io_at(offset))?;
+    let mut got = 0;
+    while got < buf.len() {
+        match src.read(&mut buf[got..]) {
+            Ok(0) => break,
+            Ok(n) => got += n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(io_at(offset + got as u64)(e)),
+        }
+    }
+    Ok(got)
+}
+
+impl<R: Read + Seek> StreamReader<R> {
+    /// Reads the meta frame (and, for compressed streams, the trailer at the end of the
+    /// file) and positions before the first body frame.
+    pub fn open(mut src: R) -> Result<Self> {
+        let file_size = src.seek(SeekFrom::End(0)).map_err(io_at(0))?;
+        let mut hdr = [0u8; HEADER_LEN];
+        let got = read_at(&mut src, 0, &mut hdr)?;
+        let h = FrameHeader::parse(&hdr[..got], 0)?;
+        if h.kind != FrameKind::Meta {
+            return Err(ErrorKind::UnexpectedFrame {
+                offset: 0,
+                kind: h.kind.as_str(),
+                reason: "a stream starts with a meta frame",
+            }
+            .into());
+        }
+        if h.length > MAX_META_LEN {
+            return Err(ErrorKind::MetaTooLarge { offset: 0, len: h.length, max: MAX_META_LEN }.into());
+        }
+        let json_off = HEADER_LEN as u64;
+        // length is capped above, so this fits in memory
+        let mut json = vec![0u8; h.length as usize + 2];
+        let got = read_at(&mut src, json_off, &mut json)?;
+        if got < h.length as usize {
+            return Err(ErrorKind::TruncatedPayload { offset: json_off, expected: h.length, got: got as u64 }.into());
+        }
+        if got < json.len() || &json[h.length as usize..] != CRLF {
+            return Err(ErrorKind::MissingCrlf { offset: json_off + h.length }.into());
+        }
+        let meta = StreamMeta::parse(&json[..h.length as usize], json_off)?;
+        let body_start = json_off + h.length + 2;
+
+        let (body_end, trailer) = if meta.is_compressed() {
+            let (end, t) = read_trailer(&mut src, file_size, body_start)?;
+            (end, Some(t))
+        } else {
+            (file_size, None)
+        };
+        Ok(Self {
+            src: Some(src),
+            lz4: None,
+            meta,
+            meta_len: h.length,
+            file_size,
+            body_end,
+            trailer,
+            next_header: body_start,
+            crlf_before_header: false,
+            payload: None,
+            data_frames: 0,
+            prev_end: 0,
+            data_sum: 0,
+            finished: false,
+        })
+    }
+
+    /// The stream's metadata.
+    pub fn meta(&self) -> &StreamMeta {
+        &self.meta
+    }
+
+    /// Length of the meta JSON.
+    pub fn meta_len(&self) -> u64 {
+        self.meta_len
+    }
+
+    /// File size in bytes.
+    pub fn file_size(&self) -> u64 {
+        self.file_size
+    }
+
+    /// The compression trailer, for compressed streams.
+    pub fn trailer(&self) -> Option<&[TrailerEntry]> {
+        self.trailer.as_deref()
+    }
+
+    /// True once the `stop` frame was read and the stream validated to its end.
+    pub fn is_finished(&self) -> bool {
+        self.finished
+    }
+
+    fn src(&mut self) -> &mut R {
+        if let Some(dec) = self.lz4.take() {
+            // Abandoning a frame part-way: take the source back.
+            self.src = Some(dec.into_inner());
+        }
+        self.src.as_mut().expect("invariant: the source is held by the reader or the decoder")
+    }
+
+    /// The next data or zero frame, or `None` after `stop`. An unread payload of the
+    /// previous frame is skipped (its CR LF is still checked).
+    pub fn next_frame(&mut self) -> Result<Option<Frame>> {
+        if self.finished {
+            return Ok(None);
+        }
+        self.payload = None;
+        let pre = if self.crlf_before_header { 2 } else { 0 };
+        let at = self.next_header - pre;
+        let mut buf = [0u8; HEADER_LEN + 2];
+        let want = HEADER_LEN + pre as usize;
+        let got = read_at(self.src(), at, &mut buf[..want])?;
+        if pre == 2 {
+            if got < 2 {
+                return Err(ErrorKind::TruncatedPayload { offset: at, expected: 2, got: got as u64 }.into());
+            }
+            if &buf[..2] != CRLF {
+                return Err(ErrorKind::MissingCrlf { offset: at }.into());
+            }
+        }
+        let offset = self.next_header;
+        if offset >= self.body_end && self.trailer.is_some() {
+            // The body ran into the trailer without a stop frame.
+            return Err(ErrorKind::TruncatedHeader { offset, got: 0 }.into());
+        }
+        let h = FrameHeader::parse(&buf[pre as usize..got], offset)?;
+        let payload_offset = offset + HEADER_LEN as u64;
+        match h.kind {
+            FrameKind::Data | FrameKind::Zero => {
+                if h.start < self.prev_end {
+                    return Err(ErrorKind::OutOfOrder { offset, start: h.start, previous_end: self.prev_end }.into());
+                }
+                let end = h.start.checked_add(h.length);
+                if end.is_none_or(|e| e > self.meta.virtual_size) {
+                    return Err(ErrorKind::PastVirtualSize {
+                        offset,
+                        start: h.start,
+                        length: h.length,
+                        virtual_size: self.meta.virtual_size,
+                    }
+                    .into());
+                }
+                self.prev_end = h.end();
+                if h.kind == FrameKind::Zero {
+                    self.next_header = payload_offset;
+                    self.crlf_before_header = false;
+                    return Ok(Some(Frame {
+                        kind: FrameKind::Zero,
+                        start: h.start,
+                        length: h.length,
+                        header_offset: offset,
+                        payload_offset,
+                        stored_len: 0,
+                        lz4_frames: Vec::new(),
+                    }));
+                }
+                let (stored_len, lz4_frames) = match &self.trailer {
+                    None => (h.length, Vec::new()),
+                    Some(t) => {
+                        let Some(entry) = t.get(self.data_frames) else {
+                            return Err(ErrorKind::TrailerCountMismatch {
+                                offset,
+                                entries: t.len(),
+                                data_frames: self.data_frames + 1,
+                            }
+                            .into());
+                        };
+                        (entry.stored_len(), entry.frames.clone())
+                    }
+                };
+                let room = self.body_end.saturating_sub(payload_offset);
+                if stored_len.checked_add(2).is_none_or(|n| n > room) {
+                    return Err(ErrorKind::TruncatedPayload {
+                        offset: payload_offset,
+                        expected: stored_len,
+                        got: room.min(stored_len),
+                    }
+                    .into());
+                }
+                self.data_frames += 1;
+                self.data_sum = self.data_sum.saturating_add(h.length);
+                self.next_header = payload_offset + stored_len + 2;
+                self.crlf_before_header = true;
+                self.payload = Some(Payload {
+                    payload_offset,
+                    length: h.length,
+                    disk_pos: h.start,
+                    file_pos: payload_offset,
+                    raw_left: if self.trailer.is_none() { stored_len } else { 0 },
+                    lz4_left: lz4_frames.iter().copied().collect(),
+                    lz4_current: 0,
+                    decoded: 0,
+                });
+                Ok(Some(Frame {
+                    kind: FrameKind::Data,
+                    start: h.start,
+                    length: h.length,
+                    header_offset: offset,
+                    payload_offset,
+                    stored_len,
+                    lz4_frames,
+                }))
+            }
+            FrameKind::Stop => {
+                if h.start != 0 || h.length != 0 {
+                    return Err(ErrorKind::BadHeader {
+                        offset,
+                        reason: "stop frame with non-zero fields",
+                        found: String::from_utf8_lossy(&h.encode()).into_owned(),
+                    }
+                    .into());
+                }
+                if self.data_sum != self.meta.data_size {
+                    return Err(ErrorKind::DataSizeMismatch {
+                        offset,
+                        declared: self.meta.data_size,
+                        actual: self.data_sum,
+                    }
+                    .into());
+                }
+                if let Some(t) = &self.trailer {
+                    if t.len() != self.data_frames {
+                        return Err(ErrorKind::TrailerCountMismatch {
+                            offset,
+                            entries: t.len(),
+                            data_frames: self.data_frames,
+                        }
+                        .into());
+                    }
+                }
+                let end = payload_offset;
+                if end != self.body_end {
+                    return Err(ErrorKind::TrailingData { offset: end, len: self.body_end.saturating_sub(end) }.into());
+                }
+                self.finished = true;
+                Ok(None)
+            }
+            FrameKind::Meta | FrameKind::Comp => Err(ErrorKind::UnexpectedFrame {
+                offset,
+                kind: h.kind.as_str(),
+                reason: "only data, zero or stop frames may follow the meta frame",
+            }
+            .into()),
+        }
+    }
+
+    /// Reads the next piece of the current data frame's payload, decoded, into `buf`.
+    /// Returns the disk offset and length of the piece, or `None` when the payload is
+    /// complete (its decoded length then equals the header's length).
+    pub fn read_chunk(&mut self, buf: &mut [u8]) -> Result<Option<(u64, usize)>> {
+        if buf.is_empty() {
+            return Ok(None);
+        }
+        let Some(mut p) = self.payload.take() else {
+            return Ok(None);
+        };
+        let r = self.read_chunk_inner(&mut p, buf);
+        if matches!(r, Ok(Some(_))) {
+            self.payload = Some(p);
+        }
+        r
+    }
+
+    fn read_chunk_inner(&mut self, p: &mut Payload, buf: &mut [u8]) -> Result<Option<(u64, usize)>> {
+        if self.trailer.is_none() {
+            if p.raw_left == 0 {
+                return Ok(None);
+            }
+            let n = usize::try_from(p.raw_left).unwrap_or(usize::MAX).min(buf.len());
+            let pos = p.file_pos;
+            let got = read_at(self.src(), pos, &mut buf[..n])?;
+            if got < n {
+                return Err(ErrorKind::TruncatedPayload {
+                    offset: p.payload_offset,
+                    expected: p.length,
+                    got: pos - p.payload_offset + got as u64,
+                }
+                .into());
+            }
+            let at = p.disk_pos;
+            p.file_pos += n as u64;
+            p.disk_pos += n as u64;
+            p.raw_left -= n as u64;
+            return Ok(Some((at, n)));
+        }
+        loop {
+            if let Some(dec) = self.lz4.as_mut() {
+                let n = dec.read_decoded(buf)?;
+                if n > 0 {
+                    let at = p.disk_pos;
+                    p.disk_pos += n as u64;
+                    p.decoded += n as u64;
+                    return Ok(Some((at, n)));
+                }
+                let dec = self.lz4.take().expect("invariant: checked above");
+                let (src, r) = dec.finish_into_inner();
+                self.src = Some(src);
+                r?;
+                p.file_pos += p.lz4_current;
+                continue;
+            }
+            let Some(size) = p.lz4_left.pop_front() else {
+                if p.decoded != p.length {
+                    return Err(ErrorKind::DecodedLength {
+                        offset: p.payload_offset,
+                        expected: p.length,
+                        actual: p.decoded,
+                    }
+                    .into());
+                }
+                return Ok(None);
+            };
+            let pos = p.file_pos;
+            let mut src = self.src.take().expect("invariant: no decoder is active");
+            if let Err(e) = src.seek(SeekFrom::Start(pos)) {
+                self.src = Some(src);
+                return Err(io_at(pos)(e));
+            }
+            p.lz4_current = size;
+            let max = p.length - p.decoded;
+            self.lz4 = Some(Lz4FrameReader::new(src, pos, size, max));
+        }
+    }
+
+    /// Reads the whole current payload into a vector (at most `cap` bytes, else an error).
+    pub fn read_payload(&mut self, cap: u64) -> Result<Vec<u8>> {
+        let (len, off) = match &self.payload {
+            Some(p) => (p.length, p.payload_offset),
+            None => return Ok(Vec::new()),
+        };
+        if len > cap {
+            return Err(ErrorKind::DecodedLength { offset: off, expected: cap, actual: len }.into());
+        }
+        let mut out = Vec::with_capacity(len as usize);
+        let mut buf = vec![0u8; (len as usize).clamp(1, 1 << 20)];
+        while let Some((_, n)) = self.read_chunk(&mut buf)? {
+            out.extend_from_slice(&buf[..n]);
+        }
+        Ok(out)
+    }
+}
+
+fn read_trailer<R: Read + Seek>(src: &mut R, file_size: u64, body_start: u64) -> Result<(u64, Vec<TrailerEntry>)> {
+    // Smallest compressed stream: body_start + stop(40) + "[]"(2) + CRLF(2) + comp(40).
+    let min = body_start + HEADER_LEN as u64 + 2 + 2 + HEADER_LEN as u64;
+    let comp_off = file_size.saturating_sub(HEADER_LEN as u64);
+    if file_size < min {
+        return Err(ErrorKind::TrailerMissing { offset: comp_off, reason: format!("file has only {file_size} bytes") }.into());
+    }
+    let mut hdr = [0u8; HEADER_LEN];
+    read_at(src, comp_off, &mut hdr)?;
+    let h = FrameHeader::parse(&hdr, comp_off)
+        .map_err(|e| Error::new(ErrorKind::TrailerMissing { offset: comp_off, reason: e.kind().to_string() }))?;
+    if h.kind != FrameKind::Comp {
+        return Err(ErrorKind::TrailerMissing { offset: comp_off, reason: format!("found a {} header", h.kind.as_str()) }.into());
+    }
+    let room = comp_off - 2 - (body_start + HEADER_LEN as u64);
+    if h.length > MAX_TRAILER_LEN || h.length > room {
+        return Err(ErrorKind::TrailerPastFile { offset: comp_off, len: h.length, file_size }.into());
+    }
+    let json_off = comp_off - 2 - h.length;
+    let mut json = vec![0u8; h.length as usize + 2];
+    read_at(src, json_off, &mut json)?;
+    if &json[h.length as usize..] != CRLF {
+        return Err(ErrorKind::MissingCrlf { offset: comp_off - 2 }.into());
+    }
+    let entries = parse_trailer(&json[..h.length as usize], json_off)?;
+    Ok((json_off, entries))
+}
+
+/// Every frame of one stream, read from headers and trailer only (payloads skipped).
+#[derive(Debug, Clone)]
+pub struct StreamIndex {
+    /// The stream metadata.
+    pub meta: StreamMeta,
+    /// Data and zero frames in file order.
+    pub frames: Vec<Frame>,
+    /// File size.
+    pub file_size: u64,
+}
+
+impl StreamIndex {
+    /// Walks all frame headers of a stream and validates its structure.
+    pub fn read<R: Read + Seek>(src: R) -> Result<Self> {
+        let mut r = StreamReader::open(src)?;
+        let mut frames = Vec::new();
+        while let Some(f) = r.next_frame()? {
+            frames.push(f);
+        }
+        Ok(Self { meta: r.meta.clone(), frames, file_size: r.file_size })
+    }
+
+    /// Data frames only.
+    pub fn data_frames(&self) -> impl Iterator<Item = &Frame> {
+        self.frames.iter().filter(|f| f.kind == FrameKind::Data)
+    }
+}
+
+/// Reads every payload of a stream (decoding LZ4) and hands the pieces to `sink`,
+/// so that all payload-level checks run. Returns the number of data bytes seen.
+pub fn read_all<R: Read + Seek>(src: R, mut sink: impl FnMut(u64, &[u8])) -> Result<u64> {
+    let mut r = StreamReader::open(src)?;
+    let mut buf = vec![0u8; 1 << 20];
+    let mut total = 0;
+    while let Some(f) = r.next_frame()? {
+        if f.kind == FrameKind::Data {
+            while let Some((at, n)) = r.read_chunk(&mut buf)? {
+                sink(at, &buf[..n]);
+                total += n as u64;
+            }
+        }
+    }
+    Ok(total)
+}
+
+/// Reads only the meta frame of a stream file (40 bytes + the JSON), without the
+/// trailer or any frame. Cheap enough to call for every file of a directory.
+pub fn read_meta<R: Read + Seek>(mut src: R) -> Result<StreamMeta> {
+    let mut hdr = [0u8; HEADER_LEN];
+    let got = read_at(&mut src, 0, &mut hdr)?;
+    let h = FrameHeader::parse(&hdr[..got], 0)?;
+    if h.kind != FrameKind::Meta {
+        return Err(ErrorKind::UnexpectedFrame { offset: 0, kind: h.kind.as_str(), reason: "a stream starts with a meta frame" }.into());
+    }
+    if h.length > MAX_META_LEN {
+        return Err(ErrorKind::MetaTooLarge { offset: 0, len: h.length, max: MAX_META_LEN }.into());
+    }
+    let mut json = vec![0u8; h.length as usize];
+    let got = read_at(&mut src, HEADER_LEN as u64, &mut json)?;
+    if got < json.len() {
+        return Err(ErrorKind::TruncatedPayload { offset: HEADER_LEN as u64, expected: h.length, got: got as u64 }.into());
+    }
+    StreamMeta::parse(&json, HEADER_LEN as u64)
+}
+
+/// True when the first bytes look like a sparse stream (`meta ` header) rather than a
+/// raw disk image (virtnbdbackup stores raw-format disks as plain `copy.data` images).
+pub fn looks_like_stream(first: &[u8]) -> bool {
+    first.len() >= 5 && &first[..5] == b"meta "
+}

@@ -1,0 +1,2 @@
+//! vmrestore: restore libvirt/KVM virtual machines from vmbackup + virtnbdbackup trees.
+#![forbid(unsafe_code)]
