@@ -1,1 +1,9 @@
-//! The restore engine (filled in by the engine issue).
+//! `engine`: turns a virtnbdbackup chain into bytes on a target — plan first (one
+//! extent map per disk, newest data wins), then write every live block once.
+#![warn(missing_docs)]
+
+pub mod error;
+pub mod target;
+
+pub use error::{Error, ErrorKind, Result};
+pub use target::BlockTarget;

@@ -1,0 +1,42 @@
+//! Where restored bytes go. Every target implements [`BlockTarget`].
+//!
+//! Contract (after imago's storage contract):
+//! - `write_at` writes all of the buffer or fails; no short writes.
+//! - `write_zeroes` makes the range *read back as zero*. It may deallocate, but a bare
+//!   discard (which may read back stale data) is never enough.
+//! - `flush` hands data to the OS (metadata included for image formats); `sync`
+//!   makes it durable. `sync` implies `flush`.
+//! - `finish` must be called once at the end (it writes final metadata); dropping a
+//!   target without `finish` leaves an incomplete file that must not take its final name.
+
+use crate::error::Result;
+
+pub mod raw;
+
+/// A restore destination of fixed size.
+pub trait BlockTarget: Send {
+    /// Virtual size in bytes.
+    fn size(&self) -> u64;
+
+    /// True when every byte of the target reads as zero before anything is written
+    /// (a freshly created file or image), so zero ranges need no write at all.
+    fn starts_zeroed(&self) -> bool;
+
+    /// Writes `data` at `offset`.
+    fn write_at(&mut self, offset: u64, data: &[u8]) -> Result<()>;
+
+    /// Makes `[offset, offset + len)` read as zero.
+    fn write_zeroes(&mut self, offset: u64, len: u64) -> Result<()>;
+
+    /// Reads guest content back (for verification).
+    fn read_at(&mut self, offset: u64, buf: &mut [u8]) -> Result<()>;
+
+    /// Pushes buffered data and metadata to the OS.
+    fn flush(&mut self) -> Result<()>;
+
+    /// Makes everything written durable.
+    fn sync(&mut self) -> Result<()>;
+
+    /// Final metadata, flush and sync. Called exactly once, last.
+    fn finish(&mut self) -> Result<()>;
+}
