@@ -4,6 +4,9 @@ use serde_json::{Map, Value};
 
 use crate::error::{ErrorKind, Result};
 
+/// The JSON object type of [`StreamMeta::raw`].
+pub type JsonMap = Map<String, Value>;
+
 /// Longest meta JSON we accept. Real ones are ~330 bytes; the cap keeps a hostile
 /// header from making us allocate gigabytes.
 pub const MAX_META_LEN: u64 = 64 * 1024;

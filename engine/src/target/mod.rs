@@ -11,6 +11,7 @@
 
 use crate::error::Result;
 
+pub mod qcow2;
 pub mod raw;
 
 /// A restore destination of fixed size.
@@ -39,4 +40,15 @@ pub trait BlockTarget: Send {
 
     /// Final metadata, flush and sync. Called exactly once, last.
     fn finish(&mut self) -> Result<()>;
+
+    /// Sub-ranges of `[offset, offset + len)` that may hold data (the rest is known to
+    /// read as zero without looking). Used by read-back verification to skip holes.
+    /// The default knows nothing and returns the whole range.
+    fn data_ranges(&mut self, offset: u64, len: u64) -> Result<Vec<(u64, u64)>> {
+        Ok(if len == 0 {
+            Vec::new()
+        } else {
+            vec![(offset, len)]
+        })
+    }
 }

@@ -1,0 +1,274 @@
+//! The reader side of apply: one sequential pass over one chain file. It hands out
+//! the live bytes (decoding LZ4 where needed) and, when the file has a `.chksum`,
+//! feeds every byte of the file — superseded data included — through adler32, so
+//! the checksum costs no second read.
+
+use std::fs::File;
+use std::io::{self, BufRead, BufReader, Read, Seek, SeekFrom};
+
+use nbdfmt::lz4::Lz4FrameReader;
+use nbdfmt::{Error as FmtError, ErrorKind as FmtKind};
+
+use crate::cancel::Cancel;
+use crate::error::{Error, Result};
+
+/// A live piece of one data frame: disk range `[disk_start, disk_start + len)`.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Live {
+    pub disk_start: u64,
+    pub len: u64,
+}
+
+/// Everything the reader must produce from one file: per data frame (file order),
+/// the live ranges inside it (disk order). Owned, so it can move to a worker thread.
+#[derive(Debug)]
+pub(crate) struct FileJob {
+    pub path: std::path::PathBuf,
+    pub file_size: u64,
+    pub stored_checksum: Option<u32>,
+    pub compressed: bool,
+    pub frames: Vec<(nbdfmt::Frame, Vec<Live>)>,
+}
+
+/// File reader that hashes what passes through when asked to.
+struct Hashing {
+    file: File,
+    pos: u64,
+    hash: Option<simd_adler32::Adler32>,
+}
+
+impl Read for Hashing {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let n = self.file.read(buf)?;
+        if let Some(h) = &mut self.hash {
+            h.write(&buf[..n]);
+        }
+        self.pos += n as u64;
+        Ok(n)
+    }
+}
+
+impl Seek for Hashing {
+    fn seek(&mut self, to: SeekFrom) -> io::Result<u64> {
+        self.pos = self.file.seek(to)?;
+        Ok(self.pos)
+    }
+}
+
+struct Scan {
+    inner: BufReader<Hashing>,
+    /// Logical position (bytes consumed from the BufReader).
+    pos: u64,
+    hashing: bool,
+    path: std::path::PathBuf,
+}
+
+impl Scan {
+    fn io(&self, e: io::Error) -> Error {
+        Error::Backup(
+            FmtError::from(FmtKind::Io {
+                offset: self.pos,
+                source: e,
+            })
+            .in_file(&self.path),
+        )
+    }
+
+    /// Advances to `off`: reading (and hashing) when verifying, else seeking.
+    fn skip_to(&mut self, off: u64) -> Result<()> {
+        if off < self.pos {
+            return Err(Error::Unsupported(format!(
+                "internal: backward skip in {}",
+                self.path.display()
+            )));
+        }
+        if self.hashing {
+            let mut left = off - self.pos;
+            while left > 0 {
+                let pos = self.pos;
+                let avail = match self.inner.fill_buf() {
+                    Ok(b) => b.len(),
+                    Err(e) => {
+                        return Err(Error::Backup(
+                            FmtError::from(FmtKind::Io {
+                                offset: pos,
+                                source: e,
+                            })
+                            .in_file(&self.path),
+                        ))
+                    }
+                };
+                if avail == 0 {
+                    return Err(Error::Backup(
+                        FmtError::from(FmtKind::TruncatedPayload {
+                            offset: self.pos,
+                            expected: left,
+                            got: 0,
+                        })
+                        .in_file(&self.path),
+                    ));
+                }
+                let n = avail.min(usize::try_from(left).unwrap_or(usize::MAX));
+                self.inner.consume(n);
+                self.pos += n as u64;
+                left -= n as u64;
+            }
+        } else if off != self.pos {
+            let delta = i64::try_from(off - self.pos)
+                .map_err(|_| Error::Unsupported("seek too far".into()))?;
+            self.inner.seek_relative(delta).map_err(|e| self.io(e))?;
+            self.pos = off;
+        }
+        Ok(())
+    }
+
+    fn read_exact(&mut self, buf: &mut [u8]) -> Result<()> {
+        let at = self.pos;
+        self.inner.read_exact(buf).map_err(|e| {
+            if e.kind() == io::ErrorKind::UnexpectedEof {
+                Error::Backup(
+                    FmtError::from(FmtKind::TruncatedPayload {
+                        offset: at,
+                        expected: buf.len() as u64,
+                        got: 0,
+                    })
+                    .in_file(&self.path),
+                )
+            } else {
+                self.io(e)
+            }
+        })?;
+        self.pos += buf.len() as u64;
+        Ok(())
+    }
+}
+
+/// Runs one file job: `emit(disk_offset, bytes)` for every live piece, in file order,
+/// in pieces of at most `chunk` bytes. Verifies the `.chksum` when `verify` is set.
+pub(crate) fn scan_file(
+    file: &FileJob,
+    verify: bool,
+    chunk: usize,
+    cancel: &Cancel,
+    emit: &mut dyn FnMut(u64, Vec<u8>) -> Result<()>,
+) -> Result<Option<nbdfmt::checksum::ChecksumStatus>> {
+    let path = &file.path;
+    let f = File::open(path).map_err(|e| {
+        Error::Backup(
+            FmtError::from(FmtKind::Io {
+                offset: 0,
+                source: e,
+            })
+            .in_file(path),
+        )
+    })?;
+    let hashing = verify && file.stored_checksum.is_some();
+    let job = file;
+    let hash = hashing.then(simd_adler32::Adler32::new);
+    let mut scan = Scan {
+        inner: BufReader::with_capacity(
+            1 << 20,
+            Hashing {
+                file: f,
+                pos: 0,
+                hash,
+            },
+        ),
+        pos: 0,
+        hashing,
+        path: path.clone(),
+    };
+    let compressed = file.compressed;
+    for (fr, live) in &job.frames {
+        cancel.check()?;
+        if !compressed {
+            for l in live {
+                scan.skip_to(fr.payload_offset + (l.disk_start - fr.start))?;
+                let mut left = l.len;
+                let mut disk = l.disk_start;
+                while left > 0 {
+                    let n = usize::try_from(left).unwrap_or(usize::MAX).min(chunk);
+                    let mut buf = vec![0u8; n];
+                    scan.read_exact(&mut buf)?;
+                    emit(disk, buf)?;
+                    disk += n as u64;
+                    left -= n as u64;
+                }
+            }
+            continue;
+        }
+        // Compressed: decode the payload's LZ4 frames in order; keep only live bytes.
+        scan.skip_to(fr.payload_offset)?;
+        let mut disk_pos = fr.start;
+        let mut live_iter = live.iter().peekable();
+        let end_of_live = live.last().map_or(fr.start, |l| l.disk_start + l.len);
+        for &size in &fr.lz4_frames {
+            if disk_pos >= end_of_live && !hashing {
+                break;
+            }
+            let frame_off = scan.pos;
+            let remaining = fr.length - (disk_pos - fr.start);
+            let mut dec = Lz4FrameReader::new(&mut scan.inner, frame_off, size, remaining);
+            let mut buf = vec![0u8; chunk];
+            loop {
+                let n = dec
+                    .read_decoded(&mut buf)
+                    .map_err(|e| Error::Backup(e.in_file(path)))?;
+                if n == 0 {
+                    break;
+                }
+                let (a, b) = (disk_pos, disk_pos + n as u64);
+                while let Some(l) = live_iter.peek() {
+                    let (ls, le) = (l.disk_start, l.disk_start + l.len);
+                    if ls >= b {
+                        break;
+                    }
+                    let s = ls.max(a);
+                    let e = le.min(b);
+                    if s < e {
+                        emit(s, buf[(s - a) as usize..(e - a) as usize].to_vec())?;
+                    }
+                    if le <= b {
+                        live_iter.next();
+                    } else {
+                        break;
+                    }
+                }
+                disk_pos = b;
+                cancel.check()?;
+            }
+            dec.finish().map_err(|e| Error::Backup(e.in_file(path)))?;
+            scan.pos = frame_off + size;
+        }
+        if disk_pos != fr.start + fr.length && (hashing || live_iter.peek().is_some()) {
+            return Err(Error::Backup(
+                FmtError::from(FmtKind::DecodedLength {
+                    offset: fr.payload_offset,
+                    expected: fr.length,
+                    actual: disk_pos - fr.start,
+                })
+                .in_file(path),
+            ));
+        }
+    }
+    if !hashing {
+        return Ok(None);
+    }
+    scan.skip_to(file.file_size)?;
+    // Anything after the indexed end (the file grew?) is part of the checksum too.
+    let mut rest = Vec::new();
+    scan.inner.read_to_end(&mut rest).map_err(|e| scan.io(e))?;
+    let computed = scan
+        .inner
+        .get_ref()
+        .hash
+        .as_ref()
+        .map_or(1, simd_adler32::Adler32::finish);
+    match file.stored_checksum {
+        Some(stored) if stored != computed => Err(Error::Backup(
+            FmtError::from(FmtKind::ChecksumMismatch { stored, computed }).in_file(path),
+        )),
+        Some(stored) => Ok(Some(nbdfmt::checksum::ChecksumStatus::Ok(stored))),
+        None => Ok(None),
+    }
+}
