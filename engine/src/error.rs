@@ -65,13 +65,24 @@ pub enum Error {
 impl Error {
     /// Wraps an I/O error on a target.
     pub fn target(op: &'static str, path: &Path, source: std::io::Error) -> Self {
-        Self::Target { op, path: path.to_path_buf(), source }
+        Self::Target {
+            op,
+            path: path.to_path_buf(),
+            source,
+        }
     }
 
     /// The kind of failure.
     pub fn kind(&self) -> ErrorKind {
         match self {
-            Self::Backup(e) if matches!(e.kind(), nbdfmt::ErrorKind::BrokenLink { .. } | nbdfmt::ErrorKind::NoBase | nbdfmt::ErrorKind::TwoBases { .. }) => {
+            Self::Backup(e)
+                if matches!(
+                    e.kind(),
+                    nbdfmt::ErrorKind::BrokenLink { .. }
+                        | nbdfmt::ErrorKind::NoBase
+                        | nbdfmt::ErrorKind::TwoBases { .. }
+                ) =>
+            {
                 ErrorKind::BrokenChain
             }
             Self::Backup(_) => ErrorKind::CorruptBackup,
