@@ -1,0 +1,15 @@
+#!/usr/bin/env bash
+# The main job on the bundled real backup tree: list it, show restore points, and
+# restore a VM's disks from a real virtnbdbackup chain.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+scripts/setup.sh
+cargo build --release --locked --bin vmrestore
+bin=target/release/vmrestore
+root=tests/fixtures/real-chains/backups
+out=$(mktemp -d /tmp/vmrestore-demo.XXXXXX)
+set -x
+"$bin" --list --backup-path "$root"
+"$bin" --list-restore-points rc-shrink --backup-path "$root"
+LOG_DIR="$out/logs" "$bin" --vm rc-shrink --backup-path "$root" --restore-path "$out/rc-shrink" --restore-point 2 --skip-config
+ls -ls "$out/rc-shrink"
