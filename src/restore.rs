@@ -1,0 +1,140 @@
+//! The data path shared by every restore mode: which file each disk of a restore
+//! point becomes (the original file name from the backup's domain XML, as
+//! virtnbdrestore wrote it), the engine plan for each, and the staged write
+//! (temporary name → synced → verified → final name).
+//!
+//! Policy (pre-flight checks, libvirt, locks, logging) lives in the callers; this
+//! module never decides whether a restore *should* happen.
+
+use std::path::{Path, PathBuf};
+
+use engine::target::qcow2::{Qcow2Options, Qcow2Target};
+use engine::target::raw::RawTarget;
+use engine::{ApplyOptions, ApplyReport, BlockTarget, DiskPlan, StagedPath};
+use nbdfmt::backupset::read_domain_config;
+use nbdfmt::{BackupSet, DomainConfig, SetKind};
+
+/// The output format of a restored disk.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ImageFormat {
+    /// qcow2 with the source image's options (from `qcow.json`).
+    Qcow2,
+    /// A raw image (raw-format disks, or a `.raw`/`.img` name).
+    Raw,
+}
+
+/// Where one disk of a restore point goes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PredictedOutput {
+    /// Disk target (`vda`).
+    pub disk: String,
+    /// The original source path from the domain XML, when known.
+    pub source: Option<String>,
+    /// File name written: the basename of the original source (or `<dev>.qcow2`).
+    pub file_name: String,
+    /// `<restore path>/<file_name>`.
+    pub final_path: PathBuf,
+}
+
+/// The domain XML for restore point `point`: the checkpoint's own vmconfig, else the
+/// newest earlier one, else the copy/any vmconfig of the directory.
+pub fn target_config(set: &BackupSet, point: u32) -> Option<(PathBuf, DomainConfig)> {
+    let mut candidates: Vec<&Path> = (0..=point).rev().filter_map(|n| set.vmconfig(n)).collect();
+    candidates.extend(set.vmconfigs.values().map(PathBuf::as_path));
+    candidates.into_iter().find_map(|p| read_domain_config(p).ok().map(|c| (p.to_path_buf(), c)))
+}
+
+/// The disks restore point `point` must produce, and their output names under
+/// `restore_path`. Disks without data in the backup (excluded disks, CD-ROMs) are
+/// not predicted.
+pub fn predict_outputs(set: &BackupSet, point: u32, restore_path: &Path) -> Vec<PredictedOutput> {
+    let Some(rp) = set.point(point) else {
+        return Vec::new();
+    };
+    let config = target_config(set, point).map(|(_, c)| c);
+    rp.expected
+        .iter()
+        .map(|disk| {
+            let source = config.as_ref().and_then(|c| c.disk(disk)).and_then(|d| d.source.clone());
+            let file_name = source
+                .as_deref()
+                .and_then(|s| Path::new(s).file_name())
+                .map(|n| n.to_string_lossy().into_owned())
+                .filter(|n| !n.is_empty() && n != ".." && n != ".")
+                .unwrap_or_else(|| format!("{disk}.qcow2"));
+            PredictedOutput { disk: disk.clone(), source, final_path: restore_path.join(&file_name), file_name }
+        })
+        .collect()
+}
+
+/// One disk ready to be written.
+#[derive(Debug)]
+pub struct DiskJob {
+    /// Where it goes.
+    pub output: PredictedOutput,
+    /// The engine plan.
+    pub plan: DiskPlan,
+    /// Output format.
+    pub format: ImageFormat,
+    /// qcow2 options (for [`ImageFormat::Qcow2`]).
+    pub qcow2: Qcow2Options,
+    /// True when the options fell back to qemu defaults (no `qcow.json`).
+    pub default_options: bool,
+}
+
+/// Plans every predicted output at `point` (reads frame headers only).
+pub fn plan_outputs(set: &BackupSet, point: u32, outputs: &[PredictedOutput]) -> engine::Result<Vec<DiskJob>> {
+    let point = if set.kind == SetKind::Copy { 0 } else { point };
+    outputs
+        .iter()
+        .map(|o| {
+            let plan = DiskPlan::for_point(set, &o.disk, point)?;
+            let raw_source = plan.files.first().is_some_and(|f| f.raw_image);
+            let raw_name = Path::new(&o.file_name).extension().is_some_and(|e| e == "raw" || e == "img");
+            let format = if raw_source || raw_name { ImageFormat::Raw } else { ImageFormat::Qcow2 };
+            let (qcow2, default_options) = match &plan.qcow {
+                Some(info) => (Qcow2Options::from_qcow_info(info)?, false),
+                None => (Qcow2Options::default(), true),
+            };
+            Ok(DiskJob { output: o.clone(), plan, format, qcow2, default_options })
+        })
+        .collect()
+}
+
+/// Writes all jobs in parallel through the engine. Each output is written under a
+/// temporary name and renamed only after every disk was synced and verified; on any
+/// failure no output takes its final name. With `replace`, existing final files are
+/// replaced (the caller checked `--force`).
+pub fn write_outputs(jobs: Vec<DiskJob>, replace: bool, opts: &ApplyOptions) -> engine::Result<(ApplyReport, Vec<PathBuf>)> {
+    let mut staged = Vec::new();
+    let mut targets: Vec<Box<dyn BlockTarget>> = Vec::new();
+    let mut plans = Vec::new();
+    for j in jobs {
+        let s = StagedPath::new(&j.output.final_path);
+        // A stale temporary file from a killed run of the same PID is ours to replace.
+        let _ = std::fs::remove_file(s.temp_path());
+        let t: Box<dyn BlockTarget> = match j.format {
+            ImageFormat::Qcow2 => Box::new(Qcow2Target::create(s.temp_path(), j.plan.virtual_size, &j.qcow2)?),
+            ImageFormat::Raw => Box::new(RawTarget::create(s.temp_path(), j.plan.virtual_size)?),
+        };
+        staged.push(s);
+        targets.push(t);
+        plans.push(j.plan);
+    }
+    let report = engine::apply(&plans, targets, opts)?;
+    if !replace {
+        // All or nothing: refuse before the first rename if any final name is taken.
+        if let Some(s) = staged.iter().find(|s| std::fs::symlink_metadata(s.final_path()).is_ok()) {
+            return Err(engine::Error::target(
+                "renaming into",
+                s.final_path(),
+                std::io::Error::new(std::io::ErrorKind::AlreadyExists, "file exists"),
+            ));
+        }
+    }
+    let mut done = Vec::new();
+    for s in staged {
+        done.push(s.commit(replace)?);
+    }
+    Ok((report, done))
+}
