@@ -1,2 +1,3 @@
 //! vmrestore: restore libvirt/KVM virtual machines from vmbackup + virtnbdbackup trees.
 #![forbid(unsafe_code)]
+pub mod restore;
