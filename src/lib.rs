@@ -1,4 +1,5 @@
 //! vmrestore: restore libvirt/KVM virtual machines from vmbackup + virtnbdbackup trees.
-#![forbid(unsafe_code)]
+#![deny(unsafe_code)]
 pub mod restore;
 pub mod domxml;
+pub mod hypervisor;

@@ -1,0 +1,155 @@
+//! The libvirt boundary: a small synchronous trait returning owned data, so that no
+//! `virt::` type leaves `hypervisor/libvirt.rs`.
+
+use std::path::PathBuf;
+
+pub mod libvirt;
+
+/// A domain's run state, as virsh names it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DomainState {
+    /// Running (or blocked).
+    Running,
+    /// Paused or suspended.
+    Paused,
+    /// Shut off (not running).
+    ShutOff,
+    /// Shutting down, crashed, no state.
+    Other(&'static str),
+}
+
+impl DomainState {
+    /// virsh's word for the state (`running`, `paused`, `shut off`, ...).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Running => "running",
+            Self::Paused => "paused",
+            Self::ShutOff => "shut off",
+            Self::Other(s) => s,
+        }
+    }
+
+    /// True when the domain has a QEMU process (running, paused, shutting down).
+    pub fn is_active(self) -> bool {
+        self != Self::ShutOff
+    }
+}
+
+/// What we need to know about a domain.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DomainInfo {
+    /// Name.
+    pub name: String,
+    /// UUID string.
+    pub uuid: String,
+    /// Run state.
+    pub state: DomainState,
+}
+
+/// One disk source of a defined domain.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LiveDisk {
+    /// Domain name.
+    pub domain: String,
+    /// `<target dev>`.
+    pub target: String,
+    /// Source file or device.
+    pub path: PathBuf,
+    /// `device` attribute (`disk`, `cdrom`, ...).
+    pub device: String,
+}
+
+/// An active storage pool and its target directory.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Pool {
+    /// Pool name.
+    pub name: String,
+    /// `<target><path>`.
+    pub path: PathBuf,
+}
+
+/// Which undefine variant succeeded (the cascade of spec §4.4 step 7).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Undefined {
+    /// With NVRAM and checkpoint metadata.
+    NvramAndCheckpoints,
+    /// With checkpoint metadata.
+    Checkpoints,
+    /// With NVRAM.
+    Nvram,
+    /// Plain.
+    Plain,
+}
+
+/// A libvirt failure: what we tried and libvirt's message.
+#[derive(Debug, thiserror::Error)]
+#[error("libvirt: {op}: {message}")]
+pub struct HvError {
+    /// The operation (`define`, `lookup my-vm`, ...).
+    pub op: String,
+    /// libvirt's message.
+    pub message: String,
+}
+
+/// Result with [`HvError`].
+pub type HvResult<T> = Result<T, HvError>;
+
+/// What vmrestore asks of the hypervisor.
+pub trait Hypervisor {
+    /// The connection URI.
+    fn uri(&self) -> &str;
+    /// The domain called `name`, if defined.
+    fn lookup(&self, name: &str) -> HvResult<Option<DomainInfo>>;
+    /// All domains (defined and transient).
+    fn domains(&self) -> HvResult<Vec<DomainInfo>>;
+    /// The domain XML (`inactive`: the persistent definition).
+    fn xml(&self, name: &str, inactive: bool) -> HvResult<String>;
+    /// Defines (or redefines) a persistent domain.
+    fn define(&self, xml: &str) -> HvResult<DomainInfo>;
+    /// Undefines, trying NVRAM + checkpoint metadata first, then weaker variants.
+    fn undefine(&self, name: &str) -> HvResult<Undefined>;
+    /// Undefines keeping the NVRAM file (UUID re-injection).
+    fn undefine_keep_nvram(&self, name: &str) -> HvResult<()>;
+    /// Starts a defined domain.
+    fn start(&self, name: &str) -> HvResult<()>;
+    /// Stops a running domain immediately.
+    fn destroy(&self, name: &str) -> HvResult<()>;
+    /// Every disk source of every domain.
+    fn live_disks(&self) -> HvResult<Vec<LiveDisk>>;
+    /// Active storage pools.
+    fn active_pools(&self) -> HvResult<Vec<Pool>>;
+    /// Rescans a pool.
+    fn refresh_pool(&self, name: &str) -> HvResult<()>;
+    /// Names of the domain's checkpoints.
+    fn checkpoints(&self, name: &str) -> HvResult<Vec<String>>;
+    /// Sets autostart.
+    fn set_autostart(&self, name: &str, on: bool) -> HvResult<()>;
+}
+
+/// The pool whose path is the longest component-wise prefix of `dir` (spec §4.12).
+pub fn pool_for(pools: &[Pool], dir: &std::path::Path) -> Option<Pool> {
+    pools.iter().filter(|p| dir.starts_with(&p.path)).max_by_key(|p| p.path.components().count()).cloned()
+}
+
+/// The default connection URI, as virsh chooses it: `LIBVIRT_DEFAULT_URI`, else
+/// `qemu:///system`.
+pub fn default_uri() -> String {
+    std::env::var("LIBVIRT_DEFAULT_URI").ok().filter(|u| !u.is_empty()).unwrap_or_else(|| "qemu:///system".to_owned())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn longest_component_prefix_wins() {
+        let pools = vec![
+            Pool { name: "root".into(), path: "/var/lib".into() },
+            Pool { name: "images".into(), path: "/var/lib/libvirt/images".into() },
+            Pool { name: "img2".into(), path: "/var/lib/libvirt/images2".into() },
+        ];
+        assert_eq!(pool_for(&pools, std::path::Path::new("/var/lib/libvirt/images/sub")).map(|p| p.name), Some("images".into()));
+        assert_eq!(pool_for(&pools, std::path::Path::new("/var/lib/libvirt/images2")).map(|p| p.name), Some("img2".into()));
+        assert_eq!(pool_for(&pools, std::path::Path::new("/srv")), None);
+    }
+}
