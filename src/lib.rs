@@ -3,3 +3,8 @@
 pub mod restore;
 pub mod domxml;
 pub mod hypervisor;
+pub mod lock;
+pub mod signal;
+pub mod nvram;
+pub mod ownership;
+pub mod tpm;
