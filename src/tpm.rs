@@ -70,7 +70,7 @@ pub struct TpmRestored {
     pub owner: Option<String>,
 }
 
-fn io(op: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> TpmError + '_ {
+fn io<'a>(op: &'static str, path: &'a Path) -> impl FnOnce(std::io::Error) -> TpmError + 'a {
     move |source| TpmError::Io { op, path: path.to_path_buf(), source }
 }
 
