@@ -8,3 +8,4 @@ pub mod signal;
 pub mod nvram;
 pub mod ownership;
 pub mod tpm;
+pub mod preflight;

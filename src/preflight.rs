@@ -1,0 +1,222 @@
+//! Pre-flight checks that run before anything is touched: free space with the 10 %
+//! headroom rule, predicted outputs against every live disk of every domain, and
+//! path containment (`realpath -m` semantics).
+
+use std::path::{Component, Path, PathBuf};
+
+use nbdfmt::{BackupSet, SetKind, StreamLevel};
+
+use crate::hypervisor::{DomainState, LiveDisk};
+
+/// `realpath -m`: absolute, symlinks resolved on the longest existing prefix, `.` and
+/// `..` folded lexically in the rest.
+pub fn canonicalize_lenient(p: &Path) -> PathBuf {
+    let abs = if p.is_absolute() { p.to_path_buf() } else { std::env::current_dir().unwrap_or_default().join(p) };
+    let mut existing = abs.clone();
+    let mut rest: Vec<std::ffi::OsString> = Vec::new();
+    loop {
+        if let Ok(c) = std::fs::canonicalize(&existing) {
+            let mut out = c;
+            for r in rest.iter().rev() {
+                match Path::new(r).components().next() {
+                    Some(Component::ParentDir) => {
+                        out.pop();
+                    }
+                    Some(Component::CurDir) | None => {}
+                    _ => out.push(r),
+                }
+            }
+            return out;
+        }
+        match (existing.file_name().map(|n| n.to_os_string()), existing.parent()) {
+            (Some(name), Some(parent)) => {
+                rest.push(name);
+                existing = parent.to_path_buf();
+            }
+            _ => {
+                // ".." at the end, or nothing exists: fold lexically
+                let mut out = PathBuf::new();
+                for c in abs.components() {
+                    match c {
+                        Component::ParentDir => {
+                            out.pop();
+                        }
+                        Component::CurDir => {}
+                        other => out.push(other),
+                    }
+                }
+                return out;
+            }
+        }
+    }
+}
+
+/// True when `path` equals `root` or lies below it (component-wise, after
+/// canonicalisation: `/backups2` is not inside `/backups`).
+pub fn is_inside(path: &Path, root: &Path) -> bool {
+    canonicalize_lenient(path).starts_with(canonicalize_lenient(root))
+}
+
+/// Bytes available to us on the filesystem holding `dir` (or its nearest existing
+/// ancestor), and that directory. `None` when unknown.
+pub fn free_space(dir: &Path) -> Option<(u64, PathBuf)> {
+    let mut d = canonicalize_lenient(dir);
+    loop {
+        if d.is_dir() {
+            let s = nix::sys::statvfs::statvfs(&d).ok()?;
+            let free = u64::from(s.blocks_available()).saturating_mul(u64::from(s.fragment_size()));
+            return (free > 0).then_some((free, d));
+        }
+        if !d.pop() {
+            return None;
+        }
+    }
+}
+
+/// Spec §4.3: apparent size of the data files a restore of checkpoint `point` reads.
+pub fn backup_bytes(set: &BackupSet, point: Option<u32>) -> (u64, usize) {
+    let mut bytes = 0;
+    let mut n = 0;
+    for f in set.disks.values().flatten() {
+        let take = match (set.kind, f.level) {
+            (SetKind::Copy, StreamLevel::Copy) | (SetKind::Full | SetKind::Incremental, StreamLevel::Full) => true,
+            (SetKind::Incremental, StreamLevel::Inc(i)) => point.is_none_or(|p| i <= p),
+            _ => false,
+        };
+        if take {
+            bytes += f.size;
+            n += 1;
+        }
+    }
+    (bytes, n)
+}
+
+/// How a predicted output collides with what exists.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Collision {
+    /// Another VM's live disk: never allowed.
+    OtherVmDisk {
+        /// The file.
+        file: PathBuf,
+        /// Its VM.
+        vm: String,
+    },
+    /// The source VM's disk while it runs: never allowed.
+    RunningVmDisk {
+        /// The file.
+        file: PathBuf,
+        /// The VM.
+        vm: String,
+    },
+    /// The source VM's disk, VM shut off: allowed with `--force` (DR).
+    ShutOffVmDisk {
+        /// The file.
+        file: PathBuf,
+        /// The VM.
+        vm: String,
+    },
+    /// A file that is nobody's disk: allowed with `--force`.
+    FileExists {
+        /// The file.
+        file: PathBuf,
+    },
+}
+
+impl Collision {
+    /// True when `--force` cannot override it.
+    pub fn blocks_even_with_force(&self) -> bool {
+        matches!(self, Self::OtherVmDisk { .. } | Self::RunningVmDisk { .. })
+    }
+
+    /// The spec's BLOCKED text (§3.6).
+    pub fn blocked_message(&self) -> String {
+        match self {
+            Self::OtherVmDisk { file, vm } => {
+                format!("BLOCKED: {} is the live disk of VM '{vm}' — choose a different --restore-path", file.display())
+            }
+            Self::RunningVmDisk { file, vm } => {
+                format!("BLOCKED: {} is the live disk of running VM '{vm}' — shut it off first", file.display())
+            }
+            Self::ShutOffVmDisk { file, vm } => {
+                format!("BLOCKED: {} is the disk of VM '{vm}' — use --force for disaster recovery", file.display())
+            }
+            Self::FileExists { file } => format!("BLOCKED: File already exists: {} — use --force to overwrite", file.display()),
+        }
+    }
+
+    /// The WARN text when `--force` allows it.
+    pub fn forced_message(&self) -> String {
+        match self {
+            Self::ShutOffVmDisk { file, vm } => {
+                format!("Will overwrite disk of shut-off VM '{vm}': {} (disaster recovery with --force)", file.display())
+            }
+            Self::FileExists { file } => format!("File exists and will be overwritten: {}", file.display()),
+            other => other.blocked_message(),
+        }
+    }
+}
+
+/// Checks each predicted final path (spec §4.2 table). `source_vm` is the resolved
+/// source VM name (also for clones); `state_of` gives a domain's state.
+pub fn collisions(finals: &[PathBuf], live: &[LiveDisk], source_vm: &str, state_of: &dyn Fn(&str) -> Option<DomainState>) -> Vec<Collision> {
+    let live: Vec<(PathBuf, &LiveDisk)> = live.iter().map(|l| (canonicalize_lenient(&l.path), l)).collect();
+    let mut out = Vec::new();
+    for f in finals {
+        let c = canonicalize_lenient(f);
+        if let Some((_, l)) = live.iter().find(|(p, _)| *p == c) {
+            let file = f.clone();
+            let vm = l.domain.clone();
+            out.push(if l.domain != source_vm {
+                Collision::OtherVmDisk { file, vm }
+            } else if state_of(&l.domain).is_some_and(DomainState::is_active) {
+                Collision::RunningVmDisk { file, vm }
+            } else {
+                Collision::ShutOffVmDisk { file, vm }
+            });
+        } else if std::fs::symlink_metadata(f).is_ok() {
+            out.push(Collision::FileExists { file: f.clone() });
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn containment_is_component_wise_and_follows_symlinks() {
+        let d = tempfile::tempdir().expect("tmp");
+        let bk = d.path().join("bk");
+        std::fs::create_dir_all(&bk).expect("mkdir");
+        assert!(is_inside(&bk.join("restore/x"), &bk));
+        assert!(is_inside(&bk, &bk));
+        assert!(is_inside(&bk.join("a/../b"), &bk));
+        assert!(!is_inside(&d.path().join("bk2"), &bk));
+        assert!(!is_inside(&bk.join(".."), &bk));
+        std::os::unix::fs::symlink(&bk, d.path().join("link")).expect("symlink");
+        assert!(is_inside(&d.path().join("link/restore"), &bk));
+    }
+
+    #[test]
+    fn collision_table() {
+        let d = tempfile::tempdir().expect("tmp");
+        let existing = d.path().join("exists.qcow2");
+        std::fs::write(&existing, b"x").expect("w");
+        let live = vec![
+            LiveDisk { domain: "other".into(), target: "vda".into(), path: d.path().join("other.qcow2"), device: "disk".into() },
+            LiveDisk { domain: "vm".into(), target: "vda".into(), path: d.path().join("vm.qcow2"), device: "disk".into() },
+        ];
+        let finals = vec![d.path().join("other.qcow2"), d.path().join("vm.qcow2"), existing.clone(), d.path().join("new.qcow2")];
+        let running = |_: &str| Some(DomainState::Running);
+        let off = |_: &str| Some(DomainState::ShutOff);
+        let c = collisions(&finals, &live, "vm", &running);
+        assert!(matches!(&c[0], Collision::OtherVmDisk { vm, .. } if vm == "other"));
+        assert!(matches!(&c[1], Collision::RunningVmDisk { .. }));
+        assert!(matches!(&c[2], Collision::FileExists { .. }));
+        assert_eq!(c.len(), 3);
+        let c = collisions(&finals, &live, "vm", &off);
+        assert!(matches!(&c[1], Collision::ShutOffVmDisk { .. }) && !c[1].blocks_even_with_force());
+        assert!(free_space(d.path()).is_some_and(|(f, _)| f > 0));
+    }
+}
