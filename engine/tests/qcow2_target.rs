@@ -281,12 +281,12 @@ fn conformance(name: &str, opts: Qcow2Options) {
 }
 
 #[test]
-fn conformance_default_64k_v3() {
+fn qcow2_conformance_default_64k_v3() {
     conformance("default", Qcow2Options::default());
 }
 
 #[test]
-fn conformance_4k_v3_lazy_zstd() {
+fn qcow2_conformance_4k_v3_lazy_zstd() {
     conformance(
         "4k-lazy-zstd",
         Qcow2Options {
@@ -299,7 +299,7 @@ fn conformance_4k_v3_lazy_zstd() {
 }
 
 #[test]
-fn conformance_2m_v3_zstd_refcount64() {
+fn qcow2_conformance_2m_v3_zstd_refcount64() {
     conformance(
         "2m-zstd-rc64",
         Qcow2Options {
@@ -312,7 +312,7 @@ fn conformance_2m_v3_zstd_refcount64() {
 }
 
 #[test]
-fn conformance_64k_v3_lazy_refcount1() {
+fn qcow2_conformance_64k_v3_lazy_refcount1() {
     conformance(
         "64k-lazy-rc1",
         Qcow2Options {
@@ -324,7 +324,7 @@ fn conformance_64k_v3_lazy_refcount1() {
 }
 
 #[test]
-fn conformance_512_v3_lazy_zstd() {
+fn qcow2_conformance_512_v3_lazy_zstd() {
     // The smallest cluster: the header plus imago's feature-name table fill it exactly.
     conformance(
         "512-lazy-zstd",
@@ -338,7 +338,7 @@ fn conformance_512_v3_lazy_zstd() {
 }
 
 #[test]
-fn conformance_64k_v2() {
+fn qcow2_conformance_64k_v2() {
     conformance(
         "64k-v2",
         Qcow2Options {
@@ -349,7 +349,7 @@ fn conformance_64k_v2() {
 }
 
 #[test]
-fn conformance_4k_v2() {
+fn qcow2_conformance_4k_v2() {
     conformance(
         "4k-v2",
         Qcow2Options {
@@ -361,7 +361,7 @@ fn conformance_4k_v2() {
 }
 
 #[test]
-fn conformance_2m_v2() {
+fn qcow2_conformance_2m_v2() {
     conformance(
         "2m-v2",
         Qcow2Options {
@@ -374,7 +374,7 @@ fn conformance_2m_v2() {
 
 /// A 10 TiB image: creating it, zeroing all of it and writing its last bytes is cheap.
 #[test]
-fn huge_sparse_image() {
+fn qcow2_huge_sparse_image() {
     let Some(q) = qemu_img() else { return };
     let dir = tempfile::tempdir().expect("tempdir");
     for opts in [
@@ -417,7 +417,7 @@ fn huge_sparse_image() {
 
 /// Another process's image is never touched.
 #[test]
-fn create_never_overwrites() {
+fn qcow2_create_never_overwrites() {
     let dir = tempfile::tempdir().expect("tempdir");
     let img = dir.path().join("taken.qcow2");
     std::fs::write(&img, b"not ours").expect("write");
@@ -438,6 +438,19 @@ fn median(mut v: Vec<f64>) -> f64 {
 
 fn mibps(bytes: u64, d: Duration) -> f64 {
     bytes as f64 / MIB as f64 / d.as_secs_f64()
+}
+
+/// CPU time (user + system) of the calling thread, from /proc (clock ticks, 10 ms).
+fn thread_cpu() -> Duration {
+    let stat = std::fs::read_to_string("/proc/thread-self/stat").unwrap_or_default();
+    // Fields after the parenthesised command name; utime and stime are fields 14 and 15.
+    let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
+    let f: Vec<u64> = rest
+        .split_whitespace()
+        .map(|x| x.parse().unwrap_or(0))
+        .collect();
+    let ticks = f.get(11).copied().unwrap_or(0) + f.get(12).copied().unwrap_or(0);
+    Duration::from_millis(ticks * 10)
 }
 
 fn time_raw(path: &Path, total: u64, chunk: &[u8]) -> Duration {
@@ -487,11 +500,13 @@ fn time_cp(src: &Path, dst: &Path) -> Duration {
 }
 
 /// Throughput, 1 GiB of non-zero data written sequentially, each run ending with fsync:
-/// `cargo test --release -p engine --test qcow2_target -- --ignored --nocapture throughput`
-/// (directory: `VMRESTORE_BENCH_DIR`, default /tmp).
+/// `cargo test --release -p engine --test qcow2_target -- --ignored --nocapture qcow2_throughput`
+/// (directory: `VMRESTORE_BENCH_DIR`, default /tmp; runs: `VMRESTORE_BENCH_REPS`, default 5).
+/// The writers run in a rotating order, and every output is deleted and `sync`ed away
+/// before the next run starts, so one run's writeback and discards do not land on another.
 #[test]
 #[ignore = "throughput measurement (1 GiB per run); run in release with --nocapture"]
-fn throughput_1gib() {
+fn qcow2_throughput_1gib() {
     let base =
         PathBuf::from(std::env::var("VMRESTORE_BENCH_DIR").unwrap_or_else(|_| "/tmp".into()));
     let dir = tempfile::tempdir_in(&base).expect("tempdir");
@@ -502,36 +517,76 @@ fn throughput_1gib() {
         .unwrap_or(5);
     let mut rng = Rng(42);
     let buf = rng.bytes(4 * MIB as usize);
-    let (mut raw1, mut q1, mut q4, mut cp) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    let names = [
+        "raw pwrite 1M",
+        "raw pwrite 4M",
+        "cp --sparse=always",
+        "qcow2 1M",
+        "qcow2 4M",
+        "qcow2 64K",
+    ];
+    let mut results: Vec<Vec<f64>> = vec![Vec::new(); names.len()];
+    let mut cpu: Vec<Vec<f64>> = vec![Vec::new(); names.len()];
+    let settle = || {
+        let ok = Command::new("sync")
+            .status()
+            .map(|s| s.success())
+            .unwrap_or(false);
+        assert!(ok, "sync");
+    };
+    // The source for cp: in the page cache, like a restore's final raw data would be.
+    let src = dir.path().join("src.raw");
+    time_raw(&src, total, &buf[..MIB as usize]);
     for rep in 0..reps {
-        let raw = dir.path().join("raw");
-        let copy = dir.path().join("copy");
-        let img1 = dir.path().join("a.qcow2");
-        let img4 = dir.path().join("b.qcow2");
-        raw1.push(mibps(total, time_raw(&raw, total, &buf[..MIB as usize])));
-        cp.push(mibps(total, time_cp(&raw, &copy)));
-        q1.push(mibps(total, time_qcow2(&img1, total, &buf[..MIB as usize])));
-        q4.push(mibps(total, time_qcow2(&img4, total, &buf)));
-        eprintln!(
-            "rep {rep}: raw pwrite 1M {:.0} | cp --sparse=always {:.0} | qcow2 1M {:.0} | qcow2 4M {:.0} MiB/s",
-            raw1[rep], cp[rep], q1[rep], q4[rep]
-        );
-        if rep + 1 == reps {
-            if let Some(q) = qemu_img() {
-                let (ok, text) = run(Command::new(q).arg("compare").arg(&raw).arg(&img4));
-                assert!(ok, "qemu-img compare: {text}");
+        for k in 0..names.len() {
+            let which = (rep + k) % names.len();
+            let out = dir.path().join(format!("out-{which}"));
+            let cpu0 = thread_cpu();
+            let d = match which {
+                0 => time_raw(&out, total, &buf[..MIB as usize]),
+                1 => time_raw(&out, total, &buf),
+                2 => time_cp(&src, &out),
+                3 => time_qcow2(&out, total, &buf[..MIB as usize]),
+                4 => time_qcow2(&out, total, &buf),
+                _ => time_qcow2(&out, total, &buf[..65_536]),
+            };
+            results[which].push(mibps(total, d));
+            cpu[which].push((thread_cpu() - cpu0).as_secs_f64());
+            if rep == 0 && which == 3 {
+                if let Some(q) = qemu_img() {
+                    let (ok, text) = run(Command::new(q).arg("compare").arg(&src).arg(&out));
+                    assert!(ok, "qemu-img compare: {text}");
+                }
             }
+            std::fs::remove_file(&out).expect("rm");
+            settle();
         }
-        for p in [raw, copy, img1, img4] {
-            std::fs::remove_file(p).expect("rm");
-        }
+        let line: Vec<String> = names
+            .iter()
+            .zip(&results)
+            .map(|(n, r)| format!("{n} {:.0}", r[rep]))
+            .collect();
+        eprintln!("rep {rep}: {} MiB/s", line.join(" | "));
     }
-    let (r, c, a, b) = (median(raw1), median(cp), median(q1), median(q4));
+    let med: Vec<f64> = results.into_iter().map(median).collect();
+    let cpu_med: Vec<f64> = cpu.into_iter().map(median).collect();
     eprintln!(
-        "median of {reps}: raw pwrite 1M {r:.0} MiB/s | cp --sparse=always {c:.0} | qcow2 1M {a:.0} ({:.2}x raw time, {:.2}x cp time) | qcow2 4M {b:.0} ({:.2}x raw, {:.2}x cp)",
-        r / a,
-        c / a,
-        r / b,
-        c / b
+        "median CPU s/GiB of this thread (cp runs in a child, not counted): raw 1M {:.2} | raw 4M {:.2} | qcow2 1M {:.2} | qcow2 4M {:.2} | qcow2 64K {:.2}",
+        cpu_med[0], cpu_med[1], cpu_med[3], cpu_med[4], cpu_med[5]
+    );
+    let line: Vec<String> = names
+        .iter()
+        .zip(&med)
+        .map(|(n, m)| format!("{n} {m:.0}"))
+        .collect();
+    eprintln!("median of {reps}: {} MiB/s", line.join(" | "));
+    eprintln!(
+        "time vs cp --sparse=always: qcow2 1M {:.2}x, 4M {:.2}x, 64K {:.2}x; vs raw pwrite 4M: qcow2 1M {:.2}x, 4M {:.2}x, 64K {:.2}x",
+        med[2] / med[3],
+        med[2] / med[4],
+        med[2] / med[5],
+        med[1] / med[3],
+        med[1] / med[4],
+        med[1] / med[5]
     );
 }

@@ -817,6 +817,28 @@ mod tests {
     }
 
     #[test]
+    fn empty_disk() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        for opts in [
+            Qcow2Options::default(),
+            Qcow2Options {
+                compat: Qcow2Compat::V2,
+                ..Qcow2Options::default()
+            },
+        ] {
+            let path = dir
+                .path()
+                .join(format!("empty-{}.qcow2", opts.compat.as_str()));
+            let mut t = Qcow2Target::create(&path, 0, &opts).expect("create");
+            t.write_at(0, &[]).expect("empty write");
+            t.write_zeroes(0, 0).expect("empty zero");
+            assert!(t.write_at(0, b"x").is_err());
+            assert_eq!(t.data_ranges(0, 0).expect("map"), Vec::new());
+            t.finish().expect("finish");
+        }
+    }
+
+    #[test]
     fn is_send() {
         fn send<T: Send>() {}
         send::<Qcow2Target>();
