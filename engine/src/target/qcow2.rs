@@ -336,21 +336,22 @@ fn apply_header_options(file: &File, opts: &Qcow2Options) -> io::Result<()> {
         compat |= hdr::COMPAT_LAZY_REFCOUNTS;
     }
 
-    let mut out = buf[..header_len.min(hdr::V3_BASE_LEN)].to_vec();
+    if header_len < hdr::V3_BASE_LEN || header_len % 8 != 0 {
+        return Err(invalid(format!(
+            "unexpected qcow2 header length {header_len}"
+        )));
+    }
+    let mut out = buf[..header_len].to_vec();
     let mut extensions = split_extensions(&buf[header_len..ext_end]);
     if opts.compression_type != CompressionType::Zlib {
         incompat |= hdr::INCOMPAT_COMPRESSION_TYPE;
         // The compression type field must lie inside the header: 104 + 1, padded to 112.
-        let new_len = header_len.max(hdr::V3_CT_LEN);
-        out.resize(new_len, 0);
-        if header_len > hdr::V3_BASE_LEN {
-            out[hdr::V3_BASE_LEN..header_len].copy_from_slice(&buf[hdr::V3_BASE_LEN..header_len]);
+        if out.len() < hdr::V3_CT_LEN {
+            out.resize(hdr::V3_CT_LEN, 0);
         }
         out[hdr::COMPRESSION_TYPE] = opts.compression_type.header_value();
-        out[hdr::HEADER_LENGTH..hdr::HEADER_LENGTH + 4]
-            .copy_from_slice(&(new_len as u32).to_be_bytes());
-    } else {
-        out = buf[..header_len].to_vec();
+        let len = out.len() as u32;
+        out[hdr::HEADER_LENGTH..hdr::HEADER_LENGTH + 4].copy_from_slice(&len.to_be_bytes());
     }
     out[hdr::INCOMPATIBLE..hdr::INCOMPATIBLE + 8].copy_from_slice(&incompat.to_be_bytes());
     out[hdr::COMPATIBLE..hdr::COMPATIBLE + 8].copy_from_slice(&compat.to_be_bytes());
@@ -503,7 +504,7 @@ impl Qcow2Target {
             let (mapping, mlen) = image
                 .get_mapping(pos, end - pos)
                 .map_err(|e| Error::target(op, &self.path, e))?;
-            let explicit_zero = matches!(mapping, Mapping::Zero { .. });
+            let reads_zero = matches!(mapping, Mapping::Zero { .. });
             let mlen = mlen.min(end - pos);
             if mlen == 0 {
                 return Err(Error::target(
@@ -512,7 +513,7 @@ impl Qcow2Target {
                     io::Error::other(format!("no mapping at {pos}")),
                 ));
             }
-            if !explicit_zero {
+            if !reads_zero {
                 if self.zeroes.is_empty() {
                     self.zeroes = vec![0u8; ZERO_CHUNK];
                 }
