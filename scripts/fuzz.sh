@@ -74,10 +74,12 @@ for t in "${targets[@]}"; do
     before=$(find "artifacts/$t" -type f | sort)
     log=artifacts/logs/$t.log
     echo "== $t: ${secs}s (log: nbdfmt/fuzz/$log)"
+    dict=()
+    [[ -f dicts/$t.dict ]] && dict=(-dict="dicts/$t.dict")
     start=$(date +%s)
     cargo fuzz run -s "$sanitizer" --target-dir "$target_dir" "$t" "corpus/$t" "seeds/$t" -- \
         -max_total_time="$secs" -timeout="$timeout" -rss_limit_mb="$rss_limit" \
-        -print_final_stats=1 >"$log" 2>&1
+        "${dict[@]}" -print_final_stats=1 >"$log" 2>&1
     rc=$?
     elapsed=$(($(date +%s) - start))
     execs=$(sed -n 's/^stat::number_of_executed_units: *//p' "$log" | tail -n 1)

@@ -180,7 +180,8 @@ pub struct DateParts {
 /// Parses `YYYY-MM-DDTHH:MM:SS` with an optional `.ffffff` fraction (1–6 digits).
 pub fn parse_date(s: &str) -> Option<DateParts> {
     let b = s.as_bytes();
-    if b.len() < 19 || b[4] != b'-' || b[7] != b'-' || b[10] != b'T' || b[13] != b':' || b[16] != b':' {
+    // ASCII up to the seconds, so that the slices below fall on char boundaries.
+    if b.len() < 19 || !b[..19].is_ascii() || b[4] != b'-' || b[7] != b'-' || b[10] != b'T' || b[13] != b':' || b[16] != b':' {
         return None;
     }
     let num = |r: std::ops::Range<usize>| -> Option<u32> {
@@ -280,5 +281,17 @@ mod tests {
         assert!(parse_date("2026-13-01T00:00:00").is_none());
         assert!(parse_date("2026-01-01T00:00:00.").is_none());
         assert!(parse_date("2026-01-01T00:00:00.1234567").is_none());
+    }
+
+    #[test]
+    fn regression_non_ascii_date_is_an_error_not_a_panic() {
+        // found while writing the meta_json fuzz target: byte 19 inside a two-byte 'é'
+        // made `&s[19..]` panic
+        assert!(parse_date("2026-01-01T00:00:0\u{e9}").is_none());
+        assert!(parse_date("2026-01-01T00:00:00\u{e9}").is_none());
+        assert!(parse_date("\u{e9}026-01-01T00:00:00").is_none());
+        let s = V247_FULL.replace("04:09:50.926775", "04:09:5\u{e9}");
+        let e = StreamMeta::parse(s.as_bytes(), 40).expect_err("bad date");
+        assert!(matches!(e.kind(), ErrorKind::BadMeta { offset: 40, .. }), "{e}");
     }
 }

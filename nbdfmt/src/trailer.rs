@@ -61,11 +61,13 @@ pub fn parse_trailer(json: &[u8], offset: u64) -> Result<Vec<TrailerEntry>> {
                 if frames.is_empty() {
                     return Err(bad(format!("entry {i}: empty frame list")).into());
                 }
-                let e = TrailerEntry { frames, chunked: true };
-                if e.stored_len() != total {
-                    return Err(bad(format!("entry {i}: key says {total} bytes, frames add up to {}", e.stored_len())).into());
+                // checked: a saturated sum could equal a key of u64::MAX
+                match frames.iter().try_fold(0u64, |a, &b| a.checked_add(b)) {
+                    Some(sum) if sum == total => {}
+                    Some(sum) => return Err(bad(format!("entry {i}: key says {total} bytes, frames add up to {sum}")).into()),
+                    None => return Err(bad(format!("entry {i}: frame sizes add up to more than 2^64 - 1")).into()),
                 }
-                e
+                TrailerEntry { frames, chunked: true }
             }
             other => return Err(bad(format!("entry {i}: {other} is neither a size nor an object")).into()),
         };
@@ -110,5 +112,14 @@ mod tests {
             let e = parse_trailer(bad.as_bytes(), 99).expect_err(bad);
             assert_eq!(e.offset(), Some(99));
         }
+    }
+
+    #[test]
+    fn regression_chunk_sizes_overflowing_u64_are_rejected() {
+        // found while writing the meta_json fuzz target (sizes must add up without
+        // overflow): the saturating sum of [u64::MAX, 1] equalled the key u64::MAX
+        let e = parse_trailer(br#"[{"18446744073709551615": [18446744073709551615, 1]}]"#, 5).expect_err("overflow");
+        assert!(matches!(e.kind(), ErrorKind::BadTrailer { offset: 5, .. }), "{e}");
+        assert!(parse_trailer(br#"[{"18446744073709551615": [18446744073709551614, 1]}]"#, 0).is_ok());
     }
 }

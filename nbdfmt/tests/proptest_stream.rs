@@ -360,6 +360,24 @@ proptest! {
     }
 }
 
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 512, ..ProptestConfig::default() })]
+
+    /// Any text as the meta's date, including non-ASCII near the fixed positions:
+    /// accepted or `BadMeta`, never a panic.
+    #[test]
+    fn meta_with_any_date_never_panics(date in prop_oneof!["2026-01-01T00:00:[0-9]{0,2}\\PC{0,3}", "\\PC{0,24}"]) {
+        let mut opts = StreamOptions::full("vda", 1 << 20, 0);
+        opts.date = date;
+        let json = opts.meta_json();
+        if let Err(e) = StreamMeta::parse(json.as_bytes(), 40) {
+            prop_assert_eq!(e.offset(), Some(40));
+        }
+        let bytes = write_stream(&opts, &[]);
+        check_hostile(&bytes, 4096);
+    }
+}
+
 /// A data frame whose header length disagrees with its LZ4 content is rejected,
 /// whatever the buffer size (no short, silently accepted payload).
 #[test]
