@@ -9,3 +9,5 @@ pub mod nvram;
 pub mod ownership;
 pub mod tpm;
 pub mod preflight;
+pub mod mode;
+pub mod error;

@@ -1,0 +1,289 @@
+//! The restore modes (spec §4): DR, clone, data-only, disk in place, disk extract.
+//! Each runs its checks first and touches nothing until all of them passed; every
+//! output is written under a temporary name and takes its final name only after the
+//! engine synced and read it back.
+//!
+//! This module decides *what* to do; output lines go through [`Reporter`], exit
+//! codes come from [`AppError`] categories.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use engine::{ApplyOptions, Cancel};
+use nbdfmt::{BackupSet, SetKind};
+
+use crate::error::AppError;
+use crate::hypervisor::Hypervisor;
+
+mod disk;
+mod vm;
+
+pub use disk::{run_disk_extract, run_disk_in_place};
+pub use vm::{run_clone, run_data_only, run_dr};
+
+/// Where the user-visible lines go (stderr + log file in the binary, a buffer in tests).
+pub trait Reporter: Send + Sync {
+    /// An INFO line from `component`.
+    fn info(&self, component: &str, msg: &str);
+    /// A WARN line.
+    fn warn(&self, component: &str, msg: &str);
+    /// An ERROR line.
+    fn error(&self, component: &str, msg: &str);
+    /// A bare line on stdout (banners, spacing).
+    fn plain(&self, line: &str) {
+        println!("{line}");
+    }
+}
+
+/// `--restore-point` as typed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PointRequest {
+    /// All checkpoints.
+    Latest,
+    /// Checkpoint 0.
+    Full,
+    /// Checkpoints 0..=N.
+    Number(u32),
+}
+
+impl PointRequest {
+    /// As requested (`latest`, `full`, `N`), for the catalogue.
+    pub fn as_text(self) -> String {
+        match self {
+            Self::Latest => "latest".into(),
+            Self::Full => "full".into(),
+            Self::Number(n) => n.to_string(),
+        }
+    }
+}
+
+/// Everything a restore mode needs, resolved by the caller (data dir, VM name, lock).
+pub struct Job<'a> {
+    /// The VM name from the backup's XML (libvirt name).
+    pub vm: String,
+    /// The scanned data directory.
+    pub set: &'a BackupSet,
+    /// `--restore-point`.
+    pub point: PointRequest,
+    /// `--restore-path`.
+    pub restore_path: Option<PathBuf>,
+    /// `--force`.
+    pub force: bool,
+    /// `--dry-run`.
+    pub dry_run: bool,
+    /// `--skip-tpm`.
+    pub skip_tpm: bool,
+    /// `--include-incomplete`.
+    pub include_incomplete: bool,
+    /// `--no-pre-restore`.
+    pub no_pre_restore: bool,
+    /// The hypervisor connection (read-only for dry-run).
+    pub hv: &'a dyn Hypervisor,
+    /// Output lines.
+    pub log: &'a dyn Reporter,
+    /// Cancellation from SIGINT/SIGTERM.
+    pub cancel: Cancel,
+    /// Progress lines for the engine.
+    pub progress: Option<engine::apply::ProgressFn>,
+}
+
+impl std::fmt::Debug for Job<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Job").field("vm", &self.vm).field("dir", &self.set.dir).field("point", &self.point).finish_non_exhaustive()
+    }
+}
+
+/// What a finished restore reports (summary line and catalogue row).
+#[derive(Debug, Clone, Default)]
+pub struct Outcome {
+    /// The final summary line (spec §3.4).
+    pub summary: String,
+    /// Resolved endpoint checkpoint.
+    pub checkpoint: u32,
+    /// Devices restored or attempted.
+    pub disks: Vec<String>,
+    /// Target path column (restore path, or the original disk paths).
+    pub target_path: String,
+    /// `restored` | `failed` | `skipped` | `none`.
+    pub tpm_result: &'static str,
+    /// True when the summary carries `TPM ✗` or `UUID ✗`.
+    pub partial: bool,
+    /// Clone name.
+    pub target_name: Option<String>,
+}
+
+/// Spec §4.1 step 6: the endpoint checkpoint T.
+pub fn endpoint(job: &Job<'_>) -> Result<u32, AppError> {
+    let set = job.set;
+    if set.kind != SetKind::Incremental {
+        if job.point != PointRequest::Latest {
+            job.log.warn("restore_vm", &format!("Point-in-time ignored (backup type: {})", set.kind.as_str()));
+        }
+        return Ok(0);
+    }
+    let latest = set.checkpoint_xmls.keys().max().copied().or_else(|| set.latest()).unwrap_or(0);
+    let t = match job.point {
+        PointRequest::Latest => latest,
+        PointRequest::Full => 0,
+        PointRequest::Number(n) => n,
+    };
+    if t > latest {
+        return Err(AppError::Vm(format!("Restore point {t} does not exist (latest restore point is {latest})")));
+    }
+    if job.point != PointRequest::Latest {
+        job.log.info("restore_vm", &format!("Point-in-time: virtnbdbackup.{t}"));
+    }
+    Ok(t)
+}
+
+/// Spec §2.8: refuse an endpoint at or after the first incomplete checkpoint.
+pub fn check_complete(job: &Job<'_>, t: u32) -> Result<(), AppError> {
+    let Some(broken) = job.set.broken_at() else {
+        return Ok(());
+    };
+    if broken.checkpoint > t {
+        return Ok(());
+    }
+    if job.include_incomplete {
+        job.log.warn("restore_vm", "Restoring from an INCOMPLETE chain (--include-incomplete): restored data may be inconsistent");
+        return Ok(());
+    }
+    let reason = broken.problems.first().map(ToString::to_string).unwrap_or_default();
+    let label = if job.point == PointRequest::Latest { "the latest restore point".to_owned() } else { format!("restore point {t}") };
+    job.log.error(
+        "restore_vm",
+        &format!("Chain is INCOMPLETE at restore point {} ({reason}) — refusing to restore {label}.", broken.checkpoint),
+    );
+    if broken.checkpoint == 0 {
+        job.log.error("restore_vm", "There is no restorable restore point in this chain; use --include-incomplete for forensic recovery.");
+    } else {
+        job.log.error(
+            "restore_vm",
+            &format!(
+                "Restore an earlier good restore point (--restore-point {}) or use --include-incomplete for forensic recovery.",
+                broken.checkpoint - 1
+            ),
+        );
+    }
+    Err(AppError::Vm(format!("Chain is INCOMPLETE at restore point {} ({reason})", broken.checkpoint)))
+}
+
+/// Spec §2.9: warn when the disk set at T differs from the latest one.
+pub fn warn_disk_set_change(job: &Job<'_>, t: u32) {
+    let set = job.set;
+    let Some(latest) = set.latest() else { return };
+    if set.kind != SetKind::Incremental || job.point == PointRequest::Latest || t == latest {
+        return;
+    }
+    let (Some(at), Some(last)) = (set.point(t), set.point(latest)) else { return };
+    if at.disks == last.disks {
+        return;
+    }
+    let fmt = |d: &std::collections::BTreeSet<String>| d.iter().cloned().collect::<Vec<_>>().join(", ");
+    job.log.warn("restore_vm", &format!("Disk configuration changed between checkpoint {t} and the latest checkpoint ({latest})."));
+    job.log.warn("restore_vm", &format!("  Checkpoint {t}: {} ({} disks)", fmt(&at.disks), at.disks.len()));
+    job.log.warn("restore_vm", &format!("  Latest (CP {latest}): {} ({} disks)", fmt(&last.disks), last.disks.len()));
+    job.log.warn("restore_vm", &format!("  Restoring with checkpoint {t} disk configuration."));
+}
+
+/// Engine options for a job.
+pub fn apply_options(job: &Job<'_>) -> ApplyOptions {
+    ApplyOptions { cancel: job.cancel.clone(), progress: job.progress.clone(), ..ApplyOptions::default() }
+}
+
+/// Maps an engine failure to its category (spec STYLE §2: apply failures exit 6,
+/// cancellation 128+n, a full target 4).
+pub fn engine_error(e: engine::Error, what: &str) -> AppError {
+    match e.kind() {
+        engine::ErrorKind::Cancelled(sig) if sig > 0 => AppError::Interrupted(sig),
+        engine::ErrorKind::NoSpace => AppError::Storage(format!("{what}: {e}")),
+        _ => AppError::Engine { message: format!("{what}: {e}"), source: Some(Box::new(e)) },
+    }
+}
+
+/// Seconds since the epoch (for `.before-restore.<epoch>` names).
+pub fn epoch() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs())
+}
+
+/// Formats a byte count like `numfmt --to=iec-i --suffix=B` (spec §3.5).
+pub fn iec(bytes: u64) -> String {
+    const UNITS: [&str; 6] = ["KiB", "MiB", "GiB", "TiB", "PiB", "EiB"];
+    if bytes < 1024 {
+        return format!("{bytes}B");
+    }
+    let mut v = bytes as f64;
+    let mut i = 0;
+    while v >= 1024.0 && i < UNITS.len() {
+        v /= 1024.0;
+        i += 1;
+    }
+    let unit = UNITS[i - 1];
+    if v < 10.0 {
+        let r = (v * 10.0).ceil() / 10.0;
+        if r >= 10.0 { format!("{}{unit}", r.ceil() as u64) } else { format!("{r:.1}{unit}") }
+    } else {
+        format!("{}{unit}", v.ceil() as u64)
+    }
+}
+
+/// Free-space check of spec §4.3 (exit 4 when short, WARN when tight).
+pub fn check_space(job: &Job<'_>, t: u32, dir: &Path) -> Result<(), AppError> {
+    let point = (job.set.kind == SetKind::Incremental && job.point != PointRequest::Latest).then_some(t);
+    let (need, files) = crate::preflight::backup_bytes(job.set, point);
+    if files == 0 {
+        job.log.warn("preflight_free_space", "No data files found to estimate size — skipping space check");
+        return Ok(());
+    }
+    let Some((free, at)) = crate::preflight::free_space(dir) else {
+        job.log.warn("preflight_free_space", &format!("Cannot determine free space on {} — skipping check", dir.display()));
+        return Ok(());
+    };
+    job.log.info(
+        "preflight_free_space",
+        &format!("Backup data: {} ({files} files) — Destination free: {} ({})", iec(need), iec(free), at.display()),
+    );
+    if need > free {
+        return Err(AppError::Storage(format!(
+            "Insufficient space: restore needs {} but only {} available on {}",
+            iec(need),
+            iec(free),
+            at.display()
+        )));
+    }
+    if free - need < need / 10 {
+        job.log.warn("preflight_free_space", &format!("Tight on space: only {} headroom after restore", iec(free - need)));
+    }
+    Ok(())
+}
+
+/// A progress callback printing one plain line per disk every few seconds.
+pub fn line_progress(log: Arc<dyn Reporter>) -> engine::apply::ProgressFn {
+    let last = std::sync::Mutex::new(std::collections::HashMap::<String, std::time::Instant>::new());
+    Arc::new(move |p: &engine::Progress| {
+        let now = std::time::Instant::now();
+        let mut m = last.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let due = m.get(&p.disk).is_none_or(|t| now.duration_since(*t).as_secs() >= 2) || p.done == p.total;
+        if due {
+            m.insert(p.disk.clone(), now);
+            let pct = if p.total == 0 { 100 } else { p.done * 100 / p.total };
+            log.info("restore_disk", &format!("{}: {} of {} ({pct}%)", p.disk, iec(p.done), iec(p.total)));
+        }
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::iec;
+
+    #[test]
+    fn numfmt_iec() {
+        assert_eq!(iec(1023), "1023B");
+        assert_eq!(iec(1024), "1.0KiB");
+        assert_eq!(iec(1536), "1.5KiB");
+        assert_eq!(iec(198 * 1024), "198KiB");
+        assert_eq!(iec(10229), "10KiB");
+        assert_eq!(iec(100 << 30), "100GiB");
+        assert_eq!(iec((1u64 << 30) + (1 << 26)), "1.1GiB");
+    }
+}
