@@ -85,6 +85,8 @@ pub struct Job<'a> {
     pub cancel: Cancel,
     /// Progress lines for the engine.
     pub progress: Option<engine::apply::ProgressFn>,
+    /// swtpm's state root (`/var/lib/libvirt/swtpm`).
+    pub swtpm_root: PathBuf,
 }
 
 impl std::fmt::Debug for Job<'_> {

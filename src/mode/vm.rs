@@ -152,7 +152,7 @@ fn restore_tpm(job: &Job<'_>, vm_label: &str, uuid: Option<&str>, fallback_uuid:
         job.log.error("restore_tpm", "Cannot determine UUID for TPM restore");
         return failed;
     };
-    let root = crate::tpm::swtpm_root();
+    let root = job.swtpm_root.clone();
     if job.dry_run {
         job.log.info("restore_tpm", &format!("[DRY RUN] Would restore TPM: {}/tpm-state → {}", job.set.dir.display(), root.join(&uuid).display()));
         return (" TPM ✓", "restored");
@@ -356,7 +356,7 @@ pub fn run_clone(job: &Job<'_>, clone: &str) -> Result<Outcome, AppError> {
             job.log.info("restore_vm", &format!("[DRY RUN] Would restore NVRAM: {} → {}", p.source.display(), d.display()));
         }
         if crate::tpm::detect(&job.set.dir).is_some() && !job.skip_tpm {
-            job.log.info("restore_tpm", &format!("[DRY RUN] Would restore TPM: {}/tpm-state → {}", job.set.dir.display(), crate::tpm::swtpm_root().join("<new UUID>").display()));
+            job.log.info("restore_tpm", &format!("[DRY RUN] Would restore TPM: {}/tpm-state → {}", job.set.dir.display(), job.swtpm_root.join("<new UUID>").display()));
         }
         out.summary = format!("Restore complete: {} [DRY RUN — no changes made]", job.vm);
         return Ok(out);

@@ -1,0 +1,168 @@
+//! Restore modes through the library against libvirt's in-process test driver
+//! (`test:///default`, no daemon): DR, clone and data-only restores of copies of the
+//! real fixture chains. Disk content is checked with qemu-img (a test-only tool).
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::Mutex;
+
+use sha2::{Digest, Sha256};
+use vmrestore::hypervisor::libvirt::Libvirt;
+use vmrestore::hypervisor::Hypervisor;
+use vmrestore::mode::{run_clone, run_data_only, run_dr, Job, PointRequest, Reporter};
+
+#[derive(Default)]
+struct Lines(Mutex<Vec<String>>);
+
+impl Reporter for Lines {
+    fn info(&self, _: &str, m: &str) {
+        self.0.lock().expect("lock").push(format!("INFO: {m}"));
+    }
+    fn warn(&self, _: &str, m: &str) {
+        self.0.lock().expect("lock").push(format!("WARN: {m}"));
+    }
+    fn error(&self, _: &str, m: &str) {
+        self.0.lock().expect("lock").push(format!("ERROR: {m}"));
+    }
+    fn plain(&self, l: &str) {
+        self.0.lock().expect("lock").push(l.to_owned());
+    }
+}
+
+impl Lines {
+    fn has(&self, s: &str) -> bool {
+        self.0.lock().expect("lock").iter().any(|l| l.contains(s))
+    }
+}
+
+fn fixture(rel: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/real-chains").join(rel)
+}
+
+/// Copies a chain dir (files and sub-dirs) and points its NVRAM paths into `nvram_dir`.
+fn copy_chain(src: &Path, dst: &Path, nvram_dir: &Path) {
+    std::fs::create_dir_all(dst).expect("mkdir");
+    for e in std::fs::read_dir(src).expect("ls") {
+        let e = e.expect("entry");
+        let to = dst.join(e.file_name());
+        if e.path().is_dir() {
+            copy_chain(&e.path(), &to, nvram_dir);
+        } else {
+            std::fs::copy(e.path(), &to).expect("copy");
+            let name = e.file_name().to_string_lossy().into_owned();
+            if name.starts_with("vmconfig.") {
+                let x = std::fs::read_to_string(&to).expect("xml").replace("/var/lib/libvirt/qemu/nvram", &nvram_dir.display().to_string());
+                std::fs::write(&to, x).expect("write");
+            }
+        }
+    }
+}
+
+fn qemu_img() -> bool {
+    Command::new("qemu-img").arg("--version").output().is_ok_and(|o| o.status.success())
+}
+
+fn guest_sha(img: &Path) -> String {
+    let raw = img.with_extension("raw-check");
+    assert!(Command::new("qemu-img").args(["convert", "-O", "raw"]).arg(img).arg(&raw).status().expect("qemu-img").success());
+    let mut h = Sha256::new();
+    std::io::copy(&mut std::fs::File::open(&raw).expect("raw"), &mut h).expect("hash");
+    std::fs::remove_file(&raw).expect("rm");
+    h.finalize().iter().map(|b| format!("{b:02x}")).collect()
+}
+
+fn expected(vm: &str, chain: &str, point: &str, disk: &str) -> String {
+    let p = fixture(&format!("expected/{vm}/{chain}/{point}/{disk}.sha256"));
+    std::fs::read_to_string(p).expect("sha file").split_whitespace().next().expect("sha").to_owned()
+}
+
+fn job<'a>(set: &'a nbdfmt::BackupSet, vm: &str, hv: &'a dyn Hypervisor, log: &'a Lines, out: &Path, swtpm: &Path) -> Job<'a> {
+    Job {
+        vm: vm.to_owned(),
+        set,
+        point: PointRequest::Latest,
+        restore_path: Some(out.to_path_buf()),
+        force: false,
+        dry_run: false,
+        skip_tpm: false,
+        include_incomplete: false,
+        no_pre_restore: false,
+        hv,
+        log,
+        cancel: engine::Cancel::new(),
+        progress: None,
+        swtpm_root: swtpm.to_path_buf(),
+    }
+}
+
+#[test]
+fn data_only_restores_a_removed_disk_at_its_point() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let set = nbdfmt::BackupSet::scan(&fixture("backups/rc-shrink/202606")).expect("scan");
+    let hv = Libvirt::connect("test:///default").expect("test driver");
+    let log = Lines::default();
+    let mut j = job(&set, "rc-shrink", &hv, &log, &tmp.path().join("out"), tmp.path());
+    j.point = PointRequest::Number(2);
+    let o = run_data_only(&j).expect("restore");
+    assert_eq!(o.disks, vec!["sda", "vda", "vdb"]);
+    assert!(o.summary.ends_with("— disk ✓ data-only"), "{}", o.summary);
+    assert!(log.has("Disk configuration changed between checkpoint 2 and the latest checkpoint (4)."));
+    if qemu_img() {
+        for d in ["sda", "vda", "vdb"] {
+            let f = tmp.path().join(format!("out/rc-shrink-{d}.qcow2"));
+            assert_eq!(guest_sha(&f), expected("rc-shrink", "202606", "virtnbdbackup.2", d), "{d}");
+        }
+    }
+    // a second run refuses to overwrite without --force, and changes nothing
+    let e = run_data_only(&j).expect_err("collision");
+    assert!(e.to_string().contains("Pre-flight disk safety check failed"), "{e}");
+    assert!(log.has("BLOCKED: File already exists"));
+}
+
+#[test]
+fn dr_keeps_identity_and_clone_gets_a_new_one() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let nvram_dir = tmp.path().join("nvram");
+    let chain = tmp.path().join("chain");
+    copy_chain(&fixture("backups/rc-uefi-tpm/2026-W26"), &chain, &nvram_dir);
+    let set = nbdfmt::BackupSet::scan(&chain).expect("scan");
+    let hv = Libvirt::connect("test:///default").expect("test driver");
+    let swtpm = tmp.path().join("swtpm");
+    let log = Lines::default();
+    let out = tmp.path().join("images");
+    let j = job(&set, "rc-uefi-tpm", &hv, &log, &out, &swtpm);
+    let o = run_dr(&j).expect("dr");
+    assert_eq!(o.summary, "Restore complete: rc-uefi-tpm — disk ✓ defined ✓ UUID ✓ MACs ✓ TPM ✓");
+    let info = hv.lookup("rc-uefi-tpm").expect("lookup").expect("defined");
+    assert_eq!(info.uuid, "88551b77-adbf-56aa-950b-b773d24f7f3f");
+    let xml = hv.xml("rc-uefi-tpm", true).expect("xml");
+    assert!(xml.contains(&out.join("rc-uefi-tpm-vda.qcow2").display().to_string()), "{xml}");
+    let nv = std::fs::read(nvram_dir.join("rc-uefi-tpm_VARS.fd")).expect("nvram installed");
+    assert_eq!(nv, std::fs::read(chain.join("rc-uefi-tpm_VARS.fd.virtnbdbackup.0")).expect("backup nvram"));
+    assert!(swtpm.join("88551b77-adbf-56aa-950b-b773d24f7f3f/tpm2").is_dir());
+    if qemu_img() {
+        assert_eq!(guest_sha(&out.join("rc-uefi-tpm-vdb.qcow2")), expected("rc-uefi-tpm", "2026-W26", "virtnbdbackup.0", "vdb"));
+    }
+    // again without --force: refused, nothing changed
+    let e = run_dr(&j).expect_err("defined");
+    assert_eq!(e.to_string(), "VM 'rc-uefi-tpm' already defined (use --force to override)");
+
+    // clone next to it
+    let log2 = Lines::default();
+    let j2 = job(&set, "rc-uefi-tpm", &hv, &log2, &out, &swtpm);
+    let o = run_clone(&j2, "rc-uefi-tpm-clone").expect("clone");
+    assert!(o.summary.starts_with("Restore complete: rc-uefi-tpm — disk ✓ defined ✓ new identity ✓"), "{}", o.summary);
+    let c = hv.lookup("rc-uefi-tpm-clone").expect("lookup").expect("clone defined");
+    assert_ne!(c.uuid, info.uuid);
+    let cxml = hv.xml("rc-uefi-tpm-clone", true).expect("xml");
+    assert!(cxml.contains("rc-uefi-tpm-clone-vda.qcow2") && cxml.contains("rc-uefi-tpm-clone_VARS.fd"), "{cxml}");
+    let orig_macs = nbdfmt::DomainConfig::parse(&xml).expect("p").macs;
+    let clone_macs = nbdfmt::DomainConfig::parse(&cxml).expect("p").macs;
+    assert!(orig_macs.iter().all(|m| !clone_macs.contains(m)), "{orig_macs:?} {clone_macs:?}");
+    assert!(swtpm.join(&c.uuid).join("tpm2").is_dir(), "TPM under the clone's UUID");
+    // the original is untouched
+    assert_eq!(hv.xml("rc-uefi-tpm", true).expect("xml"), xml);
+    for n in ["rc-uefi-tpm", "rc-uefi-tpm-clone"] {
+        hv.undefine(n).expect("cleanup");
+    }
+}
