@@ -1,0 +1,332 @@
+//! Writes a benchmark backup chain laid out exactly as virtnbdbackup does, with
+//! nbdfmt's stream writer:
+//!
+//! ```text
+//! vda.full.data (+ .chksum)                 vda.virtnbdbackup.N.qcow.json
+//! vda.inc.virtnbdbackup.N.data (+ .chksum)  vmconfig.virtnbdbackup.N.xml
+//! checkpoints/virtnbdbackup.N.xml           bench.cpt
+//! ```
+//! File mtimes increase with N (virtnbdrestore 1.9 orders files by mtime).
+//!
+//! ```text
+//! genchain <case> <dir> [--compress] [--level L] [--fill mixed|random] [--no-chksum] [--seed S]
+//! ```
+//! Cases (64 KiB granules, deterministic for a seed):
+//! - `a`:  4 GiB disk, full with 1 GiB in extents of up to 32 MiB, then 10 incrementals
+//!   of ~100 MiB each in extents of 64 KiB–1 MiB at random places.
+//! - `b`:  4 GiB disk, the same full, then 29 incrementals (30 points) that each
+//!   rewrite the same hot 100 MiB (100 extents of 1 MiB).
+//! - `c`:  4 GiB disk, full with 256 MiB, then 365 incrementals of ~1 MiB each
+//!   (4 extents of 256 KiB at random places; the data accumulates).
+//! - `c1`: one full backup with the final content of `c` (c').
+//! - `d`:  64 MiB disk, full with 1 MiB and 2 incrementals of 512 KiB (a 2 MiB chain).
+//!
+//! `--fill mixed` (default): each 4 KiB block is half pseudo-random, half text (LZ4 ratio
+//! about 2, like guest data); `random`: incompressible. Uncompressed and compressed
+//! variants of a case hold the same disk content.
+
+#[path = "../benches/common/mod.rs"]
+#[allow(dead_code)]
+mod common;
+
+use std::fs::{self, File, FileTimes};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant, SystemTime};
+
+use common::{full_pieces, inc_pieces, write_stream, Fill, Rng, GRANULE};
+use nbdfmt::writer::StreamOptions;
+
+const GIB: u64 = 1 << 30;
+const MIB: u64 = 1 << 20;
+
+struct Args {
+    case: String,
+    dir: PathBuf,
+    level: Option<u32>,
+    fill: Fill,
+    chksum: bool,
+    seed: u64,
+}
+
+fn usage() -> ! {
+    eprintln!(
+        "usage: genchain <a|b|c|c1|d> <dir> [--compress] [--level L] [--fill mixed|random] [--no-chksum] [--seed S]"
+    );
+    std::process::exit(2)
+}
+
+fn parse_args() -> Args {
+    let mut it = std::env::args().skip(1);
+    let mut pos = Vec::new();
+    let mut a = Args {
+        case: String::new(),
+        dir: PathBuf::new(),
+        level: None,
+        fill: Fill::Mixed,
+        chksum: true,
+        seed: 1,
+    };
+    while let Some(x) = it.next() {
+        match x.as_str() {
+            "--compress" => a.level = Some(a.level.unwrap_or(2)),
+            "--level" => a.level = Some(it.next().and_then(|v| v.parse().ok()).unwrap_or_else(|| usage())),
+            "--fill" => a.fill = it.next().and_then(|v| Fill::parse(&v)).unwrap_or_else(|| usage()),
+            "--no-chksum" => a.chksum = false,
+            "--seed" => a.seed = it.next().and_then(|v| v.parse().ok()).unwrap_or_else(|| usage()),
+            "-h" | "--help" => usage(),
+            _ if x.starts_with("--") => usage(),
+            _ => pos.push(x),
+        }
+    }
+    let [case, dir] = <[String; 2]>::try_from(pos).unwrap_or_else(|_| usage());
+    a.case = case;
+    a.dir = PathBuf::from(dir);
+    a
+}
+
+/// The disk's history: granule ids after each checkpoint are derived step by step.
+struct Layout {
+    disk: u64,
+    /// Per checkpoint (0 = full): the granules written by that backup.
+    steps: Vec<Vec<u64>>,
+}
+
+/// Marks `count` granules from `g` (clamped to the disk).
+fn extent(out: &mut Vec<u64>, g: u64, count: u64, n: u64) {
+    out.extend(g..(g + count).min(n));
+}
+
+/// A full with `data` bytes in extents of 1..=max granules spread over the disk.
+fn full_layout(rng: &mut Rng, disk: u64, data: u64, max: u64) -> Vec<u64> {
+    let n = disk / GRANULE;
+    let want = data / GRANULE;
+    let mut out = Vec::new();
+    // Average run length (max+1)/2; the gaps share the rest of the disk evenly.
+    let runs = (want * 2 / (max + 1)).max(1);
+    let gap_mean = (n - want) / runs;
+    let mut g = 0u64;
+    let mut left = want;
+    while left > 0 && g < n {
+        g += rng.range(1, 2 * gap_mean.max(1) - 1).min(n - g - 1);
+        let len = rng.range(1, max).min(left).min(n - g);
+        extent(&mut out, g, len, n);
+        left -= len;
+        g += len;
+    }
+    // If the gaps ran past the end, fill the rest from the start of the free space.
+    if left > 0 {
+        let used: std::collections::BTreeSet<u64> = out.iter().copied().collect();
+        out.extend((0..n).filter(|x| !used.contains(x)).take(left as usize));
+    }
+    out
+}
+
+/// `bytes` in extents of 1..=max granules at random places.
+fn scattered(rng: &mut Rng, disk: u64, bytes: u64, max: u64) -> Vec<u64> {
+    let n = disk / GRANULE;
+    let mut left = bytes / GRANULE;
+    let mut out = Vec::new();
+    while left > 0 {
+        let len = rng.range(1, max).min(left);
+        let g = rng.range(0, n - len);
+        extent(&mut out, g, len, n);
+        left -= len;
+    }
+    out
+}
+
+fn layout(case: &str, seed: u64) -> Layout {
+    let mut rng = Rng::new(seed ^ case.bytes().fold(0u64, |a, b| a * 131 + u64::from(b)));
+    match case {
+        "a" => {
+            let disk = 4 * GIB;
+            let mut steps = vec![full_layout(&mut rng, disk, GIB, 512)];
+            for _ in 0..10 {
+                steps.push(scattered(&mut rng, disk, 100 * MIB, 16));
+            }
+            Layout { disk, steps }
+        }
+        "b" => {
+            let disk = 4 * GIB;
+            let mut steps = vec![full_layout(&mut rng, disk, GIB, 512)];
+            let n = disk / GRANULE;
+            let mut hot = Vec::new();
+            for _ in 0..100 {
+                let g = rng.range(0, n / 16 - 1) * 16;
+                extent(&mut hot, g, 16, n);
+            }
+            for _ in 0..29 {
+                steps.push(hot.clone());
+            }
+            Layout { disk, steps }
+        }
+        "c" | "c1" => {
+            let disk = 4 * GIB;
+            let mut steps = vec![full_layout(&mut rng, disk, 256 * MIB, 256)];
+            for _ in 0..365 {
+                steps.push(scattered(&mut rng, disk, MIB, 4).into_iter().collect());
+            }
+            Layout { disk, steps }
+        }
+        "d" => {
+            let disk = 64 * MIB;
+            let mut steps = vec![full_layout(&mut rng, disk, MIB, 4)];
+            for _ in 0..2 {
+                steps.push(scattered(&mut rng, disk, 512 << 10, 4));
+            }
+            Layout { disk, steps }
+        }
+        _ => usage(),
+    }
+}
+
+fn qcow_json(disk: u64, allocated: u64) -> String {
+    // What `qemu-img info --output=json` prints for a qemu-img-created qcow2.
+    format!(
+        r#"{{
+    "virtual-size": {disk},
+    "filename": "/var/lib/libvirt/images/bench-vda.qcow2",
+    "cluster-size": 65536,
+    "format": "qcow2",
+    "actual-size": {actual},
+    "format-specific": {{
+        "type": "qcow2",
+        "data": {{
+            "compat": "1.1",
+            "compression-type": "zlib",
+            "lazy-refcounts": false,
+            "refcount-bits": 16,
+            "corrupt": false,
+            "extended-l2": false
+        }}
+    }},
+    "dirty-flag": false
+}}"#,
+        actual = allocated + 3 * 65536 + (disk / GRANULE / 8192 + 1) * 65536
+    )
+}
+
+const UUID: &str = "6d1b7f5e-3c0a-4c8e-9a51-b3e4c2d9f001";
+
+fn domain_xml(indent: &str) -> String {
+    let x = format!(
+        r"<domain type='kvm'>
+  <name>bench</name>
+  <uuid>{UUID}</uuid>
+  <memory unit='KiB'>1048576</memory>
+  <currentMemory unit='KiB'>1048576</currentMemory>
+  <vcpu placement='static'>1</vcpu>
+  <os>
+    <type arch='x86_64' machine='pc-q35-7.2'>hvm</type>
+    <boot dev='hd'/>
+  </os>
+  <devices>
+    <emulator>/usr/bin/qemu-system-x86_64</emulator>
+    <disk type='file' device='disk'>
+      <driver name='qemu' type='qcow2' discard='unmap'/>
+      <source file='/var/lib/libvirt/images/bench-vda.qcow2'/>
+      <target dev='vda' bus='virtio'/>
+    </disk>
+  </devices>
+</domain>
+"
+    );
+    x.lines().map(|l| format!("{indent}{l}\n")).collect()
+}
+
+fn checkpoint_xml(n: u32, disk: u64) -> String {
+    let parent = if n == 0 {
+        String::new()
+    } else {
+        format!("  <parent>\n    <name>virtnbdbackup.{}</name>\n  </parent>\n", n - 1)
+    };
+    format!(
+        "<domaincheckpoint>\n  <name>virtnbdbackup.{n}</name>\n  <description>Backup checkpoint</description>\n{parent}  <creationTime>{}</creationTime>\n  <disks>\n    <disk name='vda' checkpoint='bitmap' bitmap='virtnbdbackup.{n}' size='{disk}'/>\n  </disks>\n{}</domaincheckpoint>\n",
+        1_767_225_600 + u64::from(n) * 86_400,
+        domain_xml("  ")
+    )
+}
+
+fn set_mtime(path: &Path, n: u32) -> std::io::Result<()> {
+    let t = SystemTime::UNIX_EPOCH + Duration::from_secs(1_767_225_600 + u64::from(n) * 86_400);
+    File::options().write(true).open(path)?.set_times(FileTimes::new().set_modified(t).set_accessed(t))
+}
+
+fn main() -> std::io::Result<()> {
+    let a = parse_args();
+    let started = Instant::now();
+    let lay = layout(&a.case, a.seed);
+    fs::create_dir_all(a.dir.join("checkpoints"))?;
+    if fs::read_dir(&a.dir)?.count() > 1 {
+        eprintln!("genchain: {} is not empty", a.dir.display());
+        std::process::exit(1);
+    }
+    let n_gran = (lay.disk / GRANULE) as usize;
+    let mut ids = vec![0u32; n_gran];
+    let mut files = Vec::new();
+    let mut total = (0u64, 0u64);
+    let one_file = a.case == "c1";
+    let last = lay.steps.len() - 1;
+    for (i, step) in lay.steps.iter().enumerate() {
+        let id = i as u32 + 1;
+        for &g in step {
+            ids[g as usize] = id;
+        }
+        if one_file && i < last {
+            continue;
+        }
+        let n = i as u32;
+        let (path, opts, pieces) = if i == 0 || one_file {
+            (a.dir.join("vda.full.data"), StreamOptions::full("vda", lay.disk, 0), full_pieces(&ids))
+        } else {
+            let name = format!("vda.inc.virtnbdbackup.{n}.data");
+            (a.dir.join(name), StreamOptions::inc("vda", n, lay.disk, 0), inc_pieces(&ids, id))
+        };
+        let opts = match a.level {
+            Some(l) => opts.compressed(l),
+            None => opts,
+        };
+        let ids_ref = &ids;
+        let w = write_stream(&path, &opts, &pieces, &|g| u64::from(ids_ref[g as usize]), a.fill, a.chksum)?;
+        total.0 += w.size;
+        total.1 += w.data;
+        files.push(path.clone());
+        // The side files of this checkpoint (for a one-file chain: only point 0).
+        let point = if one_file { 0 } else { n };
+        let allocated = ids.iter().filter(|&&x| x != 0).count() as u64 * GRANULE;
+        let qj = a.dir.join(format!("vda.virtnbdbackup.{point}.qcow.json"));
+        fs::write(&qj, qcow_json(lay.disk, allocated))?;
+        let vm = a.dir.join(format!("vmconfig.virtnbdbackup.{point}.xml"));
+        fs::write(&vm, domain_xml(""))?;
+        let cp = a.dir.join(format!("checkpoints/virtnbdbackup.{point}.xml"));
+        fs::write(&cp, checkpoint_xml(point, lay.disk))?;
+        let mut cs = path.as_os_str().to_owned();
+        cs.push(".chksum");
+        let cs = PathBuf::from(cs);
+        for p in [&path, &qj, &vm, &cp] {
+            set_mtime(p, point)?;
+        }
+        if cs.exists() {
+            set_mtime(&cs, point)?;
+        }
+    }
+    let points = if one_file { 1 } else { lay.steps.len() as u32 };
+    let cpt: Vec<String> = (0..points).map(|n| format!("\"virtnbdbackup.{n}\"")).collect();
+    fs::write(a.dir.join("bench.cpt"), format!("[{}]", cpt.join(", ")))?;
+    let live = ids.iter().filter(|&&x| x != 0).count() as u64 * GRANULE;
+    println!(
+        "genchain {}: {} files, {} points (last {}), disk {} MiB, {} MiB of stream files, {} MiB of data frames, final content {} MiB, {}{} in {:.1}s",
+        a.case,
+        files.len(),
+        points,
+        points - 1,
+        lay.disk / MIB,
+        total.0 / MIB,
+        total.1 / MIB,
+        live / MIB,
+        if a.level.is_some() { "lz4" } else { "uncompressed" },
+        if a.fill == Fill::Random { ", random fill" } else { "" },
+        started.elapsed().as_secs_f64()
+    );
+    Ok(())
+}
