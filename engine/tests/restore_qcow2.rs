@@ -117,3 +117,13 @@ fn thin_output_for_a_sparse_disk() {
     assert!(allocated < data + (8 << 20), "qcow2 allocates {allocated} bytes for {data} bytes of data");
     assert!(allocated >= data, "qcow2 allocates {allocated} bytes");
 }
+
+#[test]
+fn encrypted_source_image_is_refused() {
+    let info = nbdfmt::QcowInfo::parse(br#"{"virtual-size": 1048576, "cluster-size": 65536, "format": "qcow2", "encrypted": true,
+        "format-specific": {"type": "qcow2", "data": {"compat": "1.1", "encrypt": {"format": "luks"}}}}"#)
+    .expect("parse");
+    assert!(info.encrypted);
+    let e = Qcow2Options::from_qcow_info(&info).expect_err("refused");
+    assert!(e.to_string().contains("encrypted"), "{e}");
+}

@@ -195,6 +195,8 @@ pub struct QcowInfo {
     pub data_file_raw: bool,
     /// `backing-filename`, if the source had a backing file.
     pub backing_filename: Option<String>,
+    /// The image is encrypted (`encrypted: true` or a `format-specific.data.encrypt` object).
+    pub encrypted: bool,
 }
 
 /// Longest side file we read into memory.
@@ -223,6 +225,7 @@ impl QcowInfo {
             data_file: s(get("data-file")),
             data_file_raw: get("data-file-raw").and_then(Value::as_bool).unwrap_or(false),
             backing_filename: s(top.get("backing-filename")),
+            encrypted: top.get("encrypted").and_then(Value::as_bool).unwrap_or(false) || get("encrypt").is_some(),
         })
     }
 }

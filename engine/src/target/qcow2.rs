@@ -155,6 +155,11 @@ impl Qcow2Options {
                 "the source qcow2 image keeps its data in an external data file (data_file={data_file}), which this restore cannot create"
             )));
         }
+        if info.encrypted {
+            return Err(Error::Unsupported(
+                "the source qcow2 image is encrypted, which this restore cannot create (the backup holds the plain guest data)".into(),
+            ));
+        }
         if info.data_file_raw {
             return Err(Error::Unsupported(
                 "the source qcow2 image uses a raw external data file (data_file_raw=on), which this restore cannot create".into(),
