@@ -1,0 +1,202 @@
+#!/usr/bin/env bash
+# End-to-end tier: real VMs idling in their firmware, real virtnbdbackup chains laid
+# out as vmbackup does, restored by vmrestore in every mode, checked against the true
+# disk content, the domain identity, NVRAM and TPM state; restored domains must start.
+#
+#   tests/e2e/run.sh            (root, Debian 12; installs and starts what it needs)
+#   E2E_SCENARIOS="multi long" tests/e2e/run.sh
+set -euo pipefail
+ROOT_DIR=$(cd "$(dirname "$0")/../.." && pwd)
+# shellcheck source=lib.sh
+source "$ROOT_DIR/tests/e2e/lib.sh"
+BIN=${VMRESTORE_BIN:-$ROOT_DIR/target/debug/vmrestore}
+WORK=$(mktemp -d /var/tmp/vmrestore-e2e.XXXXXX)
+BK=$WORK/backups
+export LOG_DIR=$WORK/logs
+SCENARIOS=${E2E_SCENARIOS:-"multi uefi long shrink copy"}
+PASSED=()
+START=$SECONDS
+
+finish() {
+    local rc=$?
+    e2e_cleanup
+    [ "${KEEP:-0}" = 1 ] || rm -rf "$WORK"
+    if [ $rc -eq 0 ]; then
+        log "e2e: ${#PASSED[@]} scenario checks passed in $((SECONDS - START))s"
+        echo "${#PASSED[@]} passed, 0 failed"
+    else
+        log "e2e: FAILED after $((SECONDS - START))s (checks passed before: ${PASSED[*]:-none})"
+    fi
+}
+trap finish EXIT
+
+ok() { PASSED+=("$1"); log "ok: $1"; }
+
+vmr() {
+    log "vmrestore $*"
+    "$BIN" --connect qemu:///system "$@"
+}
+
+uuid_of() { virsh -c qemu:///system domuuid "$1" | tr -d '[:space:]'; }
+macs_of() { virsh -c qemu:///system domiflist "$1" | awk 'NR>2 && $5 {print $5}' | sort | tr '\n' ' '; }
+source_of() { virsh -c qemu:///system domblklist "$1" | awk -v d="$2" '$1==d {print $2}'; }
+starts() {
+    "${VIRSH[@]}" start "$1" >/dev/null || die "$1 does not start"
+    sleep 1
+    [ "$(virsh -c qemu:///system domstate "$1" | head -1)" = running ] || die "$1 is not running after start"
+    "${VIRSH[@]}" destroy "$1" >/dev/null
+}
+
+scenario_multi() {
+    # weekly layout, 3 disks (virtio + SATA) and a CD-ROM, compressed chain, an archived chain
+    local vm=$E2E_PREFIX-multi
+    local period=$BK/$vm/2026-W10 arch=$BK/$vm/2026-W10/.archives/chain-2026-03-02
+    mkvm "$vm" --cdrom vda:24M:virtio vdb:16M:virtio sda:16M:sata
+    io "$vm" vda "write -P 0x11 0 2M"; io "$vm" sda "write -P 0x12 1M 128k"
+    backup "$vm" full "$arch" --compress
+    io "$vm" vdb "write -P 0x13 3M 64k"
+    backup "$vm" inc "$arch" --compress
+    truth "$vm" vdb "$WORK/multi-arch-vdb.raw"
+    # the chain breaks (vmbackup archives it); a new full starts the period's chain
+    virsh -c qemu:///system checkpoint-list "$vm" --name | while read -r c; do [ -n "$c" ] && virsh -c qemu:///system checkpoint-delete "$vm" "$c" --metadata >/dev/null; done
+    io "$vm" vda "write -P 0x21 4M 1M"; io "$vm" vdb "write -z 3M 64k"
+    backup "$vm" full "$period" --compress
+    for d in vda vdb sda; do truth "$vm" $d "$WORK/multi-0-$d.raw"; done
+    mixed "$vm" vda 8388608; io "$vm" sda "write -P 0x22 0 64k"; io "$vm" vdb "discard 0 1M"
+    backup "$vm" inc "$period" --compress
+    for d in vda vdb sda; do truth "$vm" $d "$WORK/multi-1-$d.raw"; done
+    io "$vm" vdb "write -P 0x23 5M 192k"; io "$vm" vda "write -P 0x24 20M 64k"
+    backup "$vm" inc "$period"
+    for d in vda vdb sda; do truth "$vm" $d "$WORK/multi-2-$d.raw"; done
+    local before uuid macs
+    before=$(treehash "$BK"); uuid=$(uuid_of "$vm"); macs=$(macs_of "$vm")
+
+    # extract sda at the latest point while the VM runs
+    vmr --vm "$vm" --backup-path "$BK" --disk sda --restore-path "$WORK/extract"
+    same_content "$WORK/extract/$vm-sda.qcow2" "$WORK/multi-2-sda.raw"; ok "multi: extract sda latest, VM running"
+
+    # clone at restore point 1 next to the running original
+    vmr --vm "$vm" --backup-path "$BK" --name "$vm-clone" --restore-path "$WORK/clone" --restore-point 1
+    for d in vda vdb sda; do same_content "$WORK/clone/$vm-clone-$d.qcow2" "$WORK/multi-1-$d.raw"; done
+    [ "$(uuid_of "$vm-clone")" != "$uuid" ] || die "clone kept the UUID"
+    [ -z "$(comm -12 <(echo "$macs" | tr ' ' '\n' | sort) <(macs_of "$vm-clone" | tr ' ' '\n' | sort) | grep .)" ] || die "clone kept a MAC"
+    virsh -c qemu:///system dumpxml "$vm-clone" | grep -q "device='cdrom'" && die "clone kept the CD-ROM"
+    starts "$vm-clone"; ok "multi: clone at point 1 (content, new UUID and MACs, starts)"
+
+    # disk in place: vdb back to point 1 (VM shut off), keeping .pre-restore
+    "${VIRSH[@]}" destroy "$vm" >/dev/null
+    local vdb; vdb=$(source_of "$vm" vdb)
+    cp --sparse=always "$vdb" "$WORK/vdb-before.qcow2"
+    vmr --vm "$vm" --backup-path "$BK" --disk vdb --restore-point 1
+    same_content "$vdb" "$WORK/multi-1-vdb.raw"
+    qemu-img compare -q "$vdb.pre-restore" "$WORK/vdb-before.qcow2" || die ".pre-restore is not the original"
+    rm -f "$vdb.pre-restore"; ok "multi: disk in place vdb at point 1 (.pre-restore kept)"
+
+    # DR over the (shut off) VM at the latest point
+    vmr --vm "$vm" --backup-path "$BK" --restore-path "$WORK/dr" --force
+    for d in vda vdb sda; do same_content "$WORK/dr/$vm-$d.qcow2" "$WORK/multi-2-$d.raw"; done
+    [ "$(uuid_of "$vm")" = "$uuid" ] || die "DR changed the UUID"
+    [ "$(macs_of "$vm")" = "$macs" ] || die "DR changed the MACs"
+    [ "$(source_of "$vm" vda)" = "$WORK/dr/$vm-vda.qcow2" ] || die "DR disk path"
+    starts "$vm"; ok "multi: DR --force latest (content, UUID, MACs, starts)"
+
+    # the archived chain, by path, data only
+    vmr --vm "$arch" --restore-path "$WORK/arch" --skip-config
+    same_content "$WORK/arch/$vm-vdb.qcow2" "$WORK/multi-arch-vdb.raw"; ok "multi: archived chain by path (data-only)"
+
+    [ "$(treehash "$BK")" = "$before" ] || die "the backup tree changed"
+    ok "multi: backup tree byte-identical"
+}
+
+scenario_uefi() {
+    # UEFI (TCG) with an emulated TPM 2.0; NVRAM per checkpoint; vmbackup's tpm-state copy
+    local vm=$E2E_PREFIX-uefi
+    local period=$BK/$vm/2026-W11
+    mkvm "$vm" --uefi --tpm vda:16M:virtio
+    sleep 3
+    io "$vm" vda "write -P 0x31 0 1M"
+    backup "$vm" full "$period"
+    io "$vm" vda "write -P 0x32 2M 64k"
+    backup "$vm" inc "$period"
+    truth "$vm" vda "$WORK/uefi-1-vda.raw"
+    local uuid; uuid=$(uuid_of "$vm")
+    # vmbackup copies swtpm's state next to the chain
+    mkdir -p "$period/tpm-state"
+    cp -a "/var/lib/libvirt/swtpm/$uuid/tpm2" "$period/tpm-state/"
+    printf 'VM Name:            %s\nVM UUID:            %s\n' "$vm" "$uuid" >"$period/tpm-state/BACKUP_METADATA.txt"
+    date +%s >"$period/.tpm-backup-marker"
+    local nv_backup; nv_backup=$(ls "$period"/*_VARS*.fd.virtnbdbackup.1 | head -1)
+    [ -n "$nv_backup" ] || die "virtnbdbackup saved no NVRAM copy"
+    "${VIRSH[@]}" destroy "$vm" >/dev/null
+    vmr --vm "$vm" --backup-path "$BK" --restore-path "$WORK/uefi-dr" --force | tee "$WORK/uefi.out"
+    same_content "$WORK/uefi-dr/$vm-vda.qcow2" "$WORK/uefi-1-vda.raw"
+    [ "$(uuid_of "$vm")" = "$uuid" ] || die "UUID"
+    cmp -s "$nv_backup" "/var/lib/libvirt/qemu/nvram/${vm}_VARS.fd" || die "NVRAM is not the checkpoint's copy"
+    [ -d "/var/lib/libvirt/swtpm/$uuid/tpm2" ] || die "TPM state missing"
+    grep -q "TPM ✓" "$LOG_DIR"/*.log || die "summary has no TPM ✓"
+    starts "$vm"; ok "uefi: DR with NVRAM of checkpoint 1 and TPM state, starts"
+}
+
+scenario_long() {
+    # accumulate layout (chain at the VM root), 31 points, small scattered writes
+    local vm=$E2E_PREFIX-long
+    local dir=$BK/$vm
+    mkvm "$vm" vda:8M:virtio
+    backup "$vm" full "$dir"
+    local i
+    for i in $(seq 1 30); do
+        io "$vm" vda "write -P $((i + 64)) $(( (i * 7919 % 120) * 65536 )) $(( (i % 3 + 1) * 4096 ))"
+        backup "$vm" inc "$dir"
+        [ "$i" = 17 ] && truth "$vm" vda "$WORK/long-17.raw"
+    done
+    truth "$vm" vda "$WORK/long-30.raw"
+    vmr --vm "$vm" --backup-path "$BK" --restore-path "$WORK/long-latest" --skip-config
+    same_content "$WORK/long-latest/$vm-vda.qcow2" "$WORK/long-30.raw"; ok "long: 31-point accumulate chain, latest"
+    vmr --vm "$vm" --backup-path "$BK" --restore-path "$WORK/long-17" --skip-config --restore-point 17
+    same_content "$WORK/long-17/$vm-vda.qcow2" "$WORK/long-17.raw"; ok "long: point 17"
+}
+
+scenario_shrink() {
+    # a disk detached mid-chain: earlier points restore both disks
+    local vm=$E2E_PREFIX-shrink
+    local period=$BK/$vm/202603
+    mkvm "$vm" vda:16M:virtio vdb:8M:virtio
+    io "$vm" vda "write -P 0x41 0 1M"; io "$vm" vdb "write -P 0x42 0 1M"
+    backup "$vm" full "$period"
+    io "$vm" vdb "write -P 0x43 2M 64k"
+    backup "$vm" inc "$period"
+    for d in vda vdb; do truth "$vm" $d "$WORK/shrink-1-$d.raw"; done
+    "${VIRSH[@]}" detach-disk "$vm" vdb --config >/dev/null
+    "${VIRSH[@]}" destroy "$vm" >/dev/null; "${VIRSH[@]}" start "$vm" >/dev/null
+    io "$vm" vda "write -P 0x44 4M 64k"
+    backup "$vm" inc "$period"
+    truth "$vm" vda "$WORK/shrink-2-vda.raw"
+    vmr --vm "$vm" --backup-path "$BK" --restore-path "$WORK/shrink-1" --skip-config --restore-point 1
+    for d in vda vdb; do same_content "$WORK/shrink-1/$vm-$d.qcow2" "$WORK/shrink-1-$d.raw"; done
+    ok "shrink: point 1 restores the later-detached disk"
+    vmr --vm "$vm" --backup-path "$BK" --restore-path "$WORK/shrink-2" --skip-config
+    same_content "$WORK/shrink-2/$vm-vda.qcow2" "$WORK/shrink-2-vda.raw"
+    [ ! -e "$WORK/shrink-2/$vm-vdb.qcow2" ] || die "latest point restored the detached disk"
+    ok "shrink: latest restores only the remaining disk"
+}
+
+scenario_copy() {
+    # daily layout with an offline copy backup
+    local vm=$E2E_PREFIX-copy
+    local period=$BK/$vm/20260305
+    mkvm "$vm" vda:8M:virtio
+    io "$vm" vda "write -P 0x51 1M 1M"
+    "${VIRSH[@]}" destroy "$vm" >/dev/null
+    truth_off() { qemu-img convert -U -f qcow2 -O raw "$IMAGES/$vm-vda.qcow2" "$1"; }
+    truth_off "$WORK/copy-vda.raw"
+    backup "$vm" copy "$period"
+    vmr --vm "$vm" --backup-path "$BK" --restore-path "$WORK/copy" --skip-config
+    same_content "$WORK/copy/$vm-vda.qcow2" "$WORK/copy-vda.raw"; ok "copy: offline copy backup"
+}
+
+e2e_setup
+[ -x "$BIN" ] || (cd "$ROOT_DIR" && cargo build --locked --bin vmrestore)
+for s in $SCENARIOS; do
+    log "=== scenario $s"
+    "scenario_$s"
+done
