@@ -82,13 +82,14 @@ pub struct DiskJob {
     pub default_options: bool,
 }
 
-/// Plans every predicted output at `point` (reads frame headers only).
-pub fn plan_outputs(set: &BackupSet, point: u32, outputs: &[PredictedOutput]) -> engine::Result<Vec<DiskJob>> {
+/// Plans every predicted output at `point` (reads frame headers only). With
+/// `newest`, a differential taken after `point` is included (restores of "latest").
+pub fn plan_outputs(set: &BackupSet, point: u32, outputs: &[PredictedOutput], newest: bool) -> engine::Result<Vec<DiskJob>> {
     let point = if set.kind == SetKind::Copy { 0 } else { point };
     outputs
         .iter()
         .map(|o| {
-            let plan = DiskPlan::for_point(set, &o.disk, point)?;
+            let plan = DiskPlan::for_point_with(set, &o.disk, point, newest)?;
             let raw_source = plan.files.first().is_some_and(|f| f.raw_image);
             let raw_name = Path::new(&o.file_name).extension().is_some_and(|e| e == "raw" || e == "img");
             let format = if raw_source || raw_name { ImageFormat::Raw } else { ImageFormat::Qcow2 };

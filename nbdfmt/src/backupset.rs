@@ -388,6 +388,29 @@ impl BackupSet {
         Ok(out)
     }
 
+    /// The chain for the newest state of `disk` at checkpoint `n`: [`chain`](Self::chain)
+    /// plus the newest differential taken on top of checkpoint `n`, if any (a
+    /// differential holds every change since its parent checkpoint, so only the newest
+    /// one counts).
+    pub fn chain_with_diff(&self, disk: &str, n: u32) -> std::result::Result<Vec<&StreamFile>, Problem> {
+        let mut chain = self.chain(disk, n)?;
+        let Some(parent) = chain.last().and_then(|f| f.meta()).map(|m| m.checkpoint_name.clone()) else {
+            return Ok(chain);
+        };
+        let newest_diff = self
+            .disks
+            .get(disk)
+            .into_iter()
+            .flatten()
+            .filter(|f| matches!(f.level, StreamLevel::Diff(_)))
+            .filter(|f| f.meta().is_some_and(|m| m.parent_checkpoint.as_deref() == Some(parent.as_str()) && m.disk_name == disk))
+            .max_by_key(|f| f.level);
+        if let Some(d) = newest_diff {
+            chain.push(d);
+        }
+        Ok(chain)
+    }
+
     /// §2.8: per checkpoint, which disks are expected and whether their files are there.
     fn evaluate(&mut self) {
         let base = self.base_disks();

@@ -83,7 +83,7 @@ pub fn run_disk_extract(job: &Job<'_>, requested: &[String]) -> Result<Outcome, 
         return Ok(out);
     }
     std::fs::create_dir_all(dir).map_err(|e| AppError::Io { context: format!("creating {}", dir.display()), source: e })?;
-    let jobs = plan_outputs(job.set, t, &outputs).map_err(|e| engine_error(e, "Disk restore failed"))?;
+    let jobs = plan_outputs(job.set, t, &outputs, job.point == super::PointRequest::Latest).map_err(|e| engine_error(e, "Disk restore failed"))?;
     write_outputs(jobs, job.force, &apply_options(job)).map_err(|e| engine_error(e, &format!("Disk restore failed for {}", disks.join(", "))))?;
     for o in &outputs {
         let size = std::fs::metadata(&o.final_path).map(|m| m.len()).unwrap_or(0);
@@ -185,7 +185,7 @@ pub fn run_disk_in_place(job: &Job<'_>, requested: &[String]) -> Result<Outcome,
         job.log.info("restore_disk", &format!("── Restoring {d} [{}/{total}] ──", i + 1));
         let name = p.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| d.clone());
         let o = PredictedOutput { disk: d.clone(), source: Some(p.display().to_string()), file_name: name, final_path: p.clone() };
-        let result = plan_outputs(job.set, t, std::slice::from_ref(&o))
+        let result = plan_outputs(job.set, t, std::slice::from_ref(&o), job.point == super::PointRequest::Latest)
             .and_then(|jobs| swap_in(jobs, p, job))
             .map_err(|e| engine_error(e, &format!("Disk restore failed for {d}")));
         match result {

@@ -59,7 +59,7 @@ fn restore_path<'a>(job: &'a Job<'_>) -> Result<&'a Path, AppError> {
 /// Writes the disks (engine), logging each result. `replace`: `--force` allowed
 /// replacing existing final files.
 fn write_disks(job: &Job<'_>, t: u32, outputs: &[PredictedOutput], replace: bool) -> Result<Vec<(String, PathBuf, ImageFormat)>, AppError> {
-    let jobs = plan_outputs(job.set, t, outputs).map_err(|e| engine_error(e, "Disk restore failed"))?;
+    let jobs = plan_outputs(job.set, t, outputs, job.point == super::PointRequest::Latest).map_err(|e| engine_error(e, "Disk restore failed"))?;
     let mut written = Vec::new();
     for j in &jobs {
         if j.default_options && j.format == ImageFormat::Qcow2 {
