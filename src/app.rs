@@ -48,7 +48,7 @@ pub fn run(argv: &[String], env: &Env) -> Result<ExitStatus, AppError> {
             write_stdout(&format!("{}\n", cli::version()));
             return Ok(ExitStatus::Ok);
         }
-        Parsed::Run(args) => args,
+        Parsed::Run(args) => *args,
     };
     // §1.3 step 3, for every mode
     let root = config::resolve_backup_root(
@@ -94,11 +94,7 @@ pub fn dispatch(req: &Request, env: &Env) -> Result<ExitStatus, AppError> {
         Request::Dump(r) => inspect(r, Inspect::Dump, env),
         Request::Restore(r) => {
             require_root(&r.root)?;
-            // The restore flow (src/cmd/restore.rs) is being written separately and is
-            // wired in here once it exists; until then restore modes fail cleanly
-            // (exit 1) after all CLI validation has run.
-            let _ = restore_header_fields(r);
-            Err(AppError::RestoreUnavailable)
+            cmd::restore::run(r, env)
         }
     }
 }

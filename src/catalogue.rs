@@ -212,3 +212,113 @@ mod tests {
         assert_eq!(iso_utc("garbage"), "garbage");
     }
 }
+
+/// One `restore_sessions` row (spec §5.4), written once per non-dry-run restore.
+#[derive(Debug, Clone, Default)]
+pub struct RestoreSession {
+    /// UTC `YYYY-MM-DD HH:MM:SS`.
+    pub start_time: String,
+    /// UTC `YYYY-MM-DD HH:MM:SS`.
+    pub end_time: String,
+    /// Whole seconds.
+    pub duration_sec: i64,
+    /// Resolved source VM name.
+    pub vm_name: String,
+    /// `dr` | `clone` | `data-only` | `disk` | `disk-extract`.
+    pub restore_mode: String,
+    /// Clone name.
+    pub target_name: Option<String>,
+    /// Data dir.
+    pub source_path: String,
+    /// Period dir name, `accumulate`, or archive chain name.
+    pub period_id: Option<String>,
+    /// As requested.
+    pub restore_point: String,
+    /// Resolved endpoint.
+    pub checkpoint: Option<i64>,
+    /// Restore path or original disk paths.
+    pub target_path: Option<String>,
+    /// Devices.
+    pub disks: Option<String>,
+    /// `--force`.
+    pub forced: bool,
+    /// `--include-incomplete`.
+    pub include_incomplete: bool,
+    /// `restored` | `failed` | `skipped` | `none`.
+    pub tpm_result: Option<String>,
+    /// `success` | `partial` | `failed` | `interrupted`.
+    pub outcome: String,
+    /// Exit code.
+    pub exit_code: i64,
+    /// Last error text.
+    pub error_message: Option<String>,
+    /// Log file.
+    pub log_file: Option<String>,
+    /// Host name.
+    pub hostname: Option<String>,
+    /// `$SUDO_USER` or the current user.
+    pub invoked_by: Option<String>,
+}
+
+const RESTORE_SESSIONS_DDL: &str = "CREATE TABLE IF NOT EXISTS restore_sessions (
+    id INTEGER PRIMARY KEY AUTOINCREMENT, start_time TEXT NOT NULL, end_time TEXT, duration_sec INTEGER,
+    vm_name TEXT NOT NULL, restore_mode TEXT NOT NULL, target_name TEXT, source_path TEXT NOT NULL,
+    period_id TEXT, restore_point TEXT, checkpoint INTEGER, target_path TEXT, disks TEXT,
+    forced INTEGER DEFAULT 0, include_incomplete INTEGER DEFAULT 0, tpm_result TEXT, outcome TEXT NOT NULL,
+    exit_code INTEGER NOT NULL, error_message TEXT, log_file TEXT, hostname TEXT, invoked_by TEXT,
+    vmrestore_version TEXT, created_at TEXT DEFAULT CURRENT_TIMESTAMP);
+CREATE INDEX IF NOT EXISTS idx_restore_sessions_vm ON restore_sessions(vm_name);
+CREATE INDEX IF NOT EXISTS idx_restore_sessions_start ON restore_sessions(start_time);";
+
+/// Appends one `restore_sessions` row to an existing catalogue (never creates the
+/// database). The table is created if missing; only columns that exist are
+/// written, so a vmbackup-created variant of the table is tolerated. One
+/// transaction. `Err` carries the reason for the single WARN.
+pub fn record_restore(state_root: &Path, row: &RestoreSession) -> Result<(), String> {
+    let path = db_path(state_root);
+    if !path.is_file() {
+        return Err("no catalogue database".into());
+    }
+    let mut conn = Connection::open_with_flags(&path, OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX)
+        .map_err(|e| e.to_string())?;
+    conn.busy_timeout(Duration::from_millis(5000)).map_err(|e| e.to_string())?;
+    let tx = conn.transaction().map_err(|e| e.to_string())?;
+    tx.execute_batch(RESTORE_SESSIONS_DDL).map_err(|e| e.to_string())?;
+    let existing: Vec<String> = {
+        let mut st = tx.prepare("SELECT name FROM pragma_table_info('restore_sessions')").map_err(|e| e.to_string())?;
+        let names = st.query_map([], |r| r.get::<_, String>(0)).map_err(|e| e.to_string())?;
+        names.collect::<rusqlite::Result<Vec<_>>>().map_err(|e| e.to_string())?
+    };
+    use rusqlite::types::Value;
+    let opt = |v: &Option<String>| v.clone().map_or(Value::Null, Value::Text);
+    let cols: Vec<(&str, Value)> = vec![
+        ("start_time", Value::Text(row.start_time.clone())),
+        ("end_time", Value::Text(row.end_time.clone())),
+        ("duration_sec", Value::Integer(row.duration_sec)),
+        ("vm_name", Value::Text(row.vm_name.clone())),
+        ("restore_mode", Value::Text(row.restore_mode.clone())),
+        ("target_name", opt(&row.target_name)),
+        ("source_path", Value::Text(row.source_path.clone())),
+        ("period_id", opt(&row.period_id)),
+        ("restore_point", Value::Text(row.restore_point.clone())),
+        ("checkpoint", row.checkpoint.map_or(Value::Null, Value::Integer)),
+        ("target_path", opt(&row.target_path)),
+        ("disks", opt(&row.disks)),
+        ("forced", Value::Integer(i64::from(row.forced))),
+        ("include_incomplete", Value::Integer(i64::from(row.include_incomplete))),
+        ("tpm_result", opt(&row.tpm_result)),
+        ("outcome", Value::Text(row.outcome.clone())),
+        ("exit_code", Value::Integer(row.exit_code)),
+        ("error_message", opt(&row.error_message)),
+        ("log_file", opt(&row.log_file)),
+        ("hostname", opt(&row.hostname)),
+        ("invoked_by", opt(&row.invoked_by)),
+        ("vmrestore_version", Value::Text(env!("CARGO_PKG_VERSION").to_owned())),
+    ];
+    let cols: Vec<(&str, Value)> = cols.into_iter().filter(|(c, _)| existing.iter().any(|e| e == c)).collect();
+    let names: Vec<&str> = cols.iter().map(|(c, _)| *c).collect();
+    let marks: Vec<&str> = cols.iter().map(|_| "?").collect();
+    let sql = format!("INSERT INTO restore_sessions ({}) VALUES ({})", names.join(", "), marks.join(", "));
+    tx.execute(&sql, rusqlite::params_from_iter(cols.into_iter().map(|(_, v)| v))).map_err(|e| e.to_string())?;
+    tx.commit().map_err(|e| e.to_string())
+}

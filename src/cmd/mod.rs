@@ -5,6 +5,7 @@
 pub mod dump;
 pub mod list;
 pub mod points;
+pub mod restore;
 pub mod verify;
 
 use std::io::Write;

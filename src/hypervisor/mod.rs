@@ -153,3 +153,63 @@ mod tests {
         assert_eq!(pool_for(&pools, std::path::Path::new("/srv")), None);
     }
 }
+
+/// Used when no libvirt connection can be made and the mode does not need one
+/// (data-only restore, disk extract): no domains, no disks, no pools. Anything that
+/// would change libvirt fails.
+#[derive(Debug, Clone)]
+pub struct Offline {
+    /// Why there is no connection (reported on use).
+    pub reason: String,
+}
+
+impl Offline {
+    fn no(&self, op: &str) -> HvError {
+        HvError { op: op.to_owned(), message: format!("no libvirt connection ({})", self.reason) }
+    }
+}
+
+impl Hypervisor for Offline {
+    fn uri(&self) -> &str {
+        ""
+    }
+    fn lookup(&self, _: &str) -> HvResult<Option<DomainInfo>> {
+        Ok(None)
+    }
+    fn domains(&self) -> HvResult<Vec<DomainInfo>> {
+        Ok(Vec::new())
+    }
+    fn xml(&self, name: &str, _: bool) -> HvResult<String> {
+        Err(self.no(&format!("dumpxml {name}")))
+    }
+    fn define(&self, _: &str) -> HvResult<DomainInfo> {
+        Err(self.no("define"))
+    }
+    fn undefine(&self, name: &str) -> HvResult<Undefined> {
+        Err(self.no(&format!("undefine {name}")))
+    }
+    fn undefine_keep_nvram(&self, name: &str) -> HvResult<()> {
+        Err(self.no(&format!("undefine {name}")))
+    }
+    fn start(&self, name: &str) -> HvResult<()> {
+        Err(self.no(&format!("start {name}")))
+    }
+    fn destroy(&self, name: &str) -> HvResult<()> {
+        Err(self.no(&format!("destroy {name}")))
+    }
+    fn live_disks(&self) -> HvResult<Vec<LiveDisk>> {
+        Err(self.no("list disks"))
+    }
+    fn active_pools(&self) -> HvResult<Vec<Pool>> {
+        Ok(Vec::new())
+    }
+    fn refresh_pool(&self, name: &str) -> HvResult<()> {
+        Err(self.no(&format!("pool-refresh {name}")))
+    }
+    fn checkpoints(&self, _: &str) -> HvResult<Vec<String>> {
+        Ok(Vec::new())
+    }
+    fn set_autostart(&self, name: &str, _: bool) -> HvResult<()> {
+        Err(self.no(&format!("autostart {name}")))
+    }
+}

@@ -332,6 +332,7 @@ fn write_disk(
     // (offset, len, xxh3, all-zero) of everything written, for the read-back.
     let mut written: Vec<(u64, u64, u64, bool)> = Vec::new();
     let mut done = 0u64;
+    let mut reported = u64::MAX;
     let mut last_report = Instant::now();
     while let Some(c) = rx.blocking_recv() {
         if abort.is_cancelled() || opts.cancel.is_cancelled() {
@@ -366,6 +367,7 @@ fn write_disk(
                     done,
                     total,
                 });
+                reported = done;
                 last_report = Instant::now();
             }
         }
@@ -380,7 +382,7 @@ fn write_disk(
         rep.readback_verified = true;
     }
     target.finish()?;
-    if let Some(p) = &opts.progress {
+    if let (Some(p), false) = (&opts.progress, reported == done) {
         p(&Progress {
             disk: disk.clone(),
             done,
