@@ -86,7 +86,7 @@ pub enum Parsed {
     /// `--version`/`-V`: print [`version`], exit 0.
     Version,
     /// Anything else.
-    Run(Args),
+    Run(Box<Args>),
 }
 
 /// A usage error from the token loop (exit 7).
@@ -353,7 +353,7 @@ pub fn parse(argv: &[String]) -> Result<Parsed, UsageError> {
         args.apply(flag.id, value);
         i += 1;
     }
-    Ok(Parsed::Run(args))
+    Ok(Parsed::Run(Box::new(args)))
 }
 
 /// The `--help` text (spec §1.4), generated from [`FLAGS`].
@@ -365,8 +365,8 @@ pub fn usage() -> String {
         env!("CARGO_PKG_VERSION")
     );
     s.push_str(
-        "Native restore engine: reads virtnbdbackup chains directly; it no longer wraps\n\
-         virtnbdrestore, virsh or qemu-img.\n\n\
+        "Native restore engine: reads virtnbdbackup chains directly and restores them\n\
+         in-process; it no longer wraps virtnbdrestore (nor virsh or qemu-img).\n\n\
          USAGE:\n\
          \x20 vmrestore --vm <name|path> --restore-path <dir> [options]     restore a VM\n\
          \x20 vmrestore --vm <name|path> --disk <dev[,dev...]|all> [options] restore disks\n\
@@ -456,7 +456,7 @@ mod tests {
 
     fn args(a: &[&str]) -> Args {
         match run(a) {
-            Ok(Parsed::Run(args)) => args,
+            Ok(Parsed::Run(args)) => *args,
             other => panic!("{a:?} gave {other:?}"),
         }
     }
@@ -475,7 +475,7 @@ mod tests {
             assert!(u.contains(f.long), "{} missing from --help", f.long);
         }
         assert!(u.starts_with(&format!("vmrestore v{}", env!("CARGO_PKG_VERSION"))));
-        assert!(u.contains("no longer wraps"));
+        assert!(u.contains("no longer wraps virtnbdrestore"));
         for s in [
             "RESTORE:",
             "CONTROL:",

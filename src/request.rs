@@ -331,7 +331,7 @@ mod tests {
 
     fn req(a: &[&str], facts: &Facts) -> Result<Request, AppError> {
         match parse(&a.iter().map(|s| (*s).to_owned()).collect::<Vec<_>>()) {
-            Ok(Parsed::Run(args)) => build(args, root(), facts),
+            Ok(Parsed::Run(args)) => build(*args, root(), facts),
             other => panic!("{other:?}"),
         }
     }
@@ -358,7 +358,7 @@ mod tests {
         ])
         .starts_with("--disk and --name"));
         // statement 10
-        for bad in ["foo", "-1", "3abc", ""] {
+        for bad in ["foo", "-1", "3abc", "+3", " 3"] {
             assert_eq!(
                 usage(&["--list", "--restore-point", bad]),
                 format!("Invalid restore point: {bad} (use latest, full, or number)")

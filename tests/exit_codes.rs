@@ -1,0 +1,152 @@
+//! One test per row of the exit-code table (spec §8, STYLE §2) that is reachable
+//! without a restore. Rows 3 (lock) and 8 (dependency) only exist in restore modes.
+
+mod clisupport;
+
+use std::fs;
+use std::process::Stdio;
+use std::time::Duration;
+
+use clisupport::{Fixture, Scratch};
+use vmrestore::error::ExitStatus;
+
+fn code(args: &[&str]) -> Option<i32> {
+    Scratch::new().run(args).code
+}
+
+#[test]
+fn row_0_ok() {
+    let fx = Fixture::shared();
+    let _g = fx.guard();
+    assert_eq!(
+        code(&["--list", "--backup-path", &fx.root_str()]),
+        Some(ExitStatus::Ok.code().into())
+    );
+    assert_eq!(code(&["--version"]), Some(0));
+}
+
+// Exit 1 is what a restore returns while this build has no restore flow wired in;
+// once it is, the run goes on to the restore checks and this row no longer applies.
+#[test]
+fn row_1_general() {
+    let fx = Fixture::shared();
+    let s = Scratch::new();
+    let out = s.dir.path().join("restore").display().to_string();
+    let r = s.run(&[
+        "--backup-path",
+        &fx.root_str(),
+        "--vm",
+        "nosuch",
+        "--restore-path",
+        &out,
+        "--dry-run",
+        "--connect",
+        "test:///default",
+    ]);
+    if r.stderr
+        .contains("restore modes are not available in this build")
+    {
+        assert_eq!(r.code, Some(ExitStatus::General.code().into()));
+    } else {
+        eprintln!("restore flow is wired in; row 1 is covered by the restore tests");
+    }
+}
+
+#[test]
+fn row_2_config() {
+    assert_eq!(code(&["--list"]), Some(ExitStatus::Config.code().into()));
+    assert_eq!(code(&["--list", "--config-instance", "nope"]), Some(2));
+}
+
+#[test]
+fn row_4_storage() {
+    assert_eq!(
+        code(&["--list", "--backup-path", "/does/not/exist"]),
+        Some(ExitStatus::Storage.code().into())
+    );
+    assert_eq!(
+        code(&["--verify", "x", "--backup-path", "/does/not/exist"]),
+        Some(4)
+    );
+}
+
+#[test]
+fn row_5_vm() {
+    let fx = Fixture::shared();
+    assert_eq!(
+        code(&[
+            "--list-restore-points",
+            "nosuch",
+            "--backup-path",
+            &fx.root_str()
+        ]),
+        Some(ExitStatus::Vm.code().into())
+    );
+    assert_eq!(
+        code(&["--dump", "nosuch", "--backup-path", &fx.root_str()]),
+        Some(5)
+    );
+}
+
+#[test]
+fn row_6_engine() {
+    let fx = Fixture::shared();
+    let _g = fx.guard();
+    let r = Scratch::new().run(&[
+        "--verify",
+        "rc-damage",
+        "--period",
+        "20260515",
+        "--backup-path",
+        &fx.root_str(),
+    ]);
+    assert_eq!(r.code, Some(ExitStatus::Engine.code().into()));
+}
+
+#[test]
+fn row_7_usage() {
+    assert_eq!(code(&["--bogus"]), Some(ExitStatus::Usage.code().into()));
+    assert_eq!(code(&["--vm"]), Some(7));
+}
+
+// Rows 130 and 143: SIGINT / SIGTERM during a long verify (a sparse 64 GiB file).
+#[test]
+fn row_130_143_signals() {
+    for (sig, status) in [
+        (nix::sys::signal::Signal::SIGINT, ExitStatus::Signal(2)),
+        (nix::sys::signal::Signal::SIGTERM, ExitStatus::Signal(15)),
+    ] {
+        let s = Scratch::new();
+        let dir = s.dir.path().join("bk/big/20260101");
+        fs::create_dir_all(&dir).expect("mkdir");
+        let f = fs::File::create(dir.join("vda.full.data")).expect("create");
+        f.set_len(64 << 30).expect("sparse 64 GiB");
+        fs::write(dir.join("vda.full.data.chksum"), "1").expect("chksum");
+        let child = s
+            .command(&[
+                "--backup-path",
+                &s.dir.path().join("bk").display().to_string(),
+                "--verify",
+                "big",
+            ])
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn");
+        std::thread::sleep(Duration::from_millis(700));
+        let pid = nix::unistd::Pid::from_raw(i32::try_from(child.id()).expect("pid"));
+        nix::sys::signal::kill(pid, sig).expect("kill");
+        let out = child.wait_with_output().expect("wait");
+        let want = i32::from(status.code());
+        assert_eq!(
+            out.status.code(),
+            Some(want),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let logs = s.logs();
+        let text = fs::read_to_string(&logs[0]).expect("log");
+        assert!(text.contains(&format!("Exit Status:  {want}\n")), "{text}");
+        assert!(String::from_utf8_lossy(&out.stderr).contains("Interrupted by signal"));
+    }
+}
