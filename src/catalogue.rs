@@ -58,6 +58,20 @@ pub fn iso_utc(stored: &str) -> String {
     t.to_owned()
 }
 
+/// Percent-encodes a path for an SQLite `file:` URI.
+fn uri_path(p: &Path) -> String {
+    use std::os::unix::ffi::OsStrExt;
+    let mut out = String::new();
+    for &b in p.as_os_str().as_bytes() {
+        if b.is_ascii_alphanumeric() || b"/-._~".contains(&b) {
+            out.push(char::from(b));
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
 /// A read-only connection to an existing catalogue.
 #[derive(Debug)]
 pub struct Catalogue {
@@ -67,16 +81,31 @@ pub struct Catalogue {
 impl Catalogue {
     /// Opens `<state root>/_state/vmbackup.db` read-only; `None` when it does not
     /// exist or cannot be opened.
+    ///
+    /// A plain read-only open of a WAL database makes SQLite create the `-wal` and
+    /// `-shm` side files when they are missing, which a listing must not do. When
+    /// there is no WAL content (no `-wal`, or an empty one) the main file holds
+    /// everything and is opened with `immutable=1`, which creates nothing; when a
+    /// writer's files are present the normal read-only open (with locking) is used.
     pub fn open_read_only(state_root: &Path) -> Option<Self> {
         let path = db_path(state_root);
         if !path.is_file() {
             return None;
         }
-        let conn = Connection::open_with_flags(
-            &path,
-            OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
-        )
-        .ok()?;
+        let side = |suffix: &str| {
+            let mut p = path.clone().into_os_string();
+            p.push(suffix);
+            PathBuf::from(p)
+        };
+        let wal_len = std::fs::metadata(side("-wal")).map(|m| m.len()).ok();
+        let shm = side("-shm").is_file();
+        let flags = OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX;
+        let conn = if (wal_len.is_some() && shm) || wal_len.unwrap_or(0) > 0 {
+            Connection::open_with_flags(&path, flags).ok()?
+        } else {
+            let uri = format!("file:{}?immutable=1", uri_path(&path));
+            Connection::open_with_flags(uri, flags | OpenFlags::SQLITE_OPEN_URI).ok()?
+        };
         conn.busy_timeout(Duration::from_millis(5000)).ok()?;
         Some(Self { conn })
     }
@@ -189,6 +218,25 @@ mod tests {
             "Chains: 0 active, 0 broken, last backup 2026-01-02T03:04:05Z"
         );
         assert!(!h.contains_key("third"));
+    }
+
+    #[test]
+    fn listing_creates_no_side_files() {
+        let d = tempfile::tempdir().expect("tempdir");
+        db(d.path(), &format!("{SCHEMA} PRAGMA journal_mode=WAL; INSERT INTO chain_health (vm_name, period_id, chain_location) VALUES ('a b%?#', 'p', 'x');"));
+        let state = d.path().join("_state");
+        for f in ["vmbackup.db-wal", "vmbackup.db-shm"] {
+            let _ = std::fs::remove_file(state.join(f));
+        }
+        let h = list_health(d.path());
+        assert_eq!(h["a b%?#"].active, 1);
+        let mut names: Vec<String> = std::fs::read_dir(&state)
+            .expect("dir")
+            .map(|e| e.expect("e").file_name().to_string_lossy().into_owned())
+            .collect();
+        names.sort();
+        assert_eq!(names, ["vmbackup.db"]);
+        assert_eq!(uri_path(Path::new("/a b/%?#")), "/a%20b/%25%3F%23");
     }
 
     #[test]

@@ -4,6 +4,7 @@
 mod clisupport;
 
 use std::fs;
+use std::os::unix::fs::PermissionsExt;
 use std::process::Stdio;
 use std::time::Duration;
 
@@ -25,31 +26,32 @@ fn row_0_ok() {
     assert_eq!(code(&["--version"]), Some(0));
 }
 
-// Exit 1 is what a restore returns while this build has no restore flow wired in;
-// once it is, the run goes on to the restore checks and this row no longer applies.
+// Exit 1: an unexpected I/O failure. Without a restore it needs an unreadable
+// directory, which permissions cannot produce for root; as root this row is
+// only reachable through the restore flow (covered by its own tests).
 #[test]
 fn row_1_general() {
-    let fx = Fixture::shared();
-    let s = Scratch::new();
-    let out = s.dir.path().join("restore").display().to_string();
-    let r = s.run(&[
-        "--backup-path",
-        &fx.root_str(),
-        "--vm",
-        "nosuch",
-        "--restore-path",
-        &out,
-        "--dry-run",
-        "--connect",
-        "test:///default",
-    ]);
-    if r.stderr
-        .contains("restore modes are not available in this build")
-    {
-        assert_eq!(r.code, Some(ExitStatus::General.code().into()));
-    } else {
-        eprintln!("restore flow is wired in; row 1 is covered by the restore tests");
+    if nix::unistd::geteuid().is_root() {
+        eprintln!("running as root: no unreadable directory possible; row 1 not reachable without a restore");
+        return;
     }
+    let s = Scratch::new();
+    let root = clisupport::prepare_backups(s.dir.path());
+    let cp = root.join("rc-acc-files/checkpoints");
+    fs::set_permissions(&cp, fs::Permissions::from_mode(0o000)).expect("chmod");
+    let r = s.run(&[
+        "--dump",
+        "rc-acc-files",
+        "--backup-path",
+        &root.display().to_string(),
+    ]);
+    fs::set_permissions(&cp, fs::Permissions::from_mode(0o755)).expect("chmod back");
+    assert_eq!(
+        r.code,
+        Some(ExitStatus::General.code().into()),
+        "{}",
+        r.stderr
+    );
 }
 
 #[test]

@@ -520,3 +520,28 @@ fn json_listings() {
     assert_eq!(sec["restore_points"][3]["incomplete"], true);
     assert_eq!(sec["restore_points"][0]["date"], "2026-03-02 07:00:00");
 }
+
+// 41, 59: the listings create no file at all, not even SQLite's -wal/-shm beside the
+// catalogue (the fixture's WAL side files are removed first).
+#[test]
+fn listings_create_no_files() {
+    let s = Scratch::new();
+    let root = prepare_backups(s.dir.path());
+    for f in ["vmbackup.db-wal", "vmbackup.db-shm"] {
+        fs::remove_file(root.join("_state").join(f)).expect("rm side file");
+    }
+    let files = |d: &Path| -> Vec<String> {
+        let mut v: Vec<String> = fs::read_dir(d)
+            .expect("dir")
+            .map(|e| e.expect("e").file_name().to_string_lossy().into_owned())
+            .collect();
+        v.sort();
+        v
+    };
+    let before = (files(&root.join("_state")), tree_hash(&root));
+    let rs = root.display().to_string();
+    assert!(list(&rs).stdout.contains("Chains:"));
+    assert_eq!(points(&rs, "rc-long", &[]).code, Some(0));
+    assert_eq!((files(&root.join("_state")), tree_hash(&root)), before);
+    assert!(s.logs().is_empty());
+}
