@@ -11,5 +11,8 @@ out=$(mktemp -d /tmp/vmrestore-demo.XXXXXX)
 set -x
 "$bin" --list --backup-path "$root"
 "$bin" --list-restore-points rc-shrink --backup-path "$root"
+# data-only restore of restore point 2 (three disks; one was removed later in the chain)
 LOG_DIR="$out/logs" "$bin" --vm rc-shrink --backup-path "$root" --restore-path "$out/rc-shrink" --restore-point 2 --skip-config
-ls -ls "$out/rc-shrink"
+# disaster recovery of a three-disk VM into libvirt's in-process test driver
+LOG_DIR="$out/logs" "$bin" --connect test:///default --vm rc-multi-sql --backup-path "$root" --restore-path "$out/rc-multi-sql"
+ls -ls "$out/rc-shrink" "$out/rc-multi-sql"
