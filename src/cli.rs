@@ -356,6 +356,28 @@ pub fn parse(argv: &[String]) -> Result<Parsed, UsageError> {
     Ok(Parsed::Run(Box::new(args)))
 }
 
+/// Width of the help-text column (33 + 46 keeps `--help` within 80 columns).
+const HELP_WIDTH: usize = 46;
+
+/// Greedy word wrap of a help text (its own line breaks are treated as spaces).
+fn wrap(text: &str, width: usize) -> Vec<String> {
+    let mut lines: Vec<String> = Vec::new();
+    let mut cur = String::new();
+    for word in text.split_whitespace() {
+        if !cur.is_empty() && cur.len() + 1 + word.len() > width {
+            lines.push(std::mem::take(&mut cur));
+        }
+        if !cur.is_empty() {
+            cur.push(' ');
+        }
+        cur.push_str(word);
+    }
+    if !cur.is_empty() {
+        lines.push(cur);
+    }
+    lines
+}
+
 /// The `--help` text (spec §1.4), generated from [`FLAGS`].
 pub fn usage() -> String {
     let mut s = String::new();
@@ -393,8 +415,9 @@ pub fn usage() -> String {
                 head.push(' ');
                 head.push_str(f.value_name);
             }
-            let mut lines = f.help.lines();
-            let first = lines.next().unwrap_or_default();
+            let wrapped = wrap(f.help, HELP_WIDTH);
+            let mut lines = wrapped.iter();
+            let first = lines.next().map(String::as_str).unwrap_or_default();
             if head.len() <= 30 {
                 let _ = writeln!(s, "  {head:<30} {first}");
             } else {
@@ -407,11 +430,11 @@ pub fn usage() -> String {
     }
     s.push_str(
         "\nENVIRONMENT:\n\
-         \x20 VMBACKUP_INSTANCE              config instance when --config-instance is not given\n\
-         \x20 LOG_DIR                        directory for the per-run log of restore, --verify\n\
-         \x20                                and --dump (default /var/log/vmrestore)\n\
+         \x20 VMBACKUP_INSTANCE              instance when --config-instance is not given\n\
+         \x20 LOG_DIR                        log directory of restore, --verify, --dump\n\
+         \x20                                (default /var/log/vmrestore)\n\
          \x20 LIBVIRT_DEFAULT_URI            default for --connect\n\
-         \x20 VMRESTORE_CONFIG_ROOT          replaces /opt/vmbackup/config (tests, packaging)\n\
+         \x20 VMRESTORE_CONFIG_ROOT          replaces /opt/vmbackup/config (tests)\n\
          \nEXIT CODES:\n\
          \x20 0 ok  1 general  2 config  3 lock  4 storage  5 VM/backup  6 engine/verify\n\
          \x20 7 usage  8 dependency  130 SIGINT  143 SIGTERM\n\
@@ -421,7 +444,8 @@ pub fn usage() -> String {
          \x20 # Clone with a new identity\n\
          \x20 vmrestore --vm my-vm --name test-clone --restore-path /var/lib/libvirt/images\n\
          \x20 # Point in time: restore point 3 of week 10\n\
-         \x20 vmrestore --vm my-vm --period 2026-W10 --restore-point 3 --restore-path /srv/restore\n\
+         \x20 vmrestore --vm my-vm --period 2026-W10 --restore-point 3 \\\n\
+         \x20     --restore-path /srv/restore\n\
          \x20 # Period restore (daily policy)\n\
          \x20 vmrestore --vm my-vm --period 20260302 --restore-path /srv/restore\n\
          \x20 # Replace disks in place (VM shut off): one, several, all\n\
@@ -432,7 +456,8 @@ pub fn usage() -> String {
          \x20 vmrestore --vm my-vm --disk vdb --restore-path /tmp/extract\n\
          \x20 vmrestore --vm my-vm --disk vdb --restore-point 2 --restore-path /tmp/extract\n\
          \x20 # Restore from an archived chain (path-aware --vm)\n\
-         \x20 vmrestore --vm /mnt/backups/vm/my-vm/2026-W09/.archives/chain-2026-02-28 --restore-path /tmp/r\n\
+         \x20 vmrestore --vm /mnt/bk/my-vm/2026-W09/.archives/chain-2026-02-28 \\\n\
+         \x20     --restore-path /tmp/r\n\
          \x20 # Data only, no VM definition\n\
          \x20 vmrestore --vm my-vm --restore-path /tmp/restore --skip-config\n\
          \x20 # Preview\n\
@@ -485,6 +510,11 @@ mod tests {
         ] {
             assert!(u.contains(s), "{s}");
         }
+        // the whole text fits in 80 columns
+        for l in u.lines() {
+            assert!(l.chars().count() <= 80, "{l}");
+        }
+        assert_eq!(wrap("a b\nccc dd", 5), ["a b", "ccc", "dd"]);
     }
 
     #[test]
