@@ -172,6 +172,15 @@ for variant in $VARIANTS; do
                 esac
             done
         done
+        # c' must restore to exactly c's final content.
+        if [ "$case" = c ] && [[ " $CASES " == *" c1 "* ]]; then
+            mv "$WORK/final.raw" "$WORK/final-c-$variant.raw"
+        elif [ "$case" = c1 ] && [ -f "$WORK/final-c-$variant.raw" ]; then
+            qemu-img compare -q -f raw -F raw "$WORK/final-c-$variant.raw" "$WORK/final.raw" \
+                || { echo "c1 does not hold c's final content" >&2; exit 1; }
+            echo "  (c1 and c restore to identical content)"
+            rm -f "$WORK/final-c-$variant.raw"
+        fi
         [ "$KEEP" = 1 ] || rm -rf "$chain" "$WORK/final.raw"
     done
 done

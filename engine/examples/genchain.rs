@@ -16,8 +16,8 @@
 //!   of ~100 MiB each in extents of 64 KiB–1 MiB at random places.
 //! - `b`:  4 GiB disk, the same full, then 29 incrementals (30 points) that each
 //!   rewrite the same hot 100 MiB (100 extents of 1 MiB).
-//! - `c`:  4 GiB disk, full with 256 MiB, then 365 incrementals of ~1 MiB each
-//!   (4 extents of 256 KiB at random places; the data accumulates).
+//! - `c`:  4 GiB disk, full with 256 MiB, then 365 incrementals of 1 MiB each
+//!   (extents of 64–256 KiB at random places; the data accumulates).
 //! - `c1`: one full backup with the final content of `c` (c').
 //! - `d`:  64 MiB disk, full with 1 MiB and 2 incrementals of 512 KiB (a 2 MiB chain).
 //!
@@ -136,7 +136,9 @@ fn scattered(rng: &mut Rng, disk: u64, bytes: u64, max: u64) -> Vec<u64> {
 }
 
 fn layout(case: &str, seed: u64) -> Layout {
-    let mut rng = Rng::new(seed ^ case.bytes().fold(0u64, |a, b| a * 131 + u64::from(b)));
+    // c1 must have c's content: same layout, same seed.
+    let key = if case == "c1" { "c" } else { case };
+    let mut rng = Rng::new(seed ^ key.bytes().fold(0u64, |a, b| a * 131 + u64::from(b)));
     match case {
         "a" => {
             let disk = 4 * GIB;
@@ -164,7 +166,7 @@ fn layout(case: &str, seed: u64) -> Layout {
             let disk = 4 * GIB;
             let mut steps = vec![full_layout(&mut rng, disk, 256 * MIB, 256)];
             for _ in 0..365 {
-                steps.push(scattered(&mut rng, disk, MIB, 4).into_iter().collect());
+                steps.push(scattered(&mut rng, disk, MIB, 4));
             }
             Layout { disk, steps }
         }

@@ -9,7 +9,7 @@
 #![allow(dead_code)]
 
 use std::fs::File;
-use std::io::{self, BufWriter};
+use std::io::{self, BufReader, BufWriter, Read, Seek, SeekFrom};
 use std::path::Path;
 
 use nbdfmt::writer::{StreamOptions, StreamWriter};
@@ -232,4 +232,43 @@ pub fn bench_tempdir(tag: &str) -> tempfile::TempDir {
         .prefix(&format!("vmrestore-bench-{tag}-"))
         .tempdir_in(base)
         .expect("cannot create a temporary directory for benchmark inputs")
+}
+
+/// A `BufReader` whose absolute seeks become relative ones, so a seek that lands inside
+/// the buffer keeps it (no syscall, no refill). This is what `nbdfmt::reader::read_at`
+/// would do if it used `Seek::seek_relative` from the reader's known position instead of
+/// `seek(SeekFrom::Start(..))`, which makes `BufReader` drop its buffer on every header.
+#[derive(Debug)]
+pub struct RelSeek<R> {
+    inner: BufReader<R>,
+    pos: u64,
+}
+
+impl<R: Read + Seek> RelSeek<R> {
+    /// Wraps `r` (positioned at 0) with a buffer of `cap` bytes.
+    pub fn new(cap: usize, r: R) -> Self {
+        Self { inner: BufReader::with_capacity(cap, r), pos: 0 }
+    }
+}
+
+impl<R: Read + Seek> Read for RelSeek<R> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        self.pos += n as u64;
+        Ok(n)
+    }
+}
+
+impl<R: Read + Seek> Seek for RelSeek<R> {
+    fn seek(&mut self, to: SeekFrom) -> io::Result<u64> {
+        match to {
+            SeekFrom::Start(x) => {
+                let delta = i64::try_from(x).map_err(io::Error::other)? - i64::try_from(self.pos).map_err(io::Error::other)?;
+                self.inner.seek_relative(delta)?;
+                self.pos = x;
+            }
+            other => self.pos = self.inner.seek(other)?,
+        }
+        Ok(self.pos)
+    }
 }
