@@ -198,12 +198,33 @@ fn open_stream_file(path: PathBuf, disk: String, level: StreamLevel, meta: &fs::
         if !looks_like_stream(&first[..n]) && level == StreamLevel::Copy && n == 5 {
             return Ok(StreamContent::RawImage);
         }
-        let m = read_meta(f).map_err(|e| e.in_file(&path))?;
+        let mut f = f;
+        let m = read_meta(&mut f).map_err(|e| e.in_file(&path))?;
+        check_tail(&mut f, &m).map_err(|e| e.in_file(&path))?;
         Ok(StreamContent::Stream(m))
     })()
     .unwrap_or_else(StreamContent::Unreadable);
     let has_chksum = crate::checksum::chksum_path(&path).is_file();
     StreamFile { disk, level, size: meta.len(), mtime: meta.modified().ok(), has_chksum, content, path }
+}
+
+/// A cheap end-of-file check: a complete stream ends with its `stop` header
+/// (uncompressed) or its `comp` header (compressed). Catches truncated files at scan
+/// time, before any restore reads them.
+fn check_tail(f: &mut File, meta: &StreamMeta) -> Result<()> {
+    use std::io::{Seek, SeekFrom};
+    use crate::frame::{FrameHeader, FrameKind, HEADER_LEN};
+    let size = f.seek(SeekFrom::End(0)).map_err(io_at(0))?;
+    let at = size.saturating_sub(HEADER_LEN as u64);
+    let mut buf = [0u8; HEADER_LEN];
+    f.seek(SeekFrom::Start(at)).map_err(io_at(at))?;
+    let n = f.read(&mut buf).map_err(io_at(at))?;
+    let want = if meta.is_compressed() { FrameKind::Comp } else { FrameKind::Stop };
+    let truncated = || Error::new(ErrorKind::Truncated { offset: at, expected: want.as_str() });
+    match FrameHeader::parse(&buf[..n], at) {
+        Ok(h) if h.kind == want => Ok(()),
+        _ => Err(truncated()),
+    }
 }
 
 impl BackupSet {

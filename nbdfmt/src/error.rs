@@ -33,6 +33,14 @@ pub enum ErrorKind {
         /// Bytes that were there.
         got: usize,
     },
+    /// The file does not end with the header a complete stream ends with.
+    #[error("truncated stream: the last 40 bytes (at byte {offset}) are not the final {expected} header")]
+    Truncated {
+        /// Where the final header should be.
+        offset: u64,
+        /// `stop` or `comp`.
+        expected: &'static str,
+    },
     /// The 40 bytes are not `kind SP hex16 SP hex16 CRLF`.
     #[error("invalid frame header at byte {offset} ({reason}): {found:?}")]
     BadHeader {
@@ -271,6 +279,7 @@ impl Error {
         match &self.kind {
             K::Io { offset, .. }
             | K::TruncatedHeader { offset, .. }
+            | K::Truncated { offset, .. }
             | K::BadHeader { offset, .. }
             | K::UnknownKind { offset, .. }
             | K::UnexpectedFrame { offset, .. }

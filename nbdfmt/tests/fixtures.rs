@@ -209,6 +209,10 @@ fn damaged_sets_name_the_problem() {
     assert_eq!(p.problems[0].to_string(), "missing vda.inc.virtnbdbackup.3.data");
     let s = BackupSet::scan(&b.join("20260516")).expect("scan");
     assert_eq!(s.broken_at().map(|p| p.problems[0].to_string()), Some("partial vda.inc.virtnbdbackup.2.data.partial".into()));
+    let s = BackupSet::scan(&b.join("20260513")).expect("scan");
+    let p = s.broken_at().expect("a truncated full is found at scan time");
+    assert_eq!(p.checkpoint, 0);
+    assert!(p.problems[0].to_string().contains("truncated"), "{}", p.problems[0]);
     let s = BackupSet::scan(&b.join("20260511")).expect("scan");
     assert_eq!(s.broken_at().map(|p| p.problems[0].to_string()), Some("missing vda.virtnbdbackup.2.qcow.json".into()));
     let s = BackupSet::scan(&fixtures().join("real-chains/backups/rc-shrink/202606")).expect("scan");
