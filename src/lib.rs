@@ -20,3 +20,4 @@ pub mod format;
 pub mod log;
 pub mod request;
 pub mod tree;
+pub mod progress;

@@ -144,6 +144,9 @@ pub fn run(r: &RestoreRequest, env: &Env) -> Result<ExitStatus, AppError> {
     if !r.dry_run {
         record(r, &vm, &data_dir, &state_root, &start_time, started, result.as_ref().ok(), &result.as_ref().map(|_| ()));
     }
+    if r.json {
+        json_summary(r, &vm, &data_dir, started, &result);
+    }
     let outcome = result?;
     tracing::info!(target: "restore_vm", "{}", outcome.summary);
     tracing::info!(target: "main", "====== vmrestore completed ======");
@@ -166,7 +169,7 @@ fn connect(r: &RestoreRequest) -> Result<Box<dyn Hypervisor>, AppError> {
 fn run_mode(r: &RestoreRequest, vm: &str, set: &BackupSet, cancel: Cancel) -> Result<Outcome, AppError> {
     let hv = connect(r)?;
     let reporter = TracingReporter;
-    let progress = (!r.dry_run).then(|| mode::line_progress(Arc::new(TracingReporter)));
+    let progress = if r.dry_run { None } else { crate::progress::for_restore(Arc::new(TracingReporter)) };
     let job = Job {
         vm: vm.to_owned(),
         set,
@@ -260,4 +263,35 @@ fn record(
             catalogue::db_path(state_root).display()
         );
     }
+}
+
+/// `--json`: one `vmrestore.restore/1` document on stdout (docs/json-output.md).
+fn json_summary(r: &RestoreRequest, vm: &str, data_dir: &Path, started: Instant, result: &Result<Outcome, AppError>) {
+    let (outcome, exit, error) = match result {
+        Ok(o) if o.partial => ("partial", 0, None),
+        Ok(_) => ("success", 0, None),
+        Err(AppError::Interrupted(_)) => ("interrupted", result.as_ref().err().map_or(1, |e| e.exit_status().code()), result.as_ref().err().map(ToString::to_string)),
+        Err(e) => ("failed", e.exit_status().code(), Some(e.to_string())),
+    };
+    let o = result.as_ref().ok();
+    let doc = serde_json::json!({
+        "schema": "vmrestore.restore/1",
+        "vm": vm,
+        "mode": r.mode.as_str(),
+        "dry_run": r.dry_run,
+        "clone_name": r.clone_name,
+        "source": data_dir.display().to_string(),
+        "restore_point": r.point.label(),
+        "checkpoint": o.map(|o| o.checkpoint),
+        "disks": o.map(|o| o.disks.clone()),
+        "target_path": o.map(|o| o.target_path.clone()),
+        "tpm": o.map(|o| o.tpm_result),
+        "summary": o.map(|o| o.summary.clone()),
+        "outcome": if r.dry_run && o.is_some() { "dry-run" } else { outcome },
+        "exit_code": exit,
+        "error": error,
+        "duration_sec": started.elapsed().as_secs_f64(),
+        "log_file": log::current_path().map(|p| p.display().to_string()),
+    });
+    crate::cmd::write_stdout(&format!("{}\n", serde_json::to_string_pretty(&doc).unwrap_or_default()));
 }
