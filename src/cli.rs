@@ -205,7 +205,7 @@ pub const FLAGS: &[Flag] = &[
     Flag { id: FlagId::Connect, long: "--connect", short: None, value_name: "<uri>", takes: Takes::Value("--connect requires a libvirt URI"), section: Section::Other,
         help: "libvirt connection URI (default: $LIBVIRT_DEFAULT_URI, else qemu:///system)" },
     Flag { id: FlagId::Json, long: "--json", short: None, value_name: "", takes: Takes::Nothing, section: Section::Other,
-        help: "Machine-readable output for --list, --list-restore-points, --verify and\n--dump (schemas: docs/json-output.md)" },
+        help: "Machine-readable output for --list, --list-restore-points, --verify,\n--dump and the restore summary (schemas: docs/json-output.md)" },
     Flag { id: FlagId::Help, long: "--help", short: Some("-h"), value_name: "", takes: Takes::Nothing, section: Section::Other,
         help: "Show this help and exit" },
     Flag { id: FlagId::Version, long: "--version", short: Some("-V"), value_name: "", takes: Takes::Nothing, section: Section::Other,
