@@ -11,6 +11,7 @@
 
 use crate::error::Result;
 
+pub mod nbd;
 pub mod qcow2;
 pub mod raw;
 
