@@ -14,12 +14,18 @@ WORK=$(mktemp -d /var/tmp/vmrestore-e2e.XXXXXX)
 chmod 755 "$WORK"   # qemu (libvirt-qemu) must reach restored images
 BK=$WORK/backups
 export LOG_DIR=$WORK/logs
-SCENARIOS=${E2E_SCENARIOS:-"multi uefi long shrink copy"}
+SCENARIOS=${E2E_SCENARIOS:-"fixtures multi uefi long shrink copy"}
+EXTRA_DOMAINS=()
 PASSED=()
 START=$SECONDS
 
 finish() {
     local rc=$?
+    local d
+    for d in "${EXTRA_DOMAINS[@]}"; do
+        virsh -c qemu:///system destroy "$d" >/dev/null 2>&1 || true
+        virsh -c qemu:///system undefine "$d" --nvram >/dev/null 2>&1 || virsh -c qemu:///system undefine "$d" >/dev/null 2>&1 || true
+    done
     e2e_cleanup
     [ "${KEEP:-0}" = 1 ] || rm -rf "$WORK"
     if [ $rc -eq 0 ]; then
@@ -46,6 +52,47 @@ starts() {
     sleep 1
     [ "$(virsh -c qemu:///system domstate "$1" | head -1)" = running ] || die "$1 is not running after start"
     "${VIRSH[@]}" destroy "$1" >/dev/null
+}
+
+scenario_fixtures() {
+    # the bundled real backups of a three-disk VM and of a UEFI + TPM VM: DR and clone
+    # into the real libvirtd; identity, NVRAM and TPM state checked; the domains start
+    local fx=$WORK/fixture-backups
+    mkdir -p "$fx"
+    cp -a "$ROOT_DIR/tests/fixtures/real-chains/backups/rc-multi-sql" "$ROOT_DIR/tests/fixtures/real-chains/backups/rc-uefi-tpm" "$ROOT_DIR/tests/fixtures/real-chains/backups/_state" "$fx/"
+    local vm
+    for vm in rc-multi-sql rc-uefi-tpm; do
+        if virsh -c qemu:///system dominfo "$vm" >/dev/null 2>&1; then
+            log "SKIP fixtures: a domain named $vm already exists on this host"
+            return 0
+        fi
+    done
+    EXTRA_DOMAINS+=(rc-multi-sql rc-multi-sql-clone rc-uefi-tpm rc-uefi-tpm-clone)
+    local swtpm=/var/lib/libvirt/swtpm
+    for vm in rc-multi-sql rc-uefi-tpm; do
+        local cfg uuid
+        cfg=$(ls "$fx/$vm"/*/vmconfig.virtnbdbackup.*.xml | sort -V | tail -1)
+        uuid=$(sed -n 's:.*<uuid>\(.*\)</uuid>.*:\1:p' "$cfg" | head -1)
+        vmr --vm "$vm" --backup-path "$fx" --restore-path "$WORK/fx-dr"
+        [ "$(uuid_of "$vm")" = "$uuid" ] || die "$vm: UUID not preserved"
+        local want got
+        want=$(sed -n "s:.*<mac address='\([^']*\)'.*:\1:p" "$cfg" | sort | tr '\n' ' ')
+        got=$(virsh -c qemu:///system dumpxml "$vm" | sed -n "s:.*<mac address='\([^']*\)'.*:\1:p" | sort | tr '\n' ' ')
+        [ "$want" = "$got" ] || die "$vm: MACs $got, expected $want"
+        starts "$vm"; ok "fixtures: DR of $vm into qemu:///system (UUID, MACs, starts)"
+        vmr --vm "$vm" --backup-path "$fx" --name "$vm-clone" --restore-path "$WORK/fx-clone"
+        [ "$(uuid_of "$vm-clone")" != "$uuid" ] || die "$vm-clone kept the UUID"
+        starts "$vm-clone"; ok "fixtures: clone of $vm (new identity, starts)"
+    done
+    # UEFI + TPM: the NVRAM of the restored checkpoint and vmbackup's TPM copy
+    local period; period=$(dirname "$(ls "$fx"/rc-uefi-tpm/*/vmconfig.virtnbdbackup.*.xml | sort -V | tail -1)")
+    local n; n=$(ls "$period"/rc-uefi-tpm_VARS.fd.virtnbdbackup.* | sed 's/.*\.//' | sort -n | tail -1)
+    cmp -s "$period/rc-uefi-tpm_VARS.fd.virtnbdbackup.$n" /var/lib/libvirt/qemu/nvram/rc-uefi-tpm_VARS.fd || die "NVRAM is not the checkpoint's copy"
+    [ -d "$swtpm/88551b77-adbf-56aa-950b-b773d24f7f3f/tpm2" ] || die "TPM state not restored"
+    local clone_uuid; clone_uuid=$(uuid_of rc-uefi-tpm-clone)
+    [ -d "$swtpm/$clone_uuid/tpm2" ] || die "clone TPM state not under the clone's UUID"
+    [ -f /var/lib/libvirt/qemu/nvram/rc-uefi-tpm-clone_VARS.fd ] || die "clone NVRAM"
+    ok "fixtures: rc-uefi-tpm NVRAM (checkpoint $n) and TPM state for DR and clone"
 }
 
 scenario_multi() {
