@@ -60,6 +60,8 @@ pub struct Args {
     pub config_instance: Option<String>,
     /// `--connect`.
     pub connect: Option<String>,
+    /// `--serve`.
+    pub serve: Option<String>,
     /// `--force`.
     pub force: bool,
     /// `--dry-run`.
@@ -140,6 +142,7 @@ pub enum FlagId {
     NoPreRestore,
     IncludeIncomplete,
     Connect,
+    Serve,
     Json,
     Help,
     Version,
@@ -164,7 +167,7 @@ pub struct Flag {
     pub help: &'static str,
 }
 
-/// Every flag of spec §1.2, plus `--connect` and `--json` (new in this version).
+/// Every flag of spec §1.2, plus `--connect`, `--serve` and `--json` (new in this version).
 pub const FLAGS: &[Flag] = &[
     Flag { id: FlagId::Vm, long: "--vm", short: None, value_name: "<name|path>", takes: Takes::Value("--vm requires a VM name or path"), section: Section::Restore,
         help: "VM to restore: a directory name under the backup root, or a path to a VM\ndirectory, period directory or archived chain (.archives/chain-*)" },
@@ -204,6 +207,8 @@ pub const FLAGS: &[Flag] = &[
         help: "Read /opt/vmbackup/config/<name>/vmbackup.conf (default: $VMBACKUP_INSTANCE,\nelse 'default'); ignored when a backup path is given on the command line" },
     Flag { id: FlagId::Connect, long: "--connect", short: None, value_name: "<uri>", takes: Takes::Value("--connect requires a libvirt URI"), section: Section::Other,
         help: "libvirt connection URI (default: $LIBVIRT_DEFAULT_URI, else qemu:///system)" },
+    Flag { id: FlagId::Serve, long: "--serve", short: None, value_name: "<listen>", takes: Takes::Value("--serve requires a listen address (host:port or a unix socket path)"), section: Section::Other,
+        help: "With --vm: serve the restore point's disks read-only over NBD instead of\nrestoring them (instant recovery), until interrupted. <listen> is host:port\n(TCP) or a path (Unix socket); prints one NBD URI per disk" },
     Flag { id: FlagId::Json, long: "--json", short: None, value_name: "", takes: Takes::Nothing, section: Section::Other,
         help: "Machine-readable output for --list, --list-restore-points, --verify,\n--dump and the restore summary (schemas: docs/json-output.md)" },
     Flag { id: FlagId::Help, long: "--help", short: Some("-h"), value_name: "", takes: Takes::Nothing, section: Section::Other,
@@ -300,6 +305,7 @@ impl Args {
             }
             FlagId::ConfigInstance => self.config_instance = value,
             FlagId::Connect => self.connect = value,
+            FlagId::Serve => self.serve = value,
             FlagId::Force => self.force = true,
             FlagId::DryRun => self.dry_run = true,
             FlagId::SkipTpm => self.skip_tpm = true,

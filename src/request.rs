@@ -142,6 +142,8 @@ pub enum RestoreMode {
     DiskInPlace,
     /// `--vm --disk D --restore-path P`: extract disks.
     DiskExtract,
+    /// `--vm --serve <listen>`: export the restore point over NBD (instant recovery).
+    Serve,
 }
 
 impl RestoreMode {
@@ -153,6 +155,7 @@ impl RestoreMode {
             Self::DataOnly => "data-only",
             Self::DiskInPlace => "disk",
             Self::DiskExtract => "extract",
+            Self::Serve => "serve",
         }
     }
 }
@@ -192,6 +195,8 @@ pub struct RestoreRequest {
     pub uri: String,
     /// `--json`.
     pub json: bool,
+    /// `--serve <listen>`.
+    pub serve: Option<String>,
     /// The arguments as given (log header).
     pub invocation: Vec<String>,
 }
@@ -247,7 +252,7 @@ pub fn build(args: Args, root: BackupRoot, facts: &Facts) -> Result<Request, App
         return Err(AppError::Usage("No mode specified (try --help)".into()));
     };
     // 8
-    if mode == Mode::Restore && args.restore_path.is_none() && args.disk.is_none() {
+    if mode == Mode::Restore && args.restore_path.is_none() && args.disk.is_none() && args.serve.is_none() {
         return Err(AppError::Usage("--restore-path is required for restore (unless --disk is used for in-place replacement)".into()));
     }
     let vm = args.vm.clone().map(|label| VmTarget {
@@ -284,6 +289,7 @@ pub fn build(args: Args, root: BackupRoot, facts: &Facts) -> Result<Request, App
         Mode::Restore => {
             let disks = args.disk.as_deref().map(DiskSelection::parse).transpose()?;
             let restore_mode = match (&disks, &args.restore_path) {
+                _ if args.serve.is_some() => RestoreMode::Serve,
                 (Some(_), None) => RestoreMode::DiskInPlace,
                 (Some(_), Some(_)) => RestoreMode::DiskExtract,
                 (None, _) if args.skip_config => RestoreMode::DataOnly,
@@ -310,6 +316,7 @@ pub fn build(args: Args, root: BackupRoot, facts: &Facts) -> Result<Request, App
                     .or_else(|| facts.default_uri.clone())
                     .unwrap_or_else(|| DEFAULT_URI.into()),
                 json: args.json,
+                serve: args.serve,
                 invocation: args.invocation,
             })
         }

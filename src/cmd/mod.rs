@@ -6,6 +6,7 @@ pub mod dump;
 pub mod list;
 pub mod points;
 pub mod restore;
+pub mod serve;
 pub mod verify;
 
 use std::io::Write;

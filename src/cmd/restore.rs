@@ -86,6 +86,9 @@ fn point_request(p: PointSelector) -> Result<PointRequest, AppError> {
 
 /// Runs a validated restore request.
 pub fn run(r: &RestoreRequest, env: &Env) -> Result<ExitStatus, AppError> {
+    if r.mode == RestoreMode::Serve {
+        return crate::cmd::serve::run(r, env);
+    }
     let cancel = Cancel::new();
     if let Err(e) = crate::signal::install(cancel.clone()) {
         tracing::warn!(target: "main", "Cannot install signal handling: {e}");
@@ -201,6 +204,7 @@ fn run_mode(r: &RestoreRequest, vm: &str, set: &BackupSet, cancel: Cancel) -> Re
         }
         RestoreMode::DiskInPlace => mode::run_disk_in_place(&job, &disks()),
         RestoreMode::DiskExtract => mode::run_disk_extract(&job, &disks()),
+        RestoreMode::Serve => Err(AppError::Internal("serve requests are dispatched to cmd::serve".into())),
     }
 }
 
