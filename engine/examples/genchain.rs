@@ -26,7 +26,6 @@
 //! variants of a case hold the same disk content.
 
 #[path = "../benches/common/mod.rs"]
-#[allow(dead_code)]
 mod common;
 
 use std::fs::{self, File, FileTimes};

@@ -9,6 +9,10 @@
 //!     [--no-verify] [--no-checksums] [--no-readback]
 //! ```
 //! `--no-verify` turns off both the `.chksum` verification and the read-back.
+//!
+//! Experiment (not the product path): `--direct` writes a qcow2 target through imago on
+//! an `O_DIRECT` file descriptor (imago bounces unaligned buffers), to measure what
+//! bypassing the page cache would gain. Compat 1.1 / zlib / no lazy refcounts only.
 
 use std::path::PathBuf;
 use std::time::Instant;
@@ -21,7 +25,7 @@ use nbdfmt::BackupSet;
 fn usage() -> ! {
     eprintln!(
         "usage: restore_chain <chain-dir> <disk> <out.qcow2|out.raw> [--point N] [--force]\n\
-         \x20   [--chunk-size BYTES] [--readers N] [--memory-cap BYTES] [--no-verify] [--no-checksums] [--no-readback]"
+         \x20   [--chunk-size BYTES] [--readers N] [--memory-cap BYTES] [--no-verify] [--no-checksums] [--no-readback] [--direct]"
     );
     std::process::exit(2)
 }
@@ -46,12 +50,14 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let mut pos = Vec::new();
     let mut point: Option<u32> = None;
     let mut force = false;
+    let mut direct = false;
     let mut opts = ApplyOptions::default();
     let mut it = std::env::args().skip(1);
     while let Some(a) = it.next() {
         match a.as_str() {
             "--point" => point = Some(it.next().and_then(|v| v.parse().ok()).unwrap_or_else(|| usage())),
             "--force" => force = true,
+            "--direct" => direct = true,
             "--chunk-size" => opts.chunk_size = size_arg(it.next()),
             "--memory-cap" => opts.memory_cap = size_arg(it.next()),
             "--readers" => opts.readers = size_arg(it.next()),
@@ -95,7 +101,11 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             Some(info) => Qcow2Options::from_qcow_info(info)?,
             None => Qcow2Options::default(),
         };
-        Box::new(Qcow2Target::create(staged.temp_path(), plan.virtual_size, &qopts)?)
+        if direct {
+            Box::new(direct::DirectQcow2::create(staged.temp_path(), plan.virtual_size, &qopts)?)
+        } else {
+            Box::new(Qcow2Target::create(staged.temp_path(), plan.virtual_size, &qopts)?)
+        }
     };
     let files = plan.files.len();
     let file_bytes = plan.file_bytes();
@@ -111,7 +121,13 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     println!(
         "restore_chain {disk}@{point} -> {} ({}): files={files} file_bytes={file_bytes} extents={extents} live_bytes={data_bytes}",
         out.display(),
-        if raw { "raw" } else { "qcow2" },
+        if raw {
+            "raw"
+        } else if direct {
+            "qcow2, O_DIRECT"
+        } else {
+            "qcow2"
+        },
     );
     println!(
         "  bytes_written={} zero_skipped={} zeroed={} bytes_read={} checksums_verified={verified}/{files} readback_verified={}",
@@ -130,4 +146,128 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         opts.memory_cap
     );
     Ok(())
+}
+
+/// A qcow2 target on an `O_DIRECT` descriptor, for measuring (see the module docs).
+mod direct {
+    use std::fs::{File, OpenOptions};
+    use std::io;
+    use std::os::unix::fs::OpenOptionsExt;
+    use std::path::{Path, PathBuf};
+
+    use engine::target::qcow2::{CompressionType, Qcow2Compat, Qcow2Options};
+    use engine::{BlockTarget, Error, Result};
+    use imago::qcow2::Qcow2;
+    use imago::{DenyImplicitOpenGate, FormatAccess, FormatCreateBuilder, FormatDriverBuilder, Mapping, StorageOpenOptions};
+
+    type ImagoFile = imago::file::File;
+
+    #[derive(Debug)]
+    pub struct DirectQcow2 {
+        path: PathBuf,
+        size: u64,
+        image: Option<FormatAccess<ImagoFile>>,
+        file: File,
+    }
+
+    fn gone() -> io::Error {
+        io::Error::other("finished")
+    }
+
+    impl DirectQcow2 {
+        pub fn create(path: &Path, size: u64, opts: &Qcow2Options) -> Result<Self> {
+            if opts.compat != Qcow2Compat::V3 || opts.lazy_refcounts || opts.compression_type != CompressionType::Zlib {
+                return Err(Error::Unsupported("--direct: only compat 1.1, zlib, no lazy refcounts".into()));
+            }
+            let err = |e| Error::target("create", path, e);
+            let file = OpenOptions::new()
+                .read(true)
+                .write(true)
+                .create_new(true)
+                .custom_flags(nix::fcntl::OFlag::O_DIRECT.bits())
+                .open(path)
+                .map_err(err)?;
+            let sopts = || StorageOpenOptions::new().write(true).direct(true).filename(path);
+            let storage = ImagoFile::from_open_file(file.try_clone().map_err(err)?, sopts()).map_err(err)?;
+            Qcow2::<ImagoFile>::create_builder(storage)
+                .size(size)
+                .cluster_size(opts.cluster_size as usize)
+                .refcount_width(opts.refcount_bits as usize)
+                .create()
+                .map_err(err)?;
+            let storage = ImagoFile::from_open_file(file.try_clone().map_err(err)?, sopts()).map_err(err)?;
+            let q = Qcow2::<ImagoFile>::builder(storage).write(true).open(DenyImplicitOpenGate::default()).map_err(err)?;
+            Ok(Self { path: path.to_path_buf(), size, image: Some(FormatAccess::new(q)), file })
+        }
+
+        fn img(&mut self, op: &'static str) -> Result<&mut FormatAccess<ImagoFile>> {
+            let p = &self.path;
+            self.image.as_mut().ok_or_else(|| Error::target(op, p, gone()))
+        }
+    }
+
+    impl BlockTarget for DirectQcow2 {
+        fn size(&self) -> u64 {
+            self.size
+        }
+
+        fn starts_zeroed(&self) -> bool {
+            true
+        }
+
+        fn write_at(&mut self, offset: u64, data: &[u8]) -> Result<()> {
+            let p = self.path.clone();
+            self.img("write")?.write(data, offset).map_err(|e| Error::target("write", &p, e))
+        }
+
+        fn write_zeroes(&mut self, offset: u64, len: u64) -> Result<()> {
+            let p = self.path.clone();
+            self.img("write zeroes")?.discard_to_zero(offset, len).map_err(|e| Error::target("write zeroes", &p, e))
+        }
+
+        fn read_at(&mut self, offset: u64, buf: &mut [u8]) -> Result<()> {
+            let p = self.path.clone();
+            self.img("read")?.read(buf, offset).map_err(|e| Error::target("read", &p, e))
+        }
+
+        fn flush(&mut self) -> Result<()> {
+            let p = self.path.clone();
+            self.img("flush")?.flush().map_err(|e| Error::target("flush", &p, e))
+        }
+
+        fn sync(&mut self) -> Result<()> {
+            self.flush()?;
+            let p = self.path.clone();
+            self.img("sync")?.sync().map_err(|e| Error::target("sync", &p, e))
+        }
+
+        fn finish(&mut self) -> Result<()> {
+            let image = self.image.take().ok_or_else(|| Error::target("finish", &self.path, gone()))?;
+            image.flush().map_err(|e| Error::target("flush", &self.path, e))?;
+            drop(image);
+            self.file.sync_all().map_err(|e| Error::target("sync", &self.path, e))
+        }
+
+        fn data_ranges(&mut self, offset: u64, len: u64) -> Result<Vec<(u64, u64)>> {
+            let p = self.path.clone();
+            let image = self.img("map")?;
+            let mut out: Vec<(u64, u64)> = Vec::new();
+            let (mut pos, end) = (offset, offset + len);
+            while pos < end {
+                let (mapping, mlen) = image.get_mapping(pos, end - pos).map_err(|e| Error::target("map", &p, e))?;
+                let mlen = mlen.min(end - pos);
+                if mlen == 0 {
+                    return Err(Error::target("map", &p, io::Error::other(format!("no mapping at {pos}"))));
+                }
+                if !matches!(mapping, Mapping::Zero { .. }) {
+                    match out.last_mut() {
+                        Some((o, l)) if *o + *l == pos => *l += mlen,
+                        _ => out.push((pos, mlen)),
+                    }
+                }
+                pos += mlen;
+            }
+            Ok(out)
+        }
+    }
 }
