@@ -11,6 +11,9 @@
 # `vmrestore --list` is run and its output shown; its failure is fatal only with
 # CHECK_DEB_STRICT_LIST=1 (the CLI is still being completed).
 #
+# It builds the work tree as it is (committed or not); CHECK_DEB_REV=HEAD builds
+# the last commit instead (what CI, on a clean clone, builds anyway).
+#
 # Everything it keeps lives under $CHECK_DEB_CACHE (default /var/cache/vmrestore-ci):
 #   build/            copy of the source tree that is built, and the .deb files
 #   target/           cargo target dir (warm cache for the release build)
@@ -142,10 +145,15 @@ echo "mirror for $SUITE: ${MIRROR:-none configured, debootstrap default}"
 step "build (dpkg-buildpackage -us -uc -b)"
 VERSION=$(sed -n '/^\[package\]/,/^\[/s/^version *= *"\([^"]*\)".*/\1/p' "$REPO/Cargo.toml")
 # A copy of the tree as it is (tracked and untracked files, not ignored ones),
-# with mtimes kept so that cargo only rebuilds what changed since the last run.
+# with mtimes kept so that cargo only rebuilds what changed since the last run;
+# or, with CHECK_DEB_REV=<rev> (e.g. HEAD), that commit as git archive gives it.
 rm -rf "$BUILD"
 mkdir -p "$BUILD/vmrestore"
-if git -C "$REPO" rev-parse --git-dir >/dev/null 2>&1; then
+if [ -n "${CHECK_DEB_REV:-}" ]; then
+    echo "building commit $(git -C "$REPO" rev-parse --short "$CHECK_DEB_REV") ($CHECK_DEB_REV)"
+    git -C "$REPO" archive --format=tar "$CHECK_DEB_REV" | tar -xf - -C "$BUILD/vmrestore"
+elif git -C "$REPO" rev-parse --git-dir >/dev/null 2>&1; then
+    echo "building the work tree of $REPO"
     (cd "$REPO" && git ls-files -z -co --exclude-standard |
         while IFS= read -r -d '' f; do [ -e "$f" ] && printf '%s\0' "$f"; done |
         tar --null -T - -cf -) | tar -xf - -C "$BUILD/vmrestore"
@@ -177,14 +185,19 @@ fi
 echo "lintian: no E: or W: tags ($(grep -c '^[IP]: ' "$BUILD/lintian.txt" || true) info/pedantic)"
 
 step "debian/copyright names every linked crate"
-crates=$(cd "$BUILD/vmrestore" && cargo tree --locked -p vmrestore -e normal,no-proc-macro --prefix none --format '{p}' |
-    awk '{ print $1 }' | sort -u | grep -vx -e vmrestore -e engine -e nbdfmt)
+# "name license" of every crate linked into the binary (not build-only ones)
+crates=$(cd "$BUILD/vmrestore" && cargo tree --locked -p vmrestore -e normal,no-proc-macro --prefix none --format '{p} {l}' |
+    sed 's/ (\*)$//' | awk '{ n = $1; $1 = ""; $2 = ""; sub(/^ +/, ""); print n " (" $0 ")" }' |
+    sort -u | grep -v -e '^vmrestore ' -e '^engine ' -e '^nbdfmt ')
 unnamed=()
-for c in $crates; do
-    grep -qE "(^|[ ,:])$c([ ,.;)]|$)" "$REPO/debian/copyright" || unnamed+=("$c")
-done
-[ ${#unnamed[@]} -eq 0 ] || die "debian/copyright does not name these linked crates: ${unnamed[*]} (add them with their license)"
-echo "$(wc -w <<<"$crates") crates, all named"
+while read -r c license; do
+    grep -qE "(^|[ ,:])$c([ ,.;)]|$)" "$BUILD/vmrestore/debian/copyright" || unnamed+=("$c $license")
+done <<<"$crates"
+if [ ${#unnamed[@]} -gt 0 ]; then
+    printf '  %s\n' "${unnamed[@]}" >&2
+    die "debian/copyright does not name the linked crates above: add each to the list of its license"
+fi
+echo "$(wc -l <<<"$crates") crates, all named in debian/copyright"
 
 step "completions parse"
 gen=$BUILD/vmrestore/debian/generated
