@@ -160,6 +160,10 @@ elif git -C "$REPO" rev-parse --git-dir >/dev/null 2>&1; then
 else
     tar -C "$REPO" --exclude=./target --exclude=./.git -cf - . | tar -xf - -C "$BUILD/vmrestore"
 fi
+# the source package too (before the build, from the pristine copy), for lintian
+(cd "$BUILD" && dpkg-source -b vmrestore) >"$BUILD/source.log" 2>&1 ||
+    { cat "$BUILD/source.log" >&2; die "dpkg-source -b failed"; }
+grep -h '^dpkg-source: info: building' "$BUILD/source.log" || true
 build_rc=0
 (cd "$BUILD/vmrestore" && dpkg-buildpackage -us -uc -b) >"$BUILD/build.log" 2>&1 || build_rc=$?
 grep -v '^ *Compiling ' "$BUILD/build.log" || true
@@ -168,6 +172,7 @@ DEB_VERSION=$(cd "$BUILD/vmrestore" && dpkg-parsechangelog -S Version)
 ARCH=$(dpkg --print-architecture)
 DEB=$BUILD/vmrestore_${DEB_VERSION}_${ARCH}.deb
 CHANGES=$BUILD/vmrestore_${DEB_VERSION}_${ARCH}.changes
+DSC=$BUILD/vmrestore_${DEB_VERSION}.dsc
 if [ ! -f "$DEB" ] || [ ! -f "$CHANGES" ]; then
     die "dpkg-buildpackage made no $DEB (log: $BUILD/build.log)"
 fi
@@ -176,9 +181,9 @@ dpkg-deb -c "$DEB" | awk '{ print "  " $1, $2, $6 }'
 dpkg-deb -f "$DEB" Package Version Depends Recommends Suggests Breaks Replaces
 
 # ---------------------------------------------------------------- static checks
-step "lintian"
+step "lintian (source and binary packages)"
 # lintian warns on stderr that it runs as root; tags go to stdout
-lintian -i --display-info --fail-on error,warning "$CHANGES" 2>&1 | tee "$BUILD/lintian.txt" | grep -v '^N:' || true
+lintian -i --display-info --fail-on error,warning "$DSC" "$CHANGES" 2>&1 | tee "$BUILD/lintian.txt" | grep -v '^N:' || true
 if grep -q '^[EW]: ' "$BUILD/lintian.txt"; then
     die "lintian reported errors or warnings (full text: $BUILD/lintian.txt)"
 fi
