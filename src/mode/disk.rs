@@ -76,9 +76,7 @@ pub fn run_disk_extract(job: &Job<'_>, requested: &[String]) -> Result<Outcome, 
     }
     let mut out = Outcome { checkpoint: t, disks: disks.clone(), target_path: dir.display().to_string(), tpm_result: "skipped", ..Outcome::default() };
     if job.dry_run {
-        for o in &outputs {
-            job.log.info("restore_disk", &format!("[DRY RUN] Would extract {} → {}", o.disk, o.final_path.display()));
-        }
+        super::log_dry_run_plan(job, t, &outputs)?;
         out.summary = format!("Disk restore complete: {}/{} [DRY RUN — no changes made]", job.vm, disks.join(", "));
         return Ok(out);
     }

@@ -188,6 +188,29 @@ pub fn warn_disk_set_change(job: &Job<'_>, t: u32) {
     job.log.warn("restore_vm", &format!("  Restoring with checkpoint {t} disk configuration."));
 }
 
+/// Dry-run: the plan without the apply — per disk the chain files it would read and
+/// the bytes it would write (frame headers only are read).
+pub fn log_dry_run_plan(job: &Job<'_>, t: u32, outputs: &[crate::restore::PredictedOutput]) -> Result<(), AppError> {
+    let newest = job.point == PointRequest::Latest;
+    let jobs = crate::restore::plan_outputs(job.set, t, outputs, newest).map_err(|e| engine_error(e, "Cannot plan the restore"))?;
+    for j in &jobs {
+        let names: Vec<String> = j.plan.files.iter().map(|f| f.path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default()).collect();
+        job.log.info(
+            "restore_disk",
+            &format!(
+                "[DRY RUN] {}: would read {} file(s) ({}), {} in total, and write {} of data to {}",
+                j.output.disk,
+                names.len(),
+                names.join(", "),
+                iec(j.plan.file_bytes()),
+                iec(j.plan.data_bytes()),
+                j.output.final_path.display()
+            ),
+        );
+    }
+    Ok(())
+}
+
 /// Engine options for a job.
 pub fn apply_options(job: &Job<'_>) -> ApplyOptions {
     ApplyOptions { cancel: job.cancel.clone(), progress: job.progress.clone(), ..ApplyOptions::default() }

@@ -115,9 +115,7 @@ pub fn run_data_only(job: &Job<'_>) -> Result<Outcome, AppError> {
     let disks: Vec<String> = outputs.iter().map(|o| o.disk.clone()).collect();
     let mut out = Outcome { checkpoint: t, disks: disks.clone(), target_path: dir.display().to_string(), tpm_result: "skipped", ..Outcome::default() };
     if job.dry_run {
-        for o in &outputs {
-            job.log.info("restore_vm", &format!("[DRY RUN] Would restore {} → {}", o.disk, o.final_path.display()));
-        }
+        super::log_dry_run_plan(job, t, &outputs)?;
         out.summary = format!("Restore complete: {} [DRY RUN — no changes made]", job.vm);
         return Ok(out);
     }
@@ -239,6 +237,7 @@ pub fn run_dr(job: &Job<'_>) -> Result<Outcome, AppError> {
     let nvram_pick = cfg.nvram.as_deref().and_then(|n| crate::nvram::pick(job.set, n, t).map(|p| (n.to_owned(), p)));
     if job.dry_run {
         job.log.info("restore_vm", &format!("[DRY RUN] Would restore {} disk(s) to {} and define '{}' from {}", outputs.len(), dir.display(), job.vm, cfg_path.display()));
+        super::log_dry_run_plan(job, t, &outputs)?;
         for f in finals.iter().filter(|f| f.exists()) {
             job.log.info("restore_vm", &format!("[DRY RUN] Would replace existing file: {}", f.display()));
         }
@@ -349,9 +348,7 @@ pub fn run_clone(job: &Job<'_>, clone: &str) -> Result<Outcome, AppError> {
     let mut out = Outcome { checkpoint: t, disks, target_path: dir.display().to_string(), target_name: Some(clone.to_owned()), ..Outcome::default() };
     if job.dry_run {
         job.log.info("restore_vm", &format!("[DRY RUN] Would define '{clone}' with new UUID and MACs"));
-        for o in &outputs {
-            job.log.info("restore_vm", &format!("[DRY RUN] Would restore {} → {}", o.disk, o.final_path.display()));
-        }
+        super::log_dry_run_plan(job, t, &outputs)?;
         if let (Some(p), Some(d)) = (&nvram_pick, &new_nvram) {
             job.log.info("restore_vm", &format!("[DRY RUN] Would restore NVRAM: {} → {}", p.source.display(), d.display()));
         }
