@@ -8,8 +8,9 @@
 # Fails on: a build failure, any lintian E: or W: tag, a crate linked into the
 # binary that debian/copyright does not name, generated completions that do not
 # parse, a failing install, or a failing --version/--help/man in the chroot.
-# `vmrestore --list` is run and its output shown; its failure is fatal only with
-# CHECK_DEB_STRICT_LIST=1 (the CLI is still being completed).
+# `vmrestore --list` and `--verify` on the bundled backup tree must succeed too,
+# and the verify run must leave its 0600 log in /var/log/vmrestore
+# (CHECK_DEB_STRICT=0 only reports these failures).
 #
 # It builds the work tree as it is (committed or not); CHECK_DEB_REV=HEAD builds
 # the last commit instead (what CI, on a clean clone, builds anyway).
@@ -286,14 +287,17 @@ grep -q '^EXIT STATUS' "$ROOT/tmp/man.txt" || die "man page has no EXIT STATUS s
 
 mkdir -p "$ROOT/srv"
 cp -a "$REPO/tests/fixtures/real-chains/backups" "$ROOT/srv/backups"
-list_rc=0
-run vmrestore --list --backup-path /srv/backups || list_rc=$?
-if [ $list_rc -ne 0 ]; then
-    if [ "${CHECK_DEB_STRICT_LIST:-0}" = 1 ]; then
-        die "vmrestore --list exited $list_rc"
-    fi
-    echo "check-deb: NOTE: vmrestore --list exited $list_rc (not fatal until CHECK_DEB_STRICT_LIST=1)"
-fi
+soft_fail() {
+    if [ "${CHECK_DEB_STRICT:-1}" != 0 ]; then die "$*"; fi
+    echo "check-deb: NOTE: $* (not fatal: CHECK_DEB_STRICT=0)"
+}
+run vmrestore --list --backup-path /srv/backups || soft_fail "vmrestore --list exited $?"
+run vmrestore --verify rc-wk-app --backup-path /srv/backups || soft_fail "vmrestore --verify exited $?"
+run ls -l /var/log/vmrestore
+# shellcheck disable=SC2016 # expanded by the chroot's sh
+in_chroot sh -c 'ls /var/log/vmrestore/rc-wk-app-*.log >/dev/null 2>&1 &&
+    [ "$(stat -c %a /var/log/vmrestore/rc-wk-app-*.log | sort -u)" = 600 ]' ||
+    soft_fail "no 0600 log of the --verify run in /var/log/vmrestore"
 # bash completion of VM names, through the installed completion file
 printf '\n$ (bash completion) vmrestore --backup-path /srv/backups --vm <TAB>\n'
 # shellcheck disable=SC2016 # expanded by the chroot's bash
@@ -303,6 +307,15 @@ in_chroot bash -c 'source /usr/share/bash-completion/bash_completion
     COMP_CWORD=4 COMP_LINE="${COMP_WORDS[*]}" COMP_POINT=${#COMP_LINE}
     _vmrestore vmrestore "" --vm
     echo "${COMPREPLY[*]:-(no VM names: --list printed none)}"' || die "bash completion failed to run"
+
+step "reinstall keeps /var/log/vmrestore, purge removes it"
+in_chroot dpkg -i "/tmp/$(basename "$DEB")" >>"$CACHE/chroot-apt.log" 2>&1 || die "reinstall (dpkg -i) failed"
+[ "$(in_chroot stat -c '%U:%G %a' /var/log/vmrestore)" = "root:adm 750" ] || die "/var/log/vmrestore changed on reinstall"
+echo "after reinstall: /var/log/vmrestore $(in_chroot stat -c '%U:%G %a' /var/log/vmrestore)"
+in_chroot apt-get purge -y -q vmrestore >>"$CACHE/chroot-apt.log" 2>&1 || die "apt-get purge vmrestore failed"
+[ ! -e "$ROOT/var/log/vmrestore" ] || die "/var/log/vmrestore is still there after purge"
+[ ! -e "$ROOT/usr/bin/vmrestore" ] || die "/usr/bin/vmrestore is still there after purge"
+echo "after purge: /usr/bin/vmrestore and /var/log/vmrestore gone"
 
 step ""
 printf '\n=== check-deb: timings\n'
