@@ -37,11 +37,14 @@ pub struct PredictedOutput {
 }
 
 /// The domain XML for restore point `point`: the checkpoint's own vmconfig, else the
-/// newest earlier one, else the copy/any vmconfig of the directory.
+/// newest earlier one, else the copy/any vmconfig of the directory, else the §2.6
+/// search (`config/*.xml` of the data dir, then of its parent — an archived copy
+/// chain keeps its domain XML only there).
 pub fn target_config(set: &BackupSet, point: u32) -> Option<(PathBuf, DomainConfig)> {
-    let mut candidates: Vec<&Path> = (0..=point).rev().filter_map(|n| set.vmconfig(n)).collect();
-    candidates.extend(set.vmconfigs.values().map(PathBuf::as_path));
-    candidates.into_iter().find_map(|p| read_domain_config(p).ok().map(|c| (p.to_path_buf(), c)))
+    let mut candidates: Vec<PathBuf> = (0..=point).rev().filter_map(|n| set.vmconfig(n)).map(Path::to_path_buf).collect();
+    candidates.extend(set.vmconfigs.values().cloned());
+    candidates.extend(crate::tree::vm_config_candidates(&set.dir));
+    candidates.into_iter().find_map(|p| read_domain_config(&p).ok().map(|c| (p, c)))
 }
 
 /// The disks restore point `point` must produce, and their output names under
