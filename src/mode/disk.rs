@@ -56,6 +56,7 @@ pub fn run_disk_extract(job: &Job<'_>, requested: &[String]) -> Result<Outcome, 
     let t = endpoint(job)?;
     check_complete(job, t)?;
     let disks = select_disks(job, requested, t)?;
+    super::warn_disk_set_change(job, t);
     let dir = job.restore_path.as_deref().ok_or_else(|| AppError::Internal("extract without --restore-path".into()))?;
     job.log.info("restore_disk", &format!("Extract mode: writing to {}", dir.display()));
     super::check_space(job, t, dir)?;
@@ -96,6 +97,7 @@ pub fn run_disk_in_place(job: &Job<'_>, requested: &[String]) -> Result<Outcome,
     let t = endpoint(job)?;
     check_complete(job, t)?;
     let disks = select_disks(job, requested, t)?;
+    super::warn_disk_set_change(job, t);
     let vm = &job.vm;
     let Some(info) = job.hv.lookup(vm).map_err(|e| AppError::Dependency(e.to_string()))? else {
         return Err(AppError::Vm(format!(
