@@ -280,7 +280,7 @@ pub fn run_dr(job: &Job<'_>) -> Result<Outcome, AppError> {
     for mac in &cfg.macs {
         job.log.info("define_vm", &format!("MAC preserved: {mac}"));
     }
-    nvram_step(job, &cfg.nvram, nvram_pick.as_ref().map(|(_, p)| p), cfg.nvram.as_deref().map(Path::new));
+    nvram_step(job, t, &cfg.nvram, nvram_pick.as_ref().map(|(_, p)| p), cfg.nvram.as_deref().map(Path::new));
     refresh_pool(job, dir);
     let (tok, res) = restore_tpm(job, &job.vm, None, Some(info.uuid.clone()));
     out.tpm_result = res;
@@ -293,7 +293,14 @@ pub fn run_dr(job: &Job<'_>) -> Result<Outcome, AppError> {
     Ok(out)
 }
 
-fn nvram_step(job: &Job<'_>, nvram: &Option<String>, pick: Option<&crate::nvram::NvramPick>, dest: Option<&Path>) {
+/// Spec §4.10: the NVRAM copy of checkpoint `t` is missing and an earlier one is used.
+fn log_nvram_fallback(job: &Job<'_>, pick: &crate::nvram::NvramPick, t: u32) {
+    if let Some(c) = pick.checkpoint.filter(|c| *c != t) {
+        job.log.info("restore_nvram", &format!("NVRAM for checkpoint {t} not found in backup; using checkpoint {c}"));
+    }
+}
+
+fn nvram_step(job: &Job<'_>, t: u32, nvram: &Option<String>, pick: Option<&crate::nvram::NvramPick>, dest: Option<&Path>) {
     let (Some(n), Some(dest)) = (nvram, dest) else { return };
     match pick {
         None => job.log.warn(
@@ -301,11 +308,7 @@ fn nvram_step(job: &Job<'_>, nvram: &Option<String>, pick: Option<&crate::nvram:
             &format!("No per-checkpoint NVRAM in backup — using live host NVRAM {n}; the guest may fail to boot if its Secure Boot/identity state has drifted"),
         ),
         Some(p) => {
-            if let Some(c) = p.checkpoint {
-                if c != job.set.latest().unwrap_or(c) && job.point == super::PointRequest::Latest {
-                    job.log.info("restore_nvram", &format!("NVRAM for the latest checkpoint not found in backup; using checkpoint {c}"));
-                }
-            }
+            log_nvram_fallback(job, p, t);
             match crate::nvram::install(&p.source, dest) {
                 Ok(()) => job.log.info("restore_nvram", &format!("NVRAM restored: {} → {}", p.source.display(), dest.display())),
                 Err(e) => job.log.warn("restore_nvram", &format!("NVRAM restore failed: {e}")),
@@ -364,6 +367,7 @@ pub fn run_clone(job: &Job<'_>, clone: &str) -> Result<Outcome, AppError> {
         undefine_existing(job, clone);
     }
     if let (Some(p), Some(dest)) = (&nvram_pick, &new_nvram) {
+        log_nvram_fallback(job, p, t);
         if let Ok(Some(aside)) = crate::nvram::save_existing(dest, epoch()) {
             job.log.info("restore_nvram", &format!("Saved existing NVRAM: {} → {}", dest.display(), aside.display()));
         }
