@@ -207,11 +207,19 @@ pub fn run_disk_in_place(job: &Job<'_>, requested: &[String]) -> Result<Outcome,
             }
             Err(e) => {
                 job.log.error("restore_disk", &format!("{e}"));
+                let mut e = e;
                 if !done.is_empty() {
-                    job.log.error("restore_disk", &format!("Partial restore: {} succeeded, {d} FAILED", done.join(", ")));
+                    let partial = format!("Partial restore: {} succeeded, {d} FAILED", done.join(", "));
+                    job.log.error("restore_disk", &partial);
                     for s in targets.iter().skip(i + 1) {
                         job.log.error("restore_disk", &format!("Skipped: {}", s.0));
                     }
+                    // §5.4: the catalogue's error_message carries the partial-restore text
+                    e = match e {
+                        AppError::Engine { message, source } => AppError::Engine { message: format!("{partial} — {message}"), source },
+                        AppError::Storage(m) => AppError::Storage(format!("{partial} — {m}")),
+                        other => other,
+                    };
                 }
                 job.log.error("restore_disk", &format!("Disk restore failed for {d}"));
                 refresh_pool_of(job, &targets[0].1);
