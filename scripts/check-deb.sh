@@ -82,7 +82,7 @@ flock -n 9 || { echo "check-deb: waiting for another check-deb run to finish"; f
 # ---------------------------------------------------------------- host tools
 step "host packages"
 need=(build-essential dpkg-dev debhelper pkg-config libvirt-dev help2man python3
-      lintian debootstrap man-db)
+      lintian debootstrap man-db zsh fish)
 missing=()
 for p in "${need[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
