@@ -105,6 +105,14 @@ pub fn plan_outputs(set: &BackupSet, point: u32, outputs: &[PredictedOutput], ne
         .collect()
 }
 
+/// Removes (with a WARN each) the temporary files that killed restores left for
+/// `final_path` (their process is gone).
+pub fn warn_removed_stale(final_path: &Path) {
+    for p in StagedPath::remove_stale(final_path) {
+        tracing::warn!(target: "restore_disk", "Removed leftover temporary file of an interrupted restore: {}", p.display());
+    }
+}
+
 /// Writes all jobs in parallel through the engine. Each output is written under a
 /// temporary name and renamed only after every disk was synced and verified; on any
 /// failure no output takes its final name. With `replace`, existing final files are
@@ -117,6 +125,7 @@ pub fn write_outputs(jobs: Vec<DiskJob>, replace: bool, opts: &ApplyOptions) -> 
         let s = StagedPath::new(&j.output.final_path);
         // A stale temporary file from a killed run of the same PID is ours to replace.
         let _ = std::fs::remove_file(s.temp_path());
+        warn_removed_stale(&j.output.final_path);
         let t: Box<dyn BlockTarget> = match j.format {
             ImageFormat::Qcow2 => Box::new(Qcow2Target::create(s.temp_path(), j.plan.virtual_size, &j.qcow2)?),
             ImageFormat::Raw => Box::new(RawTarget::create(s.temp_path(), j.plan.virtual_size)?),

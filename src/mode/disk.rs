@@ -245,6 +245,7 @@ fn pre_restore(p: &Path) -> PathBuf {
 fn swap_in(jobs: Vec<crate::restore::DiskJob>, p: &Path, job: &Job<'_>) -> engine::Result<Option<PathBuf>> {
     let staged = engine::StagedPath::new(p);
     let _ = std::fs::remove_file(staged.temp_path());
+    crate::restore::warn_removed_stale(p);
     // write beside the original (same filesystem: the swap is two renames)
     let mut jobs = jobs;
     let tmp_final = staged.temp_path().with_extension("new");
