@@ -887,6 +887,7 @@ fn kill_9_leaves_no_final_file_and_the_rerun_recovers() {
     assert_eq!(r.code, Some(0), "{}", r.stderr);
     assert!(r.stderr.contains("Stale lock detected for VM: bigvm"), "{}", r.stderr);
     assert!(!c.lock("bigvm").exists());
+    assert!(r.stderr.contains("Removed leftover temporary file of an interrupted restore"), "{}", r.stderr);
     let left = entries(&c.out);
     assert_eq!(left, vec!["bigvm-vda.qcow2"], "the dead run's .part is cleaned up");
     if qemu_img() {
