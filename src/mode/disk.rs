@@ -10,7 +10,6 @@ use std::path::{Path, PathBuf};
 use nbdfmt::SetKind;
 
 use crate::error::AppError;
-use crate::preflight::collisions;
 use crate::restore::{plan_outputs, predict_outputs, write_outputs, PredictedOutput};
 
 use super::{apply_options, check_complete, endpoint, engine_error, iec, Job, Outcome};
@@ -62,19 +61,8 @@ pub fn run_disk_extract(job: &Job<'_>, requested: &[String]) -> Result<Outcome, 
     super::check_space(job, t, dir)?;
     let outputs = outputs_for(job, t, &disks, dir);
     let finals: Vec<PathBuf> = outputs.iter().map(|o| o.final_path.clone()).collect();
-    let live = job.hv.live_disks().unwrap_or_default();
-    let state_of = |n: &str| job.hv.lookup(n).ok().flatten().map(|i| i.state);
-    let found = collisions(&finals, &live, &job.vm, &state_of);
-    let mut blocked = false;
-    for c in &found {
-        if c.blocks_even_with_force() || !job.force {
-            job.log.error("preflight_disk_safety", &c.blocked_message());
-            blocked = true;
-        }
-    }
-    if blocked && !job.dry_run {
-        return Err(AppError::Storage("Pre-flight disk safety check failed — see errors above".into()));
-    }
+    // §4.9 [INFER]: the §4.2 collision rules, with their --force and dry-run handling
+    super::vm::safety_checks(job, &finals, &job.vm)?;
     let mut out = Outcome { checkpoint: t, disks: disks.clone(), target_path: dir.display().to_string(), tpm_result: "skipped", ..Outcome::default() };
     if job.dry_run {
         super::log_dry_run_plan(job, t, &outputs)?;

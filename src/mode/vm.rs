@@ -12,7 +12,7 @@ use super::{apply_options, check_complete, check_space, endpoint, engine_error, 
 
 /// Spec §4.2: predicted outputs checked against every live disk. With `--force`
 /// only overridable findings are allowed; in dry-run the run goes on with a WARN.
-fn safety_checks(job: &Job<'_>, finals: &[PathBuf], source_vm: &str) -> Result<(), AppError> {
+pub(super) fn safety_checks(job: &Job<'_>, finals: &[PathBuf], source_vm: &str) -> Result<(), AppError> {
     let dr = if job.dry_run { "[DRY RUN] " } else { "" };
     let live = match job.hv.live_disks() {
         Ok(l) => l,
