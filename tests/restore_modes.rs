@@ -1267,6 +1267,34 @@ fn s123_dry_run_collision() {
     assert_eq!(fs::read_to_string(&target).expect("disk"), "original disk stray\n");
 }
 
+// 123 for disk extract (§4.9 [INFER]: the §4.2 collision rules apply): an existing file
+// blocks without --force (exit 4), is a [DRY RUN] warning in dry-run (exit 0), and is
+// replaced with a WARN under --force; another VM's live disk is never overwritten.
+#[test]
+fn s123_extract_collision_rules() {
+    let w = World::new(&["rc-acc-files"]);
+    let target = w.p("out/x/rc-acc-files-vda.qcow2");
+    fake_disk(&target, "stray");
+    let out = w.s("out/x");
+    let base = ["--vm", "rc-acc-files", "--disk", "vda", "--restore-path", out.as_str()];
+    let r = w.run(&base);
+    assert_code(&r, 4);
+    assert_has(&r, &format!("BLOCKED: File already exists: {} — use --force to overwrite", target.display()));
+    let r = w.run(&[&base[..], &["--dry-run"]].concat());
+    assert_code(&r, 0);
+    assert_has(&r, &format!("[DRY RUN] BLOCKED: File already exists: {}", target.display()));
+    assert_has(&r, "[DRY RUN] Would abort due to safety checks above");
+    assert_eq!(fs::read_to_string(&target).expect("disk"), "original disk stray\n");
+    let r = w.run(&[&base[..], &["--force"]].concat());
+    assert_code(&r, 0);
+    assert_has(&r, &format!("File exists and will be overwritten: {}", target.display()));
+    assert_content(&target, "rc-acc-files", "accumulate", "virtnbdbackup.4", "vda");
+    let uri = w.node(&[Dom::new("other-vm", true, &[("vda", &target)])], &[]);
+    let r = w.run_uri(&uri, &[&base[..], &["--force"]].concat());
+    assert_code(&r, 4);
+    assert_has(&r, &format!("BLOCKED: {} is the live disk of VM 'other-vm' — choose a different --restore-path", target.display()));
+}
+
 // 126 (native: restoring an earlier disk set needs no staging dir): a dry-run data-only
 // restore of a point with a removed disk warns about the disk set, predicts all three
 // disks and creates nothing in TMPDIR.
