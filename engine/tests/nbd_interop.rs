@@ -1158,6 +1158,21 @@ fn gen_big(path: &Path, compressed: bool) {
     w.finish().expect("finish");
 }
 
+/// Prints best and median wall time and the server's CPU seconds per GiB.
+fn report(what: &str, uri: &str, runs: &mut [(f64, f64)], mib: f64) {
+    runs.sort_by(|a, b| a.0.total_cmp(&b.0));
+    let (best, med) = (runs[0], runs[runs.len() / 2]);
+    eprintln!(
+        "BENCH {what} {uri}: best {:.2} s ({:.0} MiB/s), median {:.2} s ({:.0} MiB/s), \
+         server CPU {:.2} s/GiB",
+        best.0,
+        mib / best.0,
+        med.0,
+        mib / med.0,
+        runs.iter().map(|r| r.1).sum::<f64>() / runs.len() as f64
+    );
+}
+
 fn timed(prog: &str, args: &[&str]) -> f64 {
     let t = Instant::now();
     run(prog, args);
@@ -1181,39 +1196,67 @@ fn throughput_qemu_img_convert_1gib() {
     gen_big(&plain, false);
     gen_big(&lz4, true);
     let sock = dir.join("bench.sock");
-    let h = serve(
+    let h = Server::bind(
         vec![
             gen_plan(std::slice::from_ref(&plain), "plain"),
             gen_plan(std::slice::from_ref(&lz4), "lz4"),
         ],
-        Listen::Unix(sock.clone()),
-    );
+        &[
+            Listen::Unix(sock.clone()),
+            Listen::tcp("127.0.0.1:0").expect("addr"),
+        ],
+        ServeOptions::default(),
+    )
+    .expect("bind")
+    .spawn(Cancel::new())
+    .expect("spawn");
+    let port = h.tcp_addrs()[0].port();
     let gib = 1024.0;
-    for export in ["plain", "lz4"] {
-        let u = unix_uri(&sock, export);
+    let reps: usize = std::env::var("NBD_BENCH_REPS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(3);
+    for (export, tcp) in [
+        ("plain", false),
+        ("plain", true),
+        ("lz4", false),
+        ("lz4", true),
+    ] {
+        let u = if tcp {
+            format!("nbd://127.0.0.1:{port}/{export}")
+        } else {
+            unix_uri(&sock, export)
+        };
         let out = dir.join(format!("{export}.out.raw"));
+        let mut runs = Vec::new();
+        for _ in 0..reps {
+            let _ = std::fs::remove_file(&out);
+            let c = cpu_seconds();
+            let s = timed(
+                "qemu-img",
+                &[
+                    "convert",
+                    "-f",
+                    "raw",
+                    "-O",
+                    "raw",
+                    &u,
+                    out.to_str().expect("utf8"),
+                ],
+            );
+            runs.push((s, cpu_seconds() - c));
+        }
+        eprintln!("BENCH sha256 {}", &sha256_file(&out)[..16]);
         let _ = std::fs::remove_file(&out);
-        let s = timed(
-            "qemu-img",
-            &[
-                "convert",
-                "-f",
-                "raw",
-                "-O",
-                "raw",
-                &u,
-                out.to_str().expect("utf8"),
-            ],
-        );
-        eprintln!(
-            "BENCH qemu-img convert -O raw {u} {}: {s:.2} s, {:.0} MiB/s",
-            out.display(),
-            gib / s
-        );
-        let _ = std::fs::remove_file(&out);
-        if have("nbdcopy") {
-            let s = timed("nbdcopy", &[&u, "null:"]);
-            eprintln!("BENCH nbdcopy {u} null: {s:.2} s, {:.0} MiB/s", gib / s);
+        report("qemu-img convert -f raw -O raw", &u, &mut runs, gib);
+        if have("nbdcopy") && !tcp {
+            let mut runs = Vec::new();
+            for _ in 0..reps {
+                let c = cpu_seconds();
+                let s = timed("nbdcopy", &[&u, "null:"]);
+                runs.push((s, cpu_seconds() - c));
+            }
+            report("nbdcopy ... null:", &u, &mut runs, gib);
         }
     }
     eprintln!(
@@ -1222,4 +1265,15 @@ fn throughput_qemu_img_convert_1gib() {
         std::fs::metadata(&lz4).expect("md").len()
     );
     h.stop().expect("stop");
+}
+
+/// CPU seconds (user + system) used by this process so far, from /proc/self/stat.
+fn cpu_seconds() -> f64 {
+    let st = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
+    let after = st.rsplit_once(')').map_or("", |x| x.1);
+    let f: Vec<&str> = after.split_whitespace().collect();
+    // Fields 14 and 15 (utime, stime) are 12 and 13 after the ")".
+    let ticks: f64 = f.get(11).and_then(|v| v.parse().ok()).unwrap_or(0.0)
+        + f.get(12).and_then(|v| v.parse().ok()).unwrap_or(0.0);
+    ticks / 100.0
 }
