@@ -13,7 +13,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use engine::nbd::proto::*;
-use engine::nbd::{ChainReader, Listen, ServeHandle, ServeOptions, Server};
+use engine::nbd::{ChainReader, Listen, Lz4Cache, ServeHandle, ServeOptions, Server};
 use engine::target::nbd::{NbdOptions, NbdTarget};
 use engine::target::raw::RawTarget;
 use engine::{apply, ApplyOptions, BlockTarget, Cancel, DiskPlan, Source};
@@ -547,6 +547,96 @@ fn tcp_on_an_ephemeral_port() {
         t.elapsed()
     );
     h.stop().expect("stop");
+}
+
+/// A compressed full whose LZ4 frames carry no content size (the reader must
+/// count them by decoding once), `chunk` bytes of disk per LZ4 frame.
+fn stream_without_content_sizes(path: &Path, data: &[u8], chunk: usize) {
+    use lz4_flex::frame::{BlockMode, BlockSize, FrameEncoder, FrameInfo};
+    use nbdfmt::trailer::{encode_trailer, TrailerEntry};
+    use nbdfmt::{FrameHeader, FrameKind};
+    let size = data.len() as u64;
+    let json = StreamOptions::full("vda", size, size)
+        .compressed(2)
+        .meta_json();
+    let mut out = FrameHeader::new(FrameKind::Meta, 0, json.len() as u64)
+        .encode()
+        .to_vec();
+    out.extend_from_slice(json.as_bytes());
+    out.extend_from_slice(b"\r\n");
+    out.extend_from_slice(&FrameHeader::new(FrameKind::Data, 0, size).encode());
+    let mut sizes = Vec::new();
+    for c in data.chunks(chunk) {
+        let info = FrameInfo::new()
+            .block_size(BlockSize::Max64KB)
+            .block_mode(BlockMode::Linked)
+            .content_checksum(true)
+            .content_size(None);
+        let mut enc = FrameEncoder::with_frame_info(info, Vec::new());
+        enc.write_all(c).expect("encode");
+        let f = enc.finish().expect("finish");
+        sizes.push(f.len() as u64);
+        out.extend_from_slice(&f);
+    }
+    out.extend_from_slice(b"\r\n");
+    out.extend_from_slice(&FrameHeader::new(FrameKind::Stop, 0, 0).encode());
+    let t = encode_trailer(&[TrailerEntry {
+        frames: sizes,
+        chunked: true,
+    }]);
+    out.extend_from_slice(t.as_bytes());
+    out.extend_from_slice(b"\r\n");
+    out.extend_from_slice(&FrameHeader::new(FrameKind::Comp, 0, t.len() as u64).encode());
+    std::fs::write(path, out).expect("write");
+}
+
+#[test]
+fn reader_streams_big_frames_and_counts_frames_without_content_size() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let (lz4, model) = gen_chain(tmp.path(), true);
+    // A 1 MiB cache caches nothing above 512 KiB: the 32 and 8 MiB frames are
+    // decoded as streams up to the requested range, every time.
+    let tiny = std::sync::Arc::new(Lz4Cache::new(1 << 20));
+    let reader = ChainReader::with_cache(gen_plan(&lz4, "vda"), tiny).expect("reader");
+    let mut x = 99u64;
+    for _ in 0..24 {
+        x = x
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        let len = ((x >> 44) % (3 * MIB)).max(1);
+        let off = (x >> 18) % (48 * MIB - len);
+        let mut buf = vec![0u8; len as usize];
+        reader.read_at(off, &mut buf).expect("read");
+        assert!(
+            buf == model[off as usize..(off + len) as usize],
+            "read {off}+{len}"
+        );
+    }
+    let (_, _, held) = reader.cache().stats();
+    assert!(held <= 1 << 20);
+
+    // LZ4 frames without the content-size field (1 MiB each, last one short).
+    let data = pattern(42, (5 * MIB + 12345) as usize);
+    let p = tmp.path().join("nocs").join("vda.full.data");
+    std::fs::create_dir_all(p.parent().expect("dir")).expect("mkdir");
+    stream_without_content_sizes(&p, &data, MIB as usize);
+    let plan = DiskPlan::from_paths("vda", std::slice::from_ref(&p), None).expect("plan");
+    assert_eq!(plan.files[0].index.frames[0].lz4_frames.len(), 6);
+    let reader = ChainReader::new(plan).expect("reader");
+    for (off, len) in [
+        (0u64, 100u64),
+        (MIB - 10, 20),
+        (3 * MIB + 5, 2 * MIB),
+        (5 * MIB, 12345),
+        (0, 5 * MIB + 12345),
+    ] {
+        let mut buf = vec![0u8; len as usize];
+        reader.read_at(off, &mut buf).expect("read");
+        assert!(
+            buf == data[off as usize..(off + len) as usize],
+            "read {off}+{len}"
+        );
+    }
 }
 
 // ---- raw protocol conversations ------------------------------------------------
