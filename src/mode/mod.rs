@@ -217,11 +217,13 @@ pub fn apply_options(job: &Job<'_>) -> ApplyOptions {
 }
 
 /// Maps an engine failure to its category (spec STYLE §2: apply failures exit 6,
-/// cancellation 128+n, a full target 4).
+/// cancellation 128+n, a full target 4, a failed post-restore integrity check — the
+/// read-back differs — 4 with the spec §3.6 wording).
 pub fn engine_error(e: engine::Error, what: &str) -> AppError {
     match e.kind() {
         engine::ErrorKind::Cancelled(sig) if sig > 0 => AppError::Interrupted(sig),
         engine::ErrorKind::NoSpace => AppError::Storage(format!("{what}: {e}")),
+        engine::ErrorKind::VerifyFailed => AppError::Storage(format!("Restore produced corrupt disk images — {what}: {e}")),
         _ => AppError::Engine { message: format!("{what}: {e}"), source: Some(Box::new(e)) },
     }
 }
@@ -300,6 +302,14 @@ pub fn line_progress(log: Arc<dyn Reporter>) -> engine::apply::ProgressFn {
 #[cfg(test)]
 mod tests {
     use super::iec;
+
+    #[test]
+    fn integrity_failure_is_a_storage_error() {
+        let e = engine::Error::Verify { path: "/r/x.qcow2".into(), message: "block 3 differs".into() };
+        let a = super::engine_error(e, "Disk restore failed");
+        assert_eq!(a.exit_status().code(), 4);
+        assert!(a.to_string().starts_with("Restore produced corrupt disk images — Disk restore failed: "), "{a}");
+    }
 
     #[test]
     fn numfmt_iec() {
