@@ -250,13 +250,26 @@ impl BackupSet {
             // symlink_metadata: a planted symlink is not a backup file
             let md = fs::symlink_metadata(&path).map_err(file_error(&path))?;
             let name = entry.file_name().to_string_lossy().into_owned();
-            if md.is_dir() {
-                if name == "checkpoints" {
-                    set.scan_checkpoints(&path)?;
-                }
+            if md.is_dir() && name == "checkpoints" {
+                set.scan_checkpoints(&path)?;
                 continue;
             }
             if !md.is_file() {
+                // Never followed or read; but a data file's name on a directory or
+                // symlink is reported as unreadable, not as a missing file.
+                if let BackupFile::Stream { disk, level, partial: false } = BackupFile::parse(&name) {
+                    let what = if md.is_dir() {
+                        "a directory"
+                    } else if md.file_type().is_symlink() {
+                        "a symbolic link"
+                    } else {
+                        "a special file"
+                    };
+                    let e = std::io::Error::new(std::io::ErrorKind::InvalidInput, format!("{what}, not a regular file"));
+                    let content = StreamContent::Unreadable(io_at(0)(e).in_file(&path));
+                    let f = StreamFile { disk: disk.clone(), level, size: 0, mtime: None, has_chksum: false, content, path };
+                    set.disks.entry(disk).or_default().push(f);
+                }
                 continue;
             }
             match BackupFile::parse(&name) {
