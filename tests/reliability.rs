@@ -116,9 +116,8 @@ fn entries(dir: &Path) -> Vec<String> {
 fn error_line(r: &Run) -> String {
     r.stderr
         .lines()
-        .filter(|l| l.contains("] ERROR: "))
-        .filter(|l| !l.contains("caused by"))
-        .last()
+        .rev()
+        .find(|l| l.contains("] ERROR: ") && !l.contains("caused by"))
         .map(|l| l.split("] ERROR: ").nth(1).unwrap_or(l).to_owned())
         .unwrap_or_default()
 }
@@ -828,6 +827,7 @@ fn full_target_filesystem_is_a_storage_error() {
     }
     let _m = Mount(mnt.clone());
     let st = nix::sys::statvfs::statvfs(&mnt).expect("statvfs");
+    #[allow(clippy::useless_conversion)] // not u64 on every platform
     let free = u64::from(st.blocks_available()) * u64::from(st.fragment_size());
     // stream data just under the free space: the pre-flight (backup bytes ≤ free)
     // passes, the qcow2 image (data + metadata clusters) cannot fit
@@ -850,17 +850,42 @@ fn unreadable_data_files_are_clear_errors() {
     let f = c.p("rc-acc-files/vda.inc.virtnbdbackup.2.data");
     fs::remove_file(&f).expect("rm");
     fs::create_dir(&f).expect("mkdir");
-    c.refused("data file replaced by a directory", "rc-acc-files", &[], 5, &["vda.inc.virtnbdbackup.2.data"]);
+    c.refused("data file replaced by a directory", "rc-acc-files", &[], 5, &["unreadable vda.inc.virtnbdbackup.2.data", "a directory, not a regular file"]);
     let mut c = Case::new(&["rc-acc-files"]);
     let f = c.p("rc-acc-files/vda.inc.virtnbdbackup.3.data");
     fs::remove_file(&f).expect("rm");
     symlink(c.s.dir.path().join("nowhere"), &f).expect("symlink");
-    c.refused("data file replaced by a dangling symlink", "rc-acc-files", &[], 5, &["vda.inc.virtnbdbackup.3.data"]);
+    c.refused("data file replaced by a dangling symlink", "rc-acc-files", &[], 5, &["unreadable vda.inc.virtnbdbackup.3.data", "a symbolic link, not a regular file"]);
+    // a symlink to a good copy of the file is not followed either
+    let mut c = Case::new(&["rc-acc-files"]);
+    let f = c.p("rc-acc-files/vda.inc.virtnbdbackup.3.data");
+    let elsewhere = c.s.dir.path().join("inc3.data");
+    fs::rename(&f, &elsewhere).expect("mv");
+    symlink(&elsewhere, &f).expect("symlink");
+    c.refused("data file is a symlink to the real file", "rc-acc-files", &[], 5, &["unreadable vda.inc.virtnbdbackup.3.data", "a symbolic link"]);
+    // a file that shrinks while it is being read (the disk under the backup failed)
+    let mut c = Case::new(&[]);
+    copy_dir(&big_chain().join("bigvm"), &c.root.join("bigvm"));
+    c.freeze();
+    let mut child = c.spawn("bigvm", &[]);
+    assert!(wait_for_part(&c.out, &mut child, "bigvm-vda"), "the restore never started writing");
+    for f in ["bigvm/vda.full.data", "bigvm/vda.inc.virtnbdbackup.1.data"] {
+        File::options().write(true).open(c.p(f)).expect("open").set_len(4096).expect("truncate");
+    }
+    c.freeze();
+    let (code, err) = stderr_of(child);
+    let r = Run { code, stdout: String::new(), stderr: err };
+    table("data file truncated while being read", &r, &c.root);
+    assert_eq!(r.code, Some(6), "{}", r.stderr);
+    assert!(r.stderr.contains("/bigvm/vda.") && r.stderr.contains("truncated payload at byte"), "{}", r.stderr);
+    c.check_tree();
+    assert_eq!(entries(&c.out), Vec::<String>::new(), "files left in the restore path");
+    assert!(!c.lock("bigvm").exists(), "lock not released");
     if !is_root() {
         use std::os::unix::fs::PermissionsExt;
         let mut c = Case::new(&["rc-acc-files"]);
         let f = c.p("rc-acc-files/vda.inc.virtnbdbackup.1.data");
-        fs::set_permissions(&f, fs::Permissions::from_mode(0)).expect("chmod");
+        fs::set_permissions(&f, fs::Permissions::from_mode(0o000)).expect("chmod");
         c.refused("data file mode 000", "rc-acc-files", &[], 5, &["vda.inc.virtnbdbackup.1.data"]);
     }
 }
@@ -894,6 +919,27 @@ fn kill_9_leaves_no_final_file_and_the_rerun_recovers() {
         let st = Command::new("qemu-img").arg("check").arg(c.out.join("bigvm-vda.qcow2")).output().expect("qemu-img");
         assert!(st.status.success(), "{}", String::from_utf8_lossy(&st.stdout));
     }
+}
+
+#[test]
+fn a_live_restore_keeps_its_lock_and_its_part_file() {
+    let mut c = big_case();
+    let mut first = c.spawn("bigvm", &[]);
+    assert!(wait_for_part(&c.out, &mut first, "bigvm-vda"), "the restore never started writing");
+    let part: Vec<String> = entries(&c.out);
+    let r = c.restore("bigvm", &["--force"]);
+    table("second restore while one runs (lock held)", &r, &c.root);
+    assert_eq!(r.code, Some(3), "{}", r.stderr);
+    assert!(r.stderr.contains(&format!("is locked by another backup or restore (PID {})", first.id())), "{}", r.stderr);
+    assert!(r.stderr.contains("vmbackup-bigvm.lock"), "{}", r.stderr);
+    let now = entries(&c.out);
+    assert!(part.iter().all(|p| now.contains(p)), "the live run's .part was touched: {part:?} → {now:?}");
+    let (code, err) = stderr_of(first);
+    assert_eq!(code, Some(0), "{err}");
+    assert!(!err.contains("Removed leftover"), "{err}");
+    assert_eq!(entries(&c.out), vec!["bigvm-vda.qcow2"]);
+    assert!(!c.lock("bigvm").exists());
+    c.check_tree();
 }
 
 #[test]
