@@ -97,7 +97,14 @@ pub fn plan_outputs(set: &BackupSet, point: u32, outputs: &[PredictedOutput], ne
             let raw_name = Path::new(&o.file_name).extension().is_some_and(|e| e == "raw" || e == "img");
             let format = if raw_source || raw_name { ImageFormat::Raw } else { ImageFormat::Qcow2 };
             let (qcow2, default_options) = match &plan.qcow {
-                Some(info) => (Qcow2Options::from_qcow_info(info)?, false),
+                Some(info) => {
+                    // name the side file the refused option came from
+                    let opts = Qcow2Options::from_qcow_info(info).map_err(|e| match (e, set.qcow_json(&o.disk, point)) {
+                        (engine::Error::Unsupported(m), Some(p)) => engine::Error::Unsupported(format!("{}: {m}", p.display())),
+                        (e, _) => e,
+                    })?;
+                    (opts, false)
+                }
                 None => (Qcow2Options::default(), true),
             };
             Ok(DiskJob { output: o.clone(), plan, format, qcow2, default_options })
