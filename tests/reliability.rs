@@ -589,6 +589,19 @@ fn partial_leftover_is_refused() {
     check_content(&c.out.join("rc-damage-vda.qcow2"), "rc-damage", "backups/rc-damage/20260516", "virtnbdbackup.1", "vda");
 }
 
+#[test]
+fn hostile_qcow_json_is_refused_naming_it() {
+    for (class, from, to, needle) in [
+        ("qcow.json cluster-size 2^40", "\"cluster-size\": 65536", "\"cluster-size\": 1099511627776", "cluster size 1099511627776"),
+        ("qcow.json refcount-bits 128", "\"refcount-bits\": 16", "\"refcount-bits\": 128", "refcount width 128"),
+        ("qcow.json not JSON", "{", "{{", "invalid side file at byte 0"),
+    ] {
+        let mut c = Case::new(&["rc-acc-files"]);
+        replace_in(&c.p("rc-acc-files/vda.virtnbdbackup.4.qcow.json"), from, to);
+        c.refused(class, "rc-acc-files", &[], 6, &["/rc-acc-files/vda.virtnbdbackup.4.qcow.json", needle]);
+    }
+}
+
 /// Rewrites the trailer JSON of a compressed stream (and the comp header's length).
 fn set_trailer(path: &Path, json: &str) {
     let b = fs::read(path).expect("read");
