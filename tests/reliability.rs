@@ -407,19 +407,37 @@ fn big_case() -> Case {
     c
 }
 
-/// Waits until a `.part` file shows up under `dir` (the engine is writing).
-fn wait_for_part(dir: &Path, child: &mut Child, what: &str) -> bool {
+/// Waits until a `.part` file whose name contains `what` under `dir` holds at least
+/// `min` bytes (the engine is writing), then stops the child with SIGSTOP so that
+/// what follows happens at that point of the restore, whatever the machine's speed.
+/// False when the child exited first.
+fn pause_at(dir: &Path, child: &mut Child, what: &str, min: u64) -> bool {
     let t = Instant::now();
-    while t.elapsed() < Duration::from_secs(20) {
-        if entries(dir).iter().any(|e| e.ends_with(".part") && e.contains(what)) {
-            return true;
+    while t.elapsed() < Duration::from_secs(30) {
+        let grown = entries(dir)
+            .iter()
+            .filter(|e| e.ends_with(".part") && e.contains(what))
+            .any(|e| fs::metadata(dir.join(e)).is_ok_and(|m| m.len() >= min));
+        if grown {
+            let _ = nix::sys::signal::kill(pid_of(child), nix::sys::signal::Signal::SIGSTOP);
+            return child.try_wait().expect("try_wait").is_none();
         }
         if child.try_wait().expect("try_wait").is_some() {
             return false;
         }
-        std::thread::sleep(Duration::from_millis(5));
+        std::thread::sleep(Duration::from_millis(1));
     }
     false
+}
+
+fn resume(child: &Child) {
+    nix::sys::signal::kill(pid_of(child), nix::sys::signal::Signal::SIGCONT).expect("SIGCONT");
+}
+
+/// A pseudo-random point of a restore writing ~200 MiB: 1..150 MiB.
+fn random_point() -> u64 {
+    let ns = SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).expect("now").subsec_nanos();
+    (1 + u64::from(ns) % 149) * MIB
 }
 
 fn pid_of(c: &Child) -> nix::unistd::Pid {
@@ -881,11 +899,12 @@ fn unreadable_data_files_are_clear_errors() {
     copy_dir(&big_chain().join("bigvm"), &c.root.join("bigvm"));
     c.freeze();
     let mut child = c.spawn("bigvm", &[]);
-    assert!(wait_for_part(&c.out, &mut child, "bigvm-vda"), "the restore never started writing");
+    assert!(pause_at(&c.out, &mut child, "bigvm-vda", 8 * MIB), "the restore was not caught writing");
     for f in ["bigvm/vda.full.data", "bigvm/vda.inc.virtnbdbackup.1.data"] {
         File::options().write(true).open(c.p(f)).expect("open").set_len(4096).expect("truncate");
     }
     c.freeze();
+    resume(&child);
     let (code, err) = stderr_of(child);
     let r = Run { code, stdout: String::new(), stderr: err };
     table("data file truncated while being read", &r, &c.root);
@@ -907,20 +926,20 @@ fn unreadable_data_files_are_clear_errors() {
 fn kill_9_leaves_no_final_file_and_the_rerun_recovers() {
     let mut c = big_case();
     let mut child = c.spawn("bigvm", &[]);
-    assert!(wait_for_part(&c.out, &mut child, "bigvm-vda"), "the restore never started writing");
-    // a pseudo-random point inside the write
-    let ns = SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).expect("now").subsec_nanos();
-    std::thread::sleep(Duration::from_millis(u64::from(ns % 300)));
+    let at = random_point();
+    assert!(pause_at(&c.out, &mut child, "bigvm-vda", at), "the restore was not caught writing ({} MiB)", at / MIB);
     nix::sys::signal::kill(pid_of(&child), nix::sys::signal::Signal::SIGKILL).expect("kill -9");
     let (code, _) = stderr_of(child);
-    assert_eq!(code, None, "the restore finished before the kill; make big_chain larger");
+    assert_eq!(code, None, "killed at {} MiB", at / MIB);
     c.check_tree(); // the dead run's lock may stay: the hash leaves locks/ out
     let left = entries(&c.out);
     assert!(!left.contains(&"bigvm-vda.qcow2".to_owned()), "a killed restore left its final name: {left:?}");
     assert!(left.iter().all(|e| e.ends_with(".part")), "{left:?}");
     assert!(c.lock("bigvm").exists(), "the dead run's lock is there");
     // the rerun: stale lock recovered with a WARN, not blocked by the dead `.part`
+    let t = Instant::now();
     let r = c.restore("bigvm", &[]);
+    eprintln!("full restore of bigvm (with tree checks): {:.2}s", t.elapsed().as_secs_f64());
     table("kill -9 mid-restore, then rerun", &r, &c.root);
     assert_eq!(r.code, Some(0), "{}", r.stderr);
     assert!(r.stderr.contains("Stale lock detected for VM: bigvm"), "{}", r.stderr);
@@ -938,7 +957,7 @@ fn kill_9_leaves_no_final_file_and_the_rerun_recovers() {
 fn a_live_restore_keeps_its_lock_and_its_part_file() {
     let mut c = big_case();
     let mut first = c.spawn("bigvm", &[]);
-    assert!(wait_for_part(&c.out, &mut first, "bigvm-vda"), "the restore never started writing");
+    assert!(pause_at(&c.out, &mut first, "bigvm-vda", MIB), "the restore was not caught writing");
     let part: Vec<String> = entries(&c.out);
     let r = c.restore("bigvm", &["--force"]);
     table("second restore while one runs (lock held)", &r, &c.root);
@@ -947,6 +966,7 @@ fn a_live_restore_keeps_its_lock_and_its_part_file() {
     assert!(r.stderr.contains("vmbackup-bigvm.lock"), "{}", r.stderr);
     let now = entries(&c.out);
     assert!(part.iter().all(|p| now.contains(p)), "the live run's .part was touched: {part:?} → {now:?}");
+    resume(&first);
     let (code, err) = stderr_of(first);
     assert_eq!(code, Some(0), "{err}");
     assert!(!err.contains("Removed leftover"), "{err}");
@@ -960,9 +980,10 @@ fn sigint_and_sigterm_stop_a_restore_cleanly() {
     for (sig, want) in [(nix::sys::signal::Signal::SIGINT, 130), (nix::sys::signal::Signal::SIGTERM, 143)] {
         let mut c = big_case();
         let mut child = c.spawn("bigvm", &[]);
-        assert!(wait_for_part(&c.out, &mut child, "bigvm-vda"), "the restore never started writing");
-        std::thread::sleep(Duration::from_millis(50));
+        let at = random_point();
+        assert!(pause_at(&c.out, &mut child, "bigvm-vda", at), "the restore was not caught writing ({} MiB)", at / MIB);
         nix::sys::signal::kill(pid_of(&child), sig).expect("signal");
+        resume(&child);
         let (code, err) = stderr_of(child);
         let r = Run { code, stdout: String::new(), stderr: err.clone() };
         table(&format!("{sig:?} during a restore"), &r, &c.root);
@@ -993,10 +1014,9 @@ fn test_node(file: &Path, vm: &str, disks: &[(&str, &Path)]) -> String {
     format!("test://{}", file.display())
 }
 
-#[test]
-fn sigint_during_disk_in_place_keeps_the_pre_restore_copy() {
-    // two disks: vda (small) is swapped in first, the signal arrives while vdb (big)
-    // is being written
+/// The two-disk VM of the disk-in-place tests: its chain, its disk files (with
+/// "original" content) and a `test:///` URI defining it shut off.
+fn two_disk_vm() -> (Case, PathBuf, String) {
     let mut c = Case::new(&[]);
     gen_chain(
         &c.root,
@@ -1013,22 +1033,31 @@ fn sigint_during_disk_in_place_keeps_the_pre_restore_copy() {
     fs::write(&vdb, b"original vdb").expect("vdb");
     let uri = test_node(&c.s.dir.path().join("node.xml"), "twovm", &[("vda", &vda), ("vdb", &vdb)]);
     c.freeze();
-    let mut a = c.args("twovm", &["--disk", "vda,vdb"]);
+    (c, images, uri)
+}
+
+fn in_place(c: &Case, uri: &str, disks: &str) -> Command {
+    let mut a = c.args("twovm", &["--disk", disks]);
     let i = a.iter().position(|x| x == "test:///default").expect("uri");
-    a[i] = uri;
-    let mut child = c
-        .s
-        .command(&a.iter().map(String::as_str).collect::<Vec<_>>())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn");
-    if !wait_for_part(&images, &mut child, "vdb") {
+    a[i] = uri.to_owned();
+    let mut cmd = c.s.command(&a.iter().map(String::as_str).collect::<Vec<_>>());
+    cmd.stdout(Stdio::null()).stderr(Stdio::piped());
+    cmd
+}
+
+#[test]
+fn sigint_during_disk_in_place_keeps_the_pre_restore_copy() {
+    // two disks: vda (small) is swapped in first, the signal arrives while vdb (big)
+    // is being written
+    let (c, images, uri) = two_disk_vm();
+    let (vda, vdb) = (images.join("twovm-vda.qcow2"), images.join("twovm-vdb.qcow2"));
+    let mut child = in_place(&c, &uri, "vda,vdb").spawn().expect("spawn");
+    if !pause_at(&images, &mut child, "vdb", random_point()) {
         let (code, err) = stderr_of(child);
-        panic!("vdb was never written (exit {code:?})\n{err}");
+        panic!("vdb was not caught writing (exit {code:?})\n{err}");
     }
-    std::thread::sleep(Duration::from_millis(50));
     nix::sys::signal::kill(pid_of(&child), nix::sys::signal::Signal::SIGINT).expect("SIGINT");
+    resume(&child);
     let (code, err) = stderr_of(child);
     table("SIGINT during disk in place (2nd disk)", &Run { code, stdout: String::new(), stderr: err.clone() }, &c.root);
     assert_eq!(code, Some(130), "{err}");
@@ -1043,4 +1072,45 @@ fn sigint_during_disk_in_place_keeps_the_pre_restore_copy() {
         vec!["twovm-vda.qcow2", "twovm-vda.qcow2.pre-restore", "twovm-vdb.qcow2"],
         "nothing else (no .part, no .new, no vdb.pre-restore)"
     );
+}
+
+#[test]
+fn kill_9_during_disk_in_place_then_rerun_for_the_other_disk() {
+    let (c, images, uri) = two_disk_vm();
+    let (vda, vdb) = (images.join("twovm-vda.qcow2"), images.join("twovm-vdb.qcow2"));
+    let mut child = in_place(&c, &uri, "vda,vdb").spawn().expect("spawn");
+    if !pause_at(&images, &mut child, "vdb", random_point()) {
+        let (code, err) = stderr_of(child);
+        panic!("vdb was not caught writing (exit {code:?})\n{err}");
+    }
+    nix::sys::signal::kill(pid_of(&child), nix::sys::signal::Signal::SIGKILL).expect("kill -9");
+    let (code, _) = stderr_of(child);
+    assert_eq!(code, None);
+    c.check_tree();
+    // vda done (with its rollback copy), vdb untouched, the dead run's temporary file there
+    assert_eq!(fs::read(images.join("twovm-vda.qcow2.pre-restore")).expect("pre"), b"original vda");
+    assert_eq!(fs::read(&vdb).expect("vdb"), b"original vdb");
+    let left = entries(&images);
+    assert!(left.iter().any(|e| e.contains("vdb") && e.ends_with(".part")), "{left:?}");
+    // the whole request again is refused: vda's .pre-restore must not be overwritten
+    let o = in_place(&c, &uri, "vda,vdb").output().expect("run");
+    let err = String::from_utf8_lossy(&o.stderr);
+    table("disk in place rerun after kill -9 (vda.pre-restore exists)", &Run { code: o.status.code(), stdout: String::new(), stderr: err.to_string() }, &c.root);
+    assert_eq!(o.status.code(), Some(4), "{err}");
+    assert!(err.contains("Pre-restore file already exists"), "{err}");
+    assert!(err.contains("Stale lock detected for VM: twovm"), "{err}");
+    assert_eq!(fs::read(images.join("twovm-vda.qcow2.pre-restore")).expect("pre"), b"original vda");
+    // vdb alone: the dead run's temporary file is removed
+    let o = in_place(&c, &uri, "vdb").output().expect("run");
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(0), "{err}");
+    assert!(err.contains("Removed leftover temporary file of an interrupted restore"), "{err}");
+    c.check_tree();
+    assert_eq!(
+        entries(&images),
+        vec!["twovm-vda.qcow2", "twovm-vda.qcow2.pre-restore", "twovm-vdb.qcow2", "twovm-vdb.qcow2.pre-restore"]
+    );
+    assert_eq!(fs::read(images.join("twovm-vdb.qcow2.pre-restore")).expect("pre"), b"original vdb");
+    assert_ne!(fs::read(&vda).expect("vda"), b"original vda");
+    assert!(!c.lock("twovm").exists());
 }
