@@ -120,12 +120,18 @@ pub enum Collision {
         /// The file.
         file: PathBuf,
     },
+    /// Two disks of the restore point would get this same file (their sources
+    /// share a basename): never allowed.
+    SharedOutput {
+        /// The file.
+        file: PathBuf,
+    },
 }
 
 impl Collision {
     /// True when `--force` cannot override it.
     pub fn blocks_even_with_force(&self) -> bool {
-        matches!(self, Self::OtherVmDisk { .. } | Self::RunningVmDisk { .. })
+        matches!(self, Self::OtherVmDisk { .. } | Self::RunningVmDisk { .. } | Self::SharedOutput { .. })
     }
 
     /// The spec's BLOCKED text (§3.6).
@@ -141,6 +147,10 @@ impl Collision {
                 format!("BLOCKED: {} is the disk of VM '{vm}' — use --force for disaster recovery", file.display())
             }
             Self::FileExists { file } => format!("BLOCKED: File already exists: {} — use --force to overwrite", file.display()),
+            Self::SharedOutput { file } => format!(
+                "BLOCKED: {} would be written for more than one disk (their source files have the same name) — restore them one by one with --disk and different --restore-path values",
+                file.display()
+            ),
         }
     }
 
@@ -161,8 +171,15 @@ impl Collision {
 pub fn collisions(finals: &[PathBuf], live: &[LiveDisk], source_vm: &str, state_of: &dyn Fn(&str) -> Option<DomainState>) -> Vec<Collision> {
     let live: Vec<(PathBuf, &LiveDisk)> = live.iter().map(|l| (canonicalize_lenient(&l.path), l)).collect();
     let mut out = Vec::new();
-    for f in finals {
+    let canon: Vec<PathBuf> = finals.iter().map(|f| canonicalize_lenient(f)).collect();
+    for (i, f) in finals.iter().enumerate() {
         let c = canonicalize_lenient(f);
+        if canon[..i].contains(&c) {
+            continue;
+        }
+        if canon[i + 1..].contains(&c) {
+            out.push(Collision::SharedOutput { file: f.clone() });
+        }
         if let Some((_, l)) = live.iter().find(|(p, _)| *p == c) {
             let file = f.clone();
             let vm = l.domain.clone();
@@ -217,6 +234,9 @@ mod tests {
         assert_eq!(c.len(), 3);
         let c = collisions(&finals, &live, "vm", &off);
         assert!(matches!(&c[1], Collision::ShutOffVmDisk { .. }) && !c[1].blocks_even_with_force());
+        let twice = vec![d.path().join("new.qcow2"), d.path().join("x/../new.qcow2")];
+        let c = collisions(&twice, &live, "vm", &off);
+        assert!(matches!(&c[..], [Collision::SharedOutput { .. }]) && c[0].blocks_even_with_force(), "{c:?}");
         assert!(free_space(d.path()).is_some_and(|(f, _)| f > 0));
     }
 }

@@ -125,6 +125,18 @@ pub fn warn_removed_stale(final_path: &Path) {
 /// failure no output takes its final name. With `replace`, existing final files are
 /// replaced (the caller checked `--force`).
 pub fn write_outputs(jobs: Vec<DiskJob>, replace: bool, opts: &ApplyOptions) -> engine::Result<(ApplyReport, Vec<PathBuf>)> {
+    // Two outputs with one name would share one temporary file (the pre-flight
+    // refuses this; never write through it).
+    for (i, j) in jobs.iter().enumerate() {
+        if let Some(k) = jobs[..i].iter().find(|k| k.output.final_path == j.output.final_path) {
+            return Err(engine::Error::Unsupported(format!(
+                "{} and {} would both be restored to {}",
+                k.output.disk,
+                j.output.disk,
+                j.output.final_path.display()
+            )));
+        }
+    }
     let mut staged = Vec::new();
     let mut targets: Vec<Box<dyn BlockTarget>> = Vec::new();
     let mut plans = Vec::new();
