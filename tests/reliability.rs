@@ -728,6 +728,31 @@ fn source_paths_cannot_escape_the_restore_path() {
 }
 
 #[test]
+fn two_disks_with_one_file_name_are_refused_before_writing() {
+    // vda and vdb came from /pool1/disk.qcow2 and /pool2/disk.qcow2: one output name
+    let mut c = Case::new(&["rc-multi-sql"]);
+    let dir = c.p("rc-multi-sql/2026-W08");
+    for e in fs::read_dir(&dir).expect("ls") {
+        let p = e.expect("e").path();
+        if p.file_name().is_some_and(|n| n.to_string_lossy().starts_with("vmconfig.")) {
+            let x = fs::read_to_string(&p)
+                .expect("xml")
+                .replace("/var/lib/libvirt/images/rc-multi-sql-vda.qcow2", "/pool1/disk.qcow2")
+                .replace("/var/lib/libvirt/images/rc-multi-sql-vdb.qcow2", "/pool2/disk.qcow2");
+            fs::write(&p, x).expect("write");
+        }
+    }
+    for extra in [&[][..], &["--force"][..], &["--disk", "all", "--restore-path", &c.out.display().to_string()][..]] {
+        let extra: Vec<&str> = extra.to_vec();
+        c.refused("two disks, one output file name", "rc-multi-sql", &extra, 4, &["BLOCKED: ", "/out/disk.qcow2 would be written for more than one disk"]);
+    }
+    // one at a time works
+    let r = c.restore("rc-multi-sql", &["--disk", "vdb", "--restore-path", &c.out.display().to_string()]);
+    assert_eq!(r.code, Some(0), "{}", r.stderr);
+    check_content(&c.out.join("disk.qcow2"), "rc-multi-sql", "backups/rc-multi-sql/2026-W08", "virtnbdbackup.3", "vdb");
+}
+
+#[test]
 fn symlinks_in_the_restore_path_are_never_written_through() {
     let mut c = Case::new(&["rc-acc-files"]);
     fs::create_dir_all(&c.out).expect("mkdir");
