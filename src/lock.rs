@@ -80,7 +80,9 @@ pub fn acquire(state_root: &Path, vm: &str) -> Result<Acquired, LockHeld> {
     if let Ok(text) = fs::read_to_string(&path) {
         let t = text.trim().to_owned();
         if let Ok(pid) = t.parse::<u32>() {
-            if is_backup_process(pid) {
+            // Our own PID can only be a leftover of a killed run in an earlier PID
+            // namespace (a restarted container gives out the same PIDs again).
+            if pid != std::process::id() && is_backup_process(pid) {
                 return Err(LockHeld { vm: vm.to_owned(), pid, path });
             }
         }
@@ -141,6 +143,19 @@ mod tests {
         assert_eq!(s, "999999999");
         // a live vmrestore-like process (this test binary is not one: use our parent's cmdline trick)
         // is covered by the CLI tests, which hold the lock from a process named vmrestore.
+    }
+
+    #[test]
+    fn a_lock_with_our_own_pid_is_stale() {
+        // this test binary's command line contains "vmrestore": without the PID check
+        // it would count as a live holder
+        let root = tempfile::tempdir().expect("tmp");
+        let p = lock_path(root.path(), "vm1");
+        fs::create_dir_all(p.parent().expect("dir")).expect("mkdir");
+        fs::write(&p, format!("{}\n", std::process::id())).expect("write");
+        let Ok(Acquired::Held { stale: Some(s), lock }) = acquire(root.path(), "vm1") else { panic!("own PID must be stale") };
+        assert_eq!(s, std::process::id().to_string());
+        assert_eq!(fs::read_to_string(lock.path()).expect("read"), format!("{}\n", std::process::id()));
     }
 
     #[test]
