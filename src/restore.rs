@@ -145,9 +145,21 @@ pub fn write_outputs(jobs: Vec<DiskJob>, replace: bool, opts: &ApplyOptions) -> 
         // A stale temporary file from a killed run of the same PID is ours to replace.
         let _ = std::fs::remove_file(s.temp_path());
         warn_removed_stale(&j.output.final_path);
+        // A size the target refuses (image format limit, EFBIG) came from the backup:
+        // say which file declared it. Other OS errors (ENOSPC, EACCES...) stay as they are.
+        let sized = |e: engine::Error| match (&e, j.plan.files.last()) {
+            (engine::Error::Target { source, .. }, _) if source.raw_os_error().is_some_and(|c| c != nix::errno::Errno::EFBIG as i32) => e,
+            (_, None) => e,
+            (_, Some(f)) => engine::Error::Unsupported(format!(
+                "{}: cannot create a {}-byte image (virtualSize in {}): {e}",
+                j.output.disk,
+                j.plan.virtual_size,
+                f.path.display()
+            )),
+        };
         let t: Box<dyn BlockTarget> = match j.format {
-            ImageFormat::Qcow2 => Box::new(Qcow2Target::create(s.temp_path(), j.plan.virtual_size, &j.qcow2)?),
-            ImageFormat::Raw => Box::new(RawTarget::create(s.temp_path(), j.plan.virtual_size)?),
+            ImageFormat::Qcow2 => Box::new(Qcow2Target::create(s.temp_path(), j.plan.virtual_size, &j.qcow2).map_err(sized)?),
+            ImageFormat::Raw => Box::new(RawTarget::create(s.temp_path(), j.plan.virtual_size).map_err(sized)?),
         };
         staged.push(s);
         targets.push(t);
