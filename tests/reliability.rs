@@ -682,7 +682,13 @@ fn absurd_lengths_are_refused() {
     nb.extend_from_slice(&b[40 + l..]);
     fs::write(&f, nb).expect("write");
     fs::remove_file(c.p("rc-v247-chk/202603/vda.full.data.chksum")).expect("rm chksum");
-    c.refused("absurd length (virtualSize 2^60)", "rc-v247-chk", &["--restore-point", "0"], 6, &["vda"]);
+    c.refused(
+        "absurd length (virtualSize 2^60)",
+        "rc-v247-chk",
+        &["--restore-point", "0"],
+        6,
+        &["vda: cannot create a 1152921504606846976-byte image (virtualSize in /rc-v247-chk/202603/vda.full.data)"],
+    );
 }
 
 #[test]
