@@ -1227,6 +1227,133 @@ fn client_restores_a_generated_chain_into_nbdkit_memory() {
     }
 }
 
+/// A minimal old server: fixed newstyle without NO_ZEROES, knows only
+/// EXPORT_NAME, simple replies, no WRITE_ZEROES; answers queued writes in batches
+/// of up to four in reverse order. Returns its disk after the client disconnects.
+fn old_server(l: std::os::unix::net::UnixListener, size: usize) -> (Vec<u8>, usize) {
+    let (mut s, _) = l.accept().expect("accept");
+    let mut disk = vec![0xEEu8; size];
+    let mut w = s.try_clone().expect("clone");
+    let mut rd = |n: usize| {
+        let mut b = vec![0u8; n];
+        s.read_exact(&mut b).expect("read");
+        b
+    };
+    w.write_all(b"NBDMAGICIHAVEOPT").expect("greet");
+    w.write_all(&FLAG_FIXED_NEWSTYLE.to_be_bytes())
+        .expect("flags");
+    assert_eq!(be32(&rd(4)), FLAG_C_FIXED_NEWSTYLE, "no NO_ZEROES offered");
+    loop {
+        let h = rd(16);
+        let (opt, len) = (be32(&h[8..12]), be32(&h[12..16]) as usize);
+        let data = rd(len);
+        if opt == OPT_EXPORT_NAME {
+            assert_eq!(data, b"old");
+            w.write_all(&(size as u64).to_be_bytes()).expect("size");
+            w.write_all(&(FLAG_HAS_FLAGS | FLAG_SEND_FLUSH).to_be_bytes())
+                .expect("flags");
+            w.write_all(&[0u8; 124]).expect("zeroes");
+            break;
+        }
+        w.write_all(&option_reply_header(opt, REP_ERR_UNSUP, 0))
+            .expect("unsup");
+    }
+    let mut held: Vec<u64> = Vec::new();
+    let mut reversed = 0;
+    loop {
+        // Reorder only while more requests are already queued: a server must
+        // answer eventually, and the client waits for every reply before a read.
+        let mut first: Option<u8> = None;
+        if !held.is_empty() {
+            let mut b = [0u8; 1];
+            w.set_nonblocking(true).expect("nonblocking");
+            let got = (&w).read(&mut b);
+            w.set_nonblocking(false).expect("blocking");
+            match got {
+                Ok(1) => first = Some(b[0]),
+                _ => {
+                    for h in held.drain(..).rev() {
+                        w.write_all(&simple_reply(0, h)).expect("reply");
+                    }
+                }
+            }
+        }
+        let mut hdr = [0u8; REQUEST_LEN];
+        match first {
+            Some(b) => {
+                hdr[0] = b;
+                hdr[1..].copy_from_slice(&rd(REQUEST_LEN - 1));
+            }
+            None => hdr.copy_from_slice(&rd(REQUEST_LEN)),
+        }
+        let r = Request::decode(&hdr).expect("magic");
+        let (o, n) = (r.offset as usize, r.length as usize);
+        if r.kind == CMD_WRITE {
+            let d = rd(n);
+            disk[o..o + n].copy_from_slice(&d);
+            held.push(r.handle);
+            if held.len() == 4 {
+                reversed += 1;
+                for h in held.drain(..).rev() {
+                    w.write_all(&simple_reply(0, h)).expect("reply");
+                }
+            }
+            continue;
+        }
+        for h in held.drain(..).rev() {
+            w.write_all(&simple_reply(0, h)).expect("reply");
+        }
+        match r.kind {
+            CMD_READ => {
+                w.write_all(&simple_reply(0, r.handle)).expect("reply");
+                w.write_all(&disk[o..o + n]).expect("data");
+            }
+            CMD_FLUSH => w.write_all(&simple_reply(0, r.handle)).expect("reply"),
+            CMD_DISC => return (disk, reversed),
+            k => panic!("unexpected command {k}"),
+        }
+    }
+}
+
+#[test]
+fn client_falls_back_to_export_name_and_simple_replies() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let sock = tmp.path().join("old.sock");
+    let l = std::os::unix::net::UnixListener::bind(&sock).expect("bind");
+    let size = 4 * MIB as usize;
+    let srv = std::thread::spawn(move || old_server(l, size));
+    let mut t = NbdTarget::connect_with(
+        &unix_uri(&sock, "old"),
+        NbdOptions {
+            request_size: 64 * 1024,
+            ..NbdOptions::default()
+        },
+    )
+    .expect("connect");
+    assert!(!t.structured_replies() && !t.has_block_status() && !t.is_read_only());
+    assert_eq!(t.size(), size as u64);
+    let data = pattern(3, (MIB + 4096) as usize);
+    t.write_at(4096, &data).expect("write");
+    // No WRITE_ZEROES: zero buffers are written instead.
+    t.write_zeroes(2 * MIB, MIB).expect("zero");
+    let mut back = vec![0u8; data.len()];
+    t.read_at(4096, &mut back).expect("read");
+    assert!(back == data);
+    assert_eq!(
+        t.data_ranges(0, size as u64).expect("ranges"),
+        vec![(0, size as u64)]
+    );
+    t.finish().expect("finish");
+    let (disk, reversed) = srv.join().expect("server");
+    assert!(reversed > 0, "replies were reordered");
+    assert!(disk[4096..4096 + data.len()] == data[..]);
+    assert!(disk[2 * MIB as usize..3 * MIB as usize]
+        .iter()
+        .all(|&b| b == 0));
+    assert!(disk[..4096].iter().all(|&b| b == 0xEE));
+    assert!(disk[3 * MIB as usize..].iter().all(|&b| b == 0xEE));
+}
+
 // ---- throughput (manual) ---------------------------------------------------------
 
 /// Writes a 1 GiB full backup (64 MiB data frames, half-compressible) to `dir`.
