@@ -24,6 +24,9 @@
 #   OURS_EXTRA="--no-readback;--no-verify"   extra restore_chain rows, ';'-separated arg sets
 #   CARGO_TARGET_DIR         where cargo builds (default: <repo>/target)
 #   NO_INSTALL=1             do not apt-get anything
+#   COLD=1                   evict the chain files and final.raw from the page cache before
+#                            every run (posix_fadvise DONTNEED on those files only), so
+#                            every tool reads its input from disk as in a real restore
 set -euo pipefail
 repo=$(cd "$(dirname "$0")/.." && pwd)
 N=${N:-3}
@@ -31,6 +34,7 @@ CASES=${CASES:-"a b c c1 d"}
 VARIANTS=${VARIANTS:-"plain lz4"}
 WORK=${WORK:-/var/tmp/vmrestore-bench}
 KEEP=${KEEP:-0}
+COLD=${COLD:-0}
 TOOLS=${TOOLS:-"virtnbdrestore cp qemu-img ours"}
 OURS_EXTRA=${OURS_EXTRA:-}
 
@@ -82,6 +86,18 @@ EOF
 chmod +x "$WORK/bin/qemu-nbd"
 
 now() { date +%s.%N; }
+# Drops the (clean) page-cache pages of the given files/directories, nothing else.
+evict() {
+    python3 - "$@" <<'PY'
+import os, sys
+for top in sys.argv[1:]:
+    paths = [top] if os.path.isfile(top) else [os.path.join(d, f) for d, _, fs in os.walk(top) for f in fs]
+    for p in paths:
+        fd = os.open(p, os.O_RDONLY)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        os.close(fd)
+PY
+}
 load() { cut -d' ' -f1 /proc/loadavg; }
 results=$WORK/results.tsv
 : >"$results"
@@ -92,6 +108,7 @@ run_timed() {
     local stats=$WORK/stats.$$ qstats=$WORK/qstats.$$ l0 t0 t1 rc=0
     rm -rf "$out" "$stats" "$qstats" "$WORK/nbd.sock"
     sync
+    [ "$COLD" = 1 ] && evict "$chain" "$WORK/final.raw"
     l0=$(load)
     t0=$(now)
     QNBD_STATS=$qstats PATH="$WORK/bin:$PATH" /usr/bin/time -f "%e %M %U %S" -o "$stats" "$@" >>"$WORK/tool.log" 2>&1 || rc=$?
@@ -124,7 +141,7 @@ run_timed() {
 
 command -v bc >/dev/null || apt_install bc
 
-echo "machine: $(nproc) cores, $(uname -r), load $(cat /proc/loadavg)"
+echo "machine: $(nproc) cores, $(uname -r), load $(cat /proc/loadavg), page cache: $([ "$COLD" = 1 ] && echo cold || echo warm)"
 echo "work dir: $WORK (free: $(df -h --output=avail "$WORK" | tail -1 | tr -d ' '))"
 for variant in $VARIANTS; do
     for case in $CASES; do
