@@ -70,7 +70,7 @@ cleanup() { [ "$KEEP" = 1 ] || rm -rf "$WORK"; }
 trap cleanup EXIT
 
 # qemu-nbd wrapper for virtnbdrestore (see the header).
-mkdir -p "$WORK/bin"
+mkdir -p "$WORK/bin" "$WORK/tmp"   # tmp: virtnbdrestore leaves a qemu-*.log per child there
 cat >"$WORK/bin/qemu-nbd" <<EOF
 #!/usr/bin/env bash
 args=(); sock=; prev=
@@ -160,7 +160,7 @@ for variant in $VARIANTS; do
                 case "$tool" in
                     virtnbdrestore)
                         run_timed virtnbdrestore "$case" "$variant" "$out/vnr" \
-                            virtnbdrestore -U test:///default -n -L "$WORK/virtnbdrestore.log" \
+                            env TMPDIR="$WORK/tmp" virtnbdrestore -U test:///default -n -L "$WORK/virtnbdrestore.log" \
                             -f "$WORK/nbd.sock" -i "$chain" -o "$out/vnr"
                         if [ "$checked" = 0 ]; then
                             qemu-img compare -q "$out/vnr/bench-vda.qcow2" "$WORK/final.raw" \
