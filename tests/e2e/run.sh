@@ -14,7 +14,7 @@ WORK=$(mktemp -d /var/tmp/vmrestore-e2e.XXXXXX)
 chmod 755 "$WORK"   # qemu (libvirt-qemu) must reach restored images
 BK=$WORK/backups
 export LOG_DIR=$WORK/logs
-SCENARIOS=${E2E_SCENARIOS:-"fixtures multi uefi long shrink copy"}
+SCENARIOS=${E2E_SCENARIOS:-"fixtures multi uefi long shrink copy diff"}
 EXTRA_DOMAINS=()
 PASSED=()
 START=$SECONDS
@@ -240,6 +240,30 @@ scenario_copy() {
     backup "$vm" copy "$period"
     vmr --vm "$vm" --backup-path "$BK" --restore-path "$WORK/copy" --skip-config
     same_content "$WORK/copy/$vm-vda.qcow2" "$WORK/copy-vda.raw"; ok "copy: offline copy backup"
+}
+
+scenario_diff() {
+    # full, inc, then two differentials: "latest" is the newest differential's state,
+    # restore point 1 ignores them
+    local vm=$E2E_PREFIX-diff
+    local dir=$BK/$vm/20260310
+    mkvm "$vm" vda:8M:virtio
+    io "$vm" vda "write -P 0x61 0 1M"
+    backup "$vm" full "$dir" --compress
+    io "$vm" vda "write -P 0x62 1M 64k"
+    backup "$vm" inc "$dir" --compress
+    truth "$vm" vda "$WORK/diff-1.raw"
+    io "$vm" vda "write -P 0x63 2M 64k"
+    backup "$vm" diff "$dir"
+    sleep 1
+    io "$vm" vda "write -P 0x64 3M 64k"
+    backup "$vm" diff "$dir"
+    truth "$vm" vda "$WORK/diff-latest.raw"
+    ls "$dir"/vda.diff.*.data >/dev/null || die "no differential written"
+    vmr --vm "$vm" --backup-path "$BK" --restore-path "$WORK/diff-latest" --skip-config
+    same_content "$WORK/diff-latest/$vm-vda.qcow2" "$WORK/diff-latest.raw"; ok "diff: latest includes the newest differential"
+    vmr --vm "$vm" --backup-path "$BK" --restore-path "$WORK/diff-1" --skip-config --restore-point 1
+    same_content "$WORK/diff-1/$vm-vda.qcow2" "$WORK/diff-1.raw"; ok "diff: restore point 1 ignores the differentials"
 }
 
 e2e_setup
