@@ -327,15 +327,26 @@ pub fn record_restore(state_root: &Path, row: &RestoreSession) -> Result<(), Str
     if !path.is_file() {
         return Err("no catalogue database".into());
     }
-    let mut conn = Connection::open_with_flags(&path, OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX)
+    let mut conn = Connection::open_with_flags(
+        &path,
+        OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+    )
+    .map_err(|e| e.to_string())?;
+    conn.busy_timeout(Duration::from_millis(5000))
         .map_err(|e| e.to_string())?;
-    conn.busy_timeout(Duration::from_millis(5000)).map_err(|e| e.to_string())?;
     let tx = conn.transaction().map_err(|e| e.to_string())?;
-    tx.execute_batch(RESTORE_SESSIONS_DDL).map_err(|e| e.to_string())?;
+    tx.execute_batch(RESTORE_SESSIONS_DDL)
+        .map_err(|e| e.to_string())?;
     let existing: Vec<String> = {
-        let mut st = tx.prepare("SELECT name FROM pragma_table_info('restore_sessions')").map_err(|e| e.to_string())?;
-        let names = st.query_map([], |r| r.get::<_, String>(0)).map_err(|e| e.to_string())?;
-        names.collect::<rusqlite::Result<Vec<_>>>().map_err(|e| e.to_string())?
+        let mut st = tx
+            .prepare("SELECT name FROM pragma_table_info('restore_sessions')")
+            .map_err(|e| e.to_string())?;
+        let names = st
+            .query_map([], |r| r.get::<_, String>(0))
+            .map_err(|e| e.to_string())?;
+        names
+            .collect::<rusqlite::Result<Vec<_>>>()
+            .map_err(|e| e.to_string())?
     };
     use rusqlite::types::Value;
     let opt = |v: &Option<String>| v.clone().map_or(Value::Null, Value::Text);
@@ -349,11 +360,17 @@ pub fn record_restore(state_root: &Path, row: &RestoreSession) -> Result<(), Str
         ("source_path", Value::Text(row.source_path.clone())),
         ("period_id", opt(&row.period_id)),
         ("restore_point", Value::Text(row.restore_point.clone())),
-        ("checkpoint", row.checkpoint.map_or(Value::Null, Value::Integer)),
+        (
+            "checkpoint",
+            row.checkpoint.map_or(Value::Null, Value::Integer),
+        ),
         ("target_path", opt(&row.target_path)),
         ("disks", opt(&row.disks)),
         ("forced", Value::Integer(i64::from(row.forced))),
-        ("include_incomplete", Value::Integer(i64::from(row.include_incomplete))),
+        (
+            "include_incomplete",
+            Value::Integer(i64::from(row.include_incomplete)),
+        ),
         ("tpm_result", opt(&row.tpm_result)),
         ("outcome", Value::Text(row.outcome.clone())),
         ("exit_code", Value::Integer(row.exit_code)),
@@ -361,12 +378,26 @@ pub fn record_restore(state_root: &Path, row: &RestoreSession) -> Result<(), Str
         ("log_file", opt(&row.log_file)),
         ("hostname", opt(&row.hostname)),
         ("invoked_by", opt(&row.invoked_by)),
-        ("vmrestore_version", Value::Text(env!("CARGO_PKG_VERSION").to_owned())),
+        (
+            "vmrestore_version",
+            Value::Text(env!("CARGO_PKG_VERSION").to_owned()),
+        ),
     ];
-    let cols: Vec<(&str, Value)> = cols.into_iter().filter(|(c, _)| existing.iter().any(|e| e == c)).collect();
+    let cols: Vec<(&str, Value)> = cols
+        .into_iter()
+        .filter(|(c, _)| existing.iter().any(|e| e == c))
+        .collect();
     let names: Vec<&str> = cols.iter().map(|(c, _)| *c).collect();
     let marks: Vec<&str> = cols.iter().map(|_| "?").collect();
-    let sql = format!("INSERT INTO restore_sessions ({}) VALUES ({})", names.join(", "), marks.join(", "));
-    tx.execute(&sql, rusqlite::params_from_iter(cols.into_iter().map(|(_, v)| v))).map_err(|e| e.to_string())?;
+    let sql = format!(
+        "INSERT INTO restore_sessions ({}) VALUES ({})",
+        names.join(", "),
+        marks.join(", ")
+    );
+    tx.execute(
+        &sql,
+        rusqlite::params_from_iter(cols.into_iter().map(|(_, v)| v)),
+    )
+    .map_err(|e| e.to_string())?;
     tx.commit().map_err(|e| e.to_string())
 }

@@ -72,14 +72,21 @@ fn attrs(e: &BytesStart<'_>) -> Vec<(String, String)> {
         .map(|a| {
             let k = a.key.as_ref().to_owned();
             #[allow(deprecated)]
-            let v = a.unescape_value().map(|v| v.into_owned()).unwrap_or_default();
+            let v = a
+                .unescape_value()
+                .map(|v| v.into_owned())
+                .unwrap_or_default();
             (k, v)
         })
         .collect()
 }
 
 fn escape(v: &str) -> String {
-    v.replace('&', "&amp;").replace('<', "&lt;").replace('>', "&gt;").replace('\'', "&apos;").replace('"', "&quot;")
+    v.replace('&', "&amp;")
+        .replace('<', "&lt;")
+        .replace('>', "&gt;")
+        .replace('\'', "&apos;")
+        .replace('"', "&quot;")
 }
 
 fn tag(name: &str, attrs: &[(String, String)], empty: bool) -> String {
@@ -108,7 +115,10 @@ pub fn rewrite(xml: &str, rw: &Rewrite) -> Result<String, DomXmlError> {
     let mut text_start = 0usize;
     loop {
         let start = reader.buffer_position() as usize;
-        let ev = reader.read_event().map_err(|e| DomXmlError { offset: reader.error_position(), message: e.to_string() })?;
+        let ev = reader.read_event().map_err(|e| DomXmlError {
+            offset: reader.error_position(),
+            message: e.to_string(),
+        })?;
         let end = reader.buffer_position() as usize;
         let path: Vec<&str> = stack.iter().map(|(n, _)| n.as_str()).collect();
         match ev {
@@ -119,12 +129,21 @@ pub fn rewrite(xml: &str, rw: &Rewrite) -> Result<String, DomXmlError> {
                 if let Some(d) = disk.as_mut() {
                     if path.len() == 3 {
                         match name.as_str() {
-                            "target" => d.target = attrs(e).into_iter().find(|(k, _)| k == "dev").map(|(_, v)| v),
+                            "target" => {
+                                d.target = attrs(e)
+                                    .into_iter()
+                                    .find(|(k, _)| k == "dev")
+                                    .map(|(_, v)| v)
+                            }
                             "driver" => d.driver = Some((Span { start, end }, attrs(e))),
                             "source" | "backingStore" => {
                                 if empty {
                                     let s = Span { start, end };
-                                    if name == "source" { d.source = Some(s) } else { d.backing.push(s) }
+                                    if name == "source" {
+                                        d.source = Some(s)
+                                    } else {
+                                        d.backing.push(s)
+                                    }
                                 } else {
                                     open_child = Some((name.clone(), start));
                                 }
@@ -133,19 +152,31 @@ pub fn rewrite(xml: &str, rw: &Rewrite) -> Result<String, DomXmlError> {
                         }
                     }
                 } else if path == ["domain", "devices"] && name == "disk" {
-                    disk = Some(Disk { whole: Span { start, end }, tag: Span { start, end }, attrs: attrs(e), ..Disk::default() });
+                    disk = Some(Disk {
+                        whole: Span { start, end },
+                        tag: Span { start, end },
+                        attrs: attrs(e),
+                        ..Disk::default()
+                    });
                     if empty {
                         // <disk/> without children: nothing to restore into, drop it.
                         edits.push(removal(xml, start, end));
                         disk = None;
                     }
-                } else if path == ["domain", "devices", "interface"] && name == "mac" && rw.drop_macs {
+                } else if path == ["domain", "devices", "interface"]
+                    && name == "mac"
+                    && rw.drop_macs
+                {
                     if empty {
                         edits.push(removal(xml, start, end));
                     } else {
                         open_child = Some(("mac".into(), start));
                     }
-                } else if path == ["domain"] && name == "uuid" && (rw.drop_uuid || rw.uuid.is_some()) && empty {
+                } else if path == ["domain"]
+                    && name == "uuid"
+                    && (rw.drop_uuid || rw.uuid.is_some())
+                    && empty
+                {
                     edits.push(removal(xml, start, end));
                 }
                 if !empty {
@@ -156,7 +187,10 @@ pub fn rewrite(xml: &str, rw: &Rewrite) -> Result<String, DomXmlError> {
             Event::End(ref e) => {
                 let name = e.name().as_ref().to_owned();
                 let Some((open, open_start)) = stack.pop() else {
-                    return Err(DomXmlError { offset: start as u64, message: format!("unexpected </{name}>") });
+                    return Err(DomXmlError {
+                        offset: start as u64,
+                        message: format!("unexpected </{name}>"),
+                    });
                 };
                 let parent: Vec<&str> = stack.iter().map(|(n, _)| n.as_str()).collect();
                 if let Some((child, cs)) = open_child.take() {
@@ -174,7 +208,10 @@ pub fn rewrite(xml: &str, rw: &Rewrite) -> Result<String, DomXmlError> {
                 }
                 if open == "disk" && parent == ["domain", "devices"] {
                     if let Some(mut d) = disk.take() {
-                        d.whole = Span { start: d.whole.start, end };
+                        d.whole = Span {
+                            start: d.whole.start,
+                            end,
+                        };
                         edits.extend(disk_edits(xml, &d, rw));
                     }
                 } else if parent == ["domain"] && open == "name" {
@@ -197,7 +234,10 @@ pub fn rewrite(xml: &str, rw: &Rewrite) -> Result<String, DomXmlError> {
         }
     }
     if !stack.is_empty() {
-        return Err(DomXmlError { offset: xml.len() as u64, message: format!("<{}> is not closed", stack[stack.len() - 1].0) });
+        return Err(DomXmlError {
+            offset: xml.len() as u64,
+            message: format!("<{}> is not closed", stack[stack.len() - 1].0),
+        });
     }
     edits.sort_by_key(|e| e.0);
     let mut out = String::with_capacity(xml.len());
@@ -218,15 +258,34 @@ pub fn rewrite(xml: &str, rw: &Rewrite) -> Result<String, DomXmlError> {
 fn removal(xml: &str, start: usize, end: usize) -> (usize, usize, String) {
     let before = &xml[..start];
     let line_start = before.rfind('\n').map_or(0, |i| i + 1);
-    let s = if before[line_start..].chars().all(|c| c == ' ' || c == '\t') { line_start } else { start };
-    let e = if xml[end..].starts_with('\n') { end + 1 } else { end };
+    let s = if before[line_start..].chars().all(|c| c == ' ' || c == '\t') {
+        line_start
+    } else {
+        start
+    };
+    let e = if xml[end..].starts_with('\n') {
+        end + 1
+    } else {
+        end
+    };
     (s, e, String::new())
 }
 
 fn disk_edits(xml: &str, d: &Disk, rw: &Rewrite) -> Vec<(usize, usize, String)> {
-    let device = d.attrs.iter().find(|(k, _)| k == "device").map_or("disk", |(_, v)| v.as_str());
-    let kind = d.attrs.iter().find(|(k, _)| k == "type").map_or("file", |(_, v)| v.as_str());
-    let restored = d.target.as_deref().and_then(|t| rw.disks.iter().find(|r| r.target == t));
+    let device = d
+        .attrs
+        .iter()
+        .find(|(k, _)| k == "device")
+        .map_or("disk", |(_, v)| v.as_str());
+    let kind = d
+        .attrs
+        .iter()
+        .find(|(k, _)| k == "type")
+        .map_or("file", |(_, v)| v.as_str());
+    let restored = d
+        .target
+        .as_deref()
+        .and_then(|t| rw.disks.iter().find(|r| r.target == t));
     let Some(r) = restored.filter(|_| device == "disk" && kind != "network") else {
         // Optical drives, floppies, LUNs, network disks and disks without backup
         // data cannot be restored: drop them (the VM boots without them).
@@ -244,7 +303,11 @@ fn disk_edits(xml: &str, d: &Disk, rw: &Rewrite) -> Vec<(usize, usize, String)> 
         let empty = xml[span.start..span.end].ends_with("/>");
         edits.push((span.start, span.end, tag("driver", &a, empty)));
     }
-    let src = tag("source", &[("file".to_owned(), r.path.to_string_lossy().into_owned())], true);
+    let src = tag(
+        "source",
+        &[("file".to_owned(), r.path.to_string_lossy().into_owned())],
+        true,
+    );
     match d.source {
         Some(s) => edits.push((s.start, s.end, src)),
         None => edits.push((d.tag.end, d.tag.end, src)),
@@ -309,25 +372,63 @@ mod tests {
 
     fn disks() -> Vec<DiskRewrite> {
         vec![
-            DiskRewrite { target: "vda".into(), path: "/r/vm1-vda.qcow2".into(), format: "qcow2".into() },
-            DiskRewrite { target: "vdb".into(), path: "/r/data".into(), format: "qcow2".into() },
+            DiskRewrite {
+                target: "vda".into(),
+                path: "/r/vm1-vda.qcow2".into(),
+                format: "qcow2".into(),
+            },
+            DiskRewrite {
+                target: "vdb".into(),
+                path: "/r/data".into(),
+                format: "qcow2".into(),
+            },
         ]
     }
 
     #[test]
     fn dr_keeps_identity_and_everything_else() {
-        let out = rewrite(XML, &Rewrite { disks: disks(), ..Rewrite::default() }).expect("ok");
-        assert!(out.contains("<name>vm1</name>") && out.contains("<uuid>11111111-2222-3333-4444-555555555555</uuid>"));
+        let out = rewrite(
+            XML,
+            &Rewrite {
+                disks: disks(),
+                ..Rewrite::default()
+            },
+        )
+        .expect("ok");
+        assert!(
+            out.contains("<name>vm1</name>")
+                && out.contains("<uuid>11111111-2222-3333-4444-555555555555</uuid>")
+        );
         assert!(out.contains("<mac address='52:54:00:aa:bb:cc'/>"));
         assert!(out.contains("<source file='/r/vm1-vda.qcow2'/>"));
         assert!(out.contains("<disk type='file' device='disk'>\n      <driver name='qemu' type='qcow2'/>\n      <source file='/r/data'/>"));
-        assert!(!out.contains("backingStore") && !out.contains("x.iso") && !out.contains("excluded.img"));
+        assert!(
+            !out.contains("backingStore")
+                && !out.contains("x.iso")
+                && !out.contains("excluded.img")
+        );
         // untouched parts are byte-identical
-        for keep in ["<description>a &lt;b&gt; &amp; &apos;c&apos;</description>", "<!-- keep me -->", "<qemu:arg value='a&amp;b'/>", "<alias name='virtio-disk0'/>"] {
+        for keep in [
+            "<description>a &lt;b&gt; &amp; &apos;c&apos;</description>",
+            "<!-- keep me -->",
+            "<qemu:arg value='a&amp;b'/>",
+            "<alias name='virtio-disk0'/>",
+        ] {
             assert!(out.contains(keep), "{keep}");
         }
         roxmltree::Document::parse(&out).expect("well-formed");
-        assert_eq!(rewrite(XML, &Rewrite { disks: disks(), ..Rewrite::default() }).expect("ok"), out, "deterministic");
+        assert_eq!(
+            rewrite(
+                XML,
+                &Rewrite {
+                    disks: disks(),
+                    ..Rewrite::default()
+                }
+            )
+            .expect("ok"),
+            out,
+            "deterministic"
+        );
     }
 
     #[test]
@@ -345,12 +446,23 @@ mod tests {
         assert!(!out.contains("<uuid>") && !out.contains("52:54:00:aa:bb:cc"));
         assert!(out.contains("<nvram>/var/lib/libvirt/qemu/nvram/vm1-clone_VARS.fd</nvram>"));
         let doc = roxmltree::Document::parse(&out).expect("well-formed");
-        assert_eq!(doc.descendants().filter(|n| n.has_tag_name("disk")).count(), 2);
+        assert_eq!(
+            doc.descendants().filter(|n| n.has_tag_name("disk")).count(),
+            2
+        );
     }
 
     #[test]
     fn uuid_reinjection_and_errors() {
-        let out = rewrite(XML, &Rewrite { uuid: Some("aaaa".into()), disks: disks(), ..Rewrite::default() }).expect("ok");
+        let out = rewrite(
+            XML,
+            &Rewrite {
+                uuid: Some("aaaa".into()),
+                disks: disks(),
+                ..Rewrite::default()
+            },
+        )
+        .expect("ok");
         assert!(out.contains("<uuid>aaaa</uuid>"));
         assert!(rewrite("<domain><name>x</domain>", &Rewrite::default()).is_err());
         assert!(rewrite("<domain><name>x</name>", &Rewrite::default()).is_err());

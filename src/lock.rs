@@ -45,7 +45,10 @@ pub struct LockHeld {
 
 /// The lock file of `vm` under `state_root`.
 pub fn lock_path(state_root: &Path, vm: &str) -> PathBuf {
-    state_root.join("_state").join("locks").join(format!("vmbackup-{vm}.lock"))
+    state_root
+        .join("_state")
+        .join("locks")
+        .join(format!("vmbackup-{vm}.lock"))
 }
 
 /// True when `pid` is alive and runs vmbackup, vmrestore or virtnbdbackup.
@@ -70,7 +73,12 @@ pub fn holder(state_root: &Path, vm: &str) -> Option<u32> {
 /// stale and replaced; the file is created with `O_EXCL`.
 pub fn acquire(state_root: &Path, vm: &str) -> Result<Acquired, LockHeld> {
     let path = lock_path(state_root, vm);
-    let unavailable = |reason: String| Ok(Acquired::Unavailable { path: path.clone(), reason });
+    let unavailable = |reason: String| {
+        Ok(Acquired::Unavailable {
+            path: path.clone(),
+            reason,
+        })
+    };
     if let Some(dir) = path.parent() {
         if let Err(e) = fs::create_dir_all(dir) {
             return unavailable(e.to_string());
@@ -83,7 +91,11 @@ pub fn acquire(state_root: &Path, vm: &str) -> Result<Acquired, LockHeld> {
             // Our own PID can only be a leftover of a killed run in an earlier PID
             // namespace (a restarted container gives out the same PIDs again).
             if pid != std::process::id() && is_backup_process(pid) {
-                return Err(LockHeld { vm: vm.to_owned(), pid, path });
+                return Err(LockHeld {
+                    vm: vm.to_owned(),
+                    pid,
+                    path,
+                });
             }
         }
         if let Err(e) = fs::remove_file(&path) {
@@ -98,11 +110,21 @@ pub fn acquire(state_root: &Path, vm: &str) -> Result<Acquired, LockHeld> {
                 let _ = fs::remove_file(&path);
                 return unavailable(e.to_string());
             }
-            Ok(Acquired::Held { lock: VmLock { path, pid }, stale })
+            Ok(Acquired::Held {
+                lock: VmLock { path, pid },
+                stale,
+            })
         }
         Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
-            let pid = fs::read_to_string(&path).ok().and_then(|t| t.trim().parse().ok()).unwrap_or(0);
-            Err(LockHeld { vm: vm.to_owned(), pid, path })
+            let pid = fs::read_to_string(&path)
+                .ok()
+                .and_then(|t| t.trim().parse().ok())
+                .unwrap_or(0);
+            Err(LockHeld {
+                vm: vm.to_owned(),
+                pid,
+                path,
+            })
         }
         Err(e) => unavailable(e.to_string()),
     }
@@ -133,13 +155,20 @@ mod tests {
         let root = tempfile::tempdir().expect("tmp");
         let p = lock_path(root.path(), "vm1");
         {
-            let Ok(Acquired::Held { lock, stale: None }) = acquire(root.path(), "vm1") else { panic!("first acquire") };
-            assert_eq!(fs::read_to_string(lock.path()).expect("read"), format!("{}\n", std::process::id()));
+            let Ok(Acquired::Held { lock, stale: None }) = acquire(root.path(), "vm1") else {
+                panic!("first acquire")
+            };
+            assert_eq!(
+                fs::read_to_string(lock.path()).expect("read"),
+                format!("{}\n", std::process::id())
+            );
         }
         assert!(!p.exists(), "released on drop");
         // a dead PID is stale
         fs::write(&p, "999999999\n").expect("write");
-        let Ok(Acquired::Held { stale: Some(s), .. }) = acquire(root.path(), "vm1") else { panic!("stale") };
+        let Ok(Acquired::Held { stale: Some(s), .. }) = acquire(root.path(), "vm1") else {
+            panic!("stale")
+        };
         assert_eq!(s, "999999999");
         // a live vmrestore-like process (this test binary is not one: use our parent's cmdline trick)
         // is covered by the CLI tests, which hold the lock from a process named vmrestore.
@@ -153,9 +182,18 @@ mod tests {
         let p = lock_path(root.path(), "vm1");
         fs::create_dir_all(p.parent().expect("dir")).expect("mkdir");
         fs::write(&p, format!("{}\n", std::process::id())).expect("write");
-        let Ok(Acquired::Held { stale: Some(s), lock }) = acquire(root.path(), "vm1") else { panic!("own PID must be stale") };
+        let Ok(Acquired::Held {
+            stale: Some(s),
+            lock,
+        }) = acquire(root.path(), "vm1")
+        else {
+            panic!("own PID must be stale")
+        };
         assert_eq!(s, std::process::id().to_string());
-        assert_eq!(fs::read_to_string(lock.path()).expect("read"), format!("{}\n", std::process::id()));
+        assert_eq!(
+            fs::read_to_string(lock.path()).expect("read"),
+            format!("{}\n", std::process::id())
+        );
     }
 
     #[test]
@@ -164,6 +202,9 @@ mod tests {
         fs::create_dir_all(root.path().join("_state")).expect("mkdir");
         // a file where the locks directory should be makes it uncreatable, even as root
         fs::write(root.path().join("_state/locks"), "x").expect("write");
-        assert!(matches!(acquire(root.path(), "vm1"), Ok(Acquired::Unavailable { .. })));
+        assert!(matches!(
+            acquire(root.path(), "vm1"),
+            Ok(Acquired::Unavailable { .. })
+        ));
     }
 }

@@ -19,17 +19,26 @@ pub struct NvramPick {
 /// `<nvram>` path; any `*_VARS*.fd` copy when the base name has none; the bare file
 /// for copy backups.
 pub fn pick(set: &BackupSet, nvram_path: &str, point: u32) -> Option<NvramPick> {
-    let base = Path::new(nvram_path).file_name()?.to_string_lossy().into_owned();
+    let base = Path::new(nvram_path)
+        .file_name()?
+        .to_string_lossy()
+        .into_owned();
     if set.kind == SetKind::Copy {
         let p = set.dir.join(&base);
-        return p.is_file().then_some(NvramPick { source: p, checkpoint: None });
+        return p.is_file().then_some(NvramPick {
+            source: p,
+            checkpoint: None,
+        });
     }
     let choose = |pred: &dyn Fn(&str) -> bool| {
         set.boot_files
             .iter()
             .filter(|(b, n, _)| pred(b) && *n <= point)
             .max_by_key(|(_, n, _)| *n)
-            .map(|(_, n, p)| NvramPick { source: p.clone(), checkpoint: Some(*n) })
+            .map(|(_, n, p)| NvramPick {
+                source: p.clone(),
+                checkpoint: Some(*n),
+            })
     };
     choose(&|b| b == base).or_else(|| choose(&|b| b.contains("_VARS") && b.ends_with(".fd")))
 }

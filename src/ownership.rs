@@ -9,7 +9,10 @@ use nix::unistd::{chown, Group, User};
 pub fn chown_to(path: &Path, users: &[&str]) -> std::io::Result<Option<String>> {
     for name in users {
         if let Ok(Some(u)) = User::from_name(name) {
-            let gid = Group::from_name(name).ok().flatten().map_or(u.gid, |g| g.gid);
+            let gid = Group::from_name(name)
+                .ok()
+                .flatten()
+                .map_or(u.gid, |g| g.gid);
             chown(path, Some(u.uid), Some(gid)).map_err(std::io::Error::from)?;
             return Ok(Some((*name).to_owned()));
         }

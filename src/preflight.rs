@@ -11,7 +11,11 @@ use crate::hypervisor::{DomainState, LiveDisk};
 /// `realpath -m`: absolute, symlinks resolved on the longest existing prefix, `.` and
 /// `..` folded lexically in the rest.
 pub fn canonicalize_lenient(p: &Path) -> PathBuf {
-    let abs = if p.is_absolute() { p.to_path_buf() } else { std::env::current_dir().unwrap_or_default().join(p) };
+    let abs = if p.is_absolute() {
+        p.to_path_buf()
+    } else {
+        std::env::current_dir().unwrap_or_default().join(p)
+    };
     let mut existing = abs.clone();
     let mut rest: Vec<std::ffi::OsString> = Vec::new();
     loop {
@@ -28,7 +32,10 @@ pub fn canonicalize_lenient(p: &Path) -> PathBuf {
             }
             return out;
         }
-        match (existing.file_name().map(|n| n.to_os_string()), existing.parent()) {
+        match (
+            existing.file_name().map(|n| n.to_os_string()),
+            existing.parent(),
+        ) {
             (Some(name), Some(parent)) => {
                 rest.push(name);
                 existing = parent.to_path_buf();
@@ -79,7 +86,8 @@ pub fn backup_bytes(set: &BackupSet, point: Option<u32>) -> (u64, usize) {
     let mut n = 0;
     for f in set.disks.values().flatten() {
         let take = match (set.kind, f.level) {
-            (SetKind::Copy, StreamLevel::Copy) | (SetKind::Full | SetKind::Incremental, StreamLevel::Full) => true,
+            (SetKind::Copy, StreamLevel::Copy)
+            | (SetKind::Full | SetKind::Incremental, StreamLevel::Full) => true,
             (SetKind::Incremental, StreamLevel::Inc(i)) => point.is_none_or(|p| i <= p),
             _ => false,
         };
@@ -131,7 +139,10 @@ pub enum Collision {
 impl Collision {
     /// True when `--force` cannot override it.
     pub fn blocks_even_with_force(&self) -> bool {
-        matches!(self, Self::OtherVmDisk { .. } | Self::RunningVmDisk { .. } | Self::SharedOutput { .. })
+        matches!(
+            self,
+            Self::OtherVmDisk { .. } | Self::RunningVmDisk { .. } | Self::SharedOutput { .. }
+        )
     }
 
     /// The spec's BLOCKED text (§3.6).
@@ -160,7 +171,9 @@ impl Collision {
             Self::ShutOffVmDisk { file, vm } => {
                 format!("Will overwrite disk of shut-off VM '{vm}': {} (disaster recovery with --force)", file.display())
             }
-            Self::FileExists { file } => format!("File exists and will be overwritten: {}", file.display()),
+            Self::FileExists { file } => {
+                format!("File exists and will be overwritten: {}", file.display())
+            }
             other => other.blocked_message(),
         }
     }
@@ -168,8 +181,16 @@ impl Collision {
 
 /// Checks each predicted final path (spec §4.2 table). `source_vm` is the resolved
 /// source VM name (also for clones); `state_of` gives a domain's state.
-pub fn collisions(finals: &[PathBuf], live: &[LiveDisk], source_vm: &str, state_of: &dyn Fn(&str) -> Option<DomainState>) -> Vec<Collision> {
-    let live: Vec<(PathBuf, &LiveDisk)> = live.iter().map(|l| (canonicalize_lenient(&l.path), l)).collect();
+pub fn collisions(
+    finals: &[PathBuf],
+    live: &[LiveDisk],
+    source_vm: &str,
+    state_of: &dyn Fn(&str) -> Option<DomainState>,
+) -> Vec<Collision> {
+    let live: Vec<(PathBuf, &LiveDisk)> = live
+        .iter()
+        .map(|l| (canonicalize_lenient(&l.path), l))
+        .collect();
     let mut out = Vec::new();
     let canon: Vec<PathBuf> = finals.iter().map(|f| canonicalize_lenient(f)).collect();
     for (i, f) in finals.iter().enumerate() {
@@ -221,10 +242,25 @@ mod tests {
         let existing = d.path().join("exists.qcow2");
         std::fs::write(&existing, b"x").expect("w");
         let live = vec![
-            LiveDisk { domain: "other".into(), target: "vda".into(), path: d.path().join("other.qcow2"), device: "disk".into() },
-            LiveDisk { domain: "vm".into(), target: "vda".into(), path: d.path().join("vm.qcow2"), device: "disk".into() },
+            LiveDisk {
+                domain: "other".into(),
+                target: "vda".into(),
+                path: d.path().join("other.qcow2"),
+                device: "disk".into(),
+            },
+            LiveDisk {
+                domain: "vm".into(),
+                target: "vda".into(),
+                path: d.path().join("vm.qcow2"),
+                device: "disk".into(),
+            },
         ];
-        let finals = vec![d.path().join("other.qcow2"), d.path().join("vm.qcow2"), existing.clone(), d.path().join("new.qcow2")];
+        let finals = vec![
+            d.path().join("other.qcow2"),
+            d.path().join("vm.qcow2"),
+            existing.clone(),
+            d.path().join("new.qcow2"),
+        ];
         let running = |_: &str| Some(DomainState::Running);
         let off = |_: &str| Some(DomainState::ShutOff);
         let c = collisions(&finals, &live, "vm", &running);
@@ -236,7 +272,10 @@ mod tests {
         assert!(matches!(&c[1], Collision::ShutOffVmDisk { .. }) && !c[1].blocks_even_with_force());
         let twice = vec![d.path().join("new.qcow2"), d.path().join("x/../new.qcow2")];
         let c = collisions(&twice, &live, "vm", &off);
-        assert!(matches!(&c[..], [Collision::SharedOutput { .. }]) && c[0].blocks_even_with_force(), "{c:?}");
+        assert!(
+            matches!(&c[..], [Collision::SharedOutput { .. }]) && c[0].blocks_even_with_force(),
+            "{c:?}"
+        );
         assert!(free_space(d.path()).is_some_and(|(f, _)| f > 0));
     }
 }

@@ -51,7 +51,9 @@ fn bars() -> ProgressFn {
         .progress_chars("=> ");
     let bars: Mutex<HashMap<String, ProgressBar>> = Mutex::new(HashMap::new());
     Arc::new(move |p: &engine::Progress| {
-        let mut m = bars.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut m = bars
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         let bar = m.entry(p.disk.clone()).or_insert_with(|| {
             let b = multi.add(ProgressBar::new(p.total));
             b.set_style(style.clone());

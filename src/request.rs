@@ -252,7 +252,11 @@ pub fn build(args: Args, root: BackupRoot, facts: &Facts) -> Result<Request, App
         return Err(AppError::Usage("No mode specified (try --help)".into()));
     };
     // 8
-    if mode == Mode::Restore && args.restore_path.is_none() && args.disk.is_none() && args.serve.is_none() {
+    if mode == Mode::Restore
+        && args.restore_path.is_none()
+        && args.disk.is_none()
+        && args.serve.is_none()
+    {
         return Err(AppError::Usage("--restore-path is required for restore (unless --disk is used for in-place replacement)".into()));
     }
     let vm = args.vm.clone().map(|label| VmTarget {

@@ -41,10 +41,16 @@ pub struct PredictedOutput {
 /// search (`config/*.xml` of the data dir, then of its parent — an archived copy
 /// chain keeps its domain XML only there).
 pub fn target_config(set: &BackupSet, point: u32) -> Option<(PathBuf, DomainConfig)> {
-    let mut candidates: Vec<PathBuf> = (0..=point).rev().filter_map(|n| set.vmconfig(n)).map(Path::to_path_buf).collect();
+    let mut candidates: Vec<PathBuf> = (0..=point)
+        .rev()
+        .filter_map(|n| set.vmconfig(n))
+        .map(Path::to_path_buf)
+        .collect();
     candidates.extend(set.vmconfigs.values().cloned());
     candidates.extend(crate::tree::vm_config_candidates(&set.dir));
-    candidates.into_iter().find_map(|p| read_domain_config(&p).ok().map(|c| (p, c)))
+    candidates
+        .into_iter()
+        .find_map(|p| read_domain_config(&p).ok().map(|c| (p, c)))
 }
 
 /// The disks restore point `point` must produce, and their output names under
@@ -58,14 +64,22 @@ pub fn predict_outputs(set: &BackupSet, point: u32, restore_path: &Path) -> Vec<
     rp.expected
         .iter()
         .map(|disk| {
-            let source = config.as_ref().and_then(|c| c.disk(disk)).and_then(|d| d.source.clone());
+            let source = config
+                .as_ref()
+                .and_then(|c| c.disk(disk))
+                .and_then(|d| d.source.clone());
             let file_name = source
                 .as_deref()
                 .and_then(|s| Path::new(s).file_name())
                 .map(|n| n.to_string_lossy().into_owned())
                 .filter(|n| !n.is_empty() && n != ".." && n != ".")
                 .unwrap_or_else(|| format!("{disk}.qcow2"));
-            PredictedOutput { disk: disk.clone(), source, final_path: restore_path.join(&file_name), file_name }
+            PredictedOutput {
+                disk: disk.clone(),
+                source,
+                final_path: restore_path.join(&file_name),
+                file_name,
+            }
         })
         .collect()
 }
@@ -87,27 +101,48 @@ pub struct DiskJob {
 
 /// Plans every predicted output at `point` (reads frame headers only). With
 /// `newest`, a differential taken after `point` is included (restores of "latest").
-pub fn plan_outputs(set: &BackupSet, point: u32, outputs: &[PredictedOutput], newest: bool) -> engine::Result<Vec<DiskJob>> {
+pub fn plan_outputs(
+    set: &BackupSet,
+    point: u32,
+    outputs: &[PredictedOutput],
+    newest: bool,
+) -> engine::Result<Vec<DiskJob>> {
     let point = if set.kind == SetKind::Copy { 0 } else { point };
     outputs
         .iter()
         .map(|o| {
             let plan = DiskPlan::for_point_with(set, &o.disk, point, newest)?;
             let raw_source = plan.files.first().is_some_and(|f| f.raw_image);
-            let raw_name = Path::new(&o.file_name).extension().is_some_and(|e| e == "raw" || e == "img");
-            let format = if raw_source || raw_name { ImageFormat::Raw } else { ImageFormat::Qcow2 };
+            let raw_name = Path::new(&o.file_name)
+                .extension()
+                .is_some_and(|e| e == "raw" || e == "img");
+            let format = if raw_source || raw_name {
+                ImageFormat::Raw
+            } else {
+                ImageFormat::Qcow2
+            };
             let (qcow2, default_options) = match &plan.qcow {
                 Some(info) => {
                     // name the side file the refused option came from
-                    let opts = Qcow2Options::from_qcow_info(info).map_err(|e| match (e, set.qcow_json(&o.disk, point)) {
-                        (engine::Error::Unsupported(m), Some(p)) => engine::Error::Unsupported(format!("{}: {m}", p.display())),
-                        (e, _) => e,
+                    let opts = Qcow2Options::from_qcow_info(info).map_err(|e| {
+                        match (e, set.qcow_json(&o.disk, point)) {
+                            (engine::Error::Unsupported(m), Some(p)) => {
+                                engine::Error::Unsupported(format!("{}: {m}", p.display()))
+                            }
+                            (e, _) => e,
+                        }
                     })?;
                     (opts, false)
                 }
                 None => (Qcow2Options::default(), true),
             };
-            Ok(DiskJob { output: o.clone(), plan, format, qcow2, default_options })
+            Ok(DiskJob {
+                output: o.clone(),
+                plan,
+                format,
+                qcow2,
+                default_options,
+            })
         })
         .collect()
 }
@@ -124,11 +159,18 @@ pub fn warn_removed_stale(final_path: &Path) {
 /// temporary name and renamed only after every disk was synced and verified; on any
 /// failure no output takes its final name. With `replace`, existing final files are
 /// replaced (the caller checked `--force`).
-pub fn write_outputs(jobs: Vec<DiskJob>, replace: bool, opts: &ApplyOptions) -> engine::Result<(ApplyReport, Vec<PathBuf>)> {
+pub fn write_outputs(
+    jobs: Vec<DiskJob>,
+    replace: bool,
+    opts: &ApplyOptions,
+) -> engine::Result<(ApplyReport, Vec<PathBuf>)> {
     // Two outputs with one name would share one temporary file (the pre-flight
     // refuses this; never write through it).
     for (i, j) in jobs.iter().enumerate() {
-        if let Some(k) = jobs[..i].iter().find(|k| k.output.final_path == j.output.final_path) {
+        if let Some(k) = jobs[..i]
+            .iter()
+            .find(|k| k.output.final_path == j.output.final_path)
+        {
             return Err(engine::Error::Unsupported(format!(
                 "{} and {} would both be restored to {}",
                 k.output.disk,
@@ -148,7 +190,13 @@ pub fn write_outputs(jobs: Vec<DiskJob>, replace: bool, opts: &ApplyOptions) -> 
         // A size the target refuses (image format limit, EFBIG) came from the backup:
         // say which file declared it. Other OS errors (ENOSPC, EACCES...) stay as they are.
         let sized = |e: engine::Error| match (&e, j.plan.files.last()) {
-            (engine::Error::Target { source, .. }, _) if source.raw_os_error().is_some_and(|c| c != nix::errno::Errno::EFBIG as i32) => e,
+            (engine::Error::Target { source, .. }, _)
+                if source
+                    .raw_os_error()
+                    .is_some_and(|c| c != nix::errno::Errno::EFBIG as i32) =>
+            {
+                e
+            }
             (_, None) => e,
             (_, Some(f)) => engine::Error::Unsupported(format!(
                 "{}: cannot create a {}-byte image (virtualSize in {}): {e}",
@@ -158,8 +206,12 @@ pub fn write_outputs(jobs: Vec<DiskJob>, replace: bool, opts: &ApplyOptions) -> 
             )),
         };
         let t: Box<dyn BlockTarget> = match j.format {
-            ImageFormat::Qcow2 => Box::new(Qcow2Target::create(s.temp_path(), j.plan.virtual_size, &j.qcow2).map_err(sized)?),
-            ImageFormat::Raw => Box::new(RawTarget::create(s.temp_path(), j.plan.virtual_size).map_err(sized)?),
+            ImageFormat::Qcow2 => Box::new(
+                Qcow2Target::create(s.temp_path(), j.plan.virtual_size, &j.qcow2).map_err(sized)?,
+            ),
+            ImageFormat::Raw => {
+                Box::new(RawTarget::create(s.temp_path(), j.plan.virtual_size).map_err(sized)?)
+            }
         };
         staged.push(s);
         targets.push(t);
@@ -168,7 +220,10 @@ pub fn write_outputs(jobs: Vec<DiskJob>, replace: bool, opts: &ApplyOptions) -> 
     let report = engine::apply(&plans, targets, opts)?;
     if !replace {
         // All or nothing: refuse before the first rename if any final name is taken.
-        if let Some(s) = staged.iter().find(|s| std::fs::symlink_metadata(s.final_path()).is_ok()) {
+        if let Some(s) = staged
+            .iter()
+            .find(|s| std::fs::symlink_metadata(s.final_path()).is_ok())
+        {
             return Err(engine::Error::target(
                 "renaming into",
                 s.final_path(),

@@ -10,11 +10,14 @@ pub fn install(cancel: engine::Cancel) -> std::io::Result<()> {
     let mut set = SigSet::empty();
     set.add(Signal::SIGINT);
     set.add(Signal::SIGTERM);
-    nix::sys::signal::pthread_sigmask(SigmaskHow::SIG_BLOCK, Some(&set), None).map_err(std::io::Error::from)?;
-    std::thread::Builder::new().name("signals".into()).spawn(move || loop {
-        if let Ok(sig) = set.wait() {
-            cancel.trigger(sig as i32);
-        }
-    })?;
+    nix::sys::signal::pthread_sigmask(SigmaskHow::SIG_BLOCK, Some(&set), None)
+        .map_err(std::io::Error::from)?;
+    std::thread::Builder::new()
+        .name("signals".into())
+        .spawn(move || loop {
+            if let Ok(sig) = set.wait() {
+                cancel.trigger(sig as i32);
+            }
+        })?;
     Ok(())
 }

@@ -7,7 +7,8 @@ use std::path::{Path, PathBuf};
 
 /// swtpm's state root; `VMRESTORE_SWTPM_ROOT` overrides it (tests, packaging).
 pub fn swtpm_root() -> PathBuf {
-    std::env::var_os("VMRESTORE_SWTPM_ROOT").map_or_else(|| PathBuf::from("/var/lib/libvirt/swtpm"), PathBuf::from)
+    std::env::var_os("VMRESTORE_SWTPM_ROOT")
+        .map_or_else(|| PathBuf::from("/var/lib/libvirt/swtpm"), PathBuf::from)
 }
 
 /// TPM backup material found in a data directory.
@@ -29,13 +30,20 @@ pub fn detect(data_dir: &Path) -> Option<TpmMaterial> {
     if !marker && state_dir.is_none() {
         return None;
     }
-    let metadata_uuid = state_dir.as_ref().and_then(|d| fs::read_to_string(d.join("BACKUP_METADATA.txt")).ok()).and_then(|t| {
-        t.lines().find_map(|l| {
-            let rest = l.trim_start().strip_prefix("VM UUID:")?;
-            rest.split_whitespace().next().map(str::to_owned)
-        })
-    });
-    Some(TpmMaterial { marker, state_dir, metadata_uuid })
+    let metadata_uuid = state_dir
+        .as_ref()
+        .and_then(|d| fs::read_to_string(d.join("BACKUP_METADATA.txt")).ok())
+        .and_then(|t| {
+            t.lines().find_map(|l| {
+                let rest = l.trim_start().strip_prefix("VM UUID:")?;
+                rest.split_whitespace().next().map(str::to_owned)
+            })
+        });
+    Some(TpmMaterial {
+        marker,
+        state_dir,
+        metadata_uuid,
+    })
 }
 
 /// Why a TPM restore did not happen.
@@ -71,7 +79,11 @@ pub struct TpmRestored {
 }
 
 fn io<'a>(op: &'static str, path: &'a Path) -> impl FnOnce(std::io::Error) -> TpmError + 'a {
-    move |source| TpmError::Io { op, path: path.to_path_buf(), source }
+    move |source| TpmError::Io {
+        op,
+        path: path.to_path_buf(),
+        source,
+    }
 }
 
 fn copy_tree(src: &Path, dst: &Path) -> Result<(), TpmError> {
@@ -87,7 +99,10 @@ fn copy_tree(src: &Path, dst: &Path) -> Result<(), TpmError> {
         } else if ft.is_file() {
             fs::copy(&s, &d).map_err(io("copying", &s))?;
             if let Ok(m) = fs::metadata(&s).and_then(|m| m.modified()) {
-                let _ = fs::File::options().write(true).open(&d).and_then(|f| f.set_modified(m));
+                let _ = fs::File::options()
+                    .write(true)
+                    .open(&d)
+                    .and_then(|f| f.set_modified(m));
             }
         }
         // symlinks in a TPM state copy are not followed: they could point anywhere
@@ -98,8 +113,16 @@ fn copy_tree(src: &Path, dst: &Path) -> Result<(), TpmError> {
 /// Installs the state for `uuid` (spec §4.11): an existing non-empty target is moved
 /// to `<target>.pre-restore-<epoch>`; target root-owned 0711, `tpm2` owned by tss
 /// (else swtpm) 0700.
-pub fn restore(material: &TpmMaterial, root: &Path, uuid: &str, epoch: u64) -> Result<TpmRestored, TpmError> {
-    let state = material.state_dir.as_ref().ok_or_else(|| TpmError::NoState(root.to_path_buf()))?;
+pub fn restore(
+    material: &TpmMaterial,
+    root: &Path,
+    uuid: &str,
+    epoch: u64,
+) -> Result<TpmRestored, TpmError> {
+    let state = material
+        .state_dir
+        .as_ref()
+        .ok_or_else(|| TpmError::NoState(root.to_path_buf()))?;
     let tpm2 = state.join("tpm2");
     if !tpm2.is_dir() {
         return Err(TpmError::NoTpm2(state.clone()));
@@ -120,12 +143,17 @@ pub fn restore(material: &TpmMaterial, root: &Path, uuid: &str, epoch: u64) -> R
     }
     fs::create_dir_all(&target).map_err(io("creating", &target))?;
     crate::ownership::chown_to(&target, &["root"]).map_err(io("chown", &target))?;
-    fs::set_permissions(&target, fs::Permissions::from_mode(0o711)).map_err(io("chmod", &target))?;
+    fs::set_permissions(&target, fs::Permissions::from_mode(0o711))
+        .map_err(io("chmod", &target))?;
     let dst = target.join("tpm2");
     copy_tree(&tpm2, &dst)?;
     let owner = crate::ownership::chown_tree(&dst, &["tss", "swtpm"]).map_err(io("chown", &dst))?;
     fs::set_permissions(&dst, fs::Permissions::from_mode(0o700)).map_err(io("chmod", &dst))?;
-    Ok(TpmRestored { target, saved_previous, owner })
+    Ok(TpmRestored {
+        target,
+        saved_previous,
+        owner,
+    })
 }
 
 #[cfg(test)]
@@ -138,7 +166,11 @@ mod tests {
         let data = d.path().join("data");
         fs::create_dir_all(data.join("tpm-state/tpm2")).expect("mkdir");
         fs::write(data.join("tpm-state/tpm2/tpm2-00.permall"), b"state").expect("w");
-        fs::write(data.join("tpm-state/BACKUP_METADATA.txt"), "Backup: x\nVM UUID:            abc-123\n").expect("w");
+        fs::write(
+            data.join("tpm-state/BACKUP_METADATA.txt"),
+            "Backup: x\nVM UUID:            abc-123\n",
+        )
+        .expect("w");
         fs::write(data.join(".tpm-backup-marker"), "2026").expect("w");
         let m = detect(&data).expect("material");
         assert_eq!(m.metadata_uuid.as_deref(), Some("abc-123"));
@@ -147,13 +179,23 @@ mod tests {
         fs::write(root.join("abc-123/tpm2/old"), b"old").expect("w");
         let r = restore(&m, &root, "abc-123", 42).expect("restore");
         assert_eq!(r.saved_previous, Some(root.join("abc-123.pre-restore-42")));
-        assert_eq!(fs::read(root.join("abc-123/tpm2/tpm2-00.permall")).expect("r"), b"state");
+        assert_eq!(
+            fs::read(root.join("abc-123/tpm2/tpm2-00.permall")).expect("r"),
+            b"state"
+        );
         assert!(!root.join("abc-123/tpm2/old").exists());
-        let mode = fs::metadata(root.join("abc-123/tpm2")).expect("md").permissions().mode() & 0o777;
+        let mode = fs::metadata(root.join("abc-123/tpm2"))
+            .expect("md")
+            .permissions()
+            .mode()
+            & 0o777;
         assert_eq!(mode, 0o700);
         assert!(detect(d.path()).is_none());
         fs::remove_dir_all(data.join("tpm-state")).expect("rm");
         let m = detect(&data).expect("marker only");
-        assert!(matches!(restore(&m, &root, "abc-123", 43), Err(TpmError::NoState(_))));
+        assert!(matches!(
+            restore(&m, &root, "abc-123", 43),
+            Err(TpmError::NoState(_))
+        ));
     }
 }

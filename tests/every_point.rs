@@ -24,7 +24,13 @@ fn copy_tree(src: &Path, dst: &Path) {
 
 fn sha_of_image(img: &Path) -> String {
     let raw = img.with_extension("check.raw");
-    assert!(Command::new("qemu-img").args(["convert", "-O", "raw"]).arg(img).arg(&raw).status().expect("qemu-img").success());
+    assert!(Command::new("qemu-img")
+        .args(["convert", "-O", "raw"])
+        .arg(img)
+        .arg(&raw)
+        .status()
+        .expect("qemu-img")
+        .success());
     let mut h = Sha256::new();
     std::io::copy(&mut std::fs::File::open(&raw).expect("raw"), &mut h).expect("hash");
     std::fs::remove_file(&raw).expect("rm");
@@ -33,7 +39,11 @@ fn sha_of_image(img: &Path) -> String {
 
 #[test]
 fn every_fixture_point_through_skip_config() {
-    if !Command::new("qemu-img").arg("--version").output().is_ok_and(|o| o.status.success()) {
+    if !Command::new("qemu-img")
+        .arg("--version")
+        .output()
+        .is_ok_and(|o| o.status.success())
+    {
         eprintln!("SKIPPED: qemu-img not installed (apt-get install qemu-utils)");
         return;
     }
@@ -41,7 +51,9 @@ fn every_fixture_point_through_skip_config() {
     let tmp = tempfile::tempdir().expect("tmp");
     let root = tmp.path().join("real-chains");
     copy_tree(&src.join("backups"), &root.join("backups"));
-    let manifest: Value = serde_json::from_slice(&std::fs::read(src.join("expected/manifest.json")).expect("m")).expect("json");
+    let manifest: Value =
+        serde_json::from_slice(&std::fs::read(src.join("expected/manifest.json")).expect("m"))
+            .expect("json");
     let (mut ok, mut refused) = (0, 0);
     for (vm, v) in manifest["vms"].as_object().expect("vms") {
         for chain in v["chains"].as_array().expect("chains") {
@@ -58,7 +70,13 @@ fn every_fixture_point_through_skip_config() {
                     .arg(&dir)
                     .arg("--restore-path")
                     .arg(&out)
-                    .args(["--skip-config", "--restore-point", point, "--connect", "test:///default"])
+                    .args([
+                        "--skip-config",
+                        "--restore-point",
+                        point,
+                        "--connect",
+                        "test:///default",
+                    ])
                     .env("LOG_DIR", tmp.path().join("logs"))
                     .output()
                     .expect("run");
@@ -67,22 +85,44 @@ fn every_fixture_point_through_skip_config() {
                 match rp["expect"].as_str() {
                     Some("ok") => {
                         assert_eq!(code, Some(0), "{vm} {} {name}: {stderr}", chain["key"]);
-                        let files: Vec<PathBuf> = std::fs::read_dir(&out).expect("out").map(|e| e.expect("e").path()).collect();
+                        let files: Vec<PathBuf> = std::fs::read_dir(&out)
+                            .expect("out")
+                            .map(|e| e.expect("e").path())
+                            .collect();
                         for (disk, want) in rp["disks"].as_object().expect("disks") {
                             let f = files
                                 .iter()
                                 .find(|f| {
-                                    let n = f.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
-                                    n.ends_with(&format!("-{disk}.qcow2")) || n == format!("{disk}.qcow2")
+                                    let n = f
+                                        .file_name()
+                                        .map(|n| n.to_string_lossy().into_owned())
+                                        .unwrap_or_default();
+                                    n.ends_with(&format!("-{disk}.qcow2"))
+                                        || n == format!("{disk}.qcow2")
                                 })
-                                .unwrap_or_else(|| panic!("{vm} {name}: no image for {disk} in {files:?}"));
-                            assert_eq!(sha_of_image(f), want["sha256"].as_str().expect("sha"), "{vm} {} {name} {disk}", chain["key"]);
+                                .unwrap_or_else(|| {
+                                    panic!("{vm} {name}: no image for {disk} in {files:?}")
+                                });
+                            assert_eq!(
+                                sha_of_image(f),
+                                want["sha256"].as_str().expect("sha"),
+                                "{vm} {} {name} {disk}",
+                                chain["key"]
+                            );
                         }
                         ok += 1;
                     }
                     Some("error" | "degraded") => {
-                        assert_ne!(code, Some(0), "{vm} {} {name} must be refused", chain["key"]);
-                        assert!(matches!(code, Some(4..=6)), "{vm} {name}: exit {code:?}: {stderr}");
+                        assert_ne!(
+                            code,
+                            Some(0),
+                            "{vm} {} {name} must be refused",
+                            chain["key"]
+                        );
+                        assert!(
+                            matches!(code, Some(4..=6)),
+                            "{vm} {name}: exit {code:?}: {stderr}"
+                        );
                         let left = std::fs::read_dir(&out).map(|d| d.count()).unwrap_or(0);
                         assert_eq!(left, 0, "{vm} {name}: files left behind");
                         refused += 1;

@@ -36,7 +36,9 @@ impl Lines {
 }
 
 fn fixture(rel: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/real-chains").join(rel)
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures/real-chains")
+        .join(rel)
 }
 
 /// Copies a chain dir (files and sub-dirs) and points its NVRAM paths into `nvram_dir`.
@@ -51,7 +53,10 @@ fn copy_chain(src: &Path, dst: &Path, nvram_dir: &Path) {
             std::fs::copy(e.path(), &to).expect("copy");
             let name = e.file_name().to_string_lossy().into_owned();
             if name.starts_with("vmconfig.") {
-                let x = std::fs::read_to_string(&to).expect("xml").replace("/var/lib/libvirt/qemu/nvram", &nvram_dir.display().to_string());
+                let x = std::fs::read_to_string(&to).expect("xml").replace(
+                    "/var/lib/libvirt/qemu/nvram",
+                    &nvram_dir.display().to_string(),
+                );
                 std::fs::write(&to, x).expect("write");
             }
         }
@@ -59,12 +64,21 @@ fn copy_chain(src: &Path, dst: &Path, nvram_dir: &Path) {
 }
 
 fn qemu_img() -> bool {
-    Command::new("qemu-img").arg("--version").output().is_ok_and(|o| o.status.success())
+    Command::new("qemu-img")
+        .arg("--version")
+        .output()
+        .is_ok_and(|o| o.status.success())
 }
 
 fn guest_sha(img: &Path) -> String {
     let raw = img.with_extension("raw-check");
-    assert!(Command::new("qemu-img").args(["convert", "-O", "raw"]).arg(img).arg(&raw).status().expect("qemu-img").success());
+    assert!(Command::new("qemu-img")
+        .args(["convert", "-O", "raw"])
+        .arg(img)
+        .arg(&raw)
+        .status()
+        .expect("qemu-img")
+        .success());
     let mut h = Sha256::new();
     std::io::copy(&mut std::fs::File::open(&raw).expect("raw"), &mut h).expect("hash");
     std::fs::remove_file(&raw).expect("rm");
@@ -73,10 +87,22 @@ fn guest_sha(img: &Path) -> String {
 
 fn expected(vm: &str, chain: &str, point: &str, disk: &str) -> String {
     let p = fixture(&format!("expected/{vm}/{chain}/{point}/{disk}.sha256"));
-    std::fs::read_to_string(p).expect("sha file").split_whitespace().next().expect("sha").to_owned()
+    std::fs::read_to_string(p)
+        .expect("sha file")
+        .split_whitespace()
+        .next()
+        .expect("sha")
+        .to_owned()
 }
 
-fn job<'a>(set: &'a nbdfmt::BackupSet, vm: &str, hv: &'a dyn Hypervisor, log: &'a Lines, out: &Path, swtpm: &Path) -> Job<'a> {
+fn job<'a>(
+    set: &'a nbdfmt::BackupSet,
+    vm: &str,
+    hv: &'a dyn Hypervisor,
+    log: &'a Lines,
+    out: &Path,
+    swtpm: &Path,
+) -> Job<'a> {
     Job {
         vm: vm.to_owned(),
         set,
@@ -101,21 +127,38 @@ fn data_only_restores_a_removed_disk_at_its_point() {
     let set = nbdfmt::BackupSet::scan(&fixture("backups/rc-shrink/202606")).expect("scan");
     let hv = Libvirt::connect("test:///default").expect("test driver");
     let log = Lines::default();
-    let mut j = job(&set, "rc-shrink", &hv, &log, &tmp.path().join("out"), tmp.path());
+    let mut j = job(
+        &set,
+        "rc-shrink",
+        &hv,
+        &log,
+        &tmp.path().join("out"),
+        tmp.path(),
+    );
     j.point = PointRequest::Number(2);
     let o = run_data_only(&j).expect("restore");
     assert_eq!(o.disks, vec!["sda", "vda", "vdb"]);
     assert!(o.summary.ends_with("— disk ✓ data-only"), "{}", o.summary);
-    assert!(log.has("Disk configuration changed between checkpoint 2 and the latest checkpoint (4)."));
+    assert!(
+        log.has("Disk configuration changed between checkpoint 2 and the latest checkpoint (4).")
+    );
     if qemu_img() {
         for d in ["sda", "vda", "vdb"] {
             let f = tmp.path().join(format!("out/rc-shrink-{d}.qcow2"));
-            assert_eq!(guest_sha(&f), expected("rc-shrink", "202606", "virtnbdbackup.2", d), "{d}");
+            assert_eq!(
+                guest_sha(&f),
+                expected("rc-shrink", "202606", "virtnbdbackup.2", d),
+                "{d}"
+            );
         }
     }
     // a second run refuses to overwrite without --force, and changes nothing
     let e = run_data_only(&j).expect_err("collision");
-    assert!(e.to_string().contains("Pre-flight disk safety check failed"), "{e}");
+    assert!(
+        e.to_string()
+            .contains("Pre-flight disk safety check failed"),
+        "{e}"
+    );
     assert!(log.has("BLOCKED: File already exists"));
 }
 
@@ -132,34 +175,68 @@ fn dr_keeps_identity_and_clone_gets_a_new_one() {
     let out = tmp.path().join("images");
     let j = job(&set, "rc-uefi-tpm", &hv, &log, &out, &swtpm);
     let o = run_dr(&j).expect("dr");
-    assert_eq!(o.summary, "Restore complete: rc-uefi-tpm — disk ✓ defined ✓ UUID ✓ MACs ✓ TPM ✓");
+    assert_eq!(
+        o.summary,
+        "Restore complete: rc-uefi-tpm — disk ✓ defined ✓ UUID ✓ MACs ✓ TPM ✓"
+    );
     let info = hv.lookup("rc-uefi-tpm").expect("lookup").expect("defined");
     assert_eq!(info.uuid, "88551b77-adbf-56aa-950b-b773d24f7f3f");
     let xml = hv.xml("rc-uefi-tpm", true).expect("xml");
-    assert!(xml.contains(&out.join("rc-uefi-tpm-vda.qcow2").display().to_string()), "{xml}");
+    assert!(
+        xml.contains(&out.join("rc-uefi-tpm-vda.qcow2").display().to_string()),
+        "{xml}"
+    );
     let nv = std::fs::read(nvram_dir.join("rc-uefi-tpm_VARS.fd")).expect("nvram installed");
-    assert_eq!(nv, std::fs::read(chain.join("rc-uefi-tpm_VARS.fd.virtnbdbackup.0")).expect("backup nvram"));
-    assert!(swtpm.join("88551b77-adbf-56aa-950b-b773d24f7f3f/tpm2").is_dir());
+    assert_eq!(
+        nv,
+        std::fs::read(chain.join("rc-uefi-tpm_VARS.fd.virtnbdbackup.0")).expect("backup nvram")
+    );
+    assert!(swtpm
+        .join("88551b77-adbf-56aa-950b-b773d24f7f3f/tpm2")
+        .is_dir());
     if qemu_img() {
-        assert_eq!(guest_sha(&out.join("rc-uefi-tpm-vdb.qcow2")), expected("rc-uefi-tpm", "2026-W26", "virtnbdbackup.0", "vdb"));
+        assert_eq!(
+            guest_sha(&out.join("rc-uefi-tpm-vdb.qcow2")),
+            expected("rc-uefi-tpm", "2026-W26", "virtnbdbackup.0", "vdb")
+        );
     }
     // again without --force: refused, nothing changed
     let e = run_dr(&j).expect_err("defined");
-    assert_eq!(e.to_string(), "VM 'rc-uefi-tpm' already defined (use --force to override)");
+    assert_eq!(
+        e.to_string(),
+        "VM 'rc-uefi-tpm' already defined (use --force to override)"
+    );
 
     // clone next to it
     let log2 = Lines::default();
     let j2 = job(&set, "rc-uefi-tpm", &hv, &log2, &out, &swtpm);
     let o = run_clone(&j2, "rc-uefi-tpm-clone").expect("clone");
-    assert!(o.summary.starts_with("Restore complete: rc-uefi-tpm — disk ✓ defined ✓ new identity ✓"), "{}", o.summary);
-    let c = hv.lookup("rc-uefi-tpm-clone").expect("lookup").expect("clone defined");
+    assert!(
+        o.summary
+            .starts_with("Restore complete: rc-uefi-tpm — disk ✓ defined ✓ new identity ✓"),
+        "{}",
+        o.summary
+    );
+    let c = hv
+        .lookup("rc-uefi-tpm-clone")
+        .expect("lookup")
+        .expect("clone defined");
     assert_ne!(c.uuid, info.uuid);
     let cxml = hv.xml("rc-uefi-tpm-clone", true).expect("xml");
-    assert!(cxml.contains("rc-uefi-tpm-clone-vda.qcow2") && cxml.contains("rc-uefi-tpm-clone_VARS.fd"), "{cxml}");
+    assert!(
+        cxml.contains("rc-uefi-tpm-clone-vda.qcow2") && cxml.contains("rc-uefi-tpm-clone_VARS.fd"),
+        "{cxml}"
+    );
     let orig_macs = nbdfmt::DomainConfig::parse(&xml).expect("p").macs;
     let clone_macs = nbdfmt::DomainConfig::parse(&cxml).expect("p").macs;
-    assert!(orig_macs.iter().all(|m| !clone_macs.contains(m)), "{orig_macs:?} {clone_macs:?}");
-    assert!(swtpm.join(&c.uuid).join("tpm2").is_dir(), "TPM under the clone's UUID");
+    assert!(
+        orig_macs.iter().all(|m| !clone_macs.contains(m)),
+        "{orig_macs:?} {clone_macs:?}"
+    );
+    assert!(
+        swtpm.join(&c.uuid).join("tpm2").is_dir(),
+        "TPM under the clone's UUID"
+    );
     // the original is untouched
     assert_eq!(hv.xml("rc-uefi-tpm", true).expect("xml"), xml);
     for n in ["rc-uefi-tpm", "rc-uefi-tpm-clone"] {

@@ -65,7 +65,11 @@ fn sha_hex(d: impl AsRef<[u8]>) -> String {
 
 fn file_sha(p: &Path) -> String {
     let mut h = Sha256::new();
-    std::io::copy(&mut File::open(p).unwrap_or_else(|e| panic!("open {}: {e}", p.display())), &mut h).expect("hash");
+    std::io::copy(
+        &mut File::open(p).unwrap_or_else(|e| panic!("open {}: {e}", p.display())),
+        &mut h,
+    )
+    .expect("hash");
     sha_hex(h.finalize())
 }
 
@@ -73,15 +77,27 @@ fn file_sha(p: &Path) -> String {
 /// a restore change: the lock directory and the catalogue (`vmbackup.db*`).
 fn backup_hash(root: &Path) -> String {
     fn walk(p: &Path, root: &Path, h: &mut Sha256) {
-        let mut v: Vec<PathBuf> = fs::read_dir(p).map(|r| r.map(|e| e.expect("entry").path()).collect()).unwrap_or_default();
+        let mut v: Vec<PathBuf> = fs::read_dir(p)
+            .map(|r| r.map(|e| e.expect("entry").path()).collect())
+            .unwrap_or_default();
         v.sort();
         for e in v {
-            let name = e.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
-            if e.parent() == Some(&root.join("_state")) && (name == "locks" || name.starts_with("vmbackup.db")) {
+            let name = e
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_default();
+            if e.parent() == Some(&root.join("_state"))
+                && (name == "locks" || name.starts_with("vmbackup.db"))
+            {
                 continue;
             }
             let md = fs::symlink_metadata(&e).expect("md");
-            h.update(e.strip_prefix(root).expect("inside").as_os_str().as_encoded_bytes());
+            h.update(
+                e.strip_prefix(root)
+                    .expect("inside")
+                    .as_os_str()
+                    .as_encoded_bytes(),
+            );
             h.update(format!("\0{:o}\0{}\0{}\0", md.mode(), md.len(), md.mtime()).as_bytes());
             if md.is_dir() {
                 walk(&e, root, h);
@@ -99,7 +115,10 @@ fn backup_hash(root: &Path) -> String {
 /// Every path under `dir` (relative, symlinks not followed), sorted.
 fn entries(dir: &Path) -> Vec<String> {
     fn walk(p: &Path, base: &Path, out: &mut Vec<String>) {
-        for e in fs::read_dir(p).map(|r| r.map(|e| e.expect("entry").path()).collect::<Vec<_>>()).unwrap_or_default() {
+        for e in fs::read_dir(p)
+            .map(|r| r.map(|e| e.expect("entry").path()).collect::<Vec<_>>())
+            .unwrap_or_default()
+        {
             out.push(e.strip_prefix(base).expect("inside").display().to_string());
             if fs::symlink_metadata(&e).is_ok_and(|m| m.is_dir()) {
                 walk(&e, base, out);
@@ -125,7 +144,10 @@ fn error_line(r: &Run) -> String {
 /// One row of the report table (stderr of the test).
 fn table(class: &str, r: &Run, root: &Path) {
     let msg = error_line(r).replace(&root.display().to_string(), "<root>");
-    eprintln!("TABLE|{class}|{}|{msg}", r.code.map_or("signal".into(), |c| c.to_string()));
+    eprintln!(
+        "TABLE|{class}|{}|{msg}",
+        r.code.map_or("signal".into(), |c| c.to_string())
+    );
 }
 
 /// A copy of some fixture VMs (or generated chains) under `<scratch>/backups`, a
@@ -147,7 +169,12 @@ impl Case {
             copy_dir(&fixture_src().join("backups").join(vm), &root.join(vm));
         }
         let out = s.dir.path().join("out");
-        Self { s, root, out, before: None }
+        Self {
+            s,
+            root,
+            out,
+            before: None,
+        }
     }
 
     /// A path inside the backup copy.
@@ -162,13 +189,29 @@ impl Case {
 
     fn check_tree(&self) {
         let before = self.before.as_ref().expect("freeze() before running");
-        assert_eq!(&backup_hash(&self.root), before, "the backup tree under {} was modified", self.root.display());
+        assert_eq!(
+            &backup_hash(&self.root),
+            before,
+            "the backup tree under {} was modified",
+            self.root.display()
+        );
     }
 
     fn args<'a>(&'a self, vm: &'a str, extra: &[&'a str]) -> Vec<String> {
-        let mut a: Vec<String> = vec!["--vm".into(), vm.into(), "--backup-path".into(), self.root.display().to_string(), "--connect".into(), "test:///default".into()];
+        let mut a: Vec<String> = vec![
+            "--vm".into(),
+            vm.into(),
+            "--backup-path".into(),
+            self.root.display().to_string(),
+            "--connect".into(),
+            "test:///default".into(),
+        ];
         if !extra.contains(&"--disk") {
-            a.extend(["--skip-config".into(), "--restore-path".into(), self.out.display().to_string()]);
+            a.extend([
+                "--skip-config".into(),
+                "--restore-path".into(),
+                self.out.display().to_string(),
+            ]);
         }
         a.extend(extra.iter().map(|s| (*s).to_owned()));
         a
@@ -181,7 +224,9 @@ impl Case {
             self.freeze();
         }
         let a = self.args(vm, extra);
-        let r = self.s.run(&a.iter().map(String::as_str).collect::<Vec<_>>());
+        let r = self
+            .s
+            .run(&a.iter().map(String::as_str).collect::<Vec<_>>());
         self.check_tree();
         r
     }
@@ -204,7 +249,14 @@ impl Case {
     }
 
     /// A refused run: the exit code, the message, and nothing under `out`.
-    fn refused(&mut self, class: &str, vm: &str, extra: &[&str], code: i32, needles: &[&str]) -> Run {
+    fn refused(
+        &mut self,
+        class: &str,
+        vm: &str,
+        extra: &[&str],
+        code: i32,
+        needles: &[&str],
+    ) -> Run {
         let r = self.restore(vm, extra);
         table(class, &r, &self.root);
         assert_eq!(r.code, Some(code), "{class}: exit code\n{}", r.stderr);
@@ -213,7 +265,10 @@ impl Case {
             assert!(msg.contains(n), "{class}: stderr lacks {n:?}\n{}", r.stderr);
         }
         let left = entries(&self.out);
-        assert!(left.is_empty(), "{class}: files left in the restore path: {left:?}");
+        assert!(
+            left.is_empty(),
+            "{class}: files left in the restore path: {left:?}"
+        );
         assert!(!self.lock(vm).exists(), "{class}: lock not released");
         r
     }
@@ -235,7 +290,10 @@ fn put(path: &Path, offset: u64, bytes: &[u8]) {
 
 fn replace_in(path: &Path, from: &str, to: &str) {
     let b = fs::read(path).expect("read");
-    let pos = b.windows(from.len()).position(|w| w == from.as_bytes()).unwrap_or_else(|| panic!("{from:?} not in {}", path.display()));
+    let pos = b
+        .windows(from.len())
+        .position(|w| w == from.as_bytes())
+        .unwrap_or_else(|| panic!("{from:?} not in {}", path.display()));
     let mut out = b[..pos].to_vec();
     out.extend_from_slice(to.as_bytes());
     out.extend_from_slice(&b[pos + from.len()..]);
@@ -243,13 +301,21 @@ fn replace_in(path: &Path, from: &str, to: &str) {
 }
 
 fn qemu_img() -> bool {
-    Command::new("qemu-img").arg("--version").output().is_ok_and(|o| o.status.success())
+    Command::new("qemu-img")
+        .arg("--version")
+        .output()
+        .is_ok_and(|o| o.status.success())
 }
 
 /// sha256 of the guest-visible content (`qemu-img convert -O raw`).
 fn guest_sha(img: &Path) -> String {
     let raw = img.with_extension("raw-check");
-    let st = Command::new("qemu-img").args(["convert", "-O", "raw"]).arg(img).arg(&raw).status().expect("qemu-img");
+    let st = Command::new("qemu-img")
+        .args(["convert", "-O", "raw"])
+        .arg(img)
+        .arg(&raw)
+        .status()
+        .expect("qemu-img");
     assert!(st.success(), "qemu-img convert {}", img.display());
     let s = file_sha(&raw);
     fs::remove_file(&raw).expect("rm raw");
@@ -258,23 +324,47 @@ fn guest_sha(img: &Path) -> String {
 
 fn manifest() -> &'static serde_json::Value {
     static M: OnceLock<serde_json::Value> = OnceLock::new();
-    M.get_or_init(|| serde_json::from_slice(&fs::read(fixture_src().join("expected/manifest.json")).expect("manifest")).expect("json"))
+    M.get_or_init(|| {
+        serde_json::from_slice(
+            &fs::read(fixture_src().join("expected/manifest.json")).expect("manifest"),
+        )
+        .expect("json")
+    })
 }
 
 /// Expected sha256 of `disk` at `point` of the chain in `dir` (`backups/...`).
 fn expected_sha(vm: &str, dir: &str, point: &str, disk: &str) -> String {
     let chains = manifest()["vms"][vm]["chains"].as_array().expect("chains");
-    let c = chains.iter().find(|c| c["dir"] == dir).unwrap_or_else(|| panic!("chain {dir}"));
-    let rp = c["restore_points"].as_array().expect("points").iter().find(|p| p["name"] == point).unwrap_or_else(|| panic!("point {point}"));
-    rp["disks"][disk]["sha256"].as_str().expect("sha").to_owned()
+    let c = chains
+        .iter()
+        .find(|c| c["dir"] == dir)
+        .unwrap_or_else(|| panic!("chain {dir}"));
+    let rp = c["restore_points"]
+        .as_array()
+        .expect("points")
+        .iter()
+        .find(|p| p["name"] == point)
+        .unwrap_or_else(|| panic!("point {point}"));
+    rp["disks"][disk]["sha256"]
+        .as_str()
+        .expect("sha")
+        .to_owned()
 }
 
 fn check_content(img: &Path, vm: &str, dir: &str, point: &str, disk: &str) {
     if !qemu_img() {
-        eprintln!("SKIP content check of {}: qemu-img not installed", img.display());
+        eprintln!(
+            "SKIP content check of {}: qemu-img not installed",
+            img.display()
+        );
         return;
     }
-    assert_eq!(guest_sha(img), expected_sha(vm, dir, point, disk), "{} at {point}", img.display());
+    assert_eq!(
+        guest_sha(img),
+        expected_sha(vm, dir, point, disk),
+        "{} at {point}",
+        img.display()
+    );
 }
 
 // ---------------------------------------------------------------------------------
@@ -347,17 +437,29 @@ fn gen_chain(root: &Path, vm: &str, disks: &[GenDisk<'_>]) {
     for n in 0..points {
         for g in disks {
             let Some(ext) = g.steps.get(n) else { continue };
-            let name = if n == 0 { format!("{}.full.data", g.dev) } else { format!("{}.inc.virtnbdbackup.{n}.data", g.dev) };
+            let name = if n == 0 {
+                format!("{}.full.data", g.dev)
+            } else {
+                format!("{}.inc.virtnbdbackup.{n}.data", g.dev)
+            };
             let data: u64 = ext.iter().map(|e| e.1).sum();
-            let parent = if n == 0 { String::new() } else { format!("virtnbdbackup.{}", n - 1) };
+            let parent = if n == 0 {
+                String::new()
+            } else {
+                format!("virtnbdbackup.{}", n - 1)
+            };
             let meta = format!(
                 "{{\n    \"virtualSize\": {},\n    \"dataSize\": {data},\n    \"date\": \"2026-01-01T00:00:00.000001\",\n    \"diskName\": \"{}\",\n    \"diskFormat\": \"qcow2\",\n    \"checkpointName\": \"virtnbdbackup.{n}\",\n    \"compressed\": false,\n    \"compressionMethod\": \"lz4\",\n    \"parentCheckpoint\": \"{parent}\",\n    \"incremental\": {},\n    \"streamVersion\": 2\n}}",
                 g.size,
                 g.dev,
                 n > 0
             );
-            let mut w = BufWriter::with_capacity(1 << 20, File::create(dir.join(&name)).expect("create stream"));
-            w.write_all(&header("meta", 0, meta.len() as u64)).expect("w");
+            let mut w = BufWriter::with_capacity(
+                1 << 20,
+                File::create(dir.join(&name)).expect("create stream"),
+            );
+            w.write_all(&header("meta", 0, meta.len() as u64))
+                .expect("w");
             w.write_all(meta.as_bytes()).expect("w");
             w.write_all(b"\r\n").expect("w");
             for &(s, l) in ext {
@@ -374,15 +476,28 @@ fn gen_chain(root: &Path, vm: &str, disks: &[GenDisk<'_>]) {
             .expect("qcow.json");
         }
         fs::write(dir.join(format!("vmconfig.virtnbdbackup.{n}.xml")), &xml).expect("vmconfig");
-        let parent = if n == 0 { String::new() } else { format!("  <parent>\n    <name>virtnbdbackup.{}</name>\n  </parent>\n", n - 1) };
+        let parent = if n == 0 {
+            String::new()
+        } else {
+            format!(
+                "  <parent>\n    <name>virtnbdbackup.{}</name>\n  </parent>\n",
+                n - 1
+            )
+        };
         fs::write(
             dir.join(format!("checkpoints/virtnbdbackup.{n}.xml")),
             format!("<domaincheckpoint>\n  <name>virtnbdbackup.{n}</name>\n{parent}  <creationTime>{}</creationTime>\n</domaincheckpoint>\n", 1_767_225_600 + n * 86_400),
         )
         .expect("checkpoint xml");
     }
-    let cpt: Vec<String> = (0..points).map(|n| format!("\"virtnbdbackup.{n}\"")).collect();
-    fs::write(dir.join(format!("{vm}.cpt")), format!("[{}]", cpt.join(", "))).expect("cpt");
+    let cpt: Vec<String> = (0..points)
+        .map(|n| format!("\"virtnbdbackup.{n}\""))
+        .collect();
+    fs::write(
+        dir.join(format!("{vm}.cpt")),
+        format!("[{}]", cpt.join(", ")),
+    )
+    .expect("cpt");
 }
 
 /// A chain large enough that a debug-build restore takes about a second: one disk
@@ -394,7 +509,15 @@ fn big_chain() -> &'static Path {
         let d = tempfile::tempdir().expect("tmp");
         let full: Vec<(u64, u64)> = (0..10).map(|i| (i * 64 * MIB, 16 * MIB)).collect();
         let inc: Vec<(u64, u64)> = (0..8).map(|i| (i * 96 * MIB + 8 * MIB, 8 * MIB)).collect();
-        gen_chain(d.path(), "bigvm", &[GenDisk { dev: "vda", size: 1024 * MIB, steps: vec![full, inc] }]);
+        gen_chain(
+            d.path(),
+            "bigvm",
+            &[GenDisk {
+                dev: "vda",
+                size: 1024 * MIB,
+                steps: vec![full, inc],
+            }],
+        );
         d
     })
     .path()
@@ -436,7 +559,10 @@ fn resume(child: &Child) {
 
 /// A pseudo-random point of a restore writing ~200 MiB: 1..150 MiB.
 fn random_point() -> u64 {
-    let ns = SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).expect("now").subsec_nanos();
+    let ns = SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .expect("now")
+        .subsec_nanos();
     (1 + u64::from(ns) % 149) * MIB
 }
 
@@ -446,7 +572,10 @@ fn pid_of(c: &Child) -> nix::unistd::Pid {
 
 fn stderr_of(c: Child) -> (Option<i32>, String) {
     let o = c.wait_with_output().expect("wait");
-    (o.status.code(), String::from_utf8_lossy(&o.stderr).into_owned())
+    (
+        o.status.code(),
+        String::from_utf8_lossy(&o.stderr).into_owned(),
+    )
 }
 
 fn is_root() -> bool {
@@ -463,12 +592,33 @@ fn truncated_stream_is_refused() {
     let mut c = Case::new(&["rc-acc-files"]);
     let f = c.p("rc-acc-files/vda.inc.virtnbdbackup.2.data");
     let len = fs::metadata(&f).expect("md").len();
-    File::options().write(true).open(&f).expect("open").set_len(len * 6 / 10).expect("truncate");
-    c.refused("truncated stream (inc 2 cut at 60 %)", "rc-acc-files", &[], 5, &["vda.inc.virtnbdbackup.2.data", "truncated stream", "at byte"]);
+    File::options()
+        .write(true)
+        .open(&f)
+        .expect("open")
+        .set_len(len * 6 / 10)
+        .expect("truncate");
+    c.refused(
+        "truncated stream (inc 2 cut at 60 %)",
+        "rc-acc-files",
+        &[],
+        5,
+        &[
+            "vda.inc.virtnbdbackup.2.data",
+            "truncated stream",
+            "at byte",
+        ],
+    );
     // the real truncated full of rc-damage/20260513, with --include-incomplete: the
     // engine refuses while planning (exit 6), naming file and offset
     let mut c = Case::new(&["rc-damage"]);
-    c.refused("truncated stream (real, 20260513)", "rc-damage", &["--period", "20260513"], 5, &["vda.full.data", "at byte 59661"]);
+    c.refused(
+        "truncated stream (real, 20260513)",
+        "rc-damage",
+        &["--period", "20260513"],
+        5,
+        &["vda.full.data", "at byte 59661"],
+    );
     c.refused(
         "truncated stream + --include-incomplete",
         "rc-damage",
@@ -491,13 +641,20 @@ fn payload_bit_flip_is_caught_by_chksum() {
     );
     // one bit in rc-v247-chk's inc 1 payload (data header at 379, payload at 419)
     let mut c = Case::new(&["rc-v247-chk"]);
-    flip(&c.p("rc-v247-chk/202603/vda.inc.virtnbdbackup.1.data"), 419 + 1000, |b| b ^ 0x10);
+    flip(
+        &c.p("rc-v247-chk/202603/vda.inc.virtnbdbackup.1.data"),
+        419 + 1000,
+        |b| b ^ 0x10,
+    );
     c.refused(
         "payload bit flip (rc-v247-chk inc 1, .chksum)",
         "rc-v247-chk",
         &[],
         6,
-        &["/rc-v247-chk/202603/vda.inc.virtnbdbackup.1.data", "checksum mismatch"],
+        &[
+            "/rc-v247-chk/202603/vda.inc.virtnbdbackup.1.data",
+            "checksum mismatch",
+        ],
     );
 }
 
@@ -506,50 +663,124 @@ fn frame_header_bit_flip_is_refused() {
     // rc-v247-chk full: `data 0000000000100000 ...` at byte 406; one bit of the
     // first start digit ('0' → '1') sends the frame past the disk
     let mut c = Case::new(&["rc-v247-chk"]);
-    flip(&c.p("rc-v247-chk/202603/vda.full.data"), 406 + 5, |b| b ^ 0x01);
-    c.refused("frame header bit flip (start)", "rc-v247-chk", &[], 6, &["vda.full.data", "at byte 406"]);
+    flip(&c.p("rc-v247-chk/202603/vda.full.data"), 406 + 5, |b| {
+        b ^ 0x01
+    });
+    c.refused(
+        "frame header bit flip (start)",
+        "rc-v247-chk",
+        &[],
+        6,
+        &["vda.full.data", "at byte 406"],
+    );
     // the kind: `data` → `deta` (inc 1, header at 379)
     let mut c = Case::new(&["rc-v247-chk"]);
-    flip(&c.p("rc-v247-chk/202603/vda.inc.virtnbdbackup.1.data"), 379 + 1, |b| b ^ 0x01);
-    c.refused("frame header bit flip (kind)", "rc-v247-chk", &[], 6, &["vda.inc.virtnbdbackup.1.data", "unknown frame kind", "at byte 379"]);
+    flip(
+        &c.p("rc-v247-chk/202603/vda.inc.virtnbdbackup.1.data"),
+        379 + 1,
+        |b| b ^ 0x01,
+    );
+    c.refused(
+        "frame header bit flip (kind)",
+        "rc-v247-chk",
+        &[],
+        6,
+        &[
+            "vda.inc.virtnbdbackup.1.data",
+            "unknown frame kind",
+            "at byte 379",
+        ],
+    );
     // a compressed stream (rc-acc-files inc 1, data header at 374): the CR LF
     let mut c = Case::new(&["rc-acc-files"]);
-    flip(&c.p("rc-acc-files/vda.inc.virtnbdbackup.1.data"), 374 + 38, |b| b ^ 0x01);
-    c.refused("frame header bit flip (CR, lz4 stream)", "rc-acc-files", &[], 6, &["vda.inc.virtnbdbackup.1.data", "invalid frame header at byte 374"]);
+    flip(
+        &c.p("rc-acc-files/vda.inc.virtnbdbackup.1.data"),
+        374 + 38,
+        |b| b ^ 0x01,
+    );
+    c.refused(
+        "frame header bit flip (CR, lz4 stream)",
+        "rc-acc-files",
+        &[],
+        6,
+        &[
+            "vda.inc.virtnbdbackup.1.data",
+            "invalid frame header at byte 374",
+        ],
+    );
 }
 
 #[test]
 fn missing_incremental_is_refused() {
     let mut c = Case::new(&["rc-acc-files"]);
     fs::remove_file(c.p("rc-acc-files/vda.inc.virtnbdbackup.2.data")).expect("rm");
-    c.refused("missing incremental", "rc-acc-files", &[], 5, &["INCOMPLETE at restore point 2", "missing vda.inc.virtnbdbackup.2.data"]);
+    c.refused(
+        "missing incremental",
+        "rc-acc-files",
+        &[],
+        5,
+        &[
+            "INCOMPLETE at restore point 2",
+            "missing vda.inc.virtnbdbackup.2.data",
+        ],
+    );
     // the point before the gap still restores, exactly
     let r = c.restore("rc-acc-files", &["--restore-point", "1"]);
     assert_eq!(r.code, Some(0), "{}", r.stderr);
-    check_content(&c.out.join("rc-acc-files-vda.qcow2"), "rc-acc-files", "backups/rc-acc-files", "virtnbdbackup.1", "vda");
+    check_content(
+        &c.out.join("rc-acc-files-vda.qcow2"),
+        "rc-acc-files",
+        "backups/rc-acc-files",
+        "virtnbdbackup.1",
+        "vda",
+    );
 }
 
 #[test]
 fn wrong_parent_checkpoint_is_refused() {
     // same length, nothing else fixed up (lz4 payloads and trailer untouched)
     let mut c = Case::new(&["rc-acc-files"]);
-    replace_in(&c.p("rc-acc-files/vda.inc.virtnbdbackup.3.data"), "\"parentCheckpoint\": \"virtnbdbackup.2\"", "\"parentCheckpoint\": \"virtnbdbackup.7\"");
+    replace_in(
+        &c.p("rc-acc-files/vda.inc.virtnbdbackup.3.data"),
+        "\"parentCheckpoint\": \"virtnbdbackup.2\"",
+        "\"parentCheckpoint\": \"virtnbdbackup.7\"",
+    );
     c.refused(
         "wrong parent checkpoint",
         "rc-acc-files",
         &[],
         5,
-        &["INCOMPLETE at restore point 3", "vda.inc.virtnbdbackup.3.data", "\"virtnbdbackup.7\""],
+        &[
+            "INCOMPLETE at restore point 3",
+            "vda.inc.virtnbdbackup.3.data",
+            "\"virtnbdbackup.7\"",
+        ],
     );
-    c.refused("wrong parent checkpoint + --include-incomplete", "rc-acc-files", &["--include-incomplete"], 6, &["vda.inc.virtnbdbackup.3.data", "parent checkpoint"]);
+    c.refused(
+        "wrong parent checkpoint + --include-incomplete",
+        "rc-acc-files",
+        &["--include-incomplete"],
+        6,
+        &["vda.inc.virtnbdbackup.3.data", "parent checkpoint"],
+    );
 }
 
 #[test]
 fn disk_name_in_meta_cannot_escape() {
     // `"diskName": "vda"` → `"../"` (same length): the meta contradicts the file name
     let mut c = Case::new(&["rc-acc-files"]);
-    replace_in(&c.p("rc-acc-files/vda.inc.virtnbdbackup.1.data"), "\"diskName\": \"vda\"", "\"diskName\": \"../\"");
-    c.refused("diskName \"../\" in meta", "rc-acc-files", &[], 5, &["vda.inc.virtnbdbackup.1.data", "diskName"]);
+    replace_in(
+        &c.p("rc-acc-files/vda.inc.virtnbdbackup.1.data"),
+        "\"diskName\": \"vda\"",
+        "\"diskName\": \"../\"",
+    );
+    c.refused(
+        "diskName \"../\" in meta",
+        "rc-acc-files",
+        &[],
+        5,
+        &["vda.inc.virtnbdbackup.1.data", "diskName"],
+    );
     assert!(!c.s.dir.path().join("x").exists());
 }
 
@@ -559,35 +790,78 @@ fn shuffled_mtimes_restore_correctly() {
     let dir = c.p("rc-acc-files");
     // newest file first: the full gets the newest mtime, inc 4 the oldest, and the
     // side files are shuffled the same way
-    let mut files: Vec<PathBuf> = fs::read_dir(&dir).expect("ls").map(|e| e.expect("e").path()).filter(|p| p.is_file()).collect();
+    let mut files: Vec<PathBuf> = fs::read_dir(&dir)
+        .expect("ls")
+        .map(|e| e.expect("e").path())
+        .filter(|p| p.is_file())
+        .collect();
     files.sort();
     for (i, f) in files.iter().enumerate() {
-        let t = SystemTime::UNIX_EPOCH + Duration::from_secs(1_900_000_000 - (i as u64 * 7919 % 97) * 3600);
-        File::options().write(true).open(f).expect("open").set_modified(t).expect("mtime");
+        let t = SystemTime::UNIX_EPOCH
+            + Duration::from_secs(1_900_000_000 - (i as u64 * 7919 % 97) * 3600);
+        File::options()
+            .write(true)
+            .open(f)
+            .expect("open")
+            .set_modified(t)
+            .expect("mtime");
     }
-    let full = fs::metadata(dir.join("vda.full.data")).expect("md").modified().expect("t");
-    let inc4 = fs::metadata(dir.join("vda.inc.virtnbdbackup.4.data")).expect("md").modified().expect("t");
+    let full = fs::metadata(dir.join("vda.full.data"))
+        .expect("md")
+        .modified()
+        .expect("t");
+    let inc4 = fs::metadata(dir.join("vda.inc.virtnbdbackup.4.data"))
+        .expect("md")
+        .modified()
+        .expect("t");
     assert_ne!(full, inc4);
     let r = c.restore("rc-acc-files", &[]);
     table("shuffled mtimes (latest)", &r, &c.root);
     assert_eq!(r.code, Some(0), "{}", r.stderr);
-    check_content(&c.out.join("rc-acc-files-vda.qcow2"), "rc-acc-files", "backups/rc-acc-files", "virtnbdbackup.4", "vda");
+    check_content(
+        &c.out.join("rc-acc-files-vda.qcow2"),
+        "rc-acc-files",
+        "backups/rc-acc-files",
+        "virtnbdbackup.4",
+        "vda",
+    );
     fs::remove_dir_all(&c.out).expect("rm out");
     let r = c.restore("rc-acc-files", &["--restore-point", "2"]);
     assert_eq!(r.code, Some(0), "{}", r.stderr);
-    check_content(&c.out.join("rc-acc-files-vda.qcow2"), "rc-acc-files", "backups/rc-acc-files", "virtnbdbackup.2", "vda");
+    check_content(
+        &c.out.join("rc-acc-files-vda.qcow2"),
+        "rc-acc-files",
+        "backups/rc-acc-files",
+        "virtnbdbackup.2",
+        "vda",
+    );
 }
 
 #[test]
 fn missing_qcow_json_is_refused_then_degraded_on_request() {
     // rc-damage/20260511: the newest qcow.json was deleted (data intact)
     let mut c = Case::new(&["rc-damage"]);
-    c.refused("missing qcow.json", "rc-damage", &["--period", "20260511"], 5, &["missing vda.virtnbdbackup.2.qcow.json"]);
-    let r = c.restore("rc-damage", &["--period", "20260511", "--include-incomplete"]);
+    c.refused(
+        "missing qcow.json",
+        "rc-damage",
+        &["--period", "20260511"],
+        5,
+        &["missing vda.virtnbdbackup.2.qcow.json"],
+    );
+    let r = c.restore(
+        "rc-damage",
+        &["--period", "20260511", "--include-incomplete"],
+    );
     table("missing qcow.json + --include-incomplete", &r, &c.root);
     assert_eq!(r.code, Some(0), "{}", r.stderr);
     // the image options come from the newest earlier qcow.json; the data is exact
-    check_content(&c.out.join("rc-damage-vda.qcow2"), "rc-damage", "backups/rc-damage/20260511", "virtnbdbackup.2", "vda");
+    check_content(
+        &c.out.join("rc-damage-vda.qcow2"),
+        "rc-damage",
+        "backups/rc-damage/20260511",
+        "virtnbdbackup.2",
+        "vda",
+    );
 }
 
 #[test]
@@ -599,24 +873,63 @@ fn partial_leftover_is_refused() {
         "rc-damage",
         &["--period", "20260516"],
         5,
-        &["INCOMPLETE at restore point 2", "vda.inc.virtnbdbackup.2.data.partial"],
+        &[
+            "INCOMPLETE at restore point 2",
+            "vda.inc.virtnbdbackup.2.data.partial",
+        ],
     );
-    c.refused(".partial leftover + --include-incomplete", "rc-damage", &["--period", "20260516", "--include-incomplete"], 6, &["vda.inc.virtnbdbackup.2.data.partial"]);
-    let r = c.restore("rc-damage", &["--period", "20260516", "--restore-point", "1"]);
+    c.refused(
+        ".partial leftover + --include-incomplete",
+        "rc-damage",
+        &["--period", "20260516", "--include-incomplete"],
+        6,
+        &["vda.inc.virtnbdbackup.2.data.partial"],
+    );
+    let r = c.restore(
+        "rc-damage",
+        &["--period", "20260516", "--restore-point", "1"],
+    );
     assert_eq!(r.code, Some(0), "{}", r.stderr);
-    check_content(&c.out.join("rc-damage-vda.qcow2"), "rc-damage", "backups/rc-damage/20260516", "virtnbdbackup.1", "vda");
+    check_content(
+        &c.out.join("rc-damage-vda.qcow2"),
+        "rc-damage",
+        "backups/rc-damage/20260516",
+        "virtnbdbackup.1",
+        "vda",
+    );
 }
 
 #[test]
 fn hostile_qcow_json_is_refused_naming_it() {
     for (class, from, to, needle) in [
-        ("qcow.json cluster-size 2^40", "\"cluster-size\": 65536", "\"cluster-size\": 1099511627776", "cluster size 1099511627776"),
-        ("qcow.json refcount-bits 128", "\"refcount-bits\": 16", "\"refcount-bits\": 128", "refcount width 128"),
-        ("qcow.json not JSON", "{", "{{", "invalid side file at byte 0"),
+        (
+            "qcow.json cluster-size 2^40",
+            "\"cluster-size\": 65536",
+            "\"cluster-size\": 1099511627776",
+            "cluster size 1099511627776",
+        ),
+        (
+            "qcow.json refcount-bits 128",
+            "\"refcount-bits\": 16",
+            "\"refcount-bits\": 128",
+            "refcount width 128",
+        ),
+        (
+            "qcow.json not JSON",
+            "{",
+            "{{",
+            "invalid side file at byte 0",
+        ),
     ] {
         let mut c = Case::new(&["rc-acc-files"]);
         replace_in(&c.p("rc-acc-files/vda.virtnbdbackup.4.qcow.json"), from, to);
-        c.refused(class, "rc-acc-files", &[], 6, &["/rc-acc-files/vda.virtnbdbackup.4.qcow.json", needle]);
+        c.refused(
+            class,
+            "rc-acc-files",
+            &[],
+            6,
+            &["/rc-acc-files/vda.virtnbdbackup.4.qcow.json", needle],
+        );
     }
 }
 
@@ -625,7 +938,8 @@ fn set_trailer(path: &Path, json: &str) {
     let b = fs::read(path).expect("read");
     let comp = &b[b.len() - 40..];
     assert_eq!(&comp[..4], b"comp");
-    let tlen = usize::from_str_radix(std::str::from_utf8(&comp[22..38]).expect("hex"), 16).expect("len");
+    let tlen =
+        usize::from_str_radix(std::str::from_utf8(&comp[22..38]).expect("hex"), 16).expect("len");
     let start = b.len() - 40 - 2 - tlen;
     let mut out = b[..start].to_vec();
     out.extend_from_slice(json.as_bytes());
@@ -638,11 +952,31 @@ fn set_trailer(path: &Path, json: &str) {
 fn bogus_trailer_is_refused() {
     // rc-acc-files inc 1: one data frame, trailer `[298]` at byte 754
     for (class, json, needles) in [
-        ("bogus trailer (not JSON)", "[2x8]", vec!["invalid compression trailer at byte 754"]),
-        ("bogus trailer (size too big)", "[99999999]", vec!["truncated payload at byte 414"]),
-        ("bogus trailer (size off by one)", "[299]", vec!["missing CR LF after payload at byte 713"]),
-        ("bogus trailer (entry count)", "[100, 198]", vec!["vda.inc.virtnbdbackup.1.data"]),
-        ("bogus trailer (negative)", "[-298]", vec!["invalid compression trailer"]),
+        (
+            "bogus trailer (not JSON)",
+            "[2x8]",
+            vec!["invalid compression trailer at byte 754"],
+        ),
+        (
+            "bogus trailer (size too big)",
+            "[99999999]",
+            vec!["truncated payload at byte 414"],
+        ),
+        (
+            "bogus trailer (size off by one)",
+            "[299]",
+            vec!["missing CR LF after payload at byte 713"],
+        ),
+        (
+            "bogus trailer (entry count)",
+            "[100, 198]",
+            vec!["vda.inc.virtnbdbackup.1.data"],
+        ),
+        (
+            "bogus trailer (negative)",
+            "[-298]",
+            vec!["invalid compression trailer"],
+        ),
     ] {
         let mut c = Case::new(&["rc-acc-files"]);
         set_trailer(&c.p("rc-acc-files/vda.inc.virtnbdbackup.1.data"), json);
@@ -657,26 +991,69 @@ fn absurd_lengths_are_refused() {
     let two60 = format!("{:016x}", 1u64 << 60);
     // data header of rc-v247-chk's full (byte 406) claiming 2^60 bytes
     let mut c = Case::new(&["rc-v247-chk"]);
-    put(&c.p("rc-v247-chk/202603/vda.full.data"), 406 + 22, two60.as_bytes());
-    c.refused("absurd length (data 2^60, raw stream)", "rc-v247-chk", &[], 6, &["vda.full.data", "at byte 406"]);
+    put(
+        &c.p("rc-v247-chk/202603/vda.full.data"),
+        406 + 22,
+        two60.as_bytes(),
+    );
+    c.refused(
+        "absurd length (data 2^60, raw stream)",
+        "rc-v247-chk",
+        &[],
+        6,
+        &["vda.full.data", "at byte 406"],
+    );
     // the same in an lz4 stream (rc-acc-files inc 1, header at 374)
     let mut c = Case::new(&["rc-acc-files"]);
-    put(&c.p("rc-acc-files/vda.inc.virtnbdbackup.1.data"), 374 + 22, two60.as_bytes());
-    c.refused("absurd length (data 2^60, lz4 stream)", "rc-acc-files", &[], 6, &["vda.inc.virtnbdbackup.1.data", "at byte 374"]);
+    put(
+        &c.p("rc-acc-files/vda.inc.virtnbdbackup.1.data"),
+        374 + 22,
+        two60.as_bytes(),
+    );
+    c.refused(
+        "absurd length (data 2^60, lz4 stream)",
+        "rc-acc-files",
+        &[],
+        6,
+        &["vda.inc.virtnbdbackup.1.data", "at byte 374"],
+    );
     // a zero frame of 2^60 (rc-v247-chk full, zero header at 366)
     let mut c = Case::new(&["rc-v247-chk"]);
-    put(&c.p("rc-v247-chk/202603/vda.full.data"), 366 + 22, two60.as_bytes());
-    c.refused("absurd length (zero 2^60)", "rc-v247-chk", &[], 6, &["vda.full.data", "at byte 366"]);
+    put(
+        &c.p("rc-v247-chk/202603/vda.full.data"),
+        366 + 22,
+        two60.as_bytes(),
+    );
+    c.refused(
+        "absurd length (zero 2^60)",
+        "rc-v247-chk",
+        &[],
+        6,
+        &["vda.full.data", "at byte 366"],
+    );
     // a meta header claiming 2^60 bytes of JSON: unreadable at scan time
     let mut c = Case::new(&["rc-v247-chk"]);
-    put(&c.p("rc-v247-chk/202603/vda.inc.virtnbdbackup.2.data"), 22, two60.as_bytes());
-    c.refused("absurd length (meta 2^60)", "rc-v247-chk", &[], 5, &["vda.inc.virtnbdbackup.2.data", "1152921504606846976"]);
+    put(
+        &c.p("rc-v247-chk/202603/vda.inc.virtnbdbackup.2.data"),
+        22,
+        two60.as_bytes(),
+    );
+    c.refused(
+        "absurd length (meta 2^60)",
+        "rc-v247-chk",
+        &[],
+        5,
+        &["vda.inc.virtnbdbackup.2.data", "1152921504606846976"],
+    );
     // a virtual size of 2^60 in the meta (JSON re-framed): the target cannot be created
     let mut c = Case::new(&["rc-v247-chk"]);
     let f = c.p("rc-v247-chk/202603/vda.full.data");
     let b = fs::read(&f).expect("read");
     let l = usize::from_str_radix(std::str::from_utf8(&b[22..38]).expect("hex"), 16).expect("len");
-    let json = std::str::from_utf8(&b[40..40 + l]).expect("utf8").replace("\"virtualSize\": 33554432", &format!("\"virtualSize\": {}", 1u64 << 60));
+    let json = std::str::from_utf8(&b[40..40 + l]).expect("utf8").replace(
+        "\"virtualSize\": 33554432",
+        &format!("\"virtualSize\": {}", 1u64 << 60),
+    );
     let mut nb = header("meta", 0, json.len() as u64);
     nb.extend_from_slice(json.as_bytes());
     nb.extend_from_slice(&b[40 + l..]);
@@ -707,7 +1084,9 @@ fn source_paths_cannot_escape_the_restore_path() {
         let dir = c.p("rc-acc-files");
         for e in fs::read_dir(&dir).expect("ls") {
             let p = e.expect("e").path();
-            if p.file_name().is_some_and(|n| n.to_string_lossy().starts_with("vmconfig.")) {
+            if p.file_name()
+                .is_some_and(|n| n.to_string_lossy().starts_with("vmconfig."))
+            {
                 let x = fs::read_to_string(&p).expect("xml").replace(orig, source);
                 fs::write(&p, x).expect("write");
             }
@@ -720,12 +1099,19 @@ fn source_paths_cannot_escape_the_restore_path() {
         assert_eq!(entries(&c.out), vec![expect.to_owned()], "{source}");
         let scratch = entries(c.s.dir.path());
         assert!(
-            scratch.iter().all(|e| e == "a" || e == "a/b" || e.starts_with("a/b/out") || e.starts_with("backups") || e.starts_with("logs")),
+            scratch.iter().all(|e| e == "a"
+                || e == "a/b"
+                || e.starts_with("a/b/out")
+                || e.starts_with("backups")
+                || e.starts_with("logs")),
             "{source}: written outside the restore path: {scratch:?}"
         );
         // the same through disk extract
         let ex = c.s.dir.path().join("a/b/extract");
-        let r = c.restore("rc-acc-files", &["--disk", "vda", "--restore-path", &ex.display().to_string()]);
+        let r = c.restore(
+            "rc-acc-files",
+            &["--disk", "vda", "--restore-path", &ex.display().to_string()],
+        );
         assert_eq!(r.code, Some(0), "{source} extract: {}", r.stderr);
         assert_eq!(entries(&ex), vec![expect.to_owned()], "{source} extract");
     }
@@ -740,22 +1126,62 @@ fn two_disks_with_one_file_name_are_refused_before_writing() {
     let dir = c.p("rc-multi-sql/2026-W08");
     for e in fs::read_dir(&dir).expect("ls") {
         let p = e.expect("e").path();
-        if p.file_name().is_some_and(|n| n.to_string_lossy().starts_with("vmconfig.")) {
+        if p.file_name()
+            .is_some_and(|n| n.to_string_lossy().starts_with("vmconfig."))
+        {
             let x = fs::read_to_string(&p)
                 .expect("xml")
-                .replace("/var/lib/libvirt/images/rc-multi-sql-vda.qcow2", "/pool1/disk.qcow2")
-                .replace("/var/lib/libvirt/images/rc-multi-sql-vdb.qcow2", "/pool2/disk.qcow2");
+                .replace(
+                    "/var/lib/libvirt/images/rc-multi-sql-vda.qcow2",
+                    "/pool1/disk.qcow2",
+                )
+                .replace(
+                    "/var/lib/libvirt/images/rc-multi-sql-vdb.qcow2",
+                    "/pool2/disk.qcow2",
+                );
             fs::write(&p, x).expect("write");
         }
     }
-    for extra in [&[][..], &["--force"][..], &["--disk", "all", "--restore-path", &c.out.display().to_string()][..]] {
+    for extra in [
+        &[][..],
+        &["--force"][..],
+        &[
+            "--disk",
+            "all",
+            "--restore-path",
+            &c.out.display().to_string(),
+        ][..],
+    ] {
         let extra: Vec<&str> = extra.to_vec();
-        c.refused("two disks, one output file name", "rc-multi-sql", &extra, 4, &["BLOCKED: ", "/out/disk.qcow2 would be written for more than one disk"]);
+        c.refused(
+            "two disks, one output file name",
+            "rc-multi-sql",
+            &extra,
+            4,
+            &[
+                "BLOCKED: ",
+                "/out/disk.qcow2 would be written for more than one disk",
+            ],
+        );
     }
     // one at a time works
-    let r = c.restore("rc-multi-sql", &["--disk", "vdb", "--restore-path", &c.out.display().to_string()]);
+    let r = c.restore(
+        "rc-multi-sql",
+        &[
+            "--disk",
+            "vdb",
+            "--restore-path",
+            &c.out.display().to_string(),
+        ],
+    );
     assert_eq!(r.code, Some(0), "{}", r.stderr);
-    check_content(&c.out.join("disk.qcow2"), "rc-multi-sql", "backups/rc-multi-sql/2026-W08", "virtnbdbackup.3", "vdb");
+    check_content(
+        &c.out.join("disk.qcow2"),
+        "rc-multi-sql",
+        "backups/rc-multi-sql/2026-W08",
+        "virtnbdbackup.3",
+        "vdb",
+    );
 }
 
 #[test]
@@ -770,9 +1196,16 @@ fn symlinks_in_the_restore_path_are_never_written_through() {
     let r = c.restore("rc-acc-files", &[]);
     table("symlink at output name (no --force)", &r, &c.root);
     assert_eq!(r.code, Some(4), "{}", r.stderr);
-    assert!(r.stderr.contains("BLOCKED: File already exists"), "{}", r.stderr);
+    assert!(
+        r.stderr.contains("BLOCKED: File already exists"),
+        "{}",
+        r.stderr
+    );
     assert_eq!(entries(&c.out), vec!["rc-acc-files-vda.qcow2"]);
-    assert!(fs::symlink_metadata(&name).expect("md").file_type().is_symlink());
+    assert!(fs::symlink_metadata(&name)
+        .expect("md")
+        .file_type()
+        .is_symlink());
     // a dangling symlink too: its target is never created
     let ghost = c.s.dir.path().join("ghost");
     fs::remove_file(&name).expect("rm");
@@ -788,7 +1221,13 @@ fn symlinks_in_the_restore_path_are_never_written_through() {
     assert_eq!(r.code, Some(0), "{}", r.stderr);
     assert_eq!(fs::read(&victim).expect("victim"), b"precious");
     assert!(fs::symlink_metadata(&name).expect("md").is_file());
-    check_content(&name, "rc-acc-files", "backups/rc-acc-files", "virtnbdbackup.4", "vda");
+    check_content(
+        &name,
+        "rc-acc-files",
+        "backups/rc-acc-files",
+        "virtnbdbackup.4",
+        "vda",
+    );
     // a restore path that is a symlink into the backup tree is inside the root (7)
     let sneaky = c.s.dir.path().join("sneaky");
     symlink(c.p("rc-acc-files"), &sneaky).expect("symlink");
@@ -806,28 +1245,74 @@ fn hostile_vmbackup_conf_is_a_config_error() {
     let s = Scratch::new();
     let sentinel = s.dir.path().join("pwned");
     let sp = sentinel.display().to_string();
-    let restore = ["--vm", "rc-acc-files", "--skip-config", "--restore-path", "/nonexistent/out", "--connect", "test:///default"];
+    let restore = [
+        "--vm",
+        "rc-acc-files",
+        "--skip-config",
+        "--restore-path",
+        "/nonexistent/out",
+        "--connect",
+        "test:///default",
+    ];
     for (class, text, line) in [
-        ("vmbackup.conf $(...)", format!("# vmbackup\nLOG_LEVEL=info\nBACKUP_PATH=$(touch {sp})\n"), 3),
-        ("vmbackup.conf backticks", format!("BACKUP_PATH=\"`touch {sp}`\"\n"), 1),
-        ("vmbackup.conf ${VAR}", "BACKUP_PATH=/srv\nBACKUP_PATH=${HOME}/x\n".to_owned(), 2),
-        ("vmbackup.conf huge line", format!("# ok\nBACKUP_PATH=/{}\n", "a".repeat(200_000)), 2),
-        ("vmbackup.conf huge comment", format!("#{}\nBACKUP_PATH=/srv\n", "b".repeat(100_000)), 1),
+        (
+            "vmbackup.conf $(...)",
+            format!("# vmbackup\nLOG_LEVEL=info\nBACKUP_PATH=$(touch {sp})\n"),
+            3,
+        ),
+        (
+            "vmbackup.conf backticks",
+            format!("BACKUP_PATH=\"`touch {sp}`\"\n"),
+            1,
+        ),
+        (
+            "vmbackup.conf ${VAR}",
+            "BACKUP_PATH=/srv\nBACKUP_PATH=${HOME}/x\n".to_owned(),
+            2,
+        ),
+        (
+            "vmbackup.conf huge line",
+            format!("# ok\nBACKUP_PATH=/{}\n", "a".repeat(200_000)),
+            2,
+        ),
+        (
+            "vmbackup.conf huge comment",
+            format!("#{}\nBACKUP_PATH=/srv\n", "b".repeat(100_000)),
+            1,
+        ),
     ] {
         let f = s.write_config("default", &text);
         let r = s.run(&restore);
         table(class, &r, s.dir.path());
         assert_eq!(r.code, Some(2), "{class}: {}", r.stderr);
-        assert!(r.stderr.contains(&format!("{}:{line}:", f.display())), "{class}: no file:line\n{}", r.stderr);
-        assert!(r.stderr.len() < 4096, "{class}: the offending line is echoed back ({} bytes)", r.stderr.len());
+        assert!(
+            r.stderr.contains(&format!("{}:{line}:", f.display())),
+            "{class}: no file:line\n{}",
+            r.stderr
+        );
+        assert!(
+            r.stderr.len() < 4096,
+            "{class}: the offending line is echoed back ({} bytes)",
+            r.stderr.len()
+        );
         assert!(!sentinel.exists(), "{class}: the config was executed");
-        assert!(s.logs().is_empty(), "{class}: a config error creates no log file");
+        assert!(
+            s.logs().is_empty(),
+            "{class}: a config error creates no log file"
+        );
     }
     // a value that only looks like more commands is a literal path (never run)
-    s.write_config("default", &format!("BACKUP_PATH=/nonexistent/bk; touch {sp}\n"));
+    s.write_config(
+        "default",
+        &format!("BACKUP_PATH=/nonexistent/bk; touch {sp}\n"),
+    );
     let r = s.run(&restore);
     assert_eq!(r.code, Some(4), "{}", r.stderr);
-    assert!(r.stderr.contains("Backup path not found: /nonexistent/bk"), "{}", r.stderr);
+    assert!(
+        r.stderr.contains("Backup path not found: /nonexistent/bk"),
+        "{}",
+        r.stderr
+    );
     assert!(!sentinel.exists());
 }
 
@@ -835,25 +1320,52 @@ fn hostile_vmbackup_conf_is_a_config_error() {
 fn corrupt_catalogue_is_one_warning() {
     let mut c = Case::new(&["rc-acc-files"]);
     fs::create_dir_all(c.p("_state")).expect("mkdir");
-    let garbage: Vec<u8> = b"SQLite format 3\0".iter().copied().chain((0..8192u32).map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)).collect();
+    let garbage: Vec<u8> = b"SQLite format 3\0"
+        .iter()
+        .copied()
+        .chain((0..8192u32).map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8))
+        .collect();
     fs::write(c.p("_state/vmbackup.db"), &garbage).expect("garbage");
     let r = c.restore("rc-acc-files", &[]);
     table("garbage _state/vmbackup.db", &r, &c.root);
     assert_eq!(r.code, Some(0), "{}", r.stderr);
-    let warns: Vec<&str> = r.stderr.lines().filter(|l| l.contains("] WARN: ")).collect();
+    let warns: Vec<&str> = r
+        .stderr
+        .lines()
+        .filter(|l| l.contains("] WARN: "))
+        .collect();
     assert_eq!(warns.len(), 1, "{warns:#?}");
     assert!(warns[0].contains("Catalogue unavailable"), "{}", warns[0]);
-    assert_eq!(fs::read(c.p("_state/vmbackup.db")).expect("db"), garbage, "the catalogue file was modified");
+    assert_eq!(
+        fs::read(c.p("_state/vmbackup.db")).expect("db"),
+        garbage,
+        "the catalogue file was modified"
+    );
     let state = entries(&c.p("_state"));
-    assert_eq!(state, vec!["locks", "vmbackup.db"], "no -wal/-shm/-journal next to a broken catalogue");
-    check_content(&c.out.join("rc-acc-files-vda.qcow2"), "rc-acc-files", "backups/rc-acc-files", "virtnbdbackup.4", "vda");
+    assert_eq!(
+        state,
+        vec!["locks", "vmbackup.db"],
+        "no -wal/-shm/-journal next to a broken catalogue"
+    );
+    check_content(
+        &c.out.join("rc-acc-files-vda.qcow2"),
+        "rc-acc-files",
+        "backups/rc-acc-files",
+        "virtnbdbackup.4",
+        "vda",
+    );
     // a directory in place of the catalogue
     fs::remove_file(c.p("_state/vmbackup.db")).expect("rm");
     fs::create_dir(c.p("_state/vmbackup.db")).expect("mkdir");
     c.freeze();
     let r = c.restore("rc-acc-files", &["--force"]);
     assert_eq!(r.code, Some(0), "{}", r.stderr);
-    assert_eq!(r.stderr.matches("Catalogue unavailable").count(), 1, "{}", r.stderr);
+    assert_eq!(
+        r.stderr.matches("Catalogue unavailable").count(),
+        1,
+        "{}",
+        r.stderr
+    );
 }
 
 // ---------------------------------------------------------------------------------
@@ -879,10 +1391,22 @@ fn full_target_filesystem_is_a_storage_error() {
     let img = c.s.dir.path().join("fs.img");
     let mnt = c.s.dir.path().join("mnt");
     fs::create_dir_all(&mnt).expect("mkdir");
-    File::create(&img).expect("img").set_len(8 * MIB).expect("truncate");
+    File::create(&img)
+        .expect("img")
+        .set_len(8 * MIB)
+        .expect("truncate");
     // -m 0: no root reserve, so the free space we measure is all root can write
-    let ok = Command::new("mkfs.ext4").args(["-q", "-F", "-m", "0"]).arg(&img).status().is_ok_and(|s| s.success())
-        && Command::new("mount").args(["-o", "loop"]).arg(&img).arg(&mnt).status().is_ok_and(|s| s.success());
+    let ok = Command::new("mkfs.ext4")
+        .args(["-q", "-F", "-m", "0"])
+        .arg(&img)
+        .status()
+        .is_ok_and(|s| s.success())
+        && Command::new("mount")
+            .args(["-o", "loop"])
+            .arg(&img)
+            .arg(&mnt)
+            .status()
+            .is_ok_and(|s| s.success());
     if !ok {
         eprintln!("SKIP full_target_filesystem_is_a_storage_error: mkfs.ext4 or loop mount failed (no loop devices in this container?)");
         return;
@@ -894,14 +1418,30 @@ fn full_target_filesystem_is_a_storage_error() {
     // stream data just under the free space: the pre-flight (backup bytes ≤ free)
     // passes, the qcow2 image (data + metadata clusters) cannot fit
     let data = (free - 128 * 1024) / (64 * 1024) * (64 * 1024);
-    gen_chain(&c.root, "fullvm", &[GenDisk { dev: "vda", size: 64 * MIB, steps: vec![vec![(0, data / 2), (32 * MIB, data - data / 2)]] }]);
+    gen_chain(
+        &c.root,
+        "fullvm",
+        &[GenDisk {
+            dev: "vda",
+            size: 64 * MIB,
+            steps: vec![vec![(0, data / 2), (32 * MIB, data - data / 2)]],
+        }],
+    );
     c.out = mnt.join("restore");
     let r = c.restore("fullvm", &[]);
     table("target filesystem full (ENOSPC mid-restore)", &r, &c.root);
     assert_eq!(r.code, Some(4), "{}", r.stderr);
     assert!(r.stderr.contains("No space left on device"), "{}", r.stderr);
-    assert!(r.stderr.contains(".fullvm-vda.qcow2.vmrestore-"), "names the file being written\n{}", r.stderr);
-    assert_eq!(entries(&c.out), Vec::<String>::new(), "final name or .part left on the full filesystem");
+    assert!(
+        r.stderr.contains(".fullvm-vda.qcow2.vmrestore-"),
+        "names the file being written\n{}",
+        r.stderr
+    );
+    assert_eq!(
+        entries(&c.out),
+        Vec::<String>::new(),
+        "final name or .part left on the full filesystem"
+    );
     assert!(!c.lock("fullvm").exists(), "lock not released");
 }
 
@@ -912,44 +1452,94 @@ fn unreadable_data_files_are_clear_errors() {
     let f = c.p("rc-acc-files/vda.inc.virtnbdbackup.2.data");
     fs::remove_file(&f).expect("rm");
     fs::create_dir(&f).expect("mkdir");
-    c.refused("data file replaced by a directory", "rc-acc-files", &[], 5, &["unreadable vda.inc.virtnbdbackup.2.data", "a directory, not a regular file"]);
+    c.refused(
+        "data file replaced by a directory",
+        "rc-acc-files",
+        &[],
+        5,
+        &[
+            "unreadable vda.inc.virtnbdbackup.2.data",
+            "a directory, not a regular file",
+        ],
+    );
     let mut c = Case::new(&["rc-acc-files"]);
     let f = c.p("rc-acc-files/vda.inc.virtnbdbackup.3.data");
     fs::remove_file(&f).expect("rm");
     symlink(c.s.dir.path().join("nowhere"), &f).expect("symlink");
-    c.refused("data file replaced by a dangling symlink", "rc-acc-files", &[], 5, &["unreadable vda.inc.virtnbdbackup.3.data", "a symbolic link, not a regular file"]);
+    c.refused(
+        "data file replaced by a dangling symlink",
+        "rc-acc-files",
+        &[],
+        5,
+        &[
+            "unreadable vda.inc.virtnbdbackup.3.data",
+            "a symbolic link, not a regular file",
+        ],
+    );
     // a symlink to a good copy of the file is not followed either
     let mut c = Case::new(&["rc-acc-files"]);
     let f = c.p("rc-acc-files/vda.inc.virtnbdbackup.3.data");
     let elsewhere = c.s.dir.path().join("inc3.data");
     fs::rename(&f, &elsewhere).expect("mv");
     symlink(&elsewhere, &f).expect("symlink");
-    c.refused("data file is a symlink to the real file", "rc-acc-files", &[], 5, &["unreadable vda.inc.virtnbdbackup.3.data", "a symbolic link"]);
+    c.refused(
+        "data file is a symlink to the real file",
+        "rc-acc-files",
+        &[],
+        5,
+        &["unreadable vda.inc.virtnbdbackup.3.data", "a symbolic link"],
+    );
     // a file that shrinks while it is being read (the disk under the backup failed)
     let mut c = Case::new(&[]);
     copy_dir(&big_chain().join("bigvm"), &c.root.join("bigvm"));
     c.freeze();
     let mut child = c.spawn("bigvm", &[]);
-    assert!(pause_at(&c.out, &mut child, "bigvm-vda", 8 * MIB), "the restore was not caught writing");
+    assert!(
+        pause_at(&c.out, &mut child, "bigvm-vda", 8 * MIB),
+        "the restore was not caught writing"
+    );
     for f in ["bigvm/vda.full.data", "bigvm/vda.inc.virtnbdbackup.1.data"] {
-        File::options().write(true).open(c.p(f)).expect("open").set_len(4096).expect("truncate");
+        File::options()
+            .write(true)
+            .open(c.p(f))
+            .expect("open")
+            .set_len(4096)
+            .expect("truncate");
     }
     c.freeze();
     resume(&child);
     let (code, err) = stderr_of(child);
-    let r = Run { code, stdout: String::new(), stderr: err };
+    let r = Run {
+        code,
+        stdout: String::new(),
+        stderr: err,
+    };
     table("data file truncated while being read", &r, &c.root);
     assert_eq!(r.code, Some(6), "{}", r.stderr);
-    assert!(r.stderr.contains("/bigvm/vda.") && r.stderr.contains("truncated payload at byte"), "{}", r.stderr);
+    assert!(
+        r.stderr.contains("/bigvm/vda.") && r.stderr.contains("truncated payload at byte"),
+        "{}",
+        r.stderr
+    );
     c.check_tree();
-    assert_eq!(entries(&c.out), Vec::<String>::new(), "files left in the restore path");
+    assert_eq!(
+        entries(&c.out),
+        Vec::<String>::new(),
+        "files left in the restore path"
+    );
     assert!(!c.lock("bigvm").exists(), "lock not released");
     if !is_root() {
         use std::os::unix::fs::PermissionsExt;
         let mut c = Case::new(&["rc-acc-files"]);
         let f = c.p("rc-acc-files/vda.inc.virtnbdbackup.1.data");
         fs::set_permissions(&f, fs::Permissions::from_mode(0o000)).expect("chmod");
-        c.refused("data file mode 000", "rc-acc-files", &[], 5, &["vda.inc.virtnbdbackup.1.data"]);
+        c.refused(
+            "data file mode 000",
+            "rc-acc-files",
+            &[],
+            5,
+            &["vda.inc.virtnbdbackup.1.data"],
+        );
     }
 }
 
@@ -958,29 +1548,60 @@ fn kill_9_leaves_no_final_file_and_the_rerun_recovers() {
     let mut c = big_case();
     let mut child = c.spawn("bigvm", &[]);
     let at = random_point();
-    assert!(pause_at(&c.out, &mut child, "bigvm-vda", at), "the restore was not caught writing ({} MiB)", at / MIB);
+    assert!(
+        pause_at(&c.out, &mut child, "bigvm-vda", at),
+        "the restore was not caught writing ({} MiB)",
+        at / MIB
+    );
     nix::sys::signal::kill(pid_of(&child), nix::sys::signal::Signal::SIGKILL).expect("kill -9");
     let (code, _) = stderr_of(child);
     assert_eq!(code, None, "killed at {} MiB", at / MIB);
     c.check_tree(); // the dead run's lock may stay: the hash leaves locks/ out
     let left = entries(&c.out);
-    assert!(!left.contains(&"bigvm-vda.qcow2".to_owned()), "a killed restore left its final name: {left:?}");
+    assert!(
+        !left.contains(&"bigvm-vda.qcow2".to_owned()),
+        "a killed restore left its final name: {left:?}"
+    );
     assert!(left.iter().all(|e| e.ends_with(".part")), "{left:?}");
     assert!(c.lock("bigvm").exists(), "the dead run's lock is there");
     // the rerun: stale lock recovered with a WARN, not blocked by the dead `.part`
     let t = Instant::now();
     let r = c.restore("bigvm", &[]);
-    eprintln!("full restore of bigvm (with tree checks): {:.2}s", t.elapsed().as_secs_f64());
+    eprintln!(
+        "full restore of bigvm (with tree checks): {:.2}s",
+        t.elapsed().as_secs_f64()
+    );
     table("kill -9 mid-restore, then rerun", &r, &c.root);
     assert_eq!(r.code, Some(0), "{}", r.stderr);
-    assert!(r.stderr.contains("Stale lock detected for VM: bigvm"), "{}", r.stderr);
+    assert!(
+        r.stderr.contains("Stale lock detected for VM: bigvm"),
+        "{}",
+        r.stderr
+    );
     assert!(!c.lock("bigvm").exists());
-    assert!(r.stderr.contains("Removed leftover temporary file of an interrupted restore"), "{}", r.stderr);
+    assert!(
+        r.stderr
+            .contains("Removed leftover temporary file of an interrupted restore"),
+        "{}",
+        r.stderr
+    );
     let left = entries(&c.out);
-    assert_eq!(left, vec!["bigvm-vda.qcow2"], "the dead run's .part is cleaned up");
+    assert_eq!(
+        left,
+        vec!["bigvm-vda.qcow2"],
+        "the dead run's .part is cleaned up"
+    );
     if qemu_img() {
-        let st = Command::new("qemu-img").arg("check").arg(c.out.join("bigvm-vda.qcow2")).output().expect("qemu-img");
-        assert!(st.status.success(), "{}", String::from_utf8_lossy(&st.stdout));
+        let st = Command::new("qemu-img")
+            .arg("check")
+            .arg(c.out.join("bigvm-vda.qcow2"))
+            .output()
+            .expect("qemu-img");
+        assert!(
+            st.status.success(),
+            "{}",
+            String::from_utf8_lossy(&st.stdout)
+        );
     }
 }
 
@@ -988,15 +1609,28 @@ fn kill_9_leaves_no_final_file_and_the_rerun_recovers() {
 fn a_live_restore_keeps_its_lock_and_its_part_file() {
     let mut c = big_case();
     let mut first = c.spawn("bigvm", &[]);
-    assert!(pause_at(&c.out, &mut first, "bigvm-vda", MIB), "the restore was not caught writing");
+    assert!(
+        pause_at(&c.out, &mut first, "bigvm-vda", MIB),
+        "the restore was not caught writing"
+    );
     let part: Vec<String> = entries(&c.out);
     let r = c.restore("bigvm", &["--force"]);
     table("second restore while one runs (lock held)", &r, &c.root);
     assert_eq!(r.code, Some(3), "{}", r.stderr);
-    assert!(r.stderr.contains(&format!("is locked by another backup or restore (PID {})", first.id())), "{}", r.stderr);
+    assert!(
+        r.stderr.contains(&format!(
+            "is locked by another backup or restore (PID {})",
+            first.id()
+        )),
+        "{}",
+        r.stderr
+    );
     assert!(r.stderr.contains("vmbackup-bigvm.lock"), "{}", r.stderr);
     let now = entries(&c.out);
-    assert!(part.iter().all(|p| now.contains(p)), "the live run's .part was touched: {part:?} → {now:?}");
+    assert!(
+        part.iter().all(|p| now.contains(p)),
+        "the live run's .part was touched: {part:?} → {now:?}"
+    );
     resume(&first);
     let (code, err) = stderr_of(first);
     assert_eq!(code, Some(0), "{err}");
@@ -1008,21 +1642,36 @@ fn a_live_restore_keeps_its_lock_and_its_part_file() {
 
 #[test]
 fn sigint_and_sigterm_stop_a_restore_cleanly() {
-    for (sig, want) in [(nix::sys::signal::Signal::SIGINT, 130), (nix::sys::signal::Signal::SIGTERM, 143)] {
+    for (sig, want) in [
+        (nix::sys::signal::Signal::SIGINT, 130),
+        (nix::sys::signal::Signal::SIGTERM, 143),
+    ] {
         let mut c = big_case();
         let mut child = c.spawn("bigvm", &[]);
         let at = random_point();
-        assert!(pause_at(&c.out, &mut child, "bigvm-vda", at), "the restore was not caught writing ({} MiB)", at / MIB);
+        assert!(
+            pause_at(&c.out, &mut child, "bigvm-vda", at),
+            "the restore was not caught writing ({} MiB)",
+            at / MIB
+        );
         nix::sys::signal::kill(pid_of(&child), sig).expect("signal");
         resume(&child);
         let (code, err) = stderr_of(child);
-        let r = Run { code, stdout: String::new(), stderr: err.clone() };
+        let r = Run {
+            code,
+            stdout: String::new(),
+            stderr: err.clone(),
+        };
         table(&format!("{sig:?} during a restore"), &r, &c.root);
         assert_eq!(code, Some(want), "{err}");
         assert!(err.contains("Interrupted by signal"), "{err}");
         c.check_tree();
         assert!(!c.lock("bigvm").exists(), "{sig:?}: lock not released");
-        assert_eq!(entries(&c.out), Vec::<String>::new(), "{sig:?}: files left in the restore path");
+        assert_eq!(
+            entries(&c.out),
+            Vec::<String>::new(),
+            "{sig:?}: files left in the restore path"
+        );
         let log = c.s.logs();
         let text = fs::read_to_string(&log[0]).expect("log");
         assert!(text.contains(&format!("Exit Status:  {want}\n")), "{text}");
@@ -1053,16 +1702,31 @@ fn two_disk_vm() -> (Case, PathBuf, String) {
         &c.root,
         "twovm",
         &[
-            GenDisk { dev: "vda", size: 16 * MIB, steps: vec![vec![(0, MIB)]] },
-            GenDisk { dev: "vdb", size: 1024 * MIB, steps: vec![(0..12).map(|i| (i * 64 * MIB, 16 * MIB)).collect()] },
+            GenDisk {
+                dev: "vda",
+                size: 16 * MIB,
+                steps: vec![vec![(0, MIB)]],
+            },
+            GenDisk {
+                dev: "vdb",
+                size: 1024 * MIB,
+                steps: vec![(0..12).map(|i| (i * 64 * MIB, 16 * MIB)).collect()],
+            },
         ],
     );
     let images = c.s.dir.path().join("images");
     fs::create_dir_all(&images).expect("mkdir");
-    let (vda, vdb) = (images.join("twovm-vda.qcow2"), images.join("twovm-vdb.qcow2"));
+    let (vda, vdb) = (
+        images.join("twovm-vda.qcow2"),
+        images.join("twovm-vdb.qcow2"),
+    );
     fs::write(&vda, b"original vda").expect("vda");
     fs::write(&vdb, b"original vdb").expect("vdb");
-    let uri = test_node(&c.s.dir.path().join("node.xml"), "twovm", &[("vda", &vda), ("vdb", &vdb)]);
+    let uri = test_node(
+        &c.s.dir.path().join("node.xml"),
+        "twovm",
+        &[("vda", &vda), ("vdb", &vdb)],
+    );
     c.freeze();
     (c, images, uri)
 }
@@ -1071,7 +1735,8 @@ fn in_place(c: &Case, uri: &str, disks: &str) -> Command {
     let mut a = c.args("twovm", &["--disk", disks]);
     let i = a.iter().position(|x| x == "test:///default").expect("uri");
     a[i] = uri.to_owned();
-    let mut cmd = c.s.command(&a.iter().map(String::as_str).collect::<Vec<_>>());
+    let mut cmd =
+        c.s.command(&a.iter().map(String::as_str).collect::<Vec<_>>());
     cmd.stdout(Stdio::null()).stderr(Stdio::piped());
     cmd
 }
@@ -1081,7 +1746,10 @@ fn sigint_during_disk_in_place_keeps_the_pre_restore_copy() {
     // two disks: vda (small) is swapped in first, the signal arrives while vdb (big)
     // is being written
     let (c, images, uri) = two_disk_vm();
-    let (vda, vdb) = (images.join("twovm-vda.qcow2"), images.join("twovm-vdb.qcow2"));
+    let (vda, vdb) = (
+        images.join("twovm-vda.qcow2"),
+        images.join("twovm-vdb.qcow2"),
+    );
     let mut child = in_place(&c, &uri, "vda,vdb").spawn().expect("spawn");
     if !pause_at(&images, &mut child, "vdb", random_point()) {
         let (code, err) = stderr_of(child);
@@ -1090,17 +1758,32 @@ fn sigint_during_disk_in_place_keeps_the_pre_restore_copy() {
     nix::sys::signal::kill(pid_of(&child), nix::sys::signal::Signal::SIGINT).expect("SIGINT");
     resume(&child);
     let (code, err) = stderr_of(child);
-    table("SIGINT during disk in place (2nd disk)", &Run { code, stdout: String::new(), stderr: err.clone() }, &c.root);
+    table(
+        "SIGINT during disk in place (2nd disk)",
+        &Run {
+            code,
+            stdout: String::new(),
+            stderr: err.clone(),
+        },
+        &c.root,
+    );
     assert_eq!(code, Some(130), "{err}");
     c.check_tree();
     assert!(!c.lock("twovm").exists(), "lock not released");
     // vda was replaced and keeps its rollback copy; vdb is untouched
-    assert_eq!(fs::read(images.join("twovm-vda.qcow2.pre-restore")).expect("vda.pre-restore"), b"original vda");
+    assert_eq!(
+        fs::read(images.join("twovm-vda.qcow2.pre-restore")).expect("vda.pre-restore"),
+        b"original vda"
+    );
     assert_ne!(fs::read(&vda).expect("vda"), b"original vda");
     assert_eq!(fs::read(&vdb).expect("vdb"), b"original vdb");
     assert_eq!(
         entries(&images),
-        vec!["twovm-vda.qcow2", "twovm-vda.qcow2.pre-restore", "twovm-vdb.qcow2"],
+        vec![
+            "twovm-vda.qcow2",
+            "twovm-vda.qcow2.pre-restore",
+            "twovm-vdb.qcow2"
+        ],
         "nothing else (no .part, no .new, no vdb.pre-restore)"
     );
 }
@@ -1108,7 +1791,10 @@ fn sigint_during_disk_in_place_keeps_the_pre_restore_copy() {
 #[test]
 fn kill_9_during_disk_in_place_then_rerun_for_the_other_disk() {
     let (c, images, uri) = two_disk_vm();
-    let (vda, vdb) = (images.join("twovm-vda.qcow2"), images.join("twovm-vdb.qcow2"));
+    let (vda, vdb) = (
+        images.join("twovm-vda.qcow2"),
+        images.join("twovm-vdb.qcow2"),
+    );
     let mut child = in_place(&c, &uri, "vda,vdb").spawn().expect("spawn");
     if !pause_at(&images, &mut child, "vdb", random_point()) {
         let (code, err) = stderr_of(child);
@@ -1119,29 +1805,58 @@ fn kill_9_during_disk_in_place_then_rerun_for_the_other_disk() {
     assert_eq!(code, None);
     c.check_tree();
     // vda done (with its rollback copy), vdb untouched, the dead run's temporary file there
-    assert_eq!(fs::read(images.join("twovm-vda.qcow2.pre-restore")).expect("pre"), b"original vda");
+    assert_eq!(
+        fs::read(images.join("twovm-vda.qcow2.pre-restore")).expect("pre"),
+        b"original vda"
+    );
     assert_eq!(fs::read(&vdb).expect("vdb"), b"original vdb");
     let left = entries(&images);
-    assert!(left.iter().any(|e| e.contains("vdb") && e.ends_with(".part")), "{left:?}");
+    assert!(
+        left.iter()
+            .any(|e| e.contains("vdb") && e.ends_with(".part")),
+        "{left:?}"
+    );
     // the whole request again is refused: vda's .pre-restore must not be overwritten
     let o = in_place(&c, &uri, "vda,vdb").output().expect("run");
     let err = String::from_utf8_lossy(&o.stderr);
-    table("disk in place rerun after kill -9 (vda.pre-restore exists)", &Run { code: o.status.code(), stdout: String::new(), stderr: err.to_string() }, &c.root);
+    table(
+        "disk in place rerun after kill -9 (vda.pre-restore exists)",
+        &Run {
+            code: o.status.code(),
+            stdout: String::new(),
+            stderr: err.to_string(),
+        },
+        &c.root,
+    );
     assert_eq!(o.status.code(), Some(4), "{err}");
     assert!(err.contains("Pre-restore file already exists"), "{err}");
     assert!(err.contains("Stale lock detected for VM: twovm"), "{err}");
-    assert_eq!(fs::read(images.join("twovm-vda.qcow2.pre-restore")).expect("pre"), b"original vda");
+    assert_eq!(
+        fs::read(images.join("twovm-vda.qcow2.pre-restore")).expect("pre"),
+        b"original vda"
+    );
     // vdb alone: the dead run's temporary file is removed
     let o = in_place(&c, &uri, "vdb").output().expect("run");
     let err = String::from_utf8_lossy(&o.stderr);
     assert_eq!(o.status.code(), Some(0), "{err}");
-    assert!(err.contains("Removed leftover temporary file of an interrupted restore"), "{err}");
+    assert!(
+        err.contains("Removed leftover temporary file of an interrupted restore"),
+        "{err}"
+    );
     c.check_tree();
     assert_eq!(
         entries(&images),
-        vec!["twovm-vda.qcow2", "twovm-vda.qcow2.pre-restore", "twovm-vdb.qcow2", "twovm-vdb.qcow2.pre-restore"]
+        vec![
+            "twovm-vda.qcow2",
+            "twovm-vda.qcow2.pre-restore",
+            "twovm-vdb.qcow2",
+            "twovm-vdb.qcow2.pre-restore"
+        ]
     );
-    assert_eq!(fs::read(images.join("twovm-vdb.qcow2.pre-restore")).expect("pre"), b"original vdb");
+    assert_eq!(
+        fs::read(images.join("twovm-vdb.qcow2.pre-restore")).expect("pre"),
+        b"original vdb"
+    );
     assert_ne!(fs::read(&vda).expect("vda"), b"original vda");
     assert!(!c.lock("twovm").exists());
 }

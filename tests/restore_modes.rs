@@ -47,7 +47,8 @@ fn copy_keep_times(src: &Path, dst: &Path) {
 
 fn set_mtime(p: &Path, t: std::time::SystemTime) {
     let f = File::open(p).expect("open for times");
-    f.set_times(FileTimes::new().set_modified(t).set_accessed(t)).expect("set_times");
+    f.set_times(FileTimes::new().set_modified(t).set_accessed(t))
+        .expect("set_times");
 }
 
 impl World {
@@ -107,7 +108,10 @@ impl World {
         let to = self.nvram_dir().display().to_string();
         let mut all = Vec::new();
         walk(&self.b(vm), &mut all);
-        for f in all.iter().filter(|f| f.extension().is_some_and(|e| e == "xml")) {
+        for f in all
+            .iter()
+            .filter(|f| f.extension().is_some_and(|e| e == "xml"))
+        {
             let text = fs::read_to_string(f).expect("xml");
             if text.contains("/var/lib/libvirt/qemu/nvram") {
                 let t = fs::metadata(f).expect("md").modified().expect("mtime");
@@ -122,7 +126,12 @@ impl World {
     fn run_uri(&self, uri: &str, args: &[&str]) -> Run {
         let before = tree_hash(&self.root);
         let r = self.run_unhashed(uri, args);
-        assert_eq!(tree_hash(&self.root), before, "the backup tree was modified by {args:?}\n{}", r.stderr);
+        assert_eq!(
+            tree_hash(&self.root),
+            before,
+            "the backup tree was modified by {args:?}\n{}",
+            r.stderr
+        );
         r
     }
 
@@ -131,7 +140,13 @@ impl World {
         let root = self.root.display().to_string();
         let mut all = vec!["--backup-path", root.as_str(), "--connect", uri];
         all.extend_from_slice(args);
-        self.scratch.run_env(&all, &[("VMRESTORE_SWTPM_ROOT", &self.s("swtpm")), ("TMPDIR", &self.s("tmp"))])
+        self.scratch.run_env(
+            &all,
+            &[
+                ("VMRESTORE_SWTPM_ROOT", &self.s("swtpm")),
+                ("TMPDIR", &self.s("tmp")),
+            ],
+        )
     }
 
     /// Runs against an empty `test:///default`.
@@ -164,7 +179,9 @@ impl World {
 
     /// Lock files present under `_state/locks`.
     fn lock_files(&self) -> Vec<PathBuf> {
-        fs::read_dir(self.b("_state/locks")).map(|r| r.map(|e| e.expect("e").path()).collect()).unwrap_or_default()
+        fs::read_dir(self.b("_state/locks"))
+            .map(|r| r.map(|e| e.expect("e").path()).collect())
+            .unwrap_or_default()
     }
 
     /// The names in `dir`, sorted.
@@ -175,7 +192,10 @@ impl World {
 
 fn ls(dir: &Path) -> Vec<String> {
     let mut v: Vec<String> = fs::read_dir(dir)
-        .map(|r| r.map(|e| e.expect("e").file_name().to_string_lossy().into_owned()).collect())
+        .map(|r| {
+            r.map(|e| e.expect("e").file_name().to_string_lossy().into_owned())
+                .collect()
+        })
         .unwrap_or_default();
     v.sort();
     v
@@ -204,12 +224,17 @@ impl Dom {
             name: name.to_owned(),
             uuid: None,
             running,
-            disks: disks.iter().map(|(d, p)| ((*d).to_owned(), p.to_path_buf())).collect(),
+            disks: disks
+                .iter()
+                .map(|(d, p)| ((*d).to_owned(), p.to_path_buf()))
+                .collect(),
         }
     }
 
     fn xml(&self) -> String {
-        let mut x = String::from("<domain type='test' xmlns:test='http://libvirt.org/schemas/domain/test/1.0'>\n");
+        let mut x = String::from(
+            "<domain type='test' xmlns:test='http://libvirt.org/schemas/domain/test/1.0'>\n",
+        );
         x.push_str(&format!("  <name>{}</name>\n", self.name));
         if let Some(u) = &self.uuid {
             x.push_str(&format!("  <uuid>{u}</uuid>\n"));
@@ -254,7 +279,9 @@ struct SessionRow {
 
 fn sessions(root: &Path) -> Vec<SessionRow> {
     let db = root.join("_state/vmbackup.db");
-    let Ok(c) = rusqlite::Connection::open_with_flags(&db, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY) else {
+    let Ok(c) =
+        rusqlite::Connection::open_with_flags(&db, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)
+    else {
         return Vec::new();
     };
     let Ok(mut st) = c.prepare(
@@ -290,12 +317,18 @@ fn sessions(root: &Path) -> Vec<SessionRow> {
 }
 
 fn qemu_img() -> bool {
-    Command::new("qemu-img").arg("--version").output().is_ok_and(|o| o.status.success())
+    Command::new("qemu-img")
+        .arg("--version")
+        .output()
+        .is_ok_and(|o| o.status.success())
 }
 
 /// sha256 of the guest-visible content of an image (`qemu-img convert -O raw`).
 fn guest_sha(img: &Path) -> String {
-    let raw = img.with_file_name(format!("{}.raw-check", img.file_name().expect("name").to_string_lossy()));
+    let raw = img.with_file_name(format!(
+        "{}.raw-check",
+        img.file_name().expect("name").to_string_lossy()
+    ));
     let st = Command::new("qemu-img")
         .args(["convert", "-O", "raw"])
         .arg(img)
@@ -331,7 +364,12 @@ fn expected(vm: &str, chain: &str, point: &str, disk: &str) -> String {
 fn assert_content(img: &Path, vm: &str, chain: &str, point: &str, disk: &str) {
     assert!(img.is_file(), "{} missing", img.display());
     if qemu_img() {
-        assert_eq!(guest_sha(img), expected(vm, chain, point, disk), "{} ≠ {vm}/{chain}/{point}/{disk}", img.display());
+        assert_eq!(
+            guest_sha(img),
+            expected(vm, chain, point, disk),
+            "{} ≠ {vm}/{chain}/{point}/{disk}",
+            img.display()
+        );
     }
 }
 
@@ -359,7 +397,11 @@ fn summary(r: &Run) -> String {
     r.stderr
         .lines()
         .filter_map(|l| l.split_once("] INFO: ").map(|(_, m)| m))
-        .rfind(|m| m.starts_with("Restore complete:") || m.starts_with("Disk restore complete:") || m.starts_with("Disk extract complete:"))
+        .rfind(|m| {
+            m.starts_with("Restore complete:")
+                || m.starts_with("Disk restore complete:")
+                || m.starts_with("Disk extract complete:")
+        })
         .unwrap_or_default()
         .to_owned()
 }
@@ -369,7 +411,10 @@ fn mode_of(p: &Path) -> u32 {
 }
 
 fn uid_of(user: &str) -> Option<u32> {
-    nix::unistd::User::from_name(user).ok().flatten().map(|u| u.uid.as_raw())
+    nix::unistd::User::from_name(user)
+        .ok()
+        .flatten()
+        .map(|u| u.uid.as_raw())
 }
 
 const UEFI_UUID: &str = "88551b77-adbf-56aa-950b-b773d24f7f3f";
@@ -391,7 +436,10 @@ fn fake_disk(p: &Path, tag: &str) {
 /// Index of the first stderr line containing `s` (panics when absent).
 #[track_caller]
 fn line_of(r: &Run, s: &str) -> usize {
-    r.stderr.lines().position(|l| l.contains(s)).unwrap_or_else(|| panic!("stderr lacks {s:?}\n{}", r.stderr))
+    r.stderr
+        .lines()
+        .position(|l| l.contains(s))
+        .unwrap_or_else(|| panic!("stderr lacks {s:?}\n{}", r.stderr))
 }
 
 // ───────────────────────────── DR (68–89) ─────────────────────────────
@@ -404,16 +452,32 @@ fn s068_s139_dr_defined_without_force_exits_5_and_changes_nothing() {
     let live = w.p("vm/rc-acc-files-vda.qcow2");
     fake_disk(&live, "acc");
     let uri = w.node(&[Dom::new("rc-acc-files", false, &[("vda", &live)])], &[]);
-    let r = w.run_uri(&uri, &["--vm", "rc-acc-files", "--restore-path", &w.s("out/r")]);
+    let r = w.run_uri(
+        &uri,
+        &["--vm", "rc-acc-files", "--restore-path", &w.s("out/r")],
+    );
     assert_code(&r, 5);
-    assert_has(&r, "VM 'rc-acc-files' already defined (use --force to override)");
+    assert_has(
+        &r,
+        "VM 'rc-acc-files' already defined (use --force to override)",
+    );
     assert_lacks(&r, "Undefining");
     assert_lacks(&r, "Defining VM");
     assert!(w.ls("out/r").is_empty(), "{:?}", w.ls("out/r"));
-    assert_eq!(fs::read_to_string(&live).expect("live"), "original disk acc\n");
+    assert_eq!(
+        fs::read_to_string(&live).expect("live"),
+        "original disk acc\n"
+    );
     let rows = w.rows();
     assert_eq!(rows.len(), 1, "{rows:?}");
-    assert_eq!((rows[0].outcome.as_str(), rows[0].exit_code, rows[0].restore_mode.as_str()), ("failed", 5, "dr"));
+    assert_eq!(
+        (
+            rows[0].outcome.as_str(),
+            rows[0].exit_code,
+            rows[0].restore_mode.as_str()
+        ),
+        ("failed", 5, "dr")
+    );
     assert!(w.lock_files().is_empty(), "lock released after exit 5");
 }
 
@@ -429,13 +493,29 @@ fn s069_s081_s082_s138_dr_into_empty_driver() {
     let before = chrono::Utc::now().naive_utc() - chrono::Duration::seconds(2);
     let r = w.run(&["--vm", "rc-multi-sql", "--restore-path", &w.s("out/r")]);
     assert_code(&r, 0);
-    assert_eq!(summary(&r), "Restore complete: rc-multi-sql — disk ✓ defined ✓ UUID ✓ MACs ✓");
+    assert_eq!(
+        summary(&r),
+        "Restore complete: rc-multi-sql — disk ✓ defined ✓ UUID ✓ MACs ✓"
+    );
     let uuid = uuid_in(&data.join("vmconfig.virtnbdbackup.3.xml"));
     assert_has(&r, &format!("UUID preserved: {uuid}"));
     assert_has(&r, "Defining VM from backup config:");
-    assert_eq!(w.ls("out/r"), ["rc-multi-sql-sda.qcow2", "rc-multi-sql-vda.qcow2", "rc-multi-sql-vdb.qcow2"]);
+    assert_eq!(
+        w.ls("out/r"),
+        [
+            "rc-multi-sql-sda.qcow2",
+            "rc-multi-sql-vda.qcow2",
+            "rc-multi-sql-vdb.qcow2"
+        ]
+    );
     for d in ["sda", "vda", "vdb"] {
-        assert_content(&out.join(format!("rc-multi-sql-{d}.qcow2")), "rc-multi-sql", "2026-W08", "virtnbdbackup.3", d);
+        assert_content(
+            &out.join(format!("rc-multi-sql-{d}.qcow2")),
+            "rc-multi-sql",
+            "2026-W08",
+            "virtnbdbackup.3",
+            d,
+        );
     }
     let rows = w.rows();
     assert_eq!(rows.len(), 1, "{rows:?}");
@@ -443,14 +523,24 @@ fn s069_s081_s082_s138_dr_into_empty_driver() {
     assert_eq!(row.vm_name, "rc-multi-sql");
     assert_eq!(row.restore_mode, "dr");
     assert_eq!(row.source_path, data.display().to_string());
-    assert_eq!(row.target_path.as_deref(), Some(out.display().to_string().as_str()));
+    assert_eq!(
+        row.target_path.as_deref(),
+        Some(out.display().to_string().as_str())
+    );
     assert_eq!((row.outcome.as_str(), row.exit_code), ("success", 0));
     assert_eq!(row.period_id.as_deref(), Some("2026-W08"));
-    assert_eq!((row.restore_point.as_deref(), row.checkpoint), (Some("latest"), Some(3)));
+    assert_eq!(
+        (row.restore_point.as_deref(), row.checkpoint),
+        (Some("latest"), Some(3))
+    );
     assert_eq!(row.disks.as_deref(), Some("sda, vda, vdb"));
     assert_eq!(row.tpm_result.as_deref(), Some("none"));
-    let start = chrono::NaiveDateTime::parse_from_str(&row.start_time, "%Y-%m-%d %H:%M:%S").expect("UTC 'YYYY-MM-DD HH:MM:SS'");
-    assert!(start >= before && start <= chrono::Utc::now().naive_utc(), "start_time {start} is not UTC now");
+    let start = chrono::NaiveDateTime::parse_from_str(&row.start_time, "%Y-%m-%d %H:%M:%S")
+        .expect("UTC 'YYYY-MM-DD HH:MM:SS'");
+    assert!(
+        start >= before && start <= chrono::Utc::now().naive_utc(),
+        "start_time {start} is not UTC now"
+    );
     assert!(w.lock_files().is_empty());
 }
 
@@ -463,15 +553,42 @@ fn s070_dr_force_over_shut_off_domain() {
     let target = w.p("out/r/rc-acc-files-vda.qcow2");
     fake_disk(&target, "old acc");
     let uri = w.node(&[Dom::new("rc-acc-files", false, &[("vda", &target)])], &[]);
-    let r = w.run_uri(&uri, &["--vm", "rc-acc-files", "--restore-path", &w.s("out/r"), "--force"]);
+    let r = w.run_uri(
+        &uri,
+        &[
+            "--vm",
+            "rc-acc-files",
+            "--restore-path",
+            &w.s("out/r"),
+            "--force",
+        ],
+    );
     assert_code(&r, 0);
-    let warn = format!("Will overwrite disk of shut-off VM 'rc-acc-files': {} (disaster recovery with --force)", target.display());
+    let warn = format!(
+        "Will overwrite disk of shut-off VM 'rc-acc-files': {} (disaster recovery with --force)",
+        target.display()
+    );
     assert!(line_of(&r, &warn) < line_of(&r, "All safety checks passed"));
-    assert!(line_of(&r, "All safety checks passed") < line_of(&r, "Undefining existing VM: rc-acc-files"));
-    assert!(line_of(&r, "Undefining existing VM: rc-acc-files") < line_of(&r, "Defining VM from backup config"));
+    assert!(
+        line_of(&r, "All safety checks passed")
+            < line_of(&r, "Undefining existing VM: rc-acc-files")
+    );
+    assert!(
+        line_of(&r, "Undefining existing VM: rc-acc-files")
+            < line_of(&r, "Defining VM from backup config")
+    );
     assert_lacks(&r, "Failed to undefine");
-    assert_eq!(summary(&r), "Restore complete: rc-acc-files — disk ✓ defined ✓ UUID ✓ MACs ✓");
-    assert_content(&target, "rc-acc-files", "accumulate", "virtnbdbackup.4", "vda");
+    assert_eq!(
+        summary(&r),
+        "Restore complete: rc-acc-files — disk ✓ defined ✓ UUID ✓ MACs ✓"
+    );
+    assert_content(
+        &target,
+        "rc-acc-files",
+        "accumulate",
+        "virtnbdbackup.4",
+        "vda",
+    );
     assert_eq!(w.ls("out/r"), ["rc-acc-files-vda.qcow2"]);
     assert_eq!(w.rows()[0].forced, 1);
 }
@@ -484,12 +601,30 @@ fn s072_dr_force_running_vm_disk_at_predicted_path_is_blocked() {
     let target = w.p("out/r/rc-acc-files-vda.qcow2");
     fake_disk(&target, "running");
     let uri = w.node(&[Dom::new("rc-acc-files", true, &[("vda", &target)])], &[]);
-    let r = w.run_uri(&uri, &["--vm", "rc-acc-files", "--restore-path", &w.s("out/r"), "--force"]);
+    let r = w.run_uri(
+        &uri,
+        &[
+            "--vm",
+            "rc-acc-files",
+            "--restore-path",
+            &w.s("out/r"),
+            "--force",
+        ],
+    );
     assert_code(&r, 4);
-    assert_has(&r, &format!("BLOCKED: {} is the live disk of running VM 'rc-acc-files' — shut it off first", target.display()));
+    assert_has(
+        &r,
+        &format!(
+            "BLOCKED: {} is the live disk of running VM 'rc-acc-files' — shut it off first",
+            target.display()
+        ),
+    );
     assert_has(&r, "Pre-flight disk safety check failed — see errors above");
     assert_lacks(&r, "Undefining");
-    assert_eq!(fs::read_to_string(&target).expect("disk"), "original disk running\n");
+    assert_eq!(
+        fs::read_to_string(&target).expect("disk"),
+        "original disk running\n"
+    );
     assert_eq!(w.ls("out/r"), ["rc-acc-files-vda.qcow2"]);
     assert!(w.lock_files().is_empty(), "lock released after exit 4");
 }
@@ -502,7 +637,16 @@ fn s073_dr_force_running_vm_disks_elsewhere_exits_5() {
     let live = w.p("vm/rc-acc-files-vda.qcow2");
     fake_disk(&live, "acc");
     let uri = w.node(&[Dom::new("rc-acc-files", true, &[("vda", &live)])], &[]);
-    let r = w.run_uri(&uri, &["--vm", "rc-acc-files", "--restore-path", &w.s("out/r"), "--force"]);
+    let r = w.run_uri(
+        &uri,
+        &[
+            "--vm",
+            "rc-acc-files",
+            "--restore-path",
+            &w.s("out/r"),
+            "--force",
+        ],
+    );
     assert_code(&r, 5);
     assert_has(&r, "VM 'rc-acc-files' is running — shut it down before a disaster-recovery restore (virsh shutdown rc-acc-files)");
     assert_lacks(&r, "Undefining");
@@ -518,14 +662,38 @@ fn s074_dr_existing_file_needs_force() {
     fake_disk(&target, "stray");
     let r = w.run(&["--vm", "rc-acc-files", "--restore-path", &w.s("out/r")]);
     assert_code(&r, 4);
-    assert_has(&r, &format!("BLOCKED: File already exists: {} — use --force to overwrite", target.display()));
+    assert_has(
+        &r,
+        &format!(
+            "BLOCKED: File already exists: {} — use --force to overwrite",
+            target.display()
+        ),
+    );
     assert_has(&r, "Pre-flight disk safety check failed — see errors above");
-    assert_eq!(fs::read_to_string(&target).expect("disk"), "original disk stray\n");
+    assert_eq!(
+        fs::read_to_string(&target).expect("disk"),
+        "original disk stray\n"
+    );
 
-    let r = w.run(&["--vm", "rc-acc-files", "--restore-path", &w.s("out/r"), "--force"]);
+    let r = w.run(&[
+        "--vm",
+        "rc-acc-files",
+        "--restore-path",
+        &w.s("out/r"),
+        "--force",
+    ]);
     assert_code(&r, 0);
-    assert_has(&r, &format!("File exists and will be overwritten: {}", target.display()));
-    assert_content(&target, "rc-acc-files", "accumulate", "virtnbdbackup.4", "vda");
+    assert_has(
+        &r,
+        &format!("File exists and will be overwritten: {}", target.display()),
+    );
+    assert_content(
+        &target,
+        "rc-acc-files",
+        "accumulate",
+        "virtnbdbackup.4",
+        "vda",
+    );
     assert_eq!(w.ls("out/r"), ["rc-acc-files-vda.qcow2"]);
 }
 
@@ -544,8 +712,17 @@ fn s075_other_vms_live_disk_is_never_overwritten() {
         args.extend_from_slice(extra);
         let r = w.run_uri(&uri, &args);
         assert_code(&r, 4);
-        assert_has(&r, &format!("BLOCKED: {} is the live disk of VM 'other-vm' — choose a different --restore-path", target.display()));
-        assert_eq!(fs::read_to_string(&target).expect("disk"), "original disk other\n");
+        assert_has(
+            &r,
+            &format!(
+                "BLOCKED: {} is the live disk of VM 'other-vm' — choose a different --restore-path",
+                target.display()
+            ),
+        );
+        assert_eq!(
+            fs::read_to_string(&target).expect("disk"),
+            "original disk other\n"
+        );
     }
 }
 
@@ -567,12 +744,20 @@ fn s077_s101_engine_failure_exits_6_and_leaves_nothing() {
         let r = w.run(&args);
         assert_code(&r, 6);
         assert_has(&r, "Disk restore failed");
-        assert!(w.ls(&format!("out/{period}")).is_empty(), "{:?}", w.ls(&format!("out/{period}")));
+        assert!(
+            w.ls(&format!("out/{period}")).is_empty(),
+            "{:?}",
+            w.ls(&format!("out/{period}"))
+        );
         assert_lacks(&r, "Defining VM");
     }
     let rows = w.rows();
     assert_eq!(rows.len(), 3);
-    assert!(rows.iter().all(|r| r.outcome == "failed" && r.exit_code == 6), "{rows:?}");
+    assert!(
+        rows.iter()
+            .all(|r| r.outcome == "failed" && r.exit_code == 6),
+        "{rows:?}"
+    );
     assert!(w.lock_files().is_empty(), "lock released after exit 6");
 }
 
@@ -580,22 +765,52 @@ fn s077_s101_engine_failure_exits_6_and_leaves_nothing() {
 #[test]
 fn s078_point_in_time_selects_the_checkpoint() {
     let w = World::new(&["rc-acc-files"]);
-    for (rp, point, pit) in [("2", "virtnbdbackup.2", Some("Point-in-time: virtnbdbackup.2")), ("full", "virtnbdbackup.0", Some("Point-in-time: virtnbdbackup.0")), ("latest", "virtnbdbackup.4", None)] {
+    for (rp, point, pit) in [
+        (
+            "2",
+            "virtnbdbackup.2",
+            Some("Point-in-time: virtnbdbackup.2"),
+        ),
+        (
+            "full",
+            "virtnbdbackup.0",
+            Some("Point-in-time: virtnbdbackup.0"),
+        ),
+        ("latest", "virtnbdbackup.4", None),
+    ] {
         let out = format!("out/{rp}");
-        let r = w.run(&["--vm", "rc-acc-files", "--restore-path", &w.s(&out), "--restore-point", rp]);
+        let r = w.run(&[
+            "--vm",
+            "rc-acc-files",
+            "--restore-path",
+            &w.s(&out),
+            "--restore-point",
+            rp,
+        ]);
         assert_code(&r, 0);
         match pit {
             Some(l) => assert_has(&r, l),
             None => assert_lacks(&r, "Point-in-time"),
         }
-        assert_content(&w.p(&format!("{out}/rc-acc-files-vda.qcow2")), "rc-acc-files", "accumulate", point, "vda");
+        assert_content(
+            &w.p(&format!("{out}/rc-acc-files-vda.qcow2")),
+            "rc-acc-files",
+            "accumulate",
+            point,
+            "vda",
+        );
     }
     let rows = w.rows();
-    assert_eq!(rows.iter().map(|r| (r.restore_point.clone().unwrap_or_default(), r.checkpoint)).collect::<Vec<_>>(), [
-        ("2".to_owned(), Some(2)),
-        ("full".to_owned(), Some(0)),
-        ("latest".to_owned(), Some(4))
-    ]);
+    assert_eq!(
+        rows.iter()
+            .map(|r| (r.restore_point.clone().unwrap_or_default(), r.checkpoint))
+            .collect::<Vec<_>>(),
+        [
+            ("2".to_owned(), Some(2)),
+            ("full".to_owned(), Some(0)),
+            ("latest".to_owned(), Some(4))
+        ]
+    );
 }
 
 // 79: a restore point beyond the latest exits 5 before anything is written (also in
@@ -605,11 +820,21 @@ fn s079_restore_point_beyond_latest_exits_5() {
     let w = World::new(&["rc-acc-files"]);
     for extra in [&[][..], &["--disk", "vda"][..]] {
         let out = w.s("out/r");
-        let mut args = vec!["--vm", "rc-acc-files", "--restore-path", &out, "--restore-point", "9"];
+        let mut args = vec![
+            "--vm",
+            "rc-acc-files",
+            "--restore-path",
+            &out,
+            "--restore-point",
+            "9",
+        ];
         args.extend_from_slice(extra);
         let r = w.run(&args);
         assert_code(&r, 5);
-        assert_has(&r, "Restore point 9 does not exist (latest restore point is 4)");
+        assert_has(
+            &r,
+            "Restore point 9 does not exist (latest restore point is 4)",
+        );
         assert!(!w.p("out/r").exists());
     }
 }
@@ -619,22 +844,70 @@ fn s079_restore_point_beyond_latest_exits_5() {
 #[test]
 fn s080_point_in_time_ignored_for_copy_backups() {
     let w = World::new(&["rc-mon-db"]);
-    let chain = w.b("rc-mon-db/202601/.archives/chain-2026-01-27").display().to_string();
-    let r = w.run(&["--vm", &chain, "--restore-path", &w.s("out/r"), "--restore-point", "2", "--skip-config"]);
+    let chain = w
+        .b("rc-mon-db/202601/.archives/chain-2026-01-27")
+        .display()
+        .to_string();
+    let r = w.run(&[
+        "--vm",
+        &chain,
+        "--restore-path",
+        &w.s("out/r"),
+        "--restore-point",
+        "2",
+        "--skip-config",
+    ]);
     assert_code(&r, 0);
     assert_has(&r, "Point-in-time ignored (backup type: copy)");
     assert_lacks(&r, "Point-in-time: virtnbdbackup");
-    assert_has(&r, "Resolved VM name from backup config: chain-2026-01-27 → rc-mon-db");
-    assert_content(&w.p("out/r/rc-mon-db-vda.qcow2"), "rc-mon-db", "202601/.archives/chain-2026-01-27", "copy", "vda");
+    assert_has(
+        &r,
+        "Resolved VM name from backup config: chain-2026-01-27 → rc-mon-db",
+    );
+    assert_content(
+        &w.p("out/r/rc-mon-db-vda.qcow2"),
+        "rc-mon-db",
+        "202601/.archives/chain-2026-01-27",
+        "copy",
+        "vda",
+    );
     // the chain has no vmconfig.copy.xml: DR defines the VM from its config/*.xml (§2.10)
-    let r = w.run(&["--vm", &chain, "--restore-path", &w.s("out/dr"), "--restore-point", "full"]);
+    let r = w.run(&[
+        "--vm",
+        &chain,
+        "--restore-path",
+        &w.s("out/dr"),
+        "--restore-point",
+        "full",
+    ]);
     assert_code(&r, 0);
-    assert_has(&r, &format!("Defining VM from backup config: {chain}/config/rc-mon-db_config_"));
-    assert_eq!(summary(&r), "Restore complete: rc-mon-db — disk ✓ defined ✓ UUID ✓ MACs ✓");
-    assert_content(&w.p("out/dr/rc-mon-db-vda.qcow2"), "rc-mon-db", "202601/.archives/chain-2026-01-27", "copy", "vda");
+    assert_has(
+        &r,
+        &format!("Defining VM from backup config: {chain}/config/rc-mon-db_config_"),
+    );
+    assert_eq!(
+        summary(&r),
+        "Restore complete: rc-mon-db — disk ✓ defined ✓ UUID ✓ MACs ✓"
+    );
+    assert_content(
+        &w.p("out/dr/rc-mon-db-vda.qcow2"),
+        "rc-mon-db",
+        "202601/.archives/chain-2026-01-27",
+        "copy",
+        "vda",
+    );
     let rows = w.rows();
-    assert_eq!(rows.len(), 2, "rows go to the state root derived from the path");
-    assert!(rows.iter().all(|r| r.source_path == chain && r.period_id.as_deref() == Some("chain-2026-01-27") && r.checkpoint == Some(0)), "{rows:?}");
+    assert_eq!(
+        rows.len(),
+        2,
+        "rows go to the state root derived from the path"
+    );
+    assert!(
+        rows.iter().all(|r| r.source_path == chain
+            && r.period_id.as_deref() == Some("chain-2026-01-27")
+            && r.checkpoint == Some(0)),
+        "{rows:?}"
+    );
 }
 
 // 83: DR of a UEFI VM whose host NVRAM exists keeps a `.before-restore.<epoch>` copy
@@ -650,22 +923,54 @@ fn s082_s083_s128_dr_uefi_tpm_vm() {
     fs::write(&nv, b"host nvram").expect("host nvram");
     let r = w.run(&["--vm", "rc-uefi-tpm", "--restore-path", &w.s("out/r")]);
     assert_code(&r, 0);
-    assert_eq!(summary(&r), "Restore complete: rc-uefi-tpm — disk ✓ defined ✓ UUID ✓ MACs ✓ TPM ✓");
+    assert_eq!(
+        summary(&r),
+        "Restore complete: rc-uefi-tpm — disk ✓ defined ✓ UUID ✓ MACs ✓ TPM ✓"
+    );
     assert_has(&r, &format!("UUID preserved: {UEFI_UUID}"));
     for d in ["vda", "vdb"] {
-        assert_content(&w.p(&format!("out/r/rc-uefi-tpm-{d}.qcow2")), "rc-uefi-tpm", "2026-W26", "virtnbdbackup.0", d);
+        assert_content(
+            &w.p(&format!("out/r/rc-uefi-tpm-{d}.qcow2")),
+            "rc-uefi-tpm",
+            "2026-W26",
+            "virtnbdbackup.0",
+            d,
+        );
     }
     // NVRAM
-    let saved: Vec<String> = w.ls("nvram").into_iter().filter(|n| n.starts_with("rc-uefi-tpm_VARS.fd.before-restore.")).collect();
+    let saved: Vec<String> = w
+        .ls("nvram")
+        .into_iter()
+        .filter(|n| n.starts_with("rc-uefi-tpm_VARS.fd.before-restore."))
+        .collect();
     assert_eq!(saved.len(), 1, "{:?}", w.ls("nvram"));
-    assert!(saved[0].rsplit('.').next().is_some_and(|e| !e.is_empty() && e.bytes().all(|b| b.is_ascii_digit())), "{saved:?}");
-    assert_eq!(fs::read(w.nvram_dir().join(&saved[0])).expect("saved"), b"host nvram");
-    assert_eq!(fs::read(&nv).expect("nvram"), fs::read(data.join("rc-uefi-tpm_VARS.fd.virtnbdbackup.0")).expect("backup nvram"));
+    assert!(
+        saved[0]
+            .rsplit('.')
+            .next()
+            .is_some_and(|e| !e.is_empty() && e.bytes().all(|b| b.is_ascii_digit())),
+        "{saved:?}"
+    );
+    assert_eq!(
+        fs::read(w.nvram_dir().join(&saved[0])).expect("saved"),
+        b"host nvram"
+    );
+    assert_eq!(
+        fs::read(&nv).expect("nvram"),
+        fs::read(data.join("rc-uefi-tpm_VARS.fd.virtnbdbackup.0")).expect("backup nvram")
+    );
     assert_eq!(mode_of(&nv), 0o600);
     if let Some(uid) = uid_of("libvirt-qemu").filter(|_| nix::unistd::geteuid().is_root()) {
         assert_eq!(fs::metadata(&nv).expect("md").uid(), uid);
     }
-    assert_has(&r, &format!("NVRAM restored: {} → {}", data.join("rc-uefi-tpm_VARS.fd.virtnbdbackup.0").display(), nv.display()));
+    assert_has(
+        &r,
+        &format!(
+            "NVRAM restored: {} → {}",
+            data.join("rc-uefi-tpm_VARS.fd.virtnbdbackup.0").display(),
+            nv.display()
+        ),
+    );
     // TPM
     let t = w.swtpm().join(UEFI_UUID);
     assert_eq!(w.ls("swtpm"), [UEFI_UUID]);
@@ -676,9 +981,17 @@ fn s082_s083_s128_dr_uefi_tpm_vm() {
     }
     if let Some(uid) = uid_of("tss").filter(|_| nix::unistd::geteuid().is_root()) {
         assert_eq!(fs::metadata(t.join("tpm2")).expect("md").uid(), uid);
-        assert_eq!(fs::metadata(t.join("tpm2/tpm2-00.permall")).expect("md").uid(), uid);
+        assert_eq!(
+            fs::metadata(t.join("tpm2/tpm2-00.permall"))
+                .expect("md")
+                .uid(),
+            uid
+        );
     }
-    assert_eq!(file_sha(&t.join("tpm2/tpm2-00.permall")), file_sha(&data.join("tpm-state/tpm2/tpm2-00.permall")));
+    assert_eq!(
+        file_sha(&t.join("tpm2/tpm2-00.permall")),
+        file_sha(&data.join("tpm-state/tpm2/tpm2-00.permall"))
+    );
     assert_eq!(w.rows()[0].tpm_result.as_deref(), Some("restored"));
 }
 
@@ -690,11 +1003,25 @@ fn s084_nvram_falls_back_to_an_earlier_checkpoint() {
     w.redirect_nvram("rc-uefi-tpm");
     let data = w.b("rc-uefi-tpm/2026-W25");
     fs::remove_file(data.join("rc-uefi-tpm_VARS.fd.virtnbdbackup.1")).expect("rm");
-    let r = w.run(&["--vm", "rc-uefi-tpm", "--period", "2026-W25", "--restore-path", &w.s("out/r"), "--skip-tpm"]);
+    let r = w.run(&[
+        "--vm",
+        "rc-uefi-tpm",
+        "--period",
+        "2026-W25",
+        "--restore-path",
+        &w.s("out/r"),
+        "--skip-tpm",
+    ]);
     assert_code(&r, 0);
-    assert_has(&r, "NVRAM for checkpoint 1 not found in backup; using checkpoint 0");
+    assert_has(
+        &r,
+        "NVRAM for checkpoint 1 not found in backup; using checkpoint 0",
+    );
     let nv = w.nvram_dir().join("rc-uefi-tpm_VARS.fd");
-    assert_eq!(fs::read(&nv).expect("nvram"), fs::read(data.join("rc-uefi-tpm_VARS.fd.virtnbdbackup.0")).expect("backup"));
+    assert_eq!(
+        fs::read(&nv).expect("nvram"),
+        fs::read(data.join("rc-uefi-tpm_VARS.fd.virtnbdbackup.0")).expect("backup")
+    );
 }
 
 // 85: without any per-checkpoint NVRAM the host file is kept and a WARN about a
@@ -706,9 +1033,21 @@ fn s085_no_nvram_in_backup_keeps_the_host_file() {
     fs::remove_file(w.b("rc-uefi-tpm/2026-W26/rc-uefi-tpm_VARS.fd.virtnbdbackup.0")).expect("rm");
     let nv = w.nvram_dir().join("rc-uefi-tpm_VARS.fd");
     fs::write(&nv, b"host nvram").expect("host nvram");
-    let r = w.run(&["--vm", "rc-uefi-tpm", "--restore-path", &w.s("out/r"), "--skip-tpm"]);
+    let r = w.run(&[
+        "--vm",
+        "rc-uefi-tpm",
+        "--restore-path",
+        &w.s("out/r"),
+        "--skip-tpm",
+    ]);
     assert_code(&r, 0);
-    assert_has(&r, &format!("No per-checkpoint NVRAM in backup — using live host NVRAM {}", nv.display()));
+    assert_has(
+        &r,
+        &format!(
+            "No per-checkpoint NVRAM in backup — using live host NVRAM {}",
+            nv.display()
+        ),
+    );
     assert_has(&r, "may fail to boot");
     assert_eq!(fs::read(&nv).expect("nvram"), b"host nvram");
 }
@@ -722,7 +1061,15 @@ fn s087_refreshes_the_longest_prefix_pool_only() {
     let sub = w.p("images/sub");
     fs::create_dir_all(&sub).expect("mkdir");
     let uri = w.node(&[], &[("default", &images), ("sub", &sub)]);
-    let r = w.run_uri(&uri, &["--vm", "rc-acc-files", "--restore-path", &sub.display().to_string()]);
+    let r = w.run_uri(
+        &uri,
+        &[
+            "--vm",
+            "rc-acc-files",
+            "--restore-path",
+            &sub.display().to_string(),
+        ],
+    );
     assert_code(&r, 0);
     assert_has(&r, "Refreshed storage pool 'sub'");
     assert_lacks(&r, "storage pool 'default'");
@@ -741,26 +1088,79 @@ fn s089_incomplete_chains() {
     assert_has(&r, "Restore an earlier good restore point (--restore-point 1) or use --include-incomplete for forensic recovery.");
     assert!(w.ls("out/a").is_empty());
 
-    let r = w.run(&["--vm", "rc-brk-inc", "--restore-path", &w.s("out/b"), "--restore-point", "1"]);
+    let r = w.run(&[
+        "--vm",
+        "rc-brk-inc",
+        "--restore-path",
+        &w.s("out/b"),
+        "--restore-point",
+        "1",
+    ]);
     assert_code(&r, 0);
-    assert_content(&w.p("out/b/rc-brk-inc-vda.qcow2"), "rc-brk-inc", "202603", "virtnbdbackup.1", "vda");
+    assert_content(
+        &w.p("out/b/rc-brk-inc-vda.qcow2"),
+        "rc-brk-inc",
+        "202603",
+        "virtnbdbackup.1",
+        "vda",
+    );
 
-    let r = w.run(&["--vm", "rc-brk-inc", "--restore-path", &w.s("out/c"), "--restore-point", "3"]);
+    let r = w.run(&[
+        "--vm",
+        "rc-brk-inc",
+        "--restore-path",
+        &w.s("out/c"),
+        "--restore-point",
+        "3",
+    ]);
     assert_code(&r, 5);
     assert_has(&r, "— refusing to restore restore point 3.");
 
-    let r = w.run(&["--vm", "rc-brk-inc", "--restore-path", &w.s("out/d"), "--include-incomplete"]);
+    let r = w.run(&[
+        "--vm",
+        "rc-brk-inc",
+        "--restore-path",
+        &w.s("out/d"),
+        "--include-incomplete",
+    ]);
     assert_has(&r, "Restoring from an INCOMPLETE chain (--include-incomplete): restored data may be inconsistent");
     assert_code(&r, 6);
     assert!(w.ls("out/d").is_empty());
     assert_eq!(w.rows().last().map(|r| r.include_incomplete), Some(1));
 
-    let r = w.run(&["--vm", "rc-damage", "--period", "20260516", "--restore-path", &w.s("out/e"), "--skip-config"]);
+    let r = w.run(&[
+        "--vm",
+        "rc-damage",
+        "--period",
+        "20260516",
+        "--restore-path",
+        &w.s("out/e"),
+        "--skip-config",
+    ]);
     assert_code(&r, 5);
-    assert_has(&r, "Chain is INCOMPLETE at restore point 2 (partial vda.inc.virtnbdbackup.2.data.partial)");
-    let r = w.run(&["--vm", "rc-damage", "--period", "20260516", "--restore-path", &w.s("out/e"), "--skip-config", "--restore-point", "1"]);
+    assert_has(
+        &r,
+        "Chain is INCOMPLETE at restore point 2 (partial vda.inc.virtnbdbackup.2.data.partial)",
+    );
+    let r = w.run(&[
+        "--vm",
+        "rc-damage",
+        "--period",
+        "20260516",
+        "--restore-path",
+        &w.s("out/e"),
+        "--skip-config",
+        "--restore-point",
+        "1",
+    ]);
     assert_code(&r, 0);
-    assert_content(&w.p("out/e/rc-damage-vda.qcow2"), "rc-damage", "20260516", "virtnbdbackup.1", "vda");
+    assert_content(
+        &w.p("out/e/rc-damage-vda.qcow2"),
+        "rc-damage",
+        "20260516",
+        "virtnbdbackup.1",
+        "vda",
+    );
 }
 
 // ───────────────────────────── clone (90–99) ─────────────────────────────
@@ -771,28 +1171,75 @@ fn s089_incomplete_chains() {
 fn s090_s091_clone_of_a_single_disk_vm() {
     let w = World::new(&["rc-acc-files"]);
     let orig = uuid_in(&w.b("rc-acc-files/vmconfig.virtnbdbackup.4.xml"));
-    let r = w.run(&["--vm", "rc-acc-files", "--restore-path", &w.s("out/r"), "--name", "test-clone"]);
+    let r = w.run(&[
+        "--vm",
+        "rc-acc-files",
+        "--restore-path",
+        &w.s("out/r"),
+        "--name",
+        "test-clone",
+    ]);
     assert_code(&r, 0);
-    assert_eq!(summary(&r), "Restore complete: rc-acc-files — disk ✓ defined ✓ new identity ✓");
+    assert_eq!(
+        summary(&r),
+        "Restore complete: rc-acc-files — disk ✓ defined ✓ new identity ✓"
+    );
     assert_eq!(w.ls("out/r"), ["test-clone.qcow2"]);
-    assert_content(&w.p("out/r/test-clone.qcow2"), "rc-acc-files", "accumulate", "virtnbdbackup.4", "vda");
-    let line = r.stderr.lines().find(|l| l.contains("Defined 'test-clone' with new UUID: ")).expect("define line");
+    assert_content(
+        &w.p("out/r/test-clone.qcow2"),
+        "rc-acc-files",
+        "accumulate",
+        "virtnbdbackup.4",
+        "vda",
+    );
+    let line = r
+        .stderr
+        .lines()
+        .find(|l| l.contains("Defined 'test-clone' with new UUID: "))
+        .expect("define line");
     let new = line.rsplit(' ').next().expect("uuid");
     assert_ne!(new, orig);
     assert_eq!(new.len(), 36, "{new}");
     let row = &w.rows()[0];
-    assert_eq!((row.restore_mode.as_str(), row.target_name.as_deref(), row.vm_name.as_str()), ("clone", Some("test-clone"), "rc-acc-files"));
+    assert_eq!(
+        (
+            row.restore_mode.as_str(),
+            row.target_name.as_deref(),
+            row.vm_name.as_str()
+        ),
+        ("clone", Some("test-clone"), "rc-acc-files")
+    );
 }
 
 // 91: a multi-disk VM is cloned to `<clone>-<dev>.<ext>` per disk.
 #[test]
 fn s091_clone_of_a_multi_disk_vm() {
     let w = World::new(&["rc-multi-sql"]);
-    let r = w.run(&["--vm", "rc-multi-sql", "--restore-path", &w.s("out/r"), "--name", "test-clone"]);
+    let r = w.run(&[
+        "--vm",
+        "rc-multi-sql",
+        "--restore-path",
+        &w.s("out/r"),
+        "--name",
+        "test-clone",
+    ]);
     assert_code(&r, 0);
-    assert_eq!(w.ls("out/r"), ["test-clone-sda.qcow2", "test-clone-vda.qcow2", "test-clone-vdb.qcow2"]);
+    assert_eq!(
+        w.ls("out/r"),
+        [
+            "test-clone-sda.qcow2",
+            "test-clone-vda.qcow2",
+            "test-clone-vdb.qcow2"
+        ]
+    );
     for d in ["sda", "vda", "vdb"] {
-        assert_content(&w.p(&format!("out/r/test-clone-{d}.qcow2")), "rc-multi-sql", "2026-W08", "virtnbdbackup.3", d);
+        assert_content(
+            &w.p(&format!("out/r/test-clone-{d}.qcow2")),
+            "rc-multi-sql",
+            "2026-W08",
+            "virtnbdbackup.3",
+            d,
+        );
     }
 }
 
@@ -805,21 +1252,49 @@ fn s092_s096_s098_clone_of_a_uefi_tpm_vm() {
     let w = World::new(&["rc-uefi-tpm"]);
     w.redirect_nvram("rc-uefi-tpm");
     let data = w.b("rc-uefi-tpm/2026-W25");
-    let r = w.run(&["--vm", "rc-uefi-tpm", "--period", "2026-W25", "--restore-path", &w.s("out/r"), "--name", "test-clone"]);
+    let r = w.run(&[
+        "--vm",
+        "rc-uefi-tpm",
+        "--period",
+        "2026-W25",
+        "--restore-path",
+        &w.s("out/r"),
+        "--name",
+        "test-clone",
+    ]);
     assert_code(&r, 0);
-    assert_eq!(summary(&r), "Restore complete: rc-uefi-tpm — disk ✓ defined ✓ new identity ✓ TPM ✓");
-    assert_eq!(w.ls("out/r"), ["test-clone-vda.qcow2", "test-clone-vdb.qcow2"]);
+    assert_eq!(
+        summary(&r),
+        "Restore complete: rc-uefi-tpm — disk ✓ defined ✓ new identity ✓ TPM ✓"
+    );
+    assert_eq!(
+        w.ls("out/r"),
+        ["test-clone-vda.qcow2", "test-clone-vdb.qcow2"]
+    );
     for d in ["vda", "vdb"] {
-        assert_content(&w.p(&format!("out/r/test-clone-{d}.qcow2")), "rc-uefi-tpm", "2026-W25", "virtnbdbackup.1", d);
+        assert_content(
+            &w.p(&format!("out/r/test-clone-{d}.qcow2")),
+            "rc-uefi-tpm",
+            "2026-W25",
+            "virtnbdbackup.1",
+            d,
+        );
     }
     assert_eq!(w.ls("nvram"), ["test-clone_VARS.fd"]);
     let nv = w.nvram_dir().join("test-clone_VARS.fd");
-    assert_eq!(fs::read(&nv).expect("nvram"), fs::read(data.join("rc-uefi-tpm_VARS.fd.virtnbdbackup.1")).expect("backup"));
+    assert_eq!(
+        fs::read(&nv).expect("nvram"),
+        fs::read(data.join("rc-uefi-tpm_VARS.fd.virtnbdbackup.1")).expect("backup")
+    );
     assert_eq!(mode_of(&nv), 0o600);
     if let Some(uid) = uid_of("libvirt-qemu").filter(|_| nix::unistd::geteuid().is_root()) {
         assert_eq!(fs::metadata(&nv).expect("md").uid(), uid);
     }
-    let line = r.stderr.lines().find(|l| l.contains("Defined 'test-clone' with new UUID: ")).expect("define line");
+    let line = r
+        .stderr
+        .lines()
+        .find(|l| l.contains("Defined 'test-clone' with new UUID: "))
+        .expect("define line");
     let new = line.rsplit(' ').next().expect("uuid").to_owned();
     assert_ne!(new, UEFI_UUID);
     assert_eq!(w.ls("swtpm"), std::slice::from_ref(&new));
@@ -834,16 +1309,45 @@ fn s093_clone_name_already_defined() {
     let live = w.p("vm/test-clone.qcow2");
     fake_disk(&live, "clone");
     let uri = w.node(&[Dom::new("test-clone", false, &[("vda", &live)])], &[]);
-    let r = w.run_uri(&uri, &["--vm", "rc-acc-files", "--restore-path", &w.s("out/r"), "--name", "test-clone"]);
+    let r = w.run_uri(
+        &uri,
+        &[
+            "--vm",
+            "rc-acc-files",
+            "--restore-path",
+            &w.s("out/r"),
+            "--name",
+            "test-clone",
+        ],
+    );
     assert_code(&r, 5);
-    assert_has(&r, "VM 'test-clone' already defined (use --force to override)");
+    assert_has(
+        &r,
+        "VM 'test-clone' already defined (use --force to override)",
+    );
     assert!(w.ls("out/r").is_empty());
     // with --force the existing clone-name VM is replaced (its disks were elsewhere)
-    let r = w.run_uri(&uri, &["--vm", "rc-acc-files", "--restore-path", &w.s("out/r"), "--name", "test-clone", "--force"]);
+    let r = w.run_uri(
+        &uri,
+        &[
+            "--vm",
+            "rc-acc-files",
+            "--restore-path",
+            &w.s("out/r"),
+            "--name",
+            "test-clone",
+            "--force",
+        ],
+    );
     assert_code(&r, 0);
-    assert!(line_of(&r, "All safety checks passed") < line_of(&r, "Undefining existing VM: test-clone"));
+    assert!(
+        line_of(&r, "All safety checks passed") < line_of(&r, "Undefining existing VM: test-clone")
+    );
     assert_eq!(w.ls("out/r"), ["test-clone.qcow2"]);
-    assert_eq!(fs::read_to_string(&live).expect("old clone disk"), "original disk clone\n");
+    assert_eq!(
+        fs::read_to_string(&live).expect("old clone disk"),
+        "original disk clone\n"
+    );
 }
 
 // 94: cloning while the source VM is defined and running needs no --force and never
@@ -854,10 +1358,23 @@ fn s094_clone_while_the_source_runs() {
     let live = w.p("vm/rc-acc-files-vda.qcow2");
     fake_disk(&live, "src");
     let uri = w.node(&[Dom::new("rc-acc-files", true, &[("vda", &live)])], &[]);
-    let r = w.run_uri(&uri, &["--vm", "rc-acc-files", "--restore-path", &w.s("out/r"), "--name", "test-clone"]);
+    let r = w.run_uri(
+        &uri,
+        &[
+            "--vm",
+            "rc-acc-files",
+            "--restore-path",
+            &w.s("out/r"),
+            "--name",
+            "test-clone",
+        ],
+    );
     assert_code(&r, 0);
     assert_lacks(&r, "Undefining");
-    assert_eq!(fs::read_to_string(&live).expect("live"), "original disk src\n");
+    assert_eq!(
+        fs::read_to_string(&live).expect("live"),
+        "original disk src\n"
+    );
     assert_eq!(w.ls("out/r"), ["test-clone.qcow2"]);
 }
 
@@ -870,14 +1387,47 @@ fn s095_clone_onto_another_vms_live_disk() {
     let target = w.p("out/r/other-vm.qcow2");
     fake_disk(&target, "other");
     let uri = w.node(&[Dom::new("other-vm", false, &[("vda", &target)])], &[]);
-    let r = w.run_uri(&uri, &["--vm", "rc-acc-files", "--restore-path", &w.s("out/r"), "--name", "other-vm", "--force"]);
+    let r = w.run_uri(
+        &uri,
+        &[
+            "--vm",
+            "rc-acc-files",
+            "--restore-path",
+            &w.s("out/r"),
+            "--name",
+            "other-vm",
+            "--force",
+        ],
+    );
     assert_code(&r, 4);
-    assert_has(&r, &format!("BLOCKED: {} is the live disk of VM 'other-vm' — choose a different --restore-path", target.display()));
+    assert_has(
+        &r,
+        &format!(
+            "BLOCKED: {} is the live disk of VM 'other-vm' — choose a different --restore-path",
+            target.display()
+        ),
+    );
     assert_lacks(&r, "Undefining");
-    assert_eq!(fs::read_to_string(&target).expect("disk"), "original disk other\n");
-    let r = w.run_uri(&uri, &["--vm", "rc-acc-files", "--restore-path", &w.s("out/r"), "--name", "other-vm"]);
+    assert_eq!(
+        fs::read_to_string(&target).expect("disk"),
+        "original disk other\n"
+    );
+    let r = w.run_uri(
+        &uri,
+        &[
+            "--vm",
+            "rc-acc-files",
+            "--restore-path",
+            &w.s("out/r"),
+            "--name",
+            "other-vm",
+        ],
+    );
     assert_code(&r, 5);
-    assert_has(&r, "VM 'other-vm' already defined (use --force to override)");
+    assert_has(
+        &r,
+        "VM 'other-vm' already defined (use --force to override)",
+    );
 }
 
 // 97: when the clone cannot be defined the run exits 6 with "virsh define failed:"
@@ -888,22 +1438,51 @@ fn s097_clone_define_failure_exits_6_and_removes_the_nvram_copy() {
     let w = World::new(&["rc-uefi-tpm"]);
     w.redirect_nvram("rc-uefi-tpm");
     fs::create_dir_all(w.p("out/r/bad")).expect("mkdir");
-    let r = w.run(&["--vm", "rc-uefi-tpm", "--restore-path", &w.s("out/r"), "--name", "bad/name", "--skip-tpm"]);
+    let r = w.run(&[
+        "--vm",
+        "rc-uefi-tpm",
+        "--restore-path",
+        &w.s("out/r"),
+        "--name",
+        "bad/name",
+        "--skip-tpm",
+    ]);
     assert_code(&r, 6);
     assert_has(&r, "virsh define failed:");
-    assert!(!w.nvram_dir().join("bad/name_VARS.fd").exists(), "{:?}", ls(&w.nvram_dir().join("bad")));
+    assert!(
+        !w.nvram_dir().join("bad/name_VARS.fd").exists(),
+        "{:?}",
+        ls(&w.nvram_dir().join("bad"))
+    );
 }
 
 // 99: a dry-run clone announces the definition, writes nothing, exits 0.
 #[test]
 fn s099_dry_run_clone() {
     let w = World::new(&["rc-multi-sql"]);
-    let r = w.run(&["--vm", "rc-multi-sql", "--restore-path", &w.s("out/r"), "--name", "test-clone", "--dry-run"]);
+    let r = w.run(&[
+        "--vm",
+        "rc-multi-sql",
+        "--restore-path",
+        &w.s("out/r"),
+        "--name",
+        "test-clone",
+        "--dry-run",
+    ]);
     assert_code(&r, 0);
-    assert_has(&r, "[DRY RUN] Would define 'test-clone' with new UUID and MACs");
+    assert_has(
+        &r,
+        "[DRY RUN] Would define 'test-clone' with new UUID and MACs",
+    );
     assert_has(&r, "[DRY RUN] vda: would read 4 file(s)");
-    assert_has(&r, &format!("of data to {}", w.p("out/r/test-clone-vda.qcow2").display()));
-    assert_eq!(summary(&r), "Restore complete: rc-multi-sql [DRY RUN — no changes made]");
+    assert_has(
+        &r,
+        &format!("of data to {}", w.p("out/r/test-clone-vda.qcow2").display()),
+    );
+    assert_eq!(
+        summary(&r),
+        "Restore complete: rc-multi-sql [DRY RUN — no changes made]"
+    );
     assert!(!w.p("out/r").exists());
     assert!(w.rows().is_empty() && w.lock_files().is_empty());
 }
@@ -922,34 +1501,66 @@ fn s100_s102_data_only() {
         args.extend_from_slice(extra);
         let r = w.run(&args);
         assert_code(&r, 0);
-        assert_eq!(summary(&r), "Restore complete: rc-uefi-tpm — disk ✓ data-only");
-        assert_has(&r, "Restore mode: data-only (--skip-config — disk restore without VM definition)");
+        assert_eq!(
+            summary(&r),
+            "Restore complete: rc-uefi-tpm — disk ✓ data-only"
+        );
+        assert_has(
+            &r,
+            "Restore mode: data-only (--skip-config — disk restore without VM definition)",
+        );
         assert_has(&r, "Skipping TPM restore (--skip-config implies data-only)");
         assert_lacks(&r, "Defin");
         assert_lacks(&r, "NVRAM");
-        assert_eq!(w.ls(out), ["rc-uefi-tpm-vda.qcow2", "rc-uefi-tpm-vdb.qcow2"]);
+        assert_eq!(
+            w.ls(out),
+            ["rc-uefi-tpm-vda.qcow2", "rc-uefi-tpm-vdb.qcow2"]
+        );
         for d in ["vda", "vdb"] {
-            assert_content(&w.p(&format!("{out}/rc-uefi-tpm-{d}.qcow2")), "rc-uefi-tpm", "2026-W26", "virtnbdbackup.0", d);
+            assert_content(
+                &w.p(&format!("{out}/rc-uefi-tpm-{d}.qcow2")),
+                "rc-uefi-tpm",
+                "2026-W26",
+                "virtnbdbackup.0",
+                d,
+            );
         }
         if !extra.is_empty() {
-            assert_has(&r, "--name is ignored with --skip-config (data-only restore defines no VM)");
+            assert_has(
+                &r,
+                "--name is ignored with --skip-config (data-only restore defines no VM)",
+            );
         }
     }
     assert!(w.ls("swtpm").is_empty() && w.ls("nvram").is_empty());
     let rows = w.rows();
-    assert!(rows.iter().all(|r| r.restore_mode == "data-only" && r.target_name.is_none()), "{rows:?}");
+    assert!(
+        rows.iter()
+            .all(|r| r.restore_mode == "data-only" && r.target_name.is_none()),
+        "{rows:?}"
+    );
 }
 
 // ───────────────────────────── disk mode (103–120) ─────────────────────────────
 
 /// A defined rc-multi-sql whose three disks are throwaway files under `<scratch>/vm`.
 fn multi_sql_domain(w: &World, running: bool) -> (String, Vec<PathBuf>) {
-    let paths: Vec<PathBuf> = ["vda", "vdb", "sda"].iter().map(|d| w.p(&format!("vm/rc-multi-sql-{d}.qcow2"))).collect();
+    let paths: Vec<PathBuf> = ["vda", "vdb", "sda"]
+        .iter()
+        .map(|d| w.p(&format!("vm/rc-multi-sql-{d}.qcow2")))
+        .collect();
     for (p, d) in paths.iter().zip(["vda", "vdb", "sda"]) {
         fake_disk(p, d);
     }
-    let disks: Vec<(&str, &Path)> = ["vda", "vdb", "sda"].iter().copied().zip(paths.iter().map(PathBuf::as_path)).collect();
-    (w.node(&[Dom::new("rc-multi-sql", running, &disks)], &[]), paths)
+    let disks: Vec<(&str, &Path)> = ["vda", "vdb", "sda"]
+        .iter()
+        .copied()
+        .zip(paths.iter().map(PathBuf::as_path))
+        .collect();
+    (
+        w.node(&[Dom::new("rc-multi-sql", running, &disks)], &[]),
+        paths,
+    )
 }
 
 fn pre_restore(p: &Path) -> PathBuf {
@@ -964,7 +1575,14 @@ fn s103_disk_in_place_needs_a_defined_vm() {
     assert_code(&r, 5);
     assert_has(&r, "VM 'rc-acc-files' is not defined in libvirt — cannot determine original disk paths. Use --restore-path to extract disks to a specific location instead.");
     let row = &w.rows()[0];
-    assert_eq!((row.restore_mode.as_str(), row.outcome.as_str(), row.exit_code), ("disk", "failed", 5));
+    assert_eq!(
+        (
+            row.restore_mode.as_str(),
+            row.outcome.as_str(),
+            row.exit_code
+        ),
+        ("disk", "failed", 5)
+    );
 }
 
 // 104: in-place disk restore with the VM running: exit 5, disks untouched.
@@ -975,7 +1593,10 @@ fn s104_disk_in_place_refuses_a_running_vm() {
     let r = w.run_uri(&uri, &["--vm", "rc-multi-sql", "--disk", "vda"]);
     assert_code(&r, 5);
     assert_has(&r, "VM 'rc-multi-sql' is running — shut it down first (virsh shutdown rc-multi-sql). Replacing disks under a running VM will cause corruption.");
-    assert_eq!(fs::read_to_string(&paths[0]).expect("disk"), "original disk vda\n");
+    assert_eq!(
+        fs::read_to_string(&paths[0]).expect("disk"),
+        "original disk vda\n"
+    );
     assert!(!pre_restore(&paths[0]).exists());
 }
 
@@ -987,10 +1608,20 @@ fn in_place_checks_every_disk_before_touching_any() {
     let vda = w.p("vm/rc-multi-sql-vda.qcow2");
     let vdb = w.p("vm/rc-multi-sql-vdb.qcow2");
     fake_disk(&vda, "vda");
-    let uri = w.node(&[Dom::new("rc-multi-sql", false, &[("vda", &vda), ("vdb", &vdb)])], &[]);
+    let uri = w.node(
+        &[Dom::new(
+            "rc-multi-sql",
+            false,
+            &[("vda", &vda), ("vdb", &vdb)],
+        )],
+        &[],
+    );
     let r = w.run_uri(&uri, &["--vm", "rc-multi-sql", "--disk", "vda,sda"]);
     assert_code(&r, 5);
-    assert_has(&r, "Disk 'sda' not found in VM 'rc-multi-sql' configuration. Available disks: vda, vdb");
+    assert_has(
+        &r,
+        "Disk 'sda' not found in VM 'rc-multi-sql' configuration. Available disks: vda, vdb",
+    );
     let r = w.run_uri(&uri, &["--vm", "rc-multi-sql", "--disk", "vda,vdb"]);
     assert_code(&r, 4);
     assert_has(&r, &format!("Original disk path does not exist: {} — Use --restore-path to extract disks to a specific location instead.", vdb.display()));
@@ -999,8 +1630,19 @@ fn in_place_checks_every_disk_before_touching_any() {
     let r = w.run_uri(&uri, &["--vm", "rc-multi-sql", "--disk", "vda,vdb"]);
     assert_code(&r, 4);
     assert_has(&r, "Pre-restore file already exists: ");
-    assert_eq!(fs::read_to_string(&vda).expect("vda"), "original disk vda\n", "vda untouched");
-    assert_eq!(w.ls("vm"), ["rc-multi-sql-vda.qcow2", "rc-multi-sql-vdb.qcow2", "rc-multi-sql-vdb.qcow2.pre-restore"]);
+    assert_eq!(
+        fs::read_to_string(&vda).expect("vda"),
+        "original disk vda\n",
+        "vda untouched"
+    );
+    assert_eq!(
+        w.ls("vm"),
+        [
+            "rc-multi-sql-vda.qcow2",
+            "rc-multi-sql-vdb.qcow2",
+            "rc-multi-sql-vdb.qcow2.pre-restore"
+        ]
+    );
     assert!(w.lock_files().is_empty());
 }
 
@@ -1015,23 +1657,53 @@ fn s105_existing_pre_restore() {
     let r = w.run_uri(&uri, &["--vm", "rc-multi-sql", "--disk", "vda"]);
     assert_code(&r, 4);
     assert_has(&r, &format!("Pre-restore file already exists: {}.pre-restore — delete it first or use --no-pre-restore", vda.display()));
-    assert_eq!(fs::read_to_string(vda).expect("disk"), "original disk vda\n");
+    assert_eq!(
+        fs::read_to_string(vda).expect("disk"),
+        "original disk vda\n"
+    );
 
-    let r = w.run_uri(&uri, &["--vm", "rc-multi-sql", "--disk", "vda", "--no-pre-restore"]);
+    let r = w.run_uri(
+        &uri,
+        &["--vm", "rc-multi-sql", "--disk", "vda", "--no-pre-restore"],
+    );
     assert_code(&r, 0);
-    assert_has(&r, &format!("Removed existing disk (--no-pre-restore): {}", vda.display()));
+    assert_has(
+        &r,
+        &format!(
+            "Removed existing disk (--no-pre-restore): {}",
+            vda.display()
+        ),
+    );
     assert_lacks(&r, "Backed up existing");
     assert_lacks(&r, "ACTION REQUIRED");
     assert_content(vda, "rc-multi-sql", "2026-W08", "virtnbdbackup.3", "vda");
-    assert_eq!(fs::read_to_string(pre_restore(vda)).expect("old pre-restore"), "older");
-    assert_eq!(w.ls("vm"), ["rc-multi-sql-sda.qcow2", "rc-multi-sql-vda.qcow2", "rc-multi-sql-vda.qcow2.pre-restore", "rc-multi-sql-vdb.qcow2"]);
+    assert_eq!(
+        fs::read_to_string(pre_restore(vda)).expect("old pre-restore"),
+        "older"
+    );
+    assert_eq!(
+        w.ls("vm"),
+        [
+            "rc-multi-sql-sda.qcow2",
+            "rc-multi-sql-vda.qcow2",
+            "rc-multi-sql-vda.qcow2.pre-restore",
+            "rc-multi-sql-vdb.qcow2"
+        ]
+    );
 }
 
 // 106: a disk that is not in the backup: exit 5 naming the available disks.
 #[test]
 fn s106_unknown_disk() {
     let w = World::new(&["rc-acc-files"]);
-    let r = w.run(&["--vm", "rc-acc-files", "--disk", "vdz", "--restore-path", &w.s("out/x")]);
+    let r = w.run(&[
+        "--vm",
+        "rc-acc-files",
+        "--disk",
+        "vdz",
+        "--restore-path",
+        &w.s("out/x"),
+    ]);
     assert_code(&r, 5);
     assert_has(&r, "Disk 'vdz' not found in backup. Available disks: vda");
     assert!(!w.p("out/x").exists());
@@ -1041,14 +1713,39 @@ fn s106_unknown_disk() {
 #[test]
 fn s107_disk_absent_at_the_latest_point() {
     let w = World::new(&["rc-shrink"]);
-    let r = w.run(&["--vm", "rc-shrink", "--disk", "sda", "--restore-path", &w.s("out/x")]);
+    let r = w.run(&[
+        "--vm",
+        "rc-shrink",
+        "--disk",
+        "sda",
+        "--restore-path",
+        &w.s("out/x"),
+    ]);
     assert_code(&r, 5);
-    assert_has(&r, "Disk 'sda' is not available at the latest restore point (checkpoint 4).");
+    assert_has(
+        &r,
+        "Disk 'sda' is not available at the latest restore point (checkpoint 4).",
+    );
     assert_has(&r, "It was last backed up at checkpoint 2.");
-    assert_has(&r, "Use --restore-point 2 to restore sda from that checkpoint.");
-    let r = w.run(&["--vm", "rc-shrink", "--disk", "sda", "--restore-path", &w.s("out/x"), "--restore-point", "3"]);
+    assert_has(
+        &r,
+        "Use --restore-point 2 to restore sda from that checkpoint.",
+    );
+    let r = w.run(&[
+        "--vm",
+        "rc-shrink",
+        "--disk",
+        "sda",
+        "--restore-path",
+        &w.s("out/x"),
+        "--restore-point",
+        "3",
+    ]);
     assert_code(&r, 5);
-    assert_has(&r, "Disk 'sda' is not available at restore point 3 (disks: vda, vdb).");
+    assert_has(
+        &r,
+        "Disk 'sda' is not available at restore point 3 (disks: vda, vdb).",
+    );
     assert!(!w.p("out/x").exists());
 }
 
@@ -1058,16 +1755,37 @@ fn s107_disk_absent_at_the_latest_point() {
 #[test]
 fn s108_disk_restore_at_a_point_with_more_disks() {
     let w = World::new(&["rc-shrink"]);
-    let r = w.run(&["--vm", "rc-shrink", "--disk", "sda", "--restore-path", &w.s("out/x"), "--restore-point", "2"]);
+    let r = w.run(&[
+        "--vm",
+        "rc-shrink",
+        "--disk",
+        "sda",
+        "--restore-path",
+        &w.s("out/x"),
+        "--restore-point",
+        "2",
+    ]);
     assert_code(&r, 0);
-    assert_has(&r, "Disk configuration changed between checkpoint 2 and the latest checkpoint (4).");
+    assert_has(
+        &r,
+        "Disk configuration changed between checkpoint 2 and the latest checkpoint (4).",
+    );
     assert_has(&r, "  Checkpoint 2: sda, vda, vdb (3 disks)");
     assert_has(&r, "  Latest (CP 4): vda, vdb (2 disks)");
     assert_has(&r, "  Restoring with checkpoint 2 disk configuration.");
     assert_eq!(w.ls("out/x"), ["rc-shrink-sda.qcow2"]);
-    assert_content(&w.p("out/x/rc-shrink-sda.qcow2"), "rc-shrink", "202606", "virtnbdbackup.2", "sda");
+    assert_content(
+        &w.p("out/x/rc-shrink-sda.qcow2"),
+        "rc-shrink",
+        "202606",
+        "virtnbdbackup.2",
+        "sda",
+    );
     assert!(w.ls("tmp").is_empty(), "{:?}", w.ls("tmp"));
-    assert_eq!(summary(&r), format!("Disk extract complete: rc-shrink/sda → {}", w.s("out/x")));
+    assert_eq!(
+        summary(&r),
+        format!("Disk extract complete: rc-shrink/sda → {}", w.s("out/x"))
+    );
 }
 
 // 109: disks are replaced one by one in the requested order. 110: each restored disk
@@ -1082,34 +1800,79 @@ fn s109_s110_s114_s115_two_disks_in_place() {
     let r = w.run_uri(&uri, &["--vm", "rc-multi-sql", "--disk", "vdb,vda"]);
     assert_code(&r, 0);
     assert!(line_of(&r, "── Restoring vdb [1/2] ──") < line_of(&r, "── Restoring vda [2/2] ──"));
-    assert!(line_of(&r, &format!("Backed up existing: {}", pre_restore(&paths[1]).display())) < line_of(&r, "── Restoring vda [2/2] ──"));
+    assert!(
+        line_of(
+            &r,
+            &format!("Backed up existing: {}", pre_restore(&paths[1]).display())
+        ) < line_of(&r, "── Restoring vda [2/2] ──")
+    );
     assert_has(&r, "VM 'rc-multi-sql' is shut off ✓");
     for (p, d) in paths.iter().zip(["vda", "vdb"]) {
         assert_content(p, "rc-multi-sql", "2026-W08", "virtnbdbackup.3", d);
-        assert_eq!(fs::read_to_string(pre_restore(p)).expect("pre-restore"), format!("original disk {d}\n"));
+        assert_eq!(
+            fs::read_to_string(pre_restore(p)).expect("pre-restore"),
+            format!("original disk {d}\n")
+        );
         assert_eq!(mode_of(p), 0o600);
         if let Some(uid) = uid_of("libvirt-qemu").filter(|_| nix::unistd::geteuid().is_root()) {
             assert_eq!(fs::metadata(p).expect("md").uid(), uid);
         }
         assert_has(&r, &format!("  {d}: ownership ✓ integrity ✓"));
     }
-    assert_eq!(fs::read_to_string(&paths[2]).expect("sda"), "original disk sda\n", "sda untouched");
+    assert_eq!(
+        fs::read_to_string(&paths[2]).expect("sda"),
+        "original disk sda\n",
+        "sda untouched"
+    );
     assert_eq!(
         w.ls("vm"),
-        ["rc-multi-sql-sda.qcow2", "rc-multi-sql-vda.qcow2", "rc-multi-sql-vda.qcow2.pre-restore", "rc-multi-sql-vdb.qcow2", "rc-multi-sql-vdb.qcow2.pre-restore"]
+        [
+            "rc-multi-sql-sda.qcow2",
+            "rc-multi-sql-vda.qcow2",
+            "rc-multi-sql-vda.qcow2.pre-restore",
+            "rc-multi-sql-vdb.qcow2",
+            "rc-multi-sql-vdb.qcow2.pre-restore"
+        ]
     );
-    assert_eq!(r.stderr.matches("CHECKPOINT CHAIN INVALIDATED for 'rc-multi-sql'").count(), 1);
-    assert_has(&r, "ENABLE_AUTO_RECOVERY_ON_CHECKPOINT_CORRUPTION=\"yes\" (the default)");
-    assert_has(&r, "virsh checkpoint-delete rc-multi-sql $cp --metadata; done");
-    assert_has(&r, "ACTION REQUIRED: Remove .pre-restore file(s) once VM is confirmed working");
+    assert_eq!(
+        r.stderr
+            .matches("CHECKPOINT CHAIN INVALIDATED for 'rc-multi-sql'")
+            .count(),
+        1
+    );
+    assert_has(
+        &r,
+        "ENABLE_AUTO_RECOVERY_ON_CHECKPOINT_CORRUPTION=\"yes\" (the default)",
+    );
+    assert_has(
+        &r,
+        "virsh checkpoint-delete rc-multi-sql $cp --metadata; done",
+    );
+    assert_has(
+        &r,
+        "ACTION REQUIRED: Remove .pre-restore file(s) once VM is confirmed working",
+    );
     for p in &paths[..2] {
         assert_has(&r, &format!("  rm {}  (", pre_restore(p).display()));
     }
     assert_has(&r, "  Total: ");
-    assert_eq!(summary(&r), "Disk restore complete: rc-multi-sql/vdb, vda — all ✓");
+    assert_eq!(
+        summary(&r),
+        "Disk restore complete: rc-multi-sql/vdb, vda — all ✓"
+    );
     let row = &w.rows()[0];
-    assert_eq!((row.restore_mode.as_str(), row.outcome.as_str(), row.disks.as_deref()), ("disk", "success", Some("vdb, vda")));
-    assert_eq!(row.target_path.as_deref(), Some(format!("{}, {}", paths[1].display(), paths[0].display()).as_str()));
+    assert_eq!(
+        (
+            row.restore_mode.as_str(),
+            row.outcome.as_str(),
+            row.disks.as_deref()
+        ),
+        ("disk", "success", Some("vdb, vda"))
+    );
+    assert_eq!(
+        row.target_path.as_deref(),
+        Some(format!("{}, {}", paths[1].display(), paths[0].display()).as_str())
+    );
 }
 
 // 111: a failure on the second of three disks keeps the first restored (with its
@@ -1123,23 +1886,64 @@ fn s111_s142_partial_disk_failure() {
     let f = fs::OpenOptions::new().write(true).open(&bad).expect("open");
     f.set_len(1000).expect("truncate");
     drop(f);
-    let r = w.run_uri(&uri, &["--vm", "rc-multi-sql", "--disk", "vda,vdb,sda", "--include-incomplete"]);
+    let r = w.run_uri(
+        &uri,
+        &[
+            "--vm",
+            "rc-multi-sql",
+            "--disk",
+            "vda,vdb,sda",
+            "--include-incomplete",
+        ],
+    );
     assert_code(&r, 6);
     assert_has(&r, "Partial restore: vda succeeded, vdb FAILED");
     assert_has(&r, "Skipped: sda");
     assert_has(&r, "Disk restore failed for vdb");
-    assert_content(&paths[0], "rc-multi-sql", "2026-W08", "virtnbdbackup.3", "vda");
-    assert_eq!(fs::read_to_string(pre_restore(&paths[0])).expect("vda kept"), "original disk vda\n");
-    assert_eq!(fs::read_to_string(&paths[1]).expect("vdb"), "original disk vdb\n");
-    assert_eq!(fs::read_to_string(&paths[2]).expect("sda"), "original disk sda\n");
+    assert_content(
+        &paths[0],
+        "rc-multi-sql",
+        "2026-W08",
+        "virtnbdbackup.3",
+        "vda",
+    );
+    assert_eq!(
+        fs::read_to_string(pre_restore(&paths[0])).expect("vda kept"),
+        "original disk vda\n"
+    );
+    assert_eq!(
+        fs::read_to_string(&paths[1]).expect("vdb"),
+        "original disk vdb\n"
+    );
+    assert_eq!(
+        fs::read_to_string(&paths[2]).expect("sda"),
+        "original disk sda\n"
+    );
     assert_eq!(
         w.ls("vm"),
-        ["rc-multi-sql-sda.qcow2", "rc-multi-sql-vda.qcow2", "rc-multi-sql-vda.qcow2.pre-restore", "rc-multi-sql-vdb.qcow2"]
+        [
+            "rc-multi-sql-sda.qcow2",
+            "rc-multi-sql-vda.qcow2",
+            "rc-multi-sql-vda.qcow2.pre-restore",
+            "rc-multi-sql-vdb.qcow2"
+        ]
     );
     let row = &w.rows()[0];
-    assert_eq!((row.restore_mode.as_str(), row.outcome.as_str(), row.exit_code), ("disk", "failed", 6));
+    assert_eq!(
+        (
+            row.restore_mode.as_str(),
+            row.outcome.as_str(),
+            row.exit_code
+        ),
+        ("disk", "failed", 6)
+    );
     assert_eq!(row.disks.as_deref(), Some("vda, vdb, sda"));
-    assert!(row.error_message.as_deref().is_some_and(|m| m.starts_with("Partial restore: vda succeeded, vdb FAILED")), "{row:?}");
+    assert!(
+        row.error_message
+            .as_deref()
+            .is_some_and(|m| m.starts_with("Partial restore: vda succeeded, vdb FAILED")),
+        "{row:?}"
+    );
     assert!(w.lock_files().is_empty());
 }
 
@@ -1157,7 +1961,8 @@ fn s113_s124_insufficient_space() {
         eprintln!("filesystem refuses an 8 TiB sparse file: statements 113/124 not checked");
         return;
     }
-    let free = nix::sys::statvfs::statvfs(w.scratch.dir.path()).map(|s| s.blocks_available() * s.fragment_size());
+    let free = nix::sys::statvfs::statvfs(w.scratch.dir.path())
+        .map(|s| s.blocks_available() * s.fragment_size());
     if free.is_ok_and(|f| f >= 8 << 40) {
         eprintln!("more than 8 TiB free: statements 113/124 not checked");
         return;
@@ -1166,14 +1971,41 @@ fn s113_s124_insufficient_space() {
     fake_disk(&live, "big");
     let uri = w.node(&[Dom::new("big", false, &[("vda", &live)])], &[]);
     for extra in [&[][..], &["--dry-run"][..]] {
-        let r = w.run_unhashed(&uri, &[&["--vm", "big", "--disk", "vda", "--include-incomplete"][..], extra].concat());
+        let r = w.run_unhashed(
+            &uri,
+            &[
+                &["--vm", "big", "--disk", "vda", "--include-incomplete"][..],
+                extra,
+            ]
+            .concat(),
+        );
         assert_code(&r, 4);
         // 8 TiB of data + the 18-byte original, rounded up like numfmt
-        assert_has(&r, "Insufficient space: need 8.1TiB (restore + .pre-restore) but only ");
-        assert_eq!(fs::read_to_string(&live).expect("disk"), "original disk big\n");
+        assert_has(
+            &r,
+            "Insufficient space: need 8.1TiB (restore + .pre-restore) but only ",
+        );
+        assert_eq!(
+            fs::read_to_string(&live).expect("disk"),
+            "original disk big\n"
+        );
         assert!(!pre_restore(&live).exists());
         let out = w.s("out/r");
-        let r = w.run_unhashed(&uri, &[&["--vm", "big", "--restore-path", &out, "--skip-config", "--include-incomplete"][..], extra].concat());
+        let r = w.run_unhashed(
+            &uri,
+            &[
+                &[
+                    "--vm",
+                    "big",
+                    "--restore-path",
+                    &out,
+                    "--skip-config",
+                    "--include-incomplete",
+                ][..],
+                extra,
+            ]
+            .concat(),
+        );
         assert_code(&r, 4);
         assert_has(&r, "Insufficient space: restore needs 8.0TiB but only ");
         assert!(w.ls("out/r").is_empty());
@@ -1187,38 +2019,104 @@ fn s116_extract_with_the_vm_running_or_undefined() {
     let w = World::new(&["rc-multi-sql"]);
     let (uri, paths) = multi_sql_domain(&w, true);
     for (u, out) in [(uri.as_str(), "out/x"), ("test:///default", "out/y")] {
-        let r = w.run_uri(u, &["--vm", "rc-multi-sql", "--disk", "vdb", "--restore-path", &w.s(out)]);
+        let r = w.run_uri(
+            u,
+            &[
+                "--vm",
+                "rc-multi-sql",
+                "--disk",
+                "vdb",
+                "--restore-path",
+                &w.s(out),
+            ],
+        );
         assert_code(&r, 0);
-        assert_eq!(summary(&r), format!("Disk extract complete: rc-multi-sql/vdb → {}", w.s(out)));
+        assert_eq!(
+            summary(&r),
+            format!("Disk extract complete: rc-multi-sql/vdb → {}", w.s(out))
+        );
         assert_has(&r, &format!("Extract mode: writing to {}", w.s(out)));
         assert_lacks(&r, "CHECKPOINT CHAIN INVALIDATED");
         assert_lacks(&r, ".pre-restore");
         assert_eq!(w.ls(out), ["rc-multi-sql-vdb.qcow2"]);
         let f = w.p(&format!("{out}/rc-multi-sql-vdb.qcow2"));
         assert_content(&f, "rc-multi-sql", "2026-W08", "virtnbdbackup.3", "vdb");
-        assert_eq!(fs::metadata(&f).expect("md").uid(), nix::unistd::geteuid().as_raw(), "not chowned");
+        assert_eq!(
+            fs::metadata(&f).expect("md").uid(),
+            nix::unistd::geteuid().as_raw(),
+            "not chowned"
+        );
     }
-    assert_eq!(fs::read_to_string(&paths[1]).expect("vdb"), "original disk vdb\n");
-    assert!(w.rows().iter().all(|r| r.restore_mode == "disk-extract" && r.outcome == "success"));
+    assert_eq!(
+        fs::read_to_string(&paths[1]).expect("vdb"),
+        "original disk vdb\n"
+    );
+    assert!(w
+        .rows()
+        .iter()
+        .all(|r| r.restore_mode == "disk-extract" && r.outcome == "success"));
 }
 
 // 117: `--disk all` = the disks present at the target checkpoint, sorted.
 #[test]
 fn s117_disk_all_means_the_disks_at_the_target_point() {
     let w = World::new(&["rc-shrink"]);
-    let r = w.run(&["--vm", "rc-shrink", "--disk", "all", "--restore-path", &w.s("out/l")]);
+    let r = w.run(&[
+        "--vm",
+        "rc-shrink",
+        "--disk",
+        "all",
+        "--restore-path",
+        &w.s("out/l"),
+    ]);
     assert_code(&r, 0);
-    assert_has(&r, "Disk restore mode: replacing 'vda, vdb' (available: sda, vda, vdb)");
-    assert_eq!(w.ls("out/l"), ["rc-shrink-vda.qcow2", "rc-shrink-vdb.qcow2"]);
+    assert_has(
+        &r,
+        "Disk restore mode: replacing 'vda, vdb' (available: sda, vda, vdb)",
+    );
+    assert_eq!(
+        w.ls("out/l"),
+        ["rc-shrink-vda.qcow2", "rc-shrink-vdb.qcow2"]
+    );
     for d in ["vda", "vdb"] {
-        assert_content(&w.p(&format!("out/l/rc-shrink-{d}.qcow2")), "rc-shrink", "202606", "virtnbdbackup.4", d);
+        assert_content(
+            &w.p(&format!("out/l/rc-shrink-{d}.qcow2")),
+            "rc-shrink",
+            "202606",
+            "virtnbdbackup.4",
+            d,
+        );
     }
-    let r = w.run(&["--vm", "rc-shrink", "--disk", "all", "--restore-path", &w.s("out/p"), "--restore-point", "2"]);
+    let r = w.run(&[
+        "--vm",
+        "rc-shrink",
+        "--disk",
+        "all",
+        "--restore-path",
+        &w.s("out/p"),
+        "--restore-point",
+        "2",
+    ]);
     assert_code(&r, 0);
-    assert_has(&r, "Disk restore mode: replacing 'sda, vda, vdb' (available: sda, vda, vdb)");
-    assert_eq!(summary(&r), format!("Disk extract complete: rc-shrink/sda, vda, vdb → {}", w.s("out/p")));
+    assert_has(
+        &r,
+        "Disk restore mode: replacing 'sda, vda, vdb' (available: sda, vda, vdb)",
+    );
+    assert_eq!(
+        summary(&r),
+        format!(
+            "Disk extract complete: rc-shrink/sda, vda, vdb → {}",
+            w.s("out/p")
+        )
+    );
     for d in ["sda", "vda", "vdb"] {
-        assert_content(&w.p(&format!("out/p/rc-shrink-{d}.qcow2")), "rc-shrink", "202606", "virtnbdbackup.2", d);
+        assert_content(
+            &w.p(&format!("out/p/rc-shrink-{d}.qcow2")),
+            "rc-shrink",
+            "202606",
+            "virtnbdbackup.2",
+            d,
+        );
     }
 }
 
@@ -1230,7 +2128,10 @@ fn s118_disk_list_is_trimmed() {
     let r = w.run_uri(&uri, &["--vm", "rc-multi-sql", "--disk", " vda , ,vdb "]);
     assert_code(&r, 0);
     assert!(line_of(&r, "── Restoring vda [1/2] ──") < line_of(&r, "── Restoring vdb [2/2] ──"));
-    assert_eq!(summary(&r), "Disk restore complete: rc-multi-sql/vda, vdb — all ✓");
+    assert_eq!(
+        summary(&r),
+        "Disk restore complete: rc-multi-sql/vda, vdb — all ✓"
+    );
     let r = w.run_uri(&uri, &["--vm", "rc-multi-sql", "--disk", ","]);
     assert_code(&r, 7);
     assert_has(&r, "No disk names specified");
@@ -1244,17 +2145,28 @@ fn s119_disk_mode_leaves_identity_alone() {
     w.redirect_nvram("rc-uefi-tpm");
     let nv = w.nvram_dir().join("rc-uefi-tpm_VARS.fd");
     fs::write(&nv, b"host nvram").expect("nvram");
-    let disks: Vec<PathBuf> = ["vda", "vdb"].iter().map(|d| w.p(&format!("vm/rc-uefi-tpm-{d}.qcow2"))).collect();
+    let disks: Vec<PathBuf> = ["vda", "vdb"]
+        .iter()
+        .map(|d| w.p(&format!("vm/rc-uefi-tpm-{d}.qcow2")))
+        .collect();
     for (p, d) in disks.iter().zip(["vda", "vdb"]) {
         fake_disk(p, d);
     }
-    let mut dom = Dom::new("rc-uefi-tpm", false, &[("vda", &disks[0]), ("vdb", &disks[1])]);
+    let mut dom = Dom::new(
+        "rc-uefi-tpm",
+        false,
+        &[("vda", &disks[0]), ("vdb", &disks[1])],
+    );
     dom.uuid = Some(UEFI_UUID.into());
     let uri = w.node(&[dom], &[]);
     for extra in [&[][..], &["--restore-path", "EXTRACT"][..]] {
         let ex = w.s("out/x");
         let mut args = vec!["--vm", "rc-uefi-tpm", "--disk", "all"];
-        args.extend(extra.iter().map(|a| if *a == "EXTRACT" { ex.as_str() } else { a }));
+        args.extend(
+            extra
+                .iter()
+                .map(|a| if *a == "EXTRACT" { ex.as_str() } else { a }),
+        );
         let r = w.run_uri(&uri, &args);
         assert_code(&r, 0);
         for s in ["Defin", "Undefin", "NVRAM", "TPM"] {
@@ -1264,7 +2176,13 @@ fn s119_disk_mode_leaves_identity_alone() {
     assert!(w.ls("swtpm").is_empty());
     assert_eq!(w.ls("nvram"), ["rc-uefi-tpm_VARS.fd"]);
     assert_eq!(fs::read(&nv).expect("nvram"), b"host nvram");
-    assert_content(&disks[0], "rc-uefi-tpm", "2026-W26", "virtnbdbackup.0", "vda");
+    assert_content(
+        &disks[0],
+        "rc-uefi-tpm",
+        "2026-W26",
+        "virtnbdbackup.0",
+        "vda",
+    );
 }
 
 // 120: a dry-run in-place restore announces the rename, leaves the disk untouched,
@@ -1273,12 +2191,31 @@ fn s119_disk_mode_leaves_identity_alone() {
 fn s120_dry_run_in_place() {
     let w = World::new(&["rc-multi-sql"]);
     let (uri, paths) = multi_sql_domain(&w, false);
-    let r = w.run_uri(&uri, &["--vm", "rc-multi-sql", "--disk", "vda", "--dry-run"]);
+    let r = w.run_uri(
+        &uri,
+        &["--vm", "rc-multi-sql", "--disk", "vda", "--dry-run"],
+    );
     assert_code(&r, 0);
-    assert_has(&r, &format!("[DRY RUN] Would rename: {} → {}", paths[0].display(), pre_restore(&paths[0]).display()));
-    assert_has(&r, &format!("[DRY RUN] Would restore to: {}", paths[0].display()));
-    assert_eq!(summary(&r), "Disk restore complete: rc-multi-sql/vda [DRY RUN — no changes made]");
-    assert_eq!(fs::read_to_string(&paths[0]).expect("disk"), "original disk vda\n");
+    assert_has(
+        &r,
+        &format!(
+            "[DRY RUN] Would rename: {} → {}",
+            paths[0].display(),
+            pre_restore(&paths[0]).display()
+        ),
+    );
+    assert_has(
+        &r,
+        &format!("[DRY RUN] Would restore to: {}", paths[0].display()),
+    );
+    assert_eq!(
+        summary(&r),
+        "Disk restore complete: rc-multi-sql/vda [DRY RUN — no changes made]"
+    );
+    assert_eq!(
+        fs::read_to_string(&paths[0]).expect("disk"),
+        "original disk vda\n"
+    );
     assert_eq!(w.ls("vm").len(), 3);
     assert!(w.rows().is_empty() && w.lock_files().is_empty());
 }
@@ -1290,9 +2227,18 @@ fn s120_dry_run_in_place() {
 fn s121_s125_dry_run_dr_changes_nothing() {
     let w = World::new(&["rc-uefi-tpm"]);
     w.redirect_nvram("rc-uefi-tpm");
-    let r = w.run(&["--vm", "rc-uefi-tpm", "--restore-path", &w.s("out/r"), "--dry-run"]);
+    let r = w.run(&[
+        "--vm",
+        "rc-uefi-tpm",
+        "--restore-path",
+        &w.s("out/r"),
+        "--dry-run",
+    ]);
     assert_code(&r, 0);
-    assert_eq!(summary(&r), "Restore complete: rc-uefi-tpm [DRY RUN — no changes made]");
+    assert_eq!(
+        summary(&r),
+        "Restore complete: rc-uefi-tpm [DRY RUN — no changes made]"
+    );
     assert_has(&r, "[DRY RUN] Would restore NVRAM: ");
     assert_has(&r, "[DRY RUN] Would restore TPM: ");
     assert!(!w.p("out/r").exists());
@@ -1308,10 +2254,32 @@ fn s122_dry_run_defined_vm_without_force() {
     let live = w.p("vm/rc-acc-files-vda.qcow2");
     fake_disk(&live, "acc");
     let uri = w.node(&[Dom::new("rc-acc-files", false, &[("vda", &live)])], &[]);
-    let r = w.run_uri(&uri, &["--vm", "rc-acc-files", "--restore-path", &w.s("out/r"), "--dry-run"]);
+    let r = w.run_uri(
+        &uri,
+        &[
+            "--vm",
+            "rc-acc-files",
+            "--restore-path",
+            &w.s("out/r"),
+            "--dry-run",
+        ],
+    );
     assert_code(&r, 0);
-    assert_has(&r, "[DRY RUN] VM 'rc-acc-files' exists (would need --force)");
-    let r = w.run_uri(&uri, &["--vm", "rc-acc-files", "--restore-path", &w.s("out/r"), "--dry-run", "--force"]);
+    assert_has(
+        &r,
+        "[DRY RUN] VM 'rc-acc-files' exists (would need --force)",
+    );
+    let r = w.run_uri(
+        &uri,
+        &[
+            "--vm",
+            "rc-acc-files",
+            "--restore-path",
+            &w.s("out/r"),
+            "--dry-run",
+            "--force",
+        ],
+    );
     assert_code(&r, 0);
     assert_has(&r, "[DRY RUN] Would undefine existing VM: rc-acc-files");
     assert!(!w.p("out/r").exists());
@@ -1323,11 +2291,26 @@ fn s123_dry_run_collision() {
     let w = World::new(&["rc-acc-files"]);
     let target = w.p("out/r/rc-acc-files-vda.qcow2");
     fake_disk(&target, "stray");
-    let r = w.run(&["--vm", "rc-acc-files", "--restore-path", &w.s("out/r"), "--dry-run"]);
+    let r = w.run(&[
+        "--vm",
+        "rc-acc-files",
+        "--restore-path",
+        &w.s("out/r"),
+        "--dry-run",
+    ]);
     assert_code(&r, 0);
-    assert_has(&r, &format!("[DRY RUN] BLOCKED: File already exists: {} — use --force to overwrite", target.display()));
+    assert_has(
+        &r,
+        &format!(
+            "[DRY RUN] BLOCKED: File already exists: {} — use --force to overwrite",
+            target.display()
+        ),
+    );
     assert_has(&r, "[DRY RUN] Would abort due to safety checks above");
-    assert_eq!(fs::read_to_string(&target).expect("disk"), "original disk stray\n");
+    assert_eq!(
+        fs::read_to_string(&target).expect("disk"),
+        "original disk stray\n"
+    );
 }
 
 // 123 for disk extract (§4.9 [INFER]: the §4.2 collision rules apply): an existing file
@@ -1339,23 +2322,60 @@ fn s123_extract_collision_rules() {
     let target = w.p("out/x/rc-acc-files-vda.qcow2");
     fake_disk(&target, "stray");
     let out = w.s("out/x");
-    let base = ["--vm", "rc-acc-files", "--disk", "vda", "--restore-path", out.as_str()];
+    let base = [
+        "--vm",
+        "rc-acc-files",
+        "--disk",
+        "vda",
+        "--restore-path",
+        out.as_str(),
+    ];
     let r = w.run(&base);
     assert_code(&r, 4);
-    assert_has(&r, &format!("BLOCKED: File already exists: {} — use --force to overwrite", target.display()));
+    assert_has(
+        &r,
+        &format!(
+            "BLOCKED: File already exists: {} — use --force to overwrite",
+            target.display()
+        ),
+    );
     let r = w.run(&[&base[..], &["--dry-run"]].concat());
     assert_code(&r, 0);
-    assert_has(&r, &format!("[DRY RUN] BLOCKED: File already exists: {}", target.display()));
+    assert_has(
+        &r,
+        &format!(
+            "[DRY RUN] BLOCKED: File already exists: {}",
+            target.display()
+        ),
+    );
     assert_has(&r, "[DRY RUN] Would abort due to safety checks above");
-    assert_eq!(fs::read_to_string(&target).expect("disk"), "original disk stray\n");
+    assert_eq!(
+        fs::read_to_string(&target).expect("disk"),
+        "original disk stray\n"
+    );
     let r = w.run(&[&base[..], &["--force"]].concat());
     assert_code(&r, 0);
-    assert_has(&r, &format!("File exists and will be overwritten: {}", target.display()));
-    assert_content(&target, "rc-acc-files", "accumulate", "virtnbdbackup.4", "vda");
+    assert_has(
+        &r,
+        &format!("File exists and will be overwritten: {}", target.display()),
+    );
+    assert_content(
+        &target,
+        "rc-acc-files",
+        "accumulate",
+        "virtnbdbackup.4",
+        "vda",
+    );
     let uri = w.node(&[Dom::new("other-vm", true, &[("vda", &target)])], &[]);
     let r = w.run_uri(&uri, &[&base[..], &["--force"]].concat());
     assert_code(&r, 4);
-    assert_has(&r, &format!("BLOCKED: {} is the live disk of VM 'other-vm' — choose a different --restore-path", target.display()));
+    assert_has(
+        &r,
+        &format!(
+            "BLOCKED: {} is the live disk of VM 'other-vm' — choose a different --restore-path",
+            target.display()
+        ),
+    );
 }
 
 // 126 (native: restoring an earlier disk set needs no staging dir): a dry-run data-only
@@ -1364,11 +2384,26 @@ fn s123_extract_collision_rules() {
 #[test]
 fn s126_dry_run_point_in_time_with_a_removed_disk() {
     let w = World::new(&["rc-shrink"]);
-    let r = w.run(&["--vm", "rc-shrink", "--skip-config", "--restore-point", "2", "--restore-path", &w.s("out/r"), "--dry-run"]);
+    let r = w.run(&[
+        "--vm",
+        "rc-shrink",
+        "--skip-config",
+        "--restore-point",
+        "2",
+        "--restore-path",
+        &w.s("out/r"),
+        "--dry-run",
+    ]);
     assert_code(&r, 0);
-    assert_has(&r, "Disk configuration changed between checkpoint 2 and the latest checkpoint (4).");
+    assert_has(
+        &r,
+        "Disk configuration changed between checkpoint 2 and the latest checkpoint (4).",
+    );
     assert_has(&r, "[DRY RUN] sda: would read 3 file(s) (sda.full.data, sda.inc.virtnbdbackup.1.data, sda.inc.virtnbdbackup.2.data)");
-    assert_has(&r, &format!("of data to {}", w.p("out/r/rc-shrink-sda.qcow2").display()));
+    assert_has(
+        &r,
+        &format!("of data to {}", w.p("out/r/rc-shrink-sda.qcow2").display()),
+    );
     assert!(w.ls("tmp").is_empty() && !w.p("out/r").exists());
 }
 
@@ -1376,10 +2411,24 @@ fn s126_dry_run_point_in_time_with_a_removed_disk() {
 #[test]
 fn s127_dry_run_incomplete_chain_exits_5() {
     let w = World::new(&["rc-brk-inc", "rc-damage"]);
-    let r = w.run(&["--vm", "rc-brk-inc", "--restore-path", &w.s("out/r"), "--dry-run"]);
+    let r = w.run(&[
+        "--vm",
+        "rc-brk-inc",
+        "--restore-path",
+        &w.s("out/r"),
+        "--dry-run",
+    ]);
     assert_code(&r, 5);
     assert_has(&r, "Chain is INCOMPLETE at restore point 2");
-    let r = w.run(&["--vm", "rc-damage", "--period", "20260516", "--disk", "vda", "--dry-run"]);
+    let r = w.run(&[
+        "--vm",
+        "rc-damage",
+        "--period",
+        "20260516",
+        "--disk",
+        "vda",
+        "--dry-run",
+    ]);
     assert_code(&r, 5);
     assert!(w.rows().is_empty());
 }
@@ -1398,12 +2447,34 @@ fn s129_existing_tpm_state_is_kept_aside() {
     assert_code(&r, 0);
     let names = w.ls("swtpm");
     assert_eq!(names.len(), 2, "{names:?}");
-    let aside = names.iter().find(|n| n.starts_with(&format!("{UEFI_UUID}.pre-restore-"))).expect("aside dir");
-    assert!(aside.rsplit('-').next().is_some_and(|e| e.bytes().all(|b| b.is_ascii_digit())), "{aside}");
-    assert_eq!(fs::read(w.swtpm().join(aside).join("tpm2/old-state")).expect("kept"), b"old");
-    assert_has(&r, &format!("Backing up existing TPM to {}", w.swtpm().join(aside).display()));
+    let aside = names
+        .iter()
+        .find(|n| n.starts_with(&format!("{UEFI_UUID}.pre-restore-")))
+        .expect("aside dir");
+    assert!(
+        aside
+            .rsplit('-')
+            .next()
+            .is_some_and(|e| e.bytes().all(|b| b.is_ascii_digit())),
+        "{aside}"
+    );
+    assert_eq!(
+        fs::read(w.swtpm().join(aside).join("tpm2/old-state")).expect("kept"),
+        b"old"
+    );
+    assert_has(
+        &r,
+        &format!(
+            "Backing up existing TPM to {}",
+            w.swtpm().join(aside).display()
+        ),
+    );
     assert!(!w.swtpm().join(UEFI_UUID).join("tpm2/old-state").exists());
-    assert!(w.swtpm().join(UEFI_UUID).join("tpm2/tpm2-00.permall").is_file());
+    assert!(w
+        .swtpm()
+        .join(UEFI_UUID)
+        .join("tpm2/tpm2-00.permall")
+        .is_file());
 }
 
 // 130: a marker without tpm-state/ is a TPM failure: WARN, exit 0, "TPM ✗", and the
@@ -1416,11 +2487,21 @@ fn s130_marker_without_state() {
     fs::remove_dir_all(data.join("tpm-state")).expect("rm tpm-state");
     let r = w.run(&["--vm", "rc-uefi-tpm", "--restore-path", &w.s("out/r")]);
     assert_code(&r, 0);
-    assert_has(&r, &format!("Marker present but no tpm-state/ in {}", data.display()));
+    assert_has(
+        &r,
+        &format!("Marker present but no tpm-state/ in {}", data.display()),
+    );
     assert_eq!(summary(&r), "Restore complete: rc-uefi-tpm — disk ✓ defined ✓ UUID ✓ MACs ✓ TPM ✗ (manual unlock required)");
     assert!(w.ls("swtpm").is_empty());
     let row = &w.rows()[0];
-    assert_eq!((row.outcome.as_str(), row.exit_code, row.tpm_result.as_deref()), ("partial", 0, Some("failed")));
+    assert_eq!(
+        (
+            row.outcome.as_str(),
+            row.exit_code,
+            row.tpm_result.as_deref()
+        ),
+        ("partial", 0, Some("failed"))
+    );
 }
 
 // 131: --skip-tpm leaves swtpm alone and the summary has no TPM token.
@@ -1428,9 +2509,18 @@ fn s130_marker_without_state() {
 fn s131_skip_tpm() {
     let w = World::new(&["rc-uefi-tpm"]);
     w.redirect_nvram("rc-uefi-tpm");
-    let r = w.run(&["--vm", "rc-uefi-tpm", "--restore-path", &w.s("out/r"), "--skip-tpm"]);
+    let r = w.run(&[
+        "--vm",
+        "rc-uefi-tpm",
+        "--restore-path",
+        &w.s("out/r"),
+        "--skip-tpm",
+    ]);
     assert_code(&r, 0);
-    assert_eq!(summary(&r), "Restore complete: rc-uefi-tpm — disk ✓ defined ✓ UUID ✓ MACs ✓");
+    assert_eq!(
+        summary(&r),
+        "Restore complete: rc-uefi-tpm — disk ✓ defined ✓ UUID ✓ MACs ✓"
+    );
     assert!(w.ls("swtpm").is_empty());
     assert_eq!(w.rows()[0].tpm_result.as_deref(), Some("skipped"));
 }
@@ -1443,7 +2533,10 @@ fn s132_tpm_uuid_from_the_domain_without_metadata() {
     fs::remove_file(w.b("rc-uefi-tpm/2026-W26/tpm-state/BACKUP_METADATA.txt")).expect("rm");
     let r = w.run(&["--vm", "rc-uefi-tpm", "--restore-path", &w.s("out/r")]);
     assert_code(&r, 0);
-    assert_has(&r, &format!("Restoring TPM for rc-uefi-tpm (UUID: {UEFI_UUID})"));
+    assert_has(
+        &r,
+        &format!("Restoring TPM for rc-uefi-tpm (UUID: {UEFI_UUID})"),
+    );
     assert_eq!(w.ls("swtpm"), [UEFI_UUID]);
     assert!(summary(&r).ends_with("TPM ✓"), "{}", summary(&r));
 }
@@ -1455,9 +2548,16 @@ struct FakeBackup(std::process::Child);
 
 impl FakeBackup {
     fn start() -> Self {
-        let c = FakeBackup(Command::new("bash").args(["-c", "exec -a vmbackup-test sleep 30"]).spawn().expect("spawn"));
+        let c = FakeBackup(
+            Command::new("bash")
+                .args(["-c", "exec -a vmbackup-test sleep 30"])
+                .spawn()
+                .expect("spawn"),
+        );
         for _ in 0..200 {
-            if fs::read(format!("/proc/{}/cmdline", c.pid())).is_ok_and(|b| String::from_utf8_lossy(&b).contains("vmbackup")) {
+            if fs::read(format!("/proc/{}/cmdline", c.pid()))
+                .is_ok_and(|b| String::from_utf8_lossy(&b).contains("vmbackup"))
+            {
                 return c;
             }
             std::thread::sleep(std::time::Duration::from_millis(10));
@@ -1491,26 +2591,53 @@ fn s133_live_lock_exits_3() {
     let w = World::new(&["rc-acc-files"]);
     let holder = FakeBackup::start();
     let lock = write_lock(&w, "rc-acc-files", &format!("{}\n", holder.pid()));
-    let msg = format!("VM 'rc-acc-files' is locked by another backup or restore (PID {}): {}", holder.pid(), lock.display());
+    let msg = format!(
+        "VM 'rc-acc-files' is locked by another backup or restore (PID {}): {}",
+        holder.pid(),
+        lock.display()
+    );
     for args in [
         vec!["--vm", "rc-acc-files", "--restore-path", "OUT"],
-        vec!["--vm", "rc-acc-files", "--disk", "vda", "--restore-path", "OUT"],
+        vec![
+            "--vm",
+            "rc-acc-files",
+            "--disk",
+            "vda",
+            "--restore-path",
+            "OUT",
+        ],
         vec!["--vm", "rc-acc-files", "--disk", "vda"],
     ] {
         let out = w.s("out/r");
-        let args: Vec<&str> = args.into_iter().map(|a| if a == "OUT" { out.as_str() } else { a }).collect();
+        let args: Vec<&str> = args
+            .into_iter()
+            .map(|a| if a == "OUT" { out.as_str() } else { a })
+            .collect();
         let r = w.run(&args);
         assert_code(&r, 3);
         assert_has(&r, &msg);
         assert!(!w.p("out/r").exists());
-        assert_eq!(fs::read_to_string(&lock).expect("lock"), format!("{}\n", holder.pid()));
+        assert_eq!(
+            fs::read_to_string(&lock).expect("lock"),
+            format!("{}\n", holder.pid())
+        );
     }
-    let r = w.run(&["--vm", "rc-acc-files", "--restore-path", &w.s("out/r"), "--dry-run"]);
+    let r = w.run(&[
+        "--vm",
+        "rc-acc-files",
+        "--restore-path",
+        &w.s("out/r"),
+        "--dry-run",
+    ]);
     assert_code(&r, 0);
     assert_has(&r, &format!("[DRY RUN] VM 'rc-acc-files' is currently locked by PID {} — a real restore would exit 3", holder.pid()));
     let rows = w.rows();
     assert_eq!(rows.len(), 3, "one row per real run, none for the dry-run");
-    assert!(rows.iter().all(|r| r.exit_code == 3 && r.outcome == "failed"), "{rows:?}");
+    assert!(
+        rows.iter()
+            .all(|r| r.exit_code == 3 && r.outcome == "failed"),
+        "{rows:?}"
+    );
 }
 
 // 134: a lock holding a dead PID (or a live process that is no backup) is stale: WARN,
@@ -1525,9 +2652,18 @@ fn s134_stale_lock_is_replaced() {
     for (i, pid) in [dead_pid, other.id()].into_iter().enumerate() {
         let lock = write_lock(&w, "rc-acc-files", &format!("{pid}\n"));
         let out = w.s(&format!("out/{i}"));
-        let r = w.run(&["--vm", "rc-acc-files", "--restore-path", &out, "--skip-config"]);
+        let r = w.run(&[
+            "--vm",
+            "rc-acc-files",
+            "--restore-path",
+            &out,
+            "--skip-config",
+        ]);
         assert_code(&r, 0);
-        assert_has(&r, &format!("Stale lock detected for VM: rc-acc-files (PID: {pid}"));
+        assert_has(
+            &r,
+            &format!("Stale lock detected for VM: rc-acc-files (PID: {pid}"),
+        );
         assert!(!lock.exists(), "lock left behind");
     }
     let _ = other.kill();
@@ -1546,8 +2682,20 @@ fn s135_lock_is_held_during_the_run() {
     let root = w.root.display().to_string();
     let uri = format!("test://{}", fifo.display());
     let out = w.s("out/r");
-    let mut c = w.scratch.command(&["--backup-path", &root, "--connect", &uri, "--vm", "rc-acc-files", "--restore-path", &out]);
-    c.env("VMRESTORE_SWTPM_ROOT", w.s("swtpm")).env("TMPDIR", w.s("tmp")).stdout(Stdio::null()).stderr(Stdio::piped());
+    let mut c = w.scratch.command(&[
+        "--backup-path",
+        &root,
+        "--connect",
+        &uri,
+        "--vm",
+        "rc-acc-files",
+        "--restore-path",
+        &out,
+    ]);
+    c.env("VMRESTORE_SWTPM_ROOT", w.s("swtpm"))
+        .env("TMPDIR", w.s("tmp"))
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped());
     let mut child = c.spawn().expect("spawn");
     let pid = child.id();
     let lock = w.b("_state/locks/vmbackup-rc-acc-files.lock");
@@ -1565,12 +2713,18 @@ fn s135_lock_is_held_during_the_run() {
     loop {
         use std::io::Write;
         use std::os::unix::fs::OpenOptionsExt;
-        match fs::OpenOptions::new().write(true).custom_flags(nix::libc::O_NONBLOCK).open(&fifo) {
+        match fs::OpenOptions::new()
+            .write(true)
+            .custom_flags(nix::libc::O_NONBLOCK)
+            .open(&fifo)
+        {
             Ok(mut f) => {
                 f.write_all(b"<node>\n</node>\n").expect("feed the fifo");
                 break;
             }
-            Err(_) if child.try_wait().expect("try_wait").is_none() => std::thread::sleep(std::time::Duration::from_millis(10)),
+            Err(_) if child.try_wait().expect("try_wait").is_none() => {
+                std::thread::sleep(std::time::Duration::from_millis(10))
+            }
             Err(_) => break,
         }
     }
@@ -1579,7 +2733,13 @@ fn s135_lock_is_held_during_the_run() {
     assert_eq!(seen, Some(format!("{pid}\n")), "{stderr}");
     assert_eq!(o.status.code(), Some(0), "{stderr}");
     assert!(!lock.exists(), "lock released after success");
-    assert_content(&w.p("out/r/rc-acc-files-vda.qcow2"), "rc-acc-files", "accumulate", "virtnbdbackup.4", "vda");
+    assert_content(
+        &w.p("out/r/rc-acc-files-vda.qcow2"),
+        "rc-acc-files",
+        "accumulate",
+        "virtnbdbackup.4",
+        "vda",
+    );
 }
 
 // 136: --list, --list-restore-points, --verify, --dump and --dry-run never create the
@@ -1593,15 +2753,44 @@ fn s136_s141_read_only_modes_take_no_lock_and_write_no_row() {
         vec!["--verify", "rc-acc-files"],
         vec!["--dump", "rc-acc-files"],
         vec!["--vm", "rc-acc-files", "--restore-path", "OUT", "--dry-run"],
-        vec!["--vm", "rc-acc-files", "--restore-path", "OUT", "--name", "c", "--dry-run"],
-        vec!["--vm", "rc-acc-files", "--restore-path", "OUT", "--skip-config", "--dry-run"],
-        vec!["--vm", "rc-acc-files", "--disk", "vda", "--restore-path", "OUT", "--dry-run"],
+        vec![
+            "--vm",
+            "rc-acc-files",
+            "--restore-path",
+            "OUT",
+            "--name",
+            "c",
+            "--dry-run",
+        ],
+        vec![
+            "--vm",
+            "rc-acc-files",
+            "--restore-path",
+            "OUT",
+            "--skip-config",
+            "--dry-run",
+        ],
+        vec![
+            "--vm",
+            "rc-acc-files",
+            "--disk",
+            "vda",
+            "--restore-path",
+            "OUT",
+            "--dry-run",
+        ],
     ] {
         let out = w.s("out/r");
-        let args: Vec<&str> = args.into_iter().map(|a| if a == "OUT" { out.as_str() } else { a }).collect();
+        let args: Vec<&str> = args
+            .into_iter()
+            .map(|a| if a == "OUT" { out.as_str() } else { a })
+            .collect();
         let r = w.run(&args);
         assert_code(&r, 0);
-        assert!(!w.b("_state/locks").exists(), "{args:?} created the lock dir");
+        assert!(
+            !w.b("_state/locks").exists(),
+            "{args:?} created the lock dir"
+        );
     }
     assert!(w.rows().is_empty(), "{:?}", w.rows());
     assert!(!w.p("out/r").exists());
@@ -1612,11 +2801,24 @@ fn s136_s141_read_only_modes_take_no_lock_and_write_no_row() {
 fn s137_unwritable_lock_dir_still_extracts() {
     let w = World::new(&["rc-acc-files"]);
     fs::write(w.b("_state/locks"), b"not a directory").expect("block the lock dir");
-    let r = w.run(&["--vm", "rc-acc-files", "--disk", "vda", "--restore-path", &w.s("out/x")]);
+    let r = w.run(&[
+        "--vm",
+        "rc-acc-files",
+        "--disk",
+        "vda",
+        "--restore-path",
+        &w.s("out/x"),
+    ]);
     assert_code(&r, 0);
     assert_has(&r, "Cannot create lock ");
     assert_has(&r, "— continuing without lock");
-    assert_content(&w.p("out/x/rc-acc-files-vda.qcow2"), "rc-acc-files", "accumulate", "virtnbdbackup.4", "vda");
+    assert_content(
+        &w.p("out/x/rc-acc-files-vda.qcow2"),
+        "rc-acc-files",
+        "accumulate",
+        "virtnbdbackup.4",
+        "vda",
+    );
 }
 
 // ───────────────────────────── catalogue (138–142) ─────────────────────────────
@@ -1629,12 +2831,34 @@ fn s140_no_catalogue() {
     let w = World::with_catalogue(&["rc-acc-files"], false);
     let r = w.run(&["--vm", "rc-acc-files", "--restore-path", &w.s("out/r")]);
     assert_code(&r, 0);
-    assert_eq!(r.stderr.matches("Catalogue unavailable").count(), 1, "{}", r.stderr);
+    assert_eq!(
+        r.stderr.matches("Catalogue unavailable").count(),
+        1,
+        "{}",
+        r.stderr
+    );
     let r = w.run(&["--vm", "rc-acc-files", "--restore-path", &w.s("out/r")]);
     assert_code(&r, 4);
-    assert_eq!(r.stderr.matches("Catalogue unavailable").count(), 1, "{}", r.stderr);
-    let r = w.run(&["--vm", "rc-acc-files", "--restore-path", &w.s("out/r"), "--restore-point", "7"]);
+    assert_eq!(
+        r.stderr.matches("Catalogue unavailable").count(),
+        1,
+        "{}",
+        r.stderr
+    );
+    let r = w.run(&[
+        "--vm",
+        "rc-acc-files",
+        "--restore-path",
+        &w.s("out/r"),
+        "--restore-point",
+        "7",
+    ]);
     assert_code(&r, 5);
-    assert_eq!(r.stderr.matches("Catalogue unavailable").count(), 1, "{}", r.stderr);
+    assert_eq!(
+        r.stderr.matches("Catalogue unavailable").count(),
+        1,
+        "{}",
+        r.stderr
+    );
     assert_eq!(ls(&w.b("_state")), ["locks"]);
 }

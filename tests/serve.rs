@@ -9,7 +9,11 @@ use sha2::{Digest, Sha256};
 
 #[test]
 fn serves_a_compressed_restore_point_over_nbd() {
-    if !Command::new("qemu-img").arg("--version").output().is_ok_and(|o| o.status.success()) {
+    if !Command::new("qemu-img")
+        .arg("--version")
+        .output()
+        .is_ok_and(|o| o.status.success())
+    {
         eprintln!("SKIPPED: qemu-img not installed");
         return;
     }
@@ -27,16 +31,32 @@ fn serves_a_compressed_restore_point_over_nbd() {
         .spawn()
         .expect("spawn");
     let mut line = String::new();
-    BufReader::new(child.stdout.take().expect("stdout")).read_line(&mut line).expect("uri line");
+    BufReader::new(child.stdout.take().expect("stdout"))
+        .read_line(&mut line)
+        .expect("uri line");
     let uri = line.trim().to_owned();
     assert_eq!(uri, format!("nbd+unix:///vda?socket={}", sock.display()));
     let raw = tmp.path().join("vda.raw");
-    let st = Command::new("qemu-img").args(["convert", "-O", "raw", &uri]).arg(&raw).status().expect("qemu-img");
+    let st = Command::new("qemu-img")
+        .args(["convert", "-O", "raw", &uri])
+        .arg(&raw)
+        .status()
+        .expect("qemu-img");
     assert!(st.success());
-    let got: String = Sha256::digest(std::fs::read(&raw).expect("raw")).iter().map(|b| format!("{b:02x}")).collect();
-    let want = std::fs::read_to_string(root.join("expected/rc-lz4-plain/chain/virtnbdbackup.2/vda.sha256")).expect("sha");
+    let got: String = Sha256::digest(std::fs::read(&raw).expect("raw"))
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    let want = std::fs::read_to_string(
+        root.join("expected/rc-lz4-plain/chain/virtnbdbackup.2/vda.sha256"),
+    )
+    .expect("sha");
     assert_eq!(got, want.split_whitespace().next().expect("sha"));
-    nix::sys::signal::kill(nix::unistd::Pid::from_raw(child.id() as i32), nix::sys::signal::Signal::SIGTERM).expect("kill");
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(child.id() as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .expect("kill");
     let status = child.wait().expect("wait");
     assert!(status.success(), "{status}");
     assert!(!sock.exists(), "socket removed");

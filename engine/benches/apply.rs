@@ -13,7 +13,9 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use common::{full_pieces, write_stream, Fill, GRANULE};
-use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, SamplingMode, Throughput};
+use criterion::{
+    criterion_group, criterion_main, BenchmarkId, Criterion, SamplingMode, Throughput,
+};
 use engine::target::qcow2::{Qcow2Options, Qcow2Target};
 use engine::target::raw::RawTarget;
 use engine::{apply, ApplyOptions, BlockTarget, DiskPlan};
@@ -23,7 +25,9 @@ const SIZE: u64 = 256 << 20;
 const FRAME: u64 = 4 << 20;
 
 fn make_stream(dir: &Path, compressed: bool) -> PathBuf {
-    let path = dir.join(if compressed { "lz4" } else { "plain" }).join("vda.full.data");
+    let path = dir
+        .join(if compressed { "lz4" } else { "plain" })
+        .join("vda.full.data");
     std::fs::create_dir_all(path.parent().expect("parent")).expect("mkdir");
     let ids = vec![1u32; (SIZE / GRANULE) as usize];
     // 4 MiB frames instead of one big extent.
@@ -31,7 +35,10 @@ fn make_stream(dir: &Path, compressed: bool) -> PathBuf {
         .into_iter()
         .flat_map(|p| match p {
             common::Piece::Data { start, len } => (0..len / FRAME)
-                .map(|i| common::Piece::Data { start: start + i * FRAME, len: FRAME })
+                .map(|i| common::Piece::Data {
+                    start: start + i * FRAME,
+                    len: FRAME,
+                })
                 .collect::<Vec<_>>(),
             z => vec![z],
         })
@@ -56,7 +63,8 @@ fn run_once(plan: &DiskPlan, out: &Path, kind: Kind, opts: &ApplyOptions) -> Dur
     let target: Box<dyn BlockTarget> = match kind {
         Kind::Raw => Box::new(RawTarget::create(out, plan.virtual_size).expect("raw target")),
         Kind::Qcow2 => Box::new(
-            Qcow2Target::create(out, plan.virtual_size, &Qcow2Options::default()).expect("qcow2 target"),
+            Qcow2Target::create(out, plan.virtual_size, &Qcow2Options::default())
+                .expect("qcow2 target"),
         ),
     };
     let rep = apply(std::slice::from_ref(plan), vec![target], opts).expect("apply");
@@ -88,7 +96,9 @@ fn bench_apply(c: &mut Criterion) {
             for (opts, oname) in [(&default, "verify"), (&no_verify, "no_verify")] {
                 let out = dir.path().join(format!("out-{group_name}-{kname}-{oname}"));
                 g.bench_function(BenchmarkId::new(kname, oname), |b| {
-                    b.iter_custom(|iters| (0..iters).map(|_| run_once(&plan, &out, kind, opts)).sum())
+                    b.iter_custom(|iters| {
+                        (0..iters).map(|_| run_once(&plan, &out, kind, opts)).sum()
+                    })
                 });
             }
         }

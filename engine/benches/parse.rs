@@ -27,14 +27,24 @@ fn make(dir: &Path, compressed: bool) -> PathBuf {
     let step = DISK / DATA_FRAMES;
     let mut pieces = Vec::with_capacity(2 * DATA_FRAMES as usize);
     for i in 0..DATA_FRAMES {
-        pieces.push(Piece::Data { start: i * step, len: DATA_LEN });
-        pieces.push(Piece::Zero { start: i * step + DATA_LEN, len: step - DATA_LEN });
+        pieces.push(Piece::Data {
+            start: i * step,
+            len: DATA_LEN,
+        });
+        pieces.push(Piece::Zero {
+            start: i * step + DATA_LEN,
+            len: step - DATA_LEN,
+        });
     }
     let mut opts = StreamOptions::full("vda", DISK, 0);
     if compressed {
         opts = opts.compressed(2);
     }
-    let p = dir.join(if compressed { "lz4.full.data" } else { "plain.full.data" });
+    let p = dir.join(if compressed {
+        "lz4.full.data"
+    } else {
+        "plain.full.data"
+    });
     write_stream(&p, &opts, &pieces, &|_| 1, Fill::Mixed, false).expect("stream");
     p
 }
@@ -57,10 +67,21 @@ fn bench_parse(c: &mut Criterion) {
         .throughput(Throughput::Elements(2 * DATA_FRAMES));
     for compressed in [false, true] {
         let p = make(dir.path(), compressed);
-        eprintln!("{}: {} frames indexed", p.display(), index(&p, 64 << 10, false).frames.len());
-        let name = if compressed { "lz4_65536_frames" } else { "plain_65536_frames" };
+        eprintln!(
+            "{}: {} frames indexed",
+            p.display(),
+            index(&p, 64 << 10, false).frames.len()
+        );
+        let name = if compressed {
+            "lz4_65536_frames"
+        } else {
+            "plain_65536_frames"
+        };
         let variants: &[(usize, bool, &str)] = if compressed {
-            &[(64 << 10, false, "bufreader_64k"), (64 << 10, true, "relseek_64k")]
+            &[
+                (64 << 10, false, "bufreader_64k"),
+                (64 << 10, true, "relseek_64k"),
+            ]
         } else {
             &[
                 (64 << 10, false, "bufreader_64k"),
@@ -70,7 +91,9 @@ fn bench_parse(c: &mut Criterion) {
             ]
         };
         for &(cap, rel, v) in variants {
-            g.bench_function(BenchmarkId::new(name, v), |b| b.iter(|| index(&p, cap, rel)));
+            g.bench_function(BenchmarkId::new(name, v), |b| {
+                b.iter(|| index(&p, cap, rel))
+            });
         }
     }
     g.finish();

@@ -25,20 +25,46 @@ fn make_chain(dir: &std::path::Path) -> Vec<PathBuf> {
     let mut pieces = Vec::new();
     let step = DISK / 64;
     for i in 0..64 {
-        pieces.push(Piece::Data { start: i * step, len: 64 << 10 });
-        pieces.push(Piece::Zero { start: i * step + (64 << 10), len: step - (64 << 10) });
+        pieces.push(Piece::Data {
+            start: i * step,
+            len: 64 << 10,
+        });
+        pieces.push(Piece::Zero {
+            start: i * step + (64 << 10),
+            len: step - (64 << 10),
+        });
     }
     let full = dir.join("vda.full.data");
-    write_stream(&full, &StreamOptions::full("vda", DISK, 0), &pieces, &|_| 1, Fill::Random, true).expect("full");
+    write_stream(
+        &full,
+        &StreamOptions::full("vda", DISK, 0),
+        &pieces,
+        &|_| 1,
+        Fill::Random,
+        true,
+    )
+    .expect("full");
     paths.push(full);
     for n in 1..=INCS {
-        let mut offs: Vec<u64> = (0..FRAMES_PER_INC).map(|_| rng.range(0, DISK / BLOCK - 1) * BLOCK).collect();
+        let mut offs: Vec<u64> = (0..FRAMES_PER_INC)
+            .map(|_| rng.range(0, DISK / BLOCK - 1) * BLOCK)
+            .collect();
         offs.sort_unstable();
         offs.dedup();
-        let pieces: Vec<Piece> = offs.into_iter().map(|start| Piece::Data { start, len: BLOCK }).collect();
+        let pieces: Vec<Piece> = offs
+            .into_iter()
+            .map(|start| Piece::Data { start, len: BLOCK })
+            .collect();
         let p = dir.join(format!("vda.inc.virtnbdbackup.{n}.data"));
-        write_stream(&p, &StreamOptions::inc("vda", n, DISK, 0), &pieces, &|_| u64::from(n) + 1, Fill::Random, true)
-            .expect("inc");
+        write_stream(
+            &p,
+            &StreamOptions::inc("vda", n, DISK, 0),
+            &pieces,
+            &|_| u64::from(n) + 1,
+            Fill::Random,
+            true,
+        )
+        .expect("inc");
         paths.push(p);
     }
     paths
@@ -55,7 +81,9 @@ fn bench_plan(c: &mut Criterion) {
         plan.data_bytes()
     );
     let mut g = c.benchmark_group("plan_365");
-    g.sample_size(10).measurement_time(Duration::from_secs(5)).warm_up_time(Duration::from_secs(1));
+    g.sample_size(10)
+        .measurement_time(Duration::from_secs(5))
+        .warm_up_time(Duration::from_secs(1));
     g.bench_function("from_paths", |b| {
         b.iter(|| DiskPlan::from_paths("vda", &paths, None).expect("plan"))
     });
@@ -67,8 +95,12 @@ fn bench_plan(c: &mut Criterion) {
                 .iter()
                 .map(|p| {
                     let f = std::fs::File::open(p).expect("open");
-                    let i = nbdfmt::StreamIndex::read(common::RelSeek::new(64 << 10, f)).expect("index");
-                    (i.frames.len(), nbdfmt::checksum::stored_checksum(p).expect("chksum"))
+                    let i = nbdfmt::StreamIndex::read(common::RelSeek::new(64 << 10, f))
+                        .expect("index");
+                    (
+                        i.frames.len(),
+                        nbdfmt::checksum::stored_checksum(p).expect("chksum"),
+                    )
                 })
                 .count()
         })

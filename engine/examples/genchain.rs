@@ -68,10 +68,26 @@ fn parse_args() -> Args {
     while let Some(x) = it.next() {
         match x.as_str() {
             "--compress" => a.level = Some(a.level.unwrap_or(2)),
-            "--level" => a.level = Some(it.next().and_then(|v| v.parse().ok()).unwrap_or_else(|| usage())),
-            "--fill" => a.fill = it.next().and_then(|v| Fill::parse(&v)).unwrap_or_else(|| usage()),
+            "--level" => {
+                a.level = Some(
+                    it.next()
+                        .and_then(|v| v.parse().ok())
+                        .unwrap_or_else(|| usage()),
+                )
+            }
+            "--fill" => {
+                a.fill = it
+                    .next()
+                    .and_then(|v| Fill::parse(&v))
+                    .unwrap_or_else(|| usage())
+            }
             "--no-chksum" => a.chksum = false,
-            "--seed" => a.seed = it.next().and_then(|v| v.parse().ok()).unwrap_or_else(|| usage()),
+            "--seed" => {
+                a.seed = it
+                    .next()
+                    .and_then(|v| v.parse().ok())
+                    .unwrap_or_else(|| usage())
+            }
             "-h" | "--help" => usage(),
             _ if x.starts_with("--") => usage(),
             _ => pos.push(x),
@@ -239,7 +255,10 @@ fn checkpoint_xml(n: u32, disk: u64) -> String {
     let parent = if n == 0 {
         String::new()
     } else {
-        format!("  <parent>\n    <name>virtnbdbackup.{}</name>\n  </parent>\n", n - 1)
+        format!(
+            "  <parent>\n    <name>virtnbdbackup.{}</name>\n  </parent>\n",
+            n - 1
+        )
     };
     format!(
         "<domaincheckpoint>\n  <name>virtnbdbackup.{n}</name>\n  <description>Backup checkpoint</description>\n{parent}  <creationTime>{}</creationTime>\n  <disks>\n    <disk name='vda' checkpoint='bitmap' bitmap='virtnbdbackup.{n}' size='{disk}'/>\n  </disks>\n{}</domaincheckpoint>\n",
@@ -250,7 +269,10 @@ fn checkpoint_xml(n: u32, disk: u64) -> String {
 
 fn set_mtime(path: &Path, n: u32) -> std::io::Result<()> {
     let t = SystemTime::UNIX_EPOCH + Duration::from_secs(1_767_225_600 + u64::from(n) * 86_400);
-    File::options().write(true).open(path)?.set_times(FileTimes::new().set_modified(t).set_accessed(t))
+    File::options()
+        .write(true)
+        .open(path)?
+        .set_times(FileTimes::new().set_modified(t).set_accessed(t))
 }
 
 fn main() -> std::io::Result<()> {
@@ -278,17 +300,32 @@ fn main() -> std::io::Result<()> {
         }
         let n = i as u32;
         let (path, opts, pieces) = if i == 0 || one_file {
-            (a.dir.join("vda.full.data"), StreamOptions::full("vda", lay.disk, 0), full_pieces(&ids))
+            (
+                a.dir.join("vda.full.data"),
+                StreamOptions::full("vda", lay.disk, 0),
+                full_pieces(&ids),
+            )
         } else {
             let name = format!("vda.inc.virtnbdbackup.{n}.data");
-            (a.dir.join(name), StreamOptions::inc("vda", n, lay.disk, 0), inc_pieces(&ids, id))
+            (
+                a.dir.join(name),
+                StreamOptions::inc("vda", n, lay.disk, 0),
+                inc_pieces(&ids, id),
+            )
         };
         let opts = match a.level {
             Some(l) => opts.compressed(l),
             None => opts,
         };
         let ids_ref = &ids;
-        let w = write_stream(&path, &opts, &pieces, &|g| u64::from(ids_ref[g as usize]), a.fill, a.chksum)?;
+        let w = write_stream(
+            &path,
+            &opts,
+            &pieces,
+            &|g| u64::from(ids_ref[g as usize]),
+            a.fill,
+            a.chksum,
+        )?;
         total.0 += w.size;
         total.1 += w.data;
         files.push(path.clone());
@@ -312,7 +349,9 @@ fn main() -> std::io::Result<()> {
         }
     }
     let points = if one_file { 1 } else { lay.steps.len() as u32 };
-    let cpt: Vec<String> = (0..points).map(|n| format!("\"virtnbdbackup.{n}\"")).collect();
+    let cpt: Vec<String> = (0..points)
+        .map(|n| format!("\"virtnbdbackup.{n}\""))
+        .collect();
     fs::write(a.dir.join("bench.cpt"), format!("[{}]", cpt.join(", ")))?;
     let live = ids.iter().filter(|&&x| x != 0).count() as u64 * GRANULE;
     println!(

@@ -39,7 +39,9 @@ fn size_arg(s: Option<String>) -> usize {
         Some('g') => (&s[..s.len() - 1], 1 << 30),
         _ => (s.as_str(), 1),
     };
-    num.parse::<usize>().map(|n| n * mult).unwrap_or_else(|_| usage())
+    num.parse::<usize>()
+        .map(|n| n * mult)
+        .unwrap_or_else(|_| usage())
 }
 
 fn ms(d: std::time::Duration) -> f64 {
@@ -55,7 +57,13 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let mut it = std::env::args().skip(1);
     while let Some(a) = it.next() {
         match a.as_str() {
-            "--point" => point = Some(it.next().and_then(|v| v.parse().ok()).unwrap_or_else(|| usage())),
+            "--point" => {
+                point = Some(
+                    it.next()
+                        .and_then(|v| v.parse().ok())
+                        .unwrap_or_else(|| usage()),
+                )
+            }
             "--force" => force = true,
             "--direct" => direct = true,
             "--chunk-size" => opts.chunk_size = size_arg(it.next()),
@@ -102,9 +110,17 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             None => Qcow2Options::default(),
         };
         if direct {
-            Box::new(direct::DirectQcow2::create(staged.temp_path(), plan.virtual_size, &qopts)?)
+            Box::new(direct::DirectQcow2::create(
+                staged.temp_path(),
+                plan.virtual_size,
+                &qopts,
+            )?)
         } else {
-            Box::new(Qcow2Target::create(staged.temp_path(), plan.virtual_size, &qopts)?)
+            Box::new(Qcow2Target::create(
+                staged.temp_path(),
+                plan.virtual_size,
+                &qopts,
+            )?)
         }
     };
     let files = plan.files.len();
@@ -158,7 +174,10 @@ mod direct {
     use engine::target::qcow2::{CompressionType, Qcow2Compat, Qcow2Options};
     use engine::{BlockTarget, Error, Result};
     use imago::qcow2::Qcow2;
-    use imago::{DenyImplicitOpenGate, FormatAccess, FormatCreateBuilder, FormatDriverBuilder, Mapping, StorageOpenOptions};
+    use imago::{
+        DenyImplicitOpenGate, FormatAccess, FormatCreateBuilder, FormatDriverBuilder, Mapping,
+        StorageOpenOptions,
+    };
 
     type ImagoFile = imago::file::File;
 
@@ -176,8 +195,13 @@ mod direct {
 
     impl DirectQcow2 {
         pub fn create(path: &Path, size: u64, opts: &Qcow2Options) -> Result<Self> {
-            if opts.compat != Qcow2Compat::V3 || opts.lazy_refcounts || opts.compression_type != CompressionType::Zlib {
-                return Err(Error::Unsupported("--direct: only compat 1.1, zlib, no lazy refcounts".into()));
+            if opts.compat != Qcow2Compat::V3
+                || opts.lazy_refcounts
+                || opts.compression_type != CompressionType::Zlib
+            {
+                return Err(Error::Unsupported(
+                    "--direct: only compat 1.1, zlib, no lazy refcounts".into(),
+                ));
             }
             let err = |e| Error::target("create", path, e);
             let file = OpenOptions::new()
@@ -187,22 +211,39 @@ mod direct {
                 .custom_flags(nix::fcntl::OFlag::O_DIRECT.bits())
                 .open(path)
                 .map_err(err)?;
-            let sopts = || StorageOpenOptions::new().write(true).direct(true).filename(path);
-            let storage = ImagoFile::from_open_file(file.try_clone().map_err(err)?, sopts()).map_err(err)?;
+            let sopts = || {
+                StorageOpenOptions::new()
+                    .write(true)
+                    .direct(true)
+                    .filename(path)
+            };
+            let storage =
+                ImagoFile::from_open_file(file.try_clone().map_err(err)?, sopts()).map_err(err)?;
             Qcow2::<ImagoFile>::create_builder(storage)
                 .size(size)
                 .cluster_size(opts.cluster_size as usize)
                 .refcount_width(opts.refcount_bits as usize)
                 .create()
                 .map_err(err)?;
-            let storage = ImagoFile::from_open_file(file.try_clone().map_err(err)?, sopts()).map_err(err)?;
-            let q = Qcow2::<ImagoFile>::builder(storage).write(true).open(DenyImplicitOpenGate::default()).map_err(err)?;
-            Ok(Self { path: path.to_path_buf(), size, image: Some(FormatAccess::new(q)), file })
+            let storage =
+                ImagoFile::from_open_file(file.try_clone().map_err(err)?, sopts()).map_err(err)?;
+            let q = Qcow2::<ImagoFile>::builder(storage)
+                .write(true)
+                .open(DenyImplicitOpenGate::default())
+                .map_err(err)?;
+            Ok(Self {
+                path: path.to_path_buf(),
+                size,
+                image: Some(FormatAccess::new(q)),
+                file,
+            })
         }
 
         fn img(&mut self, op: &'static str) -> Result<&mut FormatAccess<ImagoFile>> {
             let p = &self.path;
-            self.image.as_mut().ok_or_else(|| Error::target(op, p, gone()))
+            self.image
+                .as_mut()
+                .ok_or_else(|| Error::target(op, p, gone()))
         }
     }
 
@@ -217,35 +258,52 @@ mod direct {
 
         fn write_at(&mut self, offset: u64, data: &[u8]) -> Result<()> {
             let p = self.path.clone();
-            self.img("write")?.write(data, offset).map_err(|e| Error::target("write", &p, e))
+            self.img("write")?
+                .write(data, offset)
+                .map_err(|e| Error::target("write", &p, e))
         }
 
         fn write_zeroes(&mut self, offset: u64, len: u64) -> Result<()> {
             let p = self.path.clone();
-            self.img("write zeroes")?.discard_to_zero(offset, len).map_err(|e| Error::target("write zeroes", &p, e))
+            self.img("write zeroes")?
+                .discard_to_zero(offset, len)
+                .map_err(|e| Error::target("write zeroes", &p, e))
         }
 
         fn read_at(&mut self, offset: u64, buf: &mut [u8]) -> Result<()> {
             let p = self.path.clone();
-            self.img("read")?.read(buf, offset).map_err(|e| Error::target("read", &p, e))
+            self.img("read")?
+                .read(buf, offset)
+                .map_err(|e| Error::target("read", &p, e))
         }
 
         fn flush(&mut self) -> Result<()> {
             let p = self.path.clone();
-            self.img("flush")?.flush().map_err(|e| Error::target("flush", &p, e))
+            self.img("flush")?
+                .flush()
+                .map_err(|e| Error::target("flush", &p, e))
         }
 
         fn sync(&mut self) -> Result<()> {
             self.flush()?;
             let p = self.path.clone();
-            self.img("sync")?.sync().map_err(|e| Error::target("sync", &p, e))
+            self.img("sync")?
+                .sync()
+                .map_err(|e| Error::target("sync", &p, e))
         }
 
         fn finish(&mut self) -> Result<()> {
-            let image = self.image.take().ok_or_else(|| Error::target("finish", &self.path, gone()))?;
-            image.flush().map_err(|e| Error::target("flush", &self.path, e))?;
+            let image = self
+                .image
+                .take()
+                .ok_or_else(|| Error::target("finish", &self.path, gone()))?;
+            image
+                .flush()
+                .map_err(|e| Error::target("flush", &self.path, e))?;
             drop(image);
-            self.file.sync_all().map_err(|e| Error::target("sync", &self.path, e))
+            self.file
+                .sync_all()
+                .map_err(|e| Error::target("sync", &self.path, e))
         }
 
         fn data_ranges(&mut self, offset: u64, len: u64) -> Result<Vec<(u64, u64)>> {
@@ -254,10 +312,16 @@ mod direct {
             let mut out: Vec<(u64, u64)> = Vec::new();
             let (mut pos, end) = (offset, offset + len);
             while pos < end {
-                let (mapping, mlen) = image.get_mapping(pos, end - pos).map_err(|e| Error::target("map", &p, e))?;
+                let (mapping, mlen) = image
+                    .get_mapping(pos, end - pos)
+                    .map_err(|e| Error::target("map", &p, e))?;
                 let mlen = mlen.min(end - pos);
                 if mlen == 0 {
-                    return Err(Error::target("map", &p, io::Error::other(format!("no mapping at {pos}"))));
+                    return Err(Error::target(
+                        "map",
+                        &p,
+                        io::Error::other(format!("no mapping at {pos}")),
+                    ));
                 }
                 if !matches!(mapping, Mapping::Zero { .. }) {
                     match out.last_mut() {

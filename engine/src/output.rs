@@ -35,8 +35,14 @@ impl StagedPath {
     /// of a disk swapped in place) whose process no longer exists. Returns what was
     /// removed. Files of a live process (another restore) are never touched.
     pub fn remove_stale(final_path: &Path) -> Vec<PathBuf> {
-        let dir = final_path.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or_else(|| Path::new("."));
-        let Some(name) = final_path.file_name().map(|n| n.to_string_lossy().into_owned()) else {
+        let dir = final_path
+            .parent()
+            .filter(|d| !d.as_os_str().is_empty())
+            .unwrap_or_else(|| Path::new("."));
+        let Some(name) = final_path
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+        else {
             return Vec::new();
         };
         let Ok(rd) = std::fs::read_dir(dir) else {
@@ -46,14 +52,22 @@ impl StagedPath {
         let mut removed = Vec::new();
         for e in rd.flatten() {
             let entry = e.file_name().to_string_lossy().into_owned();
-            let Some(pid) = stale_pid(&entry, &name) else { continue };
+            let Some(pid) = stale_pid(&entry, &name) else {
+                continue;
+            };
             let alive = pid == ours
                 || i32::try_from(pid).map_or(true, |p| {
-                    !matches!(nix::sys::signal::kill(nix::unistd::Pid::from_raw(p), None), Err(nix::errno::Errno::ESRCH))
+                    !matches!(
+                        nix::sys::signal::kill(nix::unistd::Pid::from_raw(p), None),
+                        Err(nix::errno::Errno::ESRCH)
+                    )
                 });
             let path = e.path();
             // only plain files: never follow or remove anything else planted there
-            if !alive && e.file_type().is_ok_and(|t| t.is_file()) && std::fs::remove_file(&path).is_ok() {
+            if !alive
+                && e.file_type().is_ok_and(|t| t.is_file())
+                && std::fs::remove_file(&path).is_ok()
+            {
                 removed.push(path);
             }
         }
@@ -129,8 +143,14 @@ mod tests {
     #[test]
     fn stale_names() {
         assert_eq!(stale_pid(".d.qcow2.vmrestore-42.part", "d.qcow2"), Some(42));
-        assert_eq!(stale_pid("..d.qcow2.vmrestore-42.new.vmrestore-42.part", "d.qcow2"), Some(42));
-        assert_eq!(stale_pid("..d.qcow2.vmrestore-42.new.vmrestore-43.part", "d.qcow2"), None);
+        assert_eq!(
+            stale_pid("..d.qcow2.vmrestore-42.new.vmrestore-42.part", "d.qcow2"),
+            Some(42)
+        );
+        assert_eq!(
+            stale_pid("..d.qcow2.vmrestore-42.new.vmrestore-43.part", "d.qcow2"),
+            None
+        );
         assert_eq!(stale_pid(".d.qcow2.vmrestore-42.new", "d.qcow2"), None);
         assert_eq!(stale_pid(".d.qcow2.vmrestore-.part", "d.qcow2"), None);
         assert_eq!(stale_pid(".e.qcow2.vmrestore-42.part", "d.qcow2"), None);
@@ -143,7 +163,9 @@ mod tests {
         let f = d.path().join("d.qcow2");
         // PID 0x7ffffffe does not exist; our own PID does
         let dead = d.path().join(".d.qcow2.vmrestore-2147483646.part");
-        let mine = d.path().join(format!(".d.qcow2.vmrestore-{}.part", std::process::id()));
+        let mine = d
+            .path()
+            .join(format!(".d.qcow2.vmrestore-{}.part", std::process::id()));
         let other = d.path().join(".x.qcow2.vmrestore-2147483646.part");
         let link = d.path().join(".d.qcow2.vmrestore-2147483645.part");
         for p in [&dead, &mine, &other] {

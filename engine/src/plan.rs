@@ -172,7 +172,11 @@ impl DiskPlan {
     /// Plans `disk` at checkpoint `n`; with `newest`, a differential taken after
     /// checkpoint `n` is applied too (the "latest" state of a chain ending in a diff).
     pub fn for_point_with(set: &BackupSet, disk: &str, n: u32, newest: bool) -> Result<Self> {
-        let chain = if newest { set.chain_with_diff(disk, n) } else { set.chain(disk, n) };
+        let chain = if newest {
+            set.chain_with_diff(disk, n)
+        } else {
+            set.chain(disk, n)
+        };
         let chain = chain.map_err(|p| Error::Chain {
             disk: disk.to_owned(),
             message: p.to_string(),

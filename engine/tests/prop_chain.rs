@@ -10,7 +10,11 @@ const SIZE: u64 = 256 * 1024;
 
 /// A random stream body: increasing non-overlapping frames inside SIZE.
 fn frames(base: bool) -> impl Strategy<Value = Vec<(u64, u64, u8, bool)>> {
-    proptest::collection::vec((0u64..SIZE / 512, 1u64..64, any::<u8>(), any::<bool>()), 0..12).prop_map(move |mut v| {
+    proptest::collection::vec(
+        (0u64..SIZE / 512, 1u64..64, any::<u8>(), any::<bool>()),
+        0..12,
+    )
+    .prop_map(move |mut v| {
         v.sort_by_key(|x| x.0);
         let mut out = Vec::new();
         let mut pos = 0;
@@ -28,14 +32,26 @@ fn frames(base: bool) -> impl Strategy<Value = Vec<(u64, u64, u8, bool)>> {
     })
 }
 
-fn stream(frames: &[(u64, u64, u8, bool)], opts: &StreamOptions, salt: u64) -> (Vec<u8>, Vec<WriteFrame>) {
+fn stream(
+    frames: &[(u64, u64, u8, bool)],
+    opts: &StreamOptions,
+    salt: u64,
+) -> (Vec<u8>, Vec<WriteFrame>) {
     let mut wf = Vec::new();
     for &(s, l, b, z) in frames {
         if z {
             wf.push(WriteFrame::Zero(s, l));
         } else {
             // mixed content: a pattern with some all-zero runs so zero detection is exercised
-            let data: Vec<u8> = (0..l).map(|i| if b < 16 { 0 } else { b ^ ((i + salt) % 251) as u8 }).collect();
+            let data: Vec<u8> = (0..l)
+                .map(|i| {
+                    if b < 16 {
+                        0
+                    } else {
+                        b ^ ((i + salt) % 251) as u8
+                    }
+                })
+                .collect();
             wf.push(WriteFrame::Data(s, data));
         }
     }

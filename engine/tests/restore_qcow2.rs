@@ -14,7 +14,10 @@ use serde_json::Value;
 use sha2::{Digest, Sha256};
 
 fn qemu_img() -> bool {
-    let ok = Command::new("qemu-img").arg("--version").output().is_ok_and(|o| o.status.success());
+    let ok = Command::new("qemu-img")
+        .arg("--version")
+        .output()
+        .is_ok_and(|o| o.status.success());
     if !ok {
         eprintln!("SKIPPED: qemu-img not installed (apt-get install qemu-utils)");
     }
@@ -23,7 +26,12 @@ fn qemu_img() -> bool {
 
 fn guest_sha256(img: &Path, tmp: &Path) -> String {
     let raw = tmp.join("guest.raw");
-    let st = Command::new("qemu-img").args(["convert", "-O", "raw"]).arg(img).arg(&raw).status().expect("qemu-img");
+    let st = Command::new("qemu-img")
+        .args(["convert", "-O", "raw"])
+        .arg(img)
+        .arg(&raw)
+        .status()
+        .expect("qemu-img");
     assert!(st.success());
     let mut h = Sha256::new();
     std::io::copy(&mut std::fs::File::open(&raw).expect("raw"), &mut h).expect("hash");
@@ -37,35 +45,69 @@ fn every_ok_point_restores_to_a_clean_qcow2_with_source_options() {
         return;
     }
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/real-chains");
-    let manifest: Value = serde_json::from_slice(&std::fs::read(root.join("expected/manifest.json")).expect("m")).expect("json");
+    let manifest: Value =
+        serde_json::from_slice(&std::fs::read(root.join("expected/manifest.json")).expect("m"))
+            .expect("json");
     let tmp = tempfile::tempdir().expect("tmp");
     let mut checked = 0;
     for (vm, v) in manifest["vms"].as_object().expect("vms") {
         for chain in v["chains"].as_array().expect("chains") {
-            let set = BackupSet::scan(&root.join(chain["dir"].as_str().expect("dir"))).expect("scan");
+            let set =
+                BackupSet::scan(&root.join(chain["dir"].as_str().expect("dir"))).expect("scan");
             for rp in chain["restore_points"].as_array().expect("points") {
                 if rp["expect"].as_str() != Some("ok") {
                     continue;
                 }
                 let name = rp["name"].as_str().expect("name");
-                let n = if name == "copy" { 0 } else { nbdfmt::sidecar::checkpoint_number(name).expect("n") };
+                let n = if name == "copy" {
+                    0
+                } else {
+                    nbdfmt::sidecar::checkpoint_number(name).expect("n")
+                };
                 for (disk, want) in rp["disks"].as_object().expect("disks") {
                     let plan = DiskPlan::for_point(&set, disk, n).expect("plan");
                     let info = plan.qcow.clone().expect("qcow.json present for ok points");
                     let opts = Qcow2Options::from_qcow_info(&info).expect("options");
                     let out: PathBuf = tmp.path().join(format!("{vm}-{disk}-{n}.qcow2"));
                     let staged = StagedPath::new(&out);
-                    let t = Qcow2Target::create(staged.temp_path(), plan.virtual_size, &opts).expect("create");
+                    let t = Qcow2Target::create(staged.temp_path(), plan.virtual_size, &opts)
+                        .expect("create");
                     apply(&[plan], vec![Box::new(t)], &ApplyOptions::default()).expect("apply");
                     staged.commit(false).expect("commit");
-                    let check = Command::new("qemu-img").arg("check").arg(&out).output().expect("check");
-                    assert!(check.status.success(), "{vm} {name} {disk}: {}", String::from_utf8_lossy(&check.stdout));
-                    let info_out = Command::new("qemu-img").args(["info", "--output=json"]).arg(&out).output().expect("info");
+                    let check = Command::new("qemu-img")
+                        .arg("check")
+                        .arg(&out)
+                        .output()
+                        .expect("check");
+                    assert!(
+                        check.status.success(),
+                        "{vm} {name} {disk}: {}",
+                        String::from_utf8_lossy(&check.stdout)
+                    );
+                    let info_out = Command::new("qemu-img")
+                        .args(["info", "--output=json"])
+                        .arg(&out)
+                        .output()
+                        .expect("info");
                     let got: Value = serde_json::from_slice(&info_out.stdout).expect("info json");
-                    assert_eq!(got["cluster-size"].as_u64(), info.cluster_size, "{vm} {name} {disk}");
-                    assert_eq!(got["format-specific"]["data"]["compat"].as_str(), info.compat.as_deref());
-                    assert_eq!(got["format-specific"]["data"]["lazy-refcounts"].as_bool(), Some(info.lazy_refcounts));
-                    assert_eq!(guest_sha256(&out, tmp.path()), want["sha256"].as_str().expect("sha"), "{vm} {name} {disk}");
+                    assert_eq!(
+                        got["cluster-size"].as_u64(),
+                        info.cluster_size,
+                        "{vm} {name} {disk}"
+                    );
+                    assert_eq!(
+                        got["format-specific"]["data"]["compat"].as_str(),
+                        info.compat.as_deref()
+                    );
+                    assert_eq!(
+                        got["format-specific"]["data"]["lazy-refcounts"].as_bool(),
+                        Some(info.lazy_refcounts)
+                    );
+                    assert_eq!(
+                        guest_sha256(&out, tmp.path()),
+                        want["sha256"].as_str().expect("sha"),
+                        "{vm} {name} {disk}"
+                    );
                     std::fs::remove_file(&out).expect("rm");
                     checked += 1;
                 }
@@ -114,7 +156,10 @@ fn thin_output_for_a_sparse_disk() {
     apply(&[plan], vec![Box::new(t)], &ApplyOptions::default()).expect("apply");
     use std::os::unix::fs::MetadataExt;
     let allocated = std::fs::metadata(&out).expect("md").blocks() * 512;
-    assert!(allocated < data + (8 << 20), "qcow2 allocates {allocated} bytes for {data} bytes of data");
+    assert!(
+        allocated < data + (8 << 20),
+        "qcow2 allocates {allocated} bytes for {data} bytes of data"
+    );
     assert!(allocated >= data, "qcow2 allocates {allocated} bytes");
 }
 

@@ -141,13 +141,37 @@ fn trailing_differential_is_applied_for_latest_only() {
     use nbdfmt::writer::{write_stream, StreamOptions, WriteFrame};
     let dir = tempfile::tempdir().expect("tmp");
     let size = 1u64 << 20;
-    let w = |name: &str, o: StreamOptions, frames: Vec<WriteFrame>| std::fs::write(dir.path().join(name), write_stream(&o, &frames)).expect("write");
-    w("vda.full.data", StreamOptions::full("vda", size, 0), vec![WriteFrame::Data(0, vec![1; 4096]), WriteFrame::Zero(4096, size - 4096)]);
-    w("vda.inc.virtnbdbackup.1.data", StreamOptions::inc("vda", 1, size, 0), vec![WriteFrame::Data(8192, vec![2; 4096])]);
+    let w = |name: &str, o: StreamOptions, frames: Vec<WriteFrame>| {
+        std::fs::write(dir.path().join(name), write_stream(&o, &frames)).expect("write")
+    };
+    w(
+        "vda.full.data",
+        StreamOptions::full("vda", size, 0),
+        vec![
+            WriteFrame::Data(0, vec![1; 4096]),
+            WriteFrame::Zero(4096, size - 4096),
+        ],
+    );
+    w(
+        "vda.inc.virtnbdbackup.1.data",
+        StreamOptions::inc("vda", 1, size, 0),
+        vec![WriteFrame::Data(8192, vec![2; 4096])],
+    );
     let mut d1 = StreamOptions::inc("vda", 2, size, 0);
     d1.parent_checkpoint = Some("virtnbdbackup.1".into());
-    w("vda.diff.1700000000.data", d1.clone(), vec![WriteFrame::Data(16384, vec![3; 4096])]);
-    w("vda.diff.1700000100.data", d1, vec![WriteFrame::Data(16384, vec![4; 4096]), WriteFrame::Data(65536, vec![5; 4096])]);
+    w(
+        "vda.diff.1700000000.data",
+        d1.clone(),
+        vec![WriteFrame::Data(16384, vec![3; 4096])],
+    );
+    w(
+        "vda.diff.1700000100.data",
+        d1,
+        vec![
+            WriteFrame::Data(16384, vec![4; 4096]),
+            WriteFrame::Data(65536, vec![5; 4096]),
+        ],
+    );
     let set = BackupSet::scan(dir.path()).expect("scan");
     let latest = DiskPlan::for_point_with(&set, "vda", 1, true).expect("plan");
     assert_eq!(latest.files.len(), 3);

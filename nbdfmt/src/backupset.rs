@@ -15,7 +15,9 @@ use std::time::SystemTime;
 use crate::error::{io_at, Error, ErrorKind, Result};
 use crate::meta::StreamMeta;
 use crate::reader::{looks_like_stream, read_meta};
-use crate::sidecar::{checkpoint_number, parse_cpt, BackupFile, Ident, StreamLevel, MAX_SIDECAR_LEN};
+use crate::sidecar::{
+    checkpoint_number, parse_cpt, BackupFile, Ident, StreamLevel, MAX_SIDECAR_LEN,
+};
 use crate::vmconfig::DomainConfig;
 
 /// How a data file stores the disk.
@@ -59,7 +61,10 @@ impl StreamFile {
 
     /// The file name.
     pub fn file_name(&self) -> String {
-        self.path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default()
+        self.path
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default()
     }
 }
 
@@ -96,7 +101,9 @@ pub struct Problem {
 impl fmt::Display for Problem {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match &self.kind {
-            ProblemKind::MissingData | ProblemKind::MissingQcowJson => write!(f, "missing {}", self.file),
+            ProblemKind::MissingData | ProblemKind::MissingQcowJson => {
+                write!(f, "missing {}", self.file)
+            }
             ProblemKind::Partial => write!(f, "partial {}", self.file),
             ProblemKind::BadStream(e) => write!(f, "unreadable {}: {e}", self.file),
             ProblemKind::BadLink(e) => write!(f, "broken chain at {}: {e}", self.file),
@@ -178,19 +185,31 @@ fn file_error(path: &Path) -> impl FnOnce(std::io::Error) -> Error + '_ {
 fn read_small(path: &Path) -> Result<Vec<u8>> {
     let f = File::open(path).map_err(file_error(path))?;
     let mut buf = Vec::new();
-    f.take(MAX_SIDECAR_LEN).read_to_end(&mut buf).map_err(file_error(path))?;
+    f.take(MAX_SIDECAR_LEN)
+        .read_to_end(&mut buf)
+        .map_err(file_error(path))?;
     Ok(buf)
 }
 
 /// Reads and parses a domain XML file.
 pub fn read_domain_config(path: &Path) -> Result<DomainConfig> {
     let bytes = read_small(path)?;
-    let text = String::from_utf8(bytes)
-        .map_err(|_| Error::new(ErrorKind::BadSidecar { offset: 0, reason: "not UTF-8".into() }).in_file(path))?;
+    let text = String::from_utf8(bytes).map_err(|_| {
+        Error::new(ErrorKind::BadSidecar {
+            offset: 0,
+            reason: "not UTF-8".into(),
+        })
+        .in_file(path)
+    })?;
     DomainConfig::parse(&text).map_err(|e| e.in_file(path))
 }
 
-fn open_stream_file(path: PathBuf, disk: String, level: StreamLevel, meta: &fs::Metadata) -> StreamFile {
+fn open_stream_file(
+    path: PathBuf,
+    disk: String,
+    level: StreamLevel,
+    meta: &fs::Metadata,
+) -> StreamFile {
     let content = (|| -> Result<StreamContent> {
         let mut f = File::open(&path).map_err(file_error(&path))?;
         let mut first = [0u8; 5];
@@ -205,22 +224,39 @@ fn open_stream_file(path: PathBuf, disk: String, level: StreamLevel, meta: &fs::
     })()
     .unwrap_or_else(StreamContent::Unreadable);
     let has_chksum = crate::checksum::chksum_path(&path).is_file();
-    StreamFile { disk, level, size: meta.len(), mtime: meta.modified().ok(), has_chksum, content, path }
+    StreamFile {
+        disk,
+        level,
+        size: meta.len(),
+        mtime: meta.modified().ok(),
+        has_chksum,
+        content,
+        path,
+    }
 }
 
 /// A cheap end-of-file check: a complete stream ends with its `stop` header
 /// (uncompressed) or its `comp` header (compressed). Catches truncated files at scan
 /// time, before any restore reads them.
 fn check_tail(f: &mut File, meta: &StreamMeta) -> Result<()> {
-    use std::io::{Seek, SeekFrom};
     use crate::frame::{FrameHeader, FrameKind, HEADER_LEN};
+    use std::io::{Seek, SeekFrom};
     let size = f.seek(SeekFrom::End(0)).map_err(io_at(0))?;
     let at = size.saturating_sub(HEADER_LEN as u64);
     let mut buf = [0u8; HEADER_LEN];
     f.seek(SeekFrom::Start(at)).map_err(io_at(at))?;
     let n = f.read(&mut buf).map_err(io_at(at))?;
-    let want = if meta.is_compressed() { FrameKind::Comp } else { FrameKind::Stop };
-    let truncated = || Error::new(ErrorKind::Truncated { offset: at, expected: want.as_str() });
+    let want = if meta.is_compressed() {
+        FrameKind::Comp
+    } else {
+        FrameKind::Stop
+    };
+    let truncated = || {
+        Error::new(ErrorKind::Truncated {
+            offset: at,
+            expected: want.as_str(),
+        })
+    };
     match FrameHeader::parse(&buf[..n], at) {
         Ok(h) if h.kind == want => Ok(()),
         _ => Err(truncated()),
@@ -257,7 +293,12 @@ impl BackupSet {
             if !md.is_file() {
                 // Never followed or read; but a data file's name on a directory or
                 // symlink is reported as unreadable, not as a missing file.
-                if let BackupFile::Stream { disk, level, partial: false } = BackupFile::parse(&name) {
+                if let BackupFile::Stream {
+                    disk,
+                    level,
+                    partial: false,
+                } = BackupFile::parse(&name)
+                {
                     let what = if md.is_dir() {
                         "a directory"
                     } else if md.file_type().is_symlink() {
@@ -265,16 +306,35 @@ impl BackupSet {
                     } else {
                         "a special file"
                     };
-                    let e = std::io::Error::new(std::io::ErrorKind::InvalidInput, format!("{what}, not a regular file"));
+                    let e = std::io::Error::new(
+                        std::io::ErrorKind::InvalidInput,
+                        format!("{what}, not a regular file"),
+                    );
                     let content = StreamContent::Unreadable(io_at(0)(e).in_file(&path));
-                    let f = StreamFile { disk: disk.clone(), level, size: 0, mtime: None, has_chksum: false, content, path };
+                    let f = StreamFile {
+                        disk: disk.clone(),
+                        level,
+                        size: 0,
+                        mtime: None,
+                        has_chksum: false,
+                        content,
+                        path,
+                    };
                     set.disks.entry(disk).or_default().push(f);
                 }
                 continue;
             }
             match BackupFile::parse(&name) {
-                BackupFile::Stream { disk, level, partial: true } => set.partials.push((disk, level, path)),
-                BackupFile::Stream { disk, level, partial: false } => {
+                BackupFile::Stream {
+                    disk,
+                    level,
+                    partial: true,
+                } => set.partials.push((disk, level, path)),
+                BackupFile::Stream {
+                    disk,
+                    level,
+                    partial: false,
+                } => {
                     let f = open_stream_file(path, disk.clone(), level, &md);
                     set.disks.entry(disk).or_default().push(f);
                 }
@@ -285,7 +345,9 @@ impl BackupSet {
                     set.vmconfigs.insert(ident, path);
                 }
                 BackupFile::Cpt => cpt_files.push(path),
-                BackupFile::BootFile { base, checkpoint } => set.boot_files.push((base, checkpoint, path)),
+                BackupFile::BootFile { base, checkpoint } => {
+                    set.boot_files.push((base, checkpoint, path))
+                }
                 BackupFile::Checksum { .. } | BackupFile::Other => {}
             }
         }
@@ -329,14 +391,21 @@ impl BackupSet {
 
     /// The data file of `disk` for checkpoint `n` (n = 0: full or copy).
     pub fn file(&self, disk: &str, n: u32) -> Option<&StreamFile> {
-        self.disks.get(disk)?.iter().find(|f| f.level.checkpoint() == Some(n))
+        self.disks
+            .get(disk)?
+            .iter()
+            .find(|f| f.level.checkpoint() == Some(n))
     }
 
     /// Disks with a base (full or copy) file.
     pub fn base_disks(&self) -> BTreeSet<String> {
         self.disks
             .iter()
-            .filter(|(_, files)| files.iter().any(|f| matches!(f.level, StreamLevel::Full | StreamLevel::Copy)))
+            .filter(|(_, files)| {
+                files
+                    .iter()
+                    .any(|f| matches!(f.level, StreamLevel::Full | StreamLevel::Copy))
+            })
             .map(|(d, _)| d.clone())
             .collect()
     }
@@ -359,7 +428,11 @@ impl BackupSet {
 
     /// The vmconfig of checkpoint `n` (copy sets: `vmconfig.copy.xml`).
     pub fn vmconfig(&self, n: u32) -> Option<&Path> {
-        let ident = if self.kind == SetKind::Copy { Ident::Copy } else { Ident::Checkpoint(n) };
+        let ident = if self.kind == SetKind::Copy {
+            Ident::Copy
+        } else {
+            Ident::Checkpoint(n)
+        };
         self.vmconfigs.get(&ident).map(PathBuf::as_path)
     }
 
@@ -370,11 +443,18 @@ impl BackupSet {
                 return Some(p);
             }
         }
-        (0..=n).rev().find_map(|i| self.qcow_json.get(&(disk.to_owned(), Ident::Checkpoint(i)))).map(PathBuf::as_path)
+        (0..=n)
+            .rev()
+            .find_map(|i| self.qcow_json.get(&(disk.to_owned(), Ident::Checkpoint(i))))
+            .map(PathBuf::as_path)
     }
 
     fn qcow_json_exists(&self, disk: &str, n: u32) -> bool {
-        let ident = if self.kind == SetKind::Copy { Ident::Copy } else { Ident::Checkpoint(n) };
+        let ident = if self.kind == SetKind::Copy {
+            Ident::Copy
+        } else {
+            Ident::Checkpoint(n)
+        };
         self.qcow_json.contains_key(&(disk.to_owned(), ident))
     }
 
@@ -390,7 +470,12 @@ impl BackupSet {
     /// base at or before `n`, then every incremental after it up to `n`, each one's
     /// parent checked against the one before.
     pub fn chain(&self, disk: &str, n: u32) -> std::result::Result<Vec<&StreamFile>, Problem> {
-        let problem = |checkpoint: u32, file: String, kind: ProblemKind| Problem { checkpoint, disk: Some(disk.to_owned()), file, kind };
+        let problem = |checkpoint: u32, file: String, kind: ProblemKind| Problem {
+            checkpoint,
+            disk: Some(disk.to_owned()),
+            file,
+            kind,
+        };
         let mut base = None;
         for i in (0..=n).rev() {
             if let Some(f) = self.file(disk, i) {
@@ -401,13 +486,20 @@ impl BackupSet {
             }
         }
         let Some(base) = base else {
-            return Err(problem(0, self.data_file_name(disk, 0), ProblemKind::NoBase));
+            return Err(problem(
+                0,
+                self.data_file_name(disk, 0),
+                ProblemKind::NoBase,
+            ));
         };
         let mut out: Vec<&StreamFile> = Vec::new();
         for i in base..=n {
             let name = self.data_file_name(disk, i);
             let Some(f) = self.file(disk, i) else {
-                let partial = self.partials.iter().any(|(d, l, _)| d == disk && l.checkpoint() == Some(i));
+                let partial = self
+                    .partials
+                    .iter()
+                    .any(|(d, l, _)| d == disk && l.checkpoint() == Some(i));
                 return Err(if partial {
                     problem(i, format!("{name}.partial"), ProblemKind::Partial)
                 } else {
@@ -426,9 +518,17 @@ impl BackupSet {
     /// plus the newest differential taken on top of checkpoint `n`, if any (a
     /// differential holds every change since its parent checkpoint, so only the newest
     /// one counts).
-    pub fn chain_with_diff(&self, disk: &str, n: u32) -> std::result::Result<Vec<&StreamFile>, Problem> {
+    pub fn chain_with_diff(
+        &self,
+        disk: &str,
+        n: u32,
+    ) -> std::result::Result<Vec<&StreamFile>, Problem> {
         let mut chain = self.chain(disk, n)?;
-        let Some(parent) = chain.last().and_then(|f| f.meta()).map(|m| m.checkpoint_name.clone()) else {
+        let Some(parent) = chain
+            .last()
+            .and_then(|f| f.meta())
+            .map(|m| m.checkpoint_name.clone())
+        else {
             return Ok(chain);
         };
         let newest_diff = self
@@ -437,7 +537,11 @@ impl BackupSet {
             .into_iter()
             .flatten()
             .filter(|f| matches!(f.level, StreamLevel::Diff(_)))
-            .filter(|f| f.meta().is_some_and(|m| m.parent_checkpoint.as_deref() == Some(parent.as_str()) && m.disk_name == disk))
+            .filter(|f| {
+                f.meta().is_some_and(|m| {
+                    m.parent_checkpoint.as_deref() == Some(parent.as_str()) && m.disk_name == disk
+                })
+            })
             .max_by_key(|f| f.level);
         if let Some(d) = newest_diff {
             chain.push(d);
@@ -475,31 +579,64 @@ impl BackupSet {
         let mut points = Vec::with_capacity(latest as usize + 1);
         for n in 0..=latest {
             if let Some(cfg) = self.vmconfig(n).and_then(|p| read_domain_config(p).ok()) {
-                let listed: BTreeMap<String, Option<String>> =
-                    cfg.disks.iter().filter(|d| d.is_disk()).map(|d| (d.target.clone(), d.driver_type.clone())).collect();
-                expected = base.iter().filter(|d| listed.contains_key(*d)).cloned().collect();
+                let listed: BTreeMap<String, Option<String>> = cfg
+                    .disks
+                    .iter()
+                    .filter(|d| d.is_disk())
+                    .map(|d| (d.target.clone(), d.driver_type.clone()))
+                    .collect();
+                expected = base
+                    .iter()
+                    .filter(|d| listed.contains_key(*d))
+                    .cloned()
+                    .collect();
                 driver = listed;
             }
             let mut problems = Vec::new();
             if base.is_empty() {
-                problems.push(Problem { checkpoint: n, disk: None, file: "*.full.data".into(), kind: ProblemKind::NoBase });
+                problems.push(Problem {
+                    checkpoint: n,
+                    disk: None,
+                    file: "*.full.data".into(),
+                    kind: ProblemKind::NoBase,
+                });
             }
             for d in &expected {
                 let name = self.data_file_name(d, n);
-                let partial = self.partials.iter().find(|(pd, l, _)| pd == d && l.checkpoint() == Some(n));
+                let partial = self
+                    .partials
+                    .iter()
+                    .find(|(pd, l, _)| pd == d && l.checkpoint() == Some(n));
                 match (self.file(d, n), partial) {
                     (_, Some((_, _, p))) => problems.push(Problem {
                         checkpoint: n,
                         disk: Some(d.clone()),
-                        file: p.file_name().map(|x| x.to_string_lossy().into_owned()).unwrap_or_default(),
+                        file: p
+                            .file_name()
+                            .map(|x| x.to_string_lossy().into_owned())
+                            .unwrap_or_default(),
                         kind: ProblemKind::Partial,
                     }),
-                    (None, None) => problems.push(Problem { checkpoint: n, disk: Some(d.clone()), file: name, kind: ProblemKind::MissingData }),
+                    (None, None) => problems.push(Problem {
+                        checkpoint: n,
+                        disk: Some(d.clone()),
+                        file: name,
+                        kind: ProblemKind::MissingData,
+                    }),
                     (Some(f), None) => {
                         let prev = n.checked_sub(1).and_then(|p| self.file(d, p));
-                        let prev = if f.meta().is_some_and(StreamMeta::is_base) { None } else { prev };
+                        let prev = if f.meta().is_some_and(StreamMeta::is_base) {
+                            None
+                        } else {
+                            prev
+                        };
                         if let Err(kind) = check_member(f, n, prev) {
-                            problems.push(Problem { checkpoint: n, disk: Some(d.clone()), file: f.file_name(), kind });
+                            problems.push(Problem {
+                                checkpoint: n,
+                                disk: Some(d.clone()),
+                                file: f.file_name(),
+                                kind,
+                            });
                         }
                     }
                 }
@@ -507,15 +644,31 @@ impl BackupSet {
                     Some(t) => t == "qcow2",
                     None => had_sidecar.contains(d),
                 };
-                let raw_image = self.file(d, n).is_some_and(|f| matches!(f.content, StreamContent::RawImage));
+                let raw_image = self
+                    .file(d, n)
+                    .is_some_and(|f| matches!(f.content, StreamContent::RawImage));
                 if self.qcow_json_exists(d, n) {
                     had_sidecar.insert(d.clone());
                 } else if qcow2 && !raw_image {
-                    let file = if self.kind == SetKind::Copy { format!("{d}.copy.qcow.json") } else { format!("{d}.virtnbdbackup.{n}.qcow.json") };
-                    problems.push(Problem { checkpoint: n, disk: Some(d.clone()), file, kind: ProblemKind::MissingQcowJson });
+                    let file = if self.kind == SetKind::Copy {
+                        format!("{d}.copy.qcow.json")
+                    } else {
+                        format!("{d}.virtnbdbackup.{n}.qcow.json")
+                    };
+                    problems.push(Problem {
+                        checkpoint: n,
+                        disk: Some(d.clone()),
+                        file,
+                        kind: ProblemKind::MissingQcowJson,
+                    });
                 }
             }
-            let disks = self.disks.iter().filter(|(d, _)| self.file(d, n).is_some()).map(|(d, _)| d.clone()).collect();
+            let disks = self
+                .disks
+                .iter()
+                .filter(|(d, _)| self.file(d, n).is_some())
+                .map(|(d, _)| d.clone())
+                .collect();
             points.push(RestorePoint {
                 checkpoint: n,
                 checkpoint_xml: self.checkpoint_xmls.get(&n).cloned(),
@@ -529,22 +682,34 @@ impl BackupSet {
 }
 
 /// Checks one member of a chain against its name and its predecessor.
-fn check_member(f: &StreamFile, n: u32, prev: Option<&StreamFile>) -> std::result::Result<(), ProblemKind> {
+fn check_member(
+    f: &StreamFile,
+    n: u32,
+    prev: Option<&StreamFile>,
+) -> std::result::Result<(), ProblemKind> {
     let meta = match &f.content {
         StreamContent::Stream(m) => m,
         StreamContent::RawImage => return Ok(()),
         StreamContent::Unreadable(e) => return Err(ProblemKind::BadStream(e.kind().to_string())),
     };
     if meta.disk_name != f.disk {
-        return Err(ProblemKind::BadLink(format!("meta diskName is {:?}", meta.disk_name)));
+        return Err(ProblemKind::BadLink(format!(
+            "meta diskName is {:?}",
+            meta.disk_name
+        )));
     }
     let expected_name = format!("virtnbdbackup.{n}");
     match f.level {
         StreamLevel::Inc(_) if meta.checkpoint_name != expected_name => {
-            return Err(ProblemKind::BadLink(format!("meta checkpointName is {:?}, expected {expected_name:?}", meta.checkpoint_name)));
+            return Err(ProblemKind::BadLink(format!(
+                "meta checkpointName is {:?}, expected {expected_name:?}",
+                meta.checkpoint_name
+            )));
         }
         StreamLevel::Full | StreamLevel::Copy if meta.incremental => {
-            return Err(ProblemKind::BadLink("a full/copy file holds an incremental stream".into()));
+            return Err(ProblemKind::BadLink(
+                "a full/copy file holds an incremental stream".into(),
+            ));
         }
         _ => {}
     }
@@ -552,10 +717,15 @@ fn check_member(f: &StreamFile, n: u32, prev: Option<&StreamFile>) -> std::resul
         return Ok(());
     }
     let Some(prev) = prev else {
-        return Err(ProblemKind::BadLink("no base precedes this incremental".into()));
+        return Err(ProblemKind::BadLink(
+            "no base precedes this incremental".into(),
+        ));
     };
     let Some(pm) = prev.meta() else {
-        return Err(ProblemKind::BadLink(format!("previous member {} is unreadable", prev.file_name())));
+        return Err(ProblemKind::BadLink(format!(
+            "previous member {} is unreadable",
+            prev.file_name()
+        )));
     };
     let parent = meta.parent_checkpoint.as_deref().unwrap_or("");
     if parent != pm.checkpoint_name {
@@ -574,10 +744,19 @@ pub fn problem_error(set: &BackupSet, p: &Problem) -> Error {
     let path = set.dir.join(&p.file);
     let kind = match &p.kind {
         ProblemKind::NoBase => ErrorKind::NoBase,
-        ProblemKind::BadLink(reason) => ErrorKind::NameMismatch { offset: crate::frame::HEADER_LEN as u64, reason: reason.clone() },
-        ProblemKind::BadStream(reason) => ErrorKind::BadSidecar { offset: 0, reason: reason.clone() },
+        ProblemKind::BadLink(reason) => ErrorKind::NameMismatch {
+            offset: crate::frame::HEADER_LEN as u64,
+            reason: reason.clone(),
+        },
+        ProblemKind::BadStream(reason) => ErrorKind::BadSidecar {
+            offset: 0,
+            reason: reason.clone(),
+        },
         ProblemKind::MissingData | ProblemKind::Partial | ProblemKind::MissingQcowJson => {
-            ErrorKind::Io { offset: 0, source: std::io::Error::new(std::io::ErrorKind::NotFound, p.to_string()) }
+            ErrorKind::Io {
+                offset: 0,
+                source: std::io::Error::new(std::io::ErrorKind::NotFound, p.to_string()),
+            }
         }
     };
     Error::new(kind).in_file(&path)

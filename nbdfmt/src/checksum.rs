@@ -10,11 +10,21 @@ use crate::error::{io_at, Error, ErrorKind, Result};
 pub fn parse_chksum(text: &[u8]) -> Result<u32> {
     let t = text.strip_suffix(b"\n").unwrap_or(text);
     let t = t.strip_suffix(b"\r").unwrap_or(t);
-    let bad = || Error::new(ErrorKind::BadChecksumFile { reason: format!("{:?} is not a decimal adler32", String::from_utf8_lossy(text)) });
+    let bad = || {
+        Error::new(ErrorKind::BadChecksumFile {
+            reason: format!(
+                "{:?} is not a decimal adler32",
+                String::from_utf8_lossy(text)
+            ),
+        })
+    };
     if t.is_empty() || t.len() > 10 || !t.iter().all(u8::is_ascii_digit) {
         return Err(bad());
     }
-    std::str::from_utf8(t).ok().and_then(|s| s.parse::<u32>().ok()).ok_or_else(bad)
+    std::str::from_utf8(t)
+        .ok()
+        .and_then(|s| s.parse::<u32>().ok())
+        .ok_or_else(bad)
 }
 
 /// A running adler32 over everything read through it.
@@ -26,14 +36,20 @@ pub struct Adler32Reader<R> {
 
 impl<R> std::fmt::Debug for Adler32Reader<R> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Adler32Reader").field("bytes", &self.bytes).finish_non_exhaustive()
+        f.debug_struct("Adler32Reader")
+            .field("bytes", &self.bytes)
+            .finish_non_exhaustive()
     }
 }
 
 impl<R: Read> Adler32Reader<R> {
     /// Wraps a reader, starting from adler32's initial value 1.
     pub fn new(inner: R) -> Self {
-        Self { inner, hash: simd_adler32::Adler32::new(), bytes: 0 }
+        Self {
+            inner,
+            hash: simd_adler32::Adler32::new(),
+            bytes: 0,
+        }
     }
 
     /// The checksum of everything read so far.
@@ -85,7 +101,10 @@ pub fn stored_checksum(data_file: &Path) -> Result<Option<u32>> {
     let p = chksum_path(data_file);
     match std::fs::read(&p) {
         Ok(t) if t.len() <= 64 => parse_chksum(&t).map(Some).map_err(|e| e.in_file(&p)),
-        Ok(_) => Err(Error::new(ErrorKind::BadChecksumFile { reason: "longer than 64 bytes".into() }).in_file(&p)),
+        Ok(_) => Err(Error::new(ErrorKind::BadChecksumFile {
+            reason: "longer than 64 bytes".into(),
+        })
+        .in_file(&p)),
         Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
         Err(e) => Err(io_at(0)(e).in_file(&p)),
     }
@@ -99,7 +118,9 @@ pub fn verify_file(data_file: &Path) -> Result<ChecksumStatus> {
     match stored {
         None => Ok(ChecksumStatus::NotRecorded(computed)),
         Some(s) if s == computed => Ok(ChecksumStatus::Ok(s)),
-        Some(stored) => Err(Error::new(ErrorKind::ChecksumMismatch { stored, computed }).in_file(data_file)),
+        Some(stored) => {
+            Err(Error::new(ErrorKind::ChecksumMismatch { stored, computed }).in_file(data_file))
+        }
     }
 }
 
@@ -118,7 +139,14 @@ mod tests {
     fn chksum_text() {
         assert_eq!(parse_chksum(b"3124225129").expect("ok"), 3_124_225_129);
         assert_eq!(parse_chksum(b"1\n").expect("ok"), 1);
-        for bad in [&b""[..], b"None", b"-1", b"4294967296", b"12 3", b"99999999999"] {
+        for bad in [
+            &b""[..],
+            b"None",
+            b"-1",
+            b"4294967296",
+            b"12 3",
+            b"99999999999",
+        ] {
             assert!(parse_chksum(bad).is_err(), "{:?}", bad);
         }
     }

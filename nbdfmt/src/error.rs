@@ -26,7 +26,9 @@ pub enum ErrorKind {
         source: io::Error,
     },
     /// The file ended inside a 40-byte frame header (or where one was expected).
-    #[error("truncated stream at byte {offset}: expected a 40-byte frame header, found {got} bytes")]
+    #[error(
+        "truncated stream at byte {offset}: expected a 40-byte frame header, found {got} bytes"
+    )]
     TruncatedHeader {
         /// Header position.
         offset: u64,
@@ -312,7 +314,10 @@ impl Error {
     pub fn is_corruption(&self) -> bool {
         !matches!(
             self.kind,
-            ErrorKind::Io { .. } | ErrorKind::BrokenLink { .. } | ErrorKind::TwoBases { .. } | ErrorKind::NoBase
+            ErrorKind::Io { .. }
+                | ErrorKind::BrokenLink { .. }
+                | ErrorKind::TwoBases { .. }
+                | ErrorKind::NoBase
         )
     }
 }

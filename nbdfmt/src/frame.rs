@@ -78,18 +78,31 @@ pub struct FrameHeader {
 impl FrameHeader {
     /// A header.
     pub fn new(kind: FrameKind, start: u64, length: u64) -> Self {
-        Self { kind, start, length }
+        Self {
+            kind,
+            start,
+            length,
+        }
     }
 
     /// Parses 40 bytes found at `offset` in the file. Strict: lowercase or uppercase hex
     /// digits only (virtnbdbackup writes lowercase), the two spaces and the CR LF required.
     pub fn parse(buf: &[u8], offset: u64) -> Result<Self> {
         if buf.len() < HEADER_LEN {
-            return Err(ErrorKind::TruncatedHeader { offset, got: buf.len() }.into());
+            return Err(ErrorKind::TruncatedHeader {
+                offset,
+                got: buf.len(),
+            }
+            .into());
         }
         let buf = &buf[..HEADER_LEN];
         let bad = |reason: &'static str| -> Error {
-            ErrorKind::BadHeader { offset, reason, found: String::from_utf8_lossy(buf).into_owned() }.into()
+            ErrorKind::BadHeader {
+                offset,
+                reason,
+                found: String::from_utf8_lossy(buf).into_owned(),
+            }
+            .into()
         };
         if buf[4] != b' ' || buf[21] != b' ' {
             return Err(bad("separators are not spaces"));
@@ -101,12 +114,20 @@ impl FrameHeader {
         let length = parse_hex16(&buf[22..38]).ok_or_else(|| bad("length is not 16 hex digits"))?;
         let kind = FrameKind::from_bytes(&buf[0..4]).ok_or_else(|| -> Error {
             if buf[0..4].iter().all(u8::is_ascii_graphic) {
-                ErrorKind::UnknownKind { offset, kind: String::from_utf8_lossy(&buf[0..4]).into_owned() }.into()
+                ErrorKind::UnknownKind {
+                    offset,
+                    kind: String::from_utf8_lossy(&buf[0..4]).into_owned(),
+                }
+                .into()
             } else {
                 bad("kind is not ASCII")
             }
         })?;
-        Ok(Self { kind, start, length })
+        Ok(Self {
+            kind,
+            start,
+            length,
+        })
     }
 
     /// The 40 bytes virtnbdbackup writes for this header.
@@ -161,7 +182,8 @@ mod tests {
     #[test]
     fn parses_real_data_header() {
         // "data" kind, start 0x2800000, length 0x10000 (ex2 of the format spec)
-        let h = FrameHeader::parse(b"data 0000000002800000 0000000000010000\r\n", 0).expect("valid");
+        let h =
+            FrameHeader::parse(b"data 0000000002800000 0000000000010000\r\n", 0).expect("valid");
         assert_eq!(h, FrameHeader::new(FrameKind::Data, 0x280_0000, 0x1_0000));
     }
 
@@ -174,7 +196,14 @@ mod tests {
     #[test]
     fn rejects_each_malformation() {
         let ok = *b"zero 0000000000100000 0000000000700000\r\n";
-        let cases: Vec<(usize, u8)> = vec![(4, b'_'), (21, b'_'), (38, b'\n'), (39, b'\r'), (10, b'g'), (30, b' ')];
+        let cases: Vec<(usize, u8)> = vec![
+            (4, b'_'),
+            (21, b'_'),
+            (38, b'\n'),
+            (39, b'\r'),
+            (10, b'g'),
+            (30, b' '),
+        ];
         for (i, c) in cases {
             let mut b = ok;
             b[i] = c;
@@ -182,10 +211,14 @@ mod tests {
             assert_eq!(e.offset(), Some(100));
             assert!(matches!(e.kind(), ErrorKind::BadHeader { .. }), "{e}");
         }
-        let e = FrameHeader::parse(b"DATA 0000000000000000 0000000000000000\r\n", 7).expect_err("unknown");
+        let e = FrameHeader::parse(b"DATA 0000000000000000 0000000000000000\r\n", 7)
+            .expect_err("unknown");
         assert!(matches!(e.kind(), ErrorKind::UnknownKind { offset: 7, .. }));
         let e = FrameHeader::parse(b"data 00", 3).expect_err("short");
-        assert!(matches!(e.kind(), ErrorKind::TruncatedHeader { offset: 3, got: 7 }));
+        assert!(matches!(
+            e.kind(),
+            ErrorKind::TruncatedHeader { offset: 3, got: 7 }
+        ));
     }
 
     proptest! {

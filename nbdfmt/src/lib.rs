@@ -53,7 +53,9 @@ pub mod vmconfig;
 #[cfg(feature = "writer")]
 pub mod writer;
 
-pub use backupset::{BackupSet, Problem, ProblemKind, RestorePoint, SetKind, StreamContent, StreamFile};
+pub use backupset::{
+    BackupSet, Problem, ProblemKind, RestorePoint, SetKind, StreamContent, StreamFile,
+};
 pub use error::{Error, ErrorKind, Result};
 pub use frame::{FrameHeader, FrameKind, HEADER_LEN};
 pub use meta::{Compression, StreamMeta};

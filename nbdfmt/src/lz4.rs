@@ -35,7 +35,12 @@ impl<R: Read> std::fmt::Debug for Lz4FrameReader<R> {
 impl<R: Read> Lz4FrameReader<R> {
     /// `src` must be positioned at the frame's magic, which is at `frame_offset` in the file.
     pub fn new(src: R, frame_offset: u64, compressed_len: u64, max_decoded: u64) -> Self {
-        Self { dec: FrameDecoder::new(src.take(compressed_len)), frame_offset, max_decoded, decoded: 0 }
+        Self {
+            dec: FrameDecoder::new(src.take(compressed_len)),
+            frame_offset,
+            max_decoded,
+            decoded: 0,
+        }
     }
 
     /// Bytes decoded so far.
@@ -47,7 +52,10 @@ impl<R: Read> Lz4FrameReader<R> {
     pub fn read_decoded(&mut self, buf: &mut [u8]) -> Result<usize> {
         // Ask for at most one byte beyond the cap, so an over-long frame is caught
         // without decoding all of it.
-        let room = self.max_decoded.saturating_sub(self.decoded).saturating_add(1);
+        let room = self
+            .max_decoded
+            .saturating_sub(self.decoded)
+            .saturating_add(1);
         let want = buf.len().min(usize::try_from(room).unwrap_or(usize::MAX));
         let n = match self.dec.read(&mut buf[..want]) {
             Ok(n) => n,
@@ -97,7 +105,11 @@ impl<R: Read> Lz4FrameReader<R> {
         } else {
             e.to_string()
         };
-        ErrorKind::Lz4 { offset: self.frame_offset, reason }.into()
+        ErrorKind::Lz4 {
+            offset: self.frame_offset,
+            reason,
+        }
+        .into()
     }
 }
 
@@ -123,7 +135,11 @@ pub fn decode_frame(src: &[u8], frame_offset: u64, max_decoded: u64) -> Result<V
 pub fn encode_frame(data: &[u8]) -> Vec<u8> {
     use lz4_flex::frame::{BlockMode, BlockSize, FrameEncoder, FrameInfo};
     use std::io::Write;
-    let mode = if data.len() > 64 * 1024 { BlockMode::Linked } else { BlockMode::Independent };
+    let mode = if data.len() > 64 * 1024 {
+        BlockMode::Linked
+    } else {
+        BlockMode::Independent
+    };
     let info = FrameInfo::new()
         .block_size(BlockSize::Max64KB)
         .block_mode(mode)
@@ -144,9 +160,15 @@ mod tests {
     fn roundtrip_and_caps() {
         let data: Vec<u8> = (0..300_000u32).map(|i| (i % 251) as u8).collect();
         let f = encode_frame(&data);
-        assert_eq!(decode_frame(&f, 0, data.len() as u64).expect("decodes"), data);
+        assert_eq!(
+            decode_frame(&f, 0, data.len() as u64).expect("decodes"),
+            data
+        );
         let e = decode_frame(&f, 5, 1000).expect_err("over cap");
-        assert!(matches!(e.kind(), ErrorKind::DecodedLength { offset: 5, .. }));
+        assert!(matches!(
+            e.kind(),
+            ErrorKind::DecodedLength { offset: 5, .. }
+        ));
     }
 
     #[test]

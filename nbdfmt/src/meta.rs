@@ -77,7 +77,9 @@ impl StreamMeta {
             None => String::new(),
             Some(Value::String(s)) => {
                 if parse_date(s).is_none() {
-                    return Err(bad(format!("date {s:?} is not YYYY-MM-DDTHH:MM:SS[.ffffff]")).into());
+                    return Err(
+                        bad(format!("date {s:?} is not YYYY-MM-DDTHH:MM:SS[.ffffff]")).into(),
+                    );
                 }
                 s.clone()
             }
@@ -89,23 +91,33 @@ impl StreamMeta {
         }
         let disk_format = match raw.get("diskFormat") {
             None => "qcow2".to_owned(),
-            Some(v) => v.as_str().map(str::to_owned).ok_or_else(|| bad("diskFormat is not a string".into()))?,
+            Some(v) => v
+                .as_str()
+                .map(str::to_owned)
+                .ok_or_else(|| bad("diskFormat is not a string".into()))?,
         };
         let checkpoint_name = str_key("checkpointName")?;
         let parent_checkpoint = match raw.get("parentCheckpoint") {
             None | Some(Value::Bool(false)) | Some(Value::Null) => None,
             Some(Value::String(s)) if s.is_empty() => None,
             Some(Value::String(s)) => Some(s.clone()),
-            Some(_) => return Err(bad("parentCheckpoint is neither a string nor false".into()).into()),
+            Some(_) => {
+                return Err(bad("parentCheckpoint is neither a string nor false".into()).into())
+            }
         };
         let incremental = raw
             .get("incremental")
             .and_then(Value::as_bool)
             .ok_or_else(|| bad("key \"incremental\" missing or not a boolean".into()))?;
         // The older key wins, as in virtnbdbackup's own isCompressed().
-        let stream_version = match raw.get("stream-version").or_else(|| raw.get("streamVersion")) {
+        let stream_version = match raw
+            .get("stream-version")
+            .or_else(|| raw.get("streamVersion"))
+        {
             None => 1,
-            Some(v) => v.as_u64().ok_or_else(|| bad("streamVersion is not an unsigned integer".into()))?,
+            Some(v) => v
+                .as_u64()
+                .ok_or_else(|| bad("streamVersion is not an unsigned integer".into()))?,
         };
         let compressed = raw.get("compressed").cloned().unwrap_or(Value::Bool(false));
         let compression = if stream_version == 2 {
@@ -113,7 +125,12 @@ impl StreamMeta {
                 Value::Bool(false) => Compression::None,
                 Value::Bool(true) => Compression::Lz4 { level: None },
                 Value::Number(n) => Compression::Lz4 { level: n.as_i64() },
-                other => return Err(bad(format!("compressed is {other}, expected false, true or a level")).into()),
+                other => {
+                    return Err(bad(format!(
+                        "compressed is {other}, expected false, true or a level"
+                    ))
+                    .into())
+                }
             }
         } else {
             Compression::None
@@ -181,7 +198,14 @@ pub struct DateParts {
 pub fn parse_date(s: &str) -> Option<DateParts> {
     let b = s.as_bytes();
     // ASCII up to the seconds, so that the slices below fall on char boundaries.
-    if b.len() < 19 || !b[..19].is_ascii() || b[4] != b'-' || b[7] != b'-' || b[10] != b'T' || b[13] != b':' || b[16] != b':' {
+    if b.len() < 19
+        || !b[..19].is_ascii()
+        || b[4] != b'-'
+        || b[7] != b'-'
+        || b[10] != b'T'
+        || b[13] != b':'
+        || b[16] != b':'
+    {
         return None;
     }
     let num = |r: std::ops::Range<usize>| -> Option<u32> {
@@ -196,7 +220,8 @@ pub fn parse_date(s: &str) -> Option<DateParts> {
         "" => 0,
         frac => {
             let digits = frac.strip_prefix('.')?;
-            if digits.is_empty() || digits.len() > 6 || !digits.bytes().all(|c| c.is_ascii_digit()) {
+            if digits.is_empty() || digits.len() > 6 || !digits.bytes().all(|c| c.is_ascii_digit())
+            {
                 return None;
             }
             let v: u32 = digits.parse().ok()?;
@@ -212,7 +237,11 @@ pub fn parse_date(s: &str) -> Option<DateParts> {
         second: num(17..19)?,
         micros,
     };
-    let valid = (1..=12).contains(&d.month) && (1..=31).contains(&d.day) && d.hour < 24 && d.minute < 60 && d.second <= 60;
+    let valid = (1..=12).contains(&d.month)
+        && (1..=31).contains(&d.day)
+        && d.hour < 24
+        && d.minute < 60
+        && d.second <= 60;
     valid.then_some(d)
 }
 
@@ -249,15 +278,29 @@ mod tests {
     #[test]
     fn compressed_variants() {
         let level = V247_FULL.replace("\"compressed\": false", "\"compressed\": 9");
-        assert_eq!(StreamMeta::parse(level.as_bytes(), 0).expect("ok").compression, Compression::Lz4 { level: Some(9) });
+        assert_eq!(
+            StreamMeta::parse(level.as_bytes(), 0)
+                .expect("ok")
+                .compression,
+            Compression::Lz4 { level: Some(9) }
+        );
         let old = V247_FULL.replace("\"compressed\": false", "\"compressed\": true");
-        assert_eq!(StreamMeta::parse(old.as_bytes(), 0).expect("ok").compression, Compression::Lz4 { level: None });
+        assert_eq!(
+            StreamMeta::parse(old.as_bytes(), 0)
+                .expect("ok")
+                .compression,
+            Compression::Lz4 { level: None }
+        );
         // compressed: 0 still counts as compressed (virtnbdbackup's isCompressed)
         let zero = V247_FULL.replace("\"compressed\": false", "\"compressed\": 0");
-        assert!(StreamMeta::parse(zero.as_bytes(), 0).expect("ok").is_compressed());
+        assert!(StreamMeta::parse(zero.as_bytes(), 0)
+            .expect("ok")
+            .is_compressed());
         // version 1 streams are never compressed
         let v1 = level.replace("\"streamVersion\": 2", "\"stream-version\": 1");
-        assert!(!StreamMeta::parse(v1.as_bytes(), 0).expect("ok").is_compressed());
+        assert!(!StreamMeta::parse(v1.as_bytes(), 0)
+            .expect("ok")
+            .is_compressed());
     }
 
     #[test]
@@ -274,7 +317,12 @@ mod tests {
 
     #[test]
     fn errors_carry_the_offset() {
-        for bad in ["{", "[]", "{\"virtualSize\": -1}", &V247_FULL.replace("\"incremental\": false", "\"incremental\": true")] {
+        for bad in [
+            "{",
+            "[]",
+            "{\"virtualSize\": -1}",
+            &V247_FULL.replace("\"incremental\": false", "\"incremental\": true"),
+        ] {
             let e = StreamMeta::parse(bad.as_bytes(), 40).expect_err("invalid");
             assert_eq!(e.offset(), Some(40), "{e}");
         }
@@ -292,6 +340,9 @@ mod tests {
         assert!(parse_date("\u{e9}026-01-01T00:00:00").is_none());
         let s = V247_FULL.replace("04:09:50.926775", "04:09:5\u{e9}");
         let e = StreamMeta::parse(s.as_bytes(), 40).expect_err("bad date");
-        assert!(matches!(e.kind(), ErrorKind::BadMeta { offset: 40, .. }), "{e}");
+        assert!(
+            matches!(e.kind(), ErrorKind::BadMeta { offset: 40, .. }),
+            "{e}"
+        );
     }
 }

@@ -119,17 +119,30 @@ impl<R: Read + Seek> StreamReader<R> {
             .into());
         }
         if h.length > MAX_META_LEN {
-            return Err(ErrorKind::MetaTooLarge { offset: 0, len: h.length, max: MAX_META_LEN }.into());
+            return Err(ErrorKind::MetaTooLarge {
+                offset: 0,
+                len: h.length,
+                max: MAX_META_LEN,
+            }
+            .into());
         }
         let json_off = HEADER_LEN as u64;
         // length is capped above, so this fits in memory
         let mut json = vec![0u8; h.length as usize + 2];
         let got = read_at(&mut src, json_off, &mut json)?;
         if got < h.length as usize {
-            return Err(ErrorKind::TruncatedPayload { offset: json_off, expected: h.length, got: got as u64 }.into());
+            return Err(ErrorKind::TruncatedPayload {
+                offset: json_off,
+                expected: h.length,
+                got: got as u64,
+            }
+            .into());
         }
         if got < json.len() || &json[h.length as usize..] != CRLF {
-            return Err(ErrorKind::MissingCrlf { offset: json_off + h.length }.into());
+            return Err(ErrorKind::MissingCrlf {
+                offset: json_off + h.length,
+            }
+            .into());
         }
         let meta = StreamMeta::parse(&json[..h.length as usize], json_off)?;
         let body_start = json_off + h.length + 2;
@@ -188,7 +201,9 @@ impl<R: Read + Seek> StreamReader<R> {
             // Abandoning a frame part-way: take the source back.
             self.src = Some(dec.into_inner());
         }
-        self.src.as_mut().expect("invariant: the source is held by the reader or the decoder")
+        self.src
+            .as_mut()
+            .expect("invariant: the source is held by the reader or the decoder")
     }
 
     /// The next data or zero frame, or `None` after `stop`. An unread payload of the
@@ -205,7 +220,12 @@ impl<R: Read + Seek> StreamReader<R> {
         let got = read_at(self.src(), at, &mut buf[..want])?;
         if pre == 2 {
             if got < 2 {
-                return Err(ErrorKind::TruncatedPayload { offset: at, expected: 2, got: got as u64 }.into());
+                return Err(ErrorKind::TruncatedPayload {
+                    offset: at,
+                    expected: 2,
+                    got: got as u64,
+                }
+                .into());
             }
             if &buf[..2] != CRLF {
                 return Err(ErrorKind::MissingCrlf { offset: at }.into());
@@ -221,7 +241,12 @@ impl<R: Read + Seek> StreamReader<R> {
         match h.kind {
             FrameKind::Data | FrameKind::Zero => {
                 if h.start < self.prev_end {
-                    return Err(ErrorKind::OutOfOrder { offset, start: h.start, previous_end: self.prev_end }.into());
+                    return Err(ErrorKind::OutOfOrder {
+                        offset,
+                        start: h.start,
+                        previous_end: self.prev_end,
+                    }
+                    .into());
                 }
                 let end = h.start.checked_add(h.length);
                 if end.is_none_or(|e| e > self.meta.virtual_size) {
@@ -279,7 +304,11 @@ impl<R: Read + Seek> StreamReader<R> {
                     length: h.length,
                     disk_pos: h.start,
                     file_pos: payload_offset,
-                    raw_left: if self.trailer.is_none() { stored_len } else { 0 },
+                    raw_left: if self.trailer.is_none() {
+                        stored_len
+                    } else {
+                        0
+                    },
                     lz4_left: lz4_frames.iter().copied().collect(),
                     lz4_current: 0,
                     decoded: 0,
@@ -323,7 +352,11 @@ impl<R: Read + Seek> StreamReader<R> {
                 }
                 let end = payload_offset;
                 if end != self.body_end {
-                    return Err(ErrorKind::TrailingData { offset: end, len: self.body_end.saturating_sub(end) }.into());
+                    return Err(ErrorKind::TrailingData {
+                        offset: end,
+                        len: self.body_end.saturating_sub(end),
+                    }
+                    .into());
                 }
                 self.finished = true;
                 Ok(None)
@@ -354,12 +387,18 @@ impl<R: Read + Seek> StreamReader<R> {
         r
     }
 
-    fn read_chunk_inner(&mut self, p: &mut Payload, buf: &mut [u8]) -> Result<Option<(u64, usize)>> {
+    fn read_chunk_inner(
+        &mut self,
+        p: &mut Payload,
+        buf: &mut [u8],
+    ) -> Result<Option<(u64, usize)>> {
         if self.trailer.is_none() {
             if p.raw_left == 0 {
                 return Ok(None);
             }
-            let n = usize::try_from(p.raw_left).unwrap_or(usize::MAX).min(buf.len());
+            let n = usize::try_from(p.raw_left)
+                .unwrap_or(usize::MAX)
+                .min(buf.len());
             let pos = p.file_pos;
             let got = read_at(self.src(), pos, &mut buf[..n])?;
             if got < n {
@@ -422,7 +461,12 @@ impl<R: Read + Seek> StreamReader<R> {
             None => return Ok(Vec::new()),
         };
         if len > cap {
-            return Err(ErrorKind::DecodedLength { offset: off, expected: cap, actual: len }.into());
+            return Err(ErrorKind::DecodedLength {
+                offset: off,
+                expected: cap,
+                actual: len,
+            }
+            .into());
         }
         let mut out = Vec::with_capacity(len as usize);
         let mut buf = vec![0u8; (len as usize).clamp(1, 1 << 20)];
@@ -433,29 +477,53 @@ impl<R: Read + Seek> StreamReader<R> {
     }
 }
 
-fn read_trailer<R: Read + Seek>(src: &mut R, file_size: u64, body_start: u64) -> Result<(u64, Vec<TrailerEntry>)> {
+fn read_trailer<R: Read + Seek>(
+    src: &mut R,
+    file_size: u64,
+    body_start: u64,
+) -> Result<(u64, Vec<TrailerEntry>)> {
     // Smallest compressed stream: body_start + stop(40) + "[]"(2) + CRLF(2) + comp(40).
     let min = body_start + HEADER_LEN as u64 + 2 + 2 + HEADER_LEN as u64;
     let comp_off = file_size.saturating_sub(HEADER_LEN as u64);
     if file_size < min {
-        return Err(ErrorKind::TrailerMissing { offset: comp_off, reason: format!("file has only {file_size} bytes") }.into());
+        return Err(ErrorKind::TrailerMissing {
+            offset: comp_off,
+            reason: format!("file has only {file_size} bytes"),
+        }
+        .into());
     }
     let mut hdr = [0u8; HEADER_LEN];
     read_at(src, comp_off, &mut hdr)?;
-    let h = FrameHeader::parse(&hdr, comp_off)
-        .map_err(|e| Error::new(ErrorKind::TrailerMissing { offset: comp_off, reason: e.kind().to_string() }))?;
+    let h = FrameHeader::parse(&hdr, comp_off).map_err(|e| {
+        Error::new(ErrorKind::TrailerMissing {
+            offset: comp_off,
+            reason: e.kind().to_string(),
+        })
+    })?;
     if h.kind != FrameKind::Comp {
-        return Err(ErrorKind::TrailerMissing { offset: comp_off, reason: format!("found a {} header", h.kind.as_str()) }.into());
+        return Err(ErrorKind::TrailerMissing {
+            offset: comp_off,
+            reason: format!("found a {} header", h.kind.as_str()),
+        }
+        .into());
     }
     let room = comp_off - 2 - (body_start + HEADER_LEN as u64);
     if h.length > MAX_TRAILER_LEN || h.length > room {
-        return Err(ErrorKind::TrailerPastFile { offset: comp_off, len: h.length, file_size }.into());
+        return Err(ErrorKind::TrailerPastFile {
+            offset: comp_off,
+            len: h.length,
+            file_size,
+        }
+        .into());
     }
     let json_off = comp_off - 2 - h.length;
     let mut json = vec![0u8; h.length as usize + 2];
     read_at(src, json_off, &mut json)?;
     if &json[h.length as usize..] != CRLF {
-        return Err(ErrorKind::MissingCrlf { offset: comp_off - 2 }.into());
+        return Err(ErrorKind::MissingCrlf {
+            offset: comp_off - 2,
+        }
+        .into());
     }
     let entries = parse_trailer(&json[..h.length as usize], json_off)?;
     Ok((json_off, entries))
@@ -480,7 +548,11 @@ impl StreamIndex {
         while let Some(f) = r.next_frame()? {
             frames.push(f);
         }
-        Ok(Self { meta: r.meta.clone(), frames, file_size: r.file_size })
+        Ok(Self {
+            meta: r.meta.clone(),
+            frames,
+            file_size: r.file_size,
+        })
     }
 
     /// Data frames only.
@@ -513,15 +585,30 @@ pub fn read_meta<R: Read + Seek>(mut src: R) -> Result<StreamMeta> {
     let got = read_at(&mut src, 0, &mut hdr)?;
     let h = FrameHeader::parse(&hdr[..got], 0)?;
     if h.kind != FrameKind::Meta {
-        return Err(ErrorKind::UnexpectedFrame { offset: 0, kind: h.kind.as_str(), reason: "a stream starts with a meta frame" }.into());
+        return Err(ErrorKind::UnexpectedFrame {
+            offset: 0,
+            kind: h.kind.as_str(),
+            reason: "a stream starts with a meta frame",
+        }
+        .into());
     }
     if h.length > MAX_META_LEN {
-        return Err(ErrorKind::MetaTooLarge { offset: 0, len: h.length, max: MAX_META_LEN }.into());
+        return Err(ErrorKind::MetaTooLarge {
+            offset: 0,
+            len: h.length,
+            max: MAX_META_LEN,
+        }
+        .into());
     }
     let mut json = vec![0u8; h.length as usize];
     let got = read_at(&mut src, HEADER_LEN as u64, &mut json)?;
     if got < json.len() {
-        return Err(ErrorKind::TruncatedPayload { offset: HEADER_LEN as u64, expected: h.length, got: got as u64 }.into());
+        return Err(ErrorKind::TruncatedPayload {
+            offset: HEADER_LEN as u64,
+            expected: h.length,
+            got: got as u64,
+        }
+        .into());
     }
     StreamMeta::parse(&json, HEADER_LEN as u64)
 }

@@ -33,7 +33,8 @@ pub fn checkpoint_number(name: &str) -> Option<u32> {
 }
 
 fn parse_decimal<T: std::str::FromStr>(s: &str) -> Option<T> {
-    if s.is_empty() || !s.bytes().all(|c| c.is_ascii_digit()) || (s.len() > 1 && s.starts_with('0')) {
+    if s.is_empty() || !s.bytes().all(|c| c.is_ascii_digit()) || (s.len() > 1 && s.starts_with('0'))
+    {
         return None;
     }
     s.parse().ok()
@@ -120,7 +121,9 @@ impl BackupFile {
     pub fn parse(name: &str) -> Self {
         if let Some(data) = name.strip_suffix(".chksum") {
             if data.ends_with(".data") {
-                return Self::Checksum { data_file: data.to_owned() };
+                return Self::Checksum {
+                    data_file: data.to_owned(),
+                };
             }
         }
         let (stem, partial) = match name.strip_suffix(".data.partial") {
@@ -136,23 +139,36 @@ impl BackupFile {
                         if let Some(n) = rest.strip_prefix("inc.").and_then(checkpoint_number) {
                             Some(StreamLevel::Inc(n))
                         } else {
-                            rest.strip_prefix("diff.").and_then(parse_decimal::<u64>).map(StreamLevel::Diff)
+                            rest.strip_prefix("diff.")
+                                .and_then(parse_decimal::<u64>)
+                                .map(StreamLevel::Diff)
                         }
                     }
                 };
                 if let (Some(level), false) = (level, disk.is_empty()) {
-                    return Self::Stream { disk: disk.to_owned(), level, partial };
+                    return Self::Stream {
+                        disk: disk.to_owned(),
+                        level,
+                        partial,
+                    };
                 }
             }
         }
         if let Some(stem) = name.strip_suffix(".qcow.json") {
             if let Some((disk, ident)) = stem.split_once('.') {
                 if let (Some(ident), false) = (parse_ident(ident), disk.is_empty()) {
-                    return Self::QcowJson { disk: disk.to_owned(), ident };
+                    return Self::QcowJson {
+                        disk: disk.to_owned(),
+                        ident,
+                    };
                 }
             }
         }
-        if let Some(ident) = name.strip_prefix("vmconfig.").and_then(|s| s.strip_suffix(".xml")).and_then(parse_ident) {
+        if let Some(ident) = name
+            .strip_prefix("vmconfig.")
+            .and_then(|s| s.strip_suffix(".xml"))
+            .and_then(parse_ident)
+        {
             return Self::VmConfig { ident };
         }
         if name.ends_with(".cpt") && name.len() > 4 {
@@ -161,8 +177,14 @@ impl BackupFile {
         if let Some(pos) = name.rfind(".virtnbdbackup.") {
             let base = &name[..pos];
             if let (Some(n), false) = (checkpoint_number(&name[pos + 1..]), base.is_empty()) {
-                if !base.starts_with("autostart") && !base.starts_with("osinfo") && !base.starts_with("bitlocker") {
-                    return Self::BootFile { base: base.to_owned(), checkpoint: n };
+                if !base.starts_with("autostart")
+                    && !base.starts_with("osinfo")
+                    && !base.starts_with("bitlocker")
+                {
+                    return Self::BootFile {
+                        base: base.to_owned(),
+                        checkpoint: n,
+                    };
                 }
             }
         }
@@ -218,14 +240,22 @@ impl QcowInfo {
             format: s(top.get("format")),
             cluster_size: top.get("cluster-size").and_then(Value::as_u64),
             compat: s(get("compat")),
-            lazy_refcounts: get("lazy-refcounts").and_then(Value::as_bool).unwrap_or(false),
+            lazy_refcounts: get("lazy-refcounts")
+                .and_then(Value::as_bool)
+                .unwrap_or(false),
             compression_type: s(get("compression-type")),
             refcount_bits: get("refcount-bits").and_then(Value::as_u64),
             extended_l2: get("extended-l2").and_then(Value::as_bool).unwrap_or(false),
             data_file: s(get("data-file")),
-            data_file_raw: get("data-file-raw").and_then(Value::as_bool).unwrap_or(false),
+            data_file_raw: get("data-file-raw")
+                .and_then(Value::as_bool)
+                .unwrap_or(false),
             backing_filename: s(top.get("backing-filename")),
-            encrypted: top.get("encrypted").and_then(Value::as_bool).unwrap_or(false) || get("encrypt").is_some(),
+            encrypted: top
+                .get("encrypted")
+                .and_then(Value::as_bool)
+                .unwrap_or(false)
+                || get("encrypt").is_some(),
         })
     }
 }
@@ -254,32 +284,89 @@ mod tests {
     fn stream_names_are_exact() {
         assert_eq!(
             BackupFile::parse("vda.inc.virtnbdbackup.12.data"),
-            BackupFile::Stream { disk: "vda".into(), level: StreamLevel::Inc(12), partial: false }
+            BackupFile::Stream {
+                disk: "vda".into(),
+                level: StreamLevel::Inc(12),
+                partial: false
+            }
         );
         assert_eq!(
             BackupFile::parse("sdaa.full.data.partial"),
-            BackupFile::Stream { disk: "sdaa".into(), level: StreamLevel::Full, partial: true }
+            BackupFile::Stream {
+                disk: "sdaa".into(),
+                level: StreamLevel::Full,
+                partial: true
+            }
         );
         assert_eq!(
             BackupFile::parse("vdb.diff.1795665952.data"),
-            BackupFile::Stream { disk: "vdb".into(), level: StreamLevel::Diff(1_795_665_952), partial: false }
+            BackupFile::Stream {
+                disk: "vdb".into(),
+                level: StreamLevel::Diff(1_795_665_952),
+                partial: false
+            }
         );
-        assert_eq!(BackupFile::parse("vda.full.data.chksum"), BackupFile::Checksum { data_file: "vda.full.data".into() });
-        for other in ["vda.inc.virtnbdbackup.01.data", "vda.inc.data", ".full.data", "vda.bogus.data", "backup.full.11262026052002.log"] {
+        assert_eq!(
+            BackupFile::parse("vda.full.data.chksum"),
+            BackupFile::Checksum {
+                data_file: "vda.full.data".into()
+            }
+        );
+        for other in [
+            "vda.inc.virtnbdbackup.01.data",
+            "vda.inc.data",
+            ".full.data",
+            "vda.bogus.data",
+            "backup.full.11262026052002.log",
+        ] {
             assert_eq!(BackupFile::parse(other), BackupFile::Other, "{other}");
         }
     }
 
     #[test]
     fn side_file_names() {
-        assert_eq!(BackupFile::parse("vda.virtnbdbackup.3.qcow.json"), BackupFile::QcowJson { disk: "vda".into(), ident: Ident::Checkpoint(3) });
-        assert_eq!(BackupFile::parse("vda.copy.qcow.json"), BackupFile::QcowJson { disk: "vda".into(), ident: Ident::Copy });
-        assert_eq!(BackupFile::parse("vmconfig.virtnbdbackup.0.xml"), BackupFile::VmConfig { ident: Ident::Checkpoint(0) });
-        assert_eq!(BackupFile::parse("vmconfig.copy.xml"), BackupFile::VmConfig { ident: Ident::Copy });
-        assert_eq!(BackupFile::parse("vmconfig.1795665952.xml"), BackupFile::VmConfig { ident: Ident::Diff(1_795_665_952) });
-        assert_eq!(BackupFile::parse("rc-uefi-tpm_VARS.fd.virtnbdbackup.1"), BackupFile::BootFile { base: "rc-uefi-tpm_VARS.fd".into(), checkpoint: 1 });
+        assert_eq!(
+            BackupFile::parse("vda.virtnbdbackup.3.qcow.json"),
+            BackupFile::QcowJson {
+                disk: "vda".into(),
+                ident: Ident::Checkpoint(3)
+            }
+        );
+        assert_eq!(
+            BackupFile::parse("vda.copy.qcow.json"),
+            BackupFile::QcowJson {
+                disk: "vda".into(),
+                ident: Ident::Copy
+            }
+        );
+        assert_eq!(
+            BackupFile::parse("vmconfig.virtnbdbackup.0.xml"),
+            BackupFile::VmConfig {
+                ident: Ident::Checkpoint(0)
+            }
+        );
+        assert_eq!(
+            BackupFile::parse("vmconfig.copy.xml"),
+            BackupFile::VmConfig { ident: Ident::Copy }
+        );
+        assert_eq!(
+            BackupFile::parse("vmconfig.1795665952.xml"),
+            BackupFile::VmConfig {
+                ident: Ident::Diff(1_795_665_952)
+            }
+        );
+        assert_eq!(
+            BackupFile::parse("rc-uefi-tpm_VARS.fd.virtnbdbackup.1"),
+            BackupFile::BootFile {
+                base: "rc-uefi-tpm_VARS.fd".into(),
+                checkpoint: 1
+            }
+        );
         assert_eq!(BackupFile::parse("rc-acc-files.cpt"), BackupFile::Cpt);
-        assert_eq!(BackupFile::parse("autostart.virtnbdbackup.1"), BackupFile::Other);
+        assert_eq!(
+            BackupFile::parse("autostart.virtnbdbackup.1"),
+            BackupFile::Other
+        );
     }
 
     #[test]
@@ -292,7 +379,12 @@ mod tests {
         assert_eq!(q.compression_type.as_deref(), Some("zstd"));
         assert!(q.lazy_refcounts && !q.extended_l2);
         assert!(QcowInfo::parse(b"[1]").is_err());
-        assert_eq!(parse_cpt(br#"["virtnbdbackup.0", "virtnbdbackup.1"]"#).expect("ok").len(), 2);
+        assert_eq!(
+            parse_cpt(br#"["virtnbdbackup.0", "virtnbdbackup.1"]"#)
+                .expect("ok")
+                .len(),
+            2
+        );
         assert!(parse_cpt(b"[1]").is_err());
     }
 }

@@ -51,12 +51,16 @@ pub struct DomainConfig {
 }
 
 fn child<'a, 'i>(n: roxmltree::Node<'a, 'i>, name: &str) -> Option<roxmltree::Node<'a, 'i>> {
-    n.children().find(|c| c.is_element() && c.tag_name().name() == name)
+    n.children()
+        .find(|c| c.is_element() && c.tag_name().name() == name)
 }
 
 fn xml_error(e: &roxmltree::Error) -> Error {
     let pos = e.pos();
-    Error::new(ErrorKind::BadSidecar { offset: 0, reason: format!("XML error at line {} column {}: {e}", pos.row, pos.col) })
+    Error::new(ErrorKind::BadSidecar {
+        offset: 0,
+        reason: format!("XML error at line {} column {}: {e}", pos.row, pos.col),
+    })
 }
 
 impl DomainConfig {
@@ -67,11 +71,22 @@ impl DomainConfig {
         if root.tag_name().name() != "domain" {
             return Err(Error::new(ErrorKind::BadSidecar {
                 offset: 0,
-                reason: format!("root element is <{}>, expected <domain>", root.tag_name().name()),
+                reason: format!(
+                    "root element is <{}>, expected <domain>",
+                    root.tag_name().name()
+                ),
             }));
         }
-        let text = |n: Option<roxmltree::Node<'_, '_>>| n.and_then(|n| n.text()).map(|t| t.trim().to_owned()).filter(|t| !t.is_empty());
-        let mut cfg = Self { name: text(child(root, "name")), uuid: text(child(root, "uuid")), ..Self::default() };
+        let text = |n: Option<roxmltree::Node<'_, '_>>| {
+            n.and_then(|n| n.text())
+                .map(|t| t.trim().to_owned())
+                .filter(|t| !t.is_empty())
+        };
+        let mut cfg = Self {
+            name: text(child(root, "name")),
+            uuid: text(child(root, "uuid")),
+            ..Self::default()
+        };
         if let Some(os) = child(root, "os") {
             cfg.nvram = text(child(os, "nvram"));
             cfg.loader = text(child(os, "loader"));
@@ -82,16 +97,24 @@ impl DomainConfig {
                     "disk" => {
                         let target = child(dev, "target");
                         let source = child(dev, "source");
-                        let Some(t) = target.and_then(|t| t.attribute("dev")) else { continue };
+                        let Some(t) = target.and_then(|t| t.attribute("dev")) else {
+                            continue;
+                        };
                         cfg.disks.push(DiskConfig {
                             device: dev.attribute("device").unwrap_or("disk").to_owned(),
                             kind: dev.attribute("type").unwrap_or("file").to_owned(),
                             target: t.to_owned(),
                             bus: target.and_then(|t| t.attribute("bus")).map(str::to_owned),
-                            driver_type: child(dev, "driver").and_then(|d| d.attribute("type")).map(str::to_owned),
-                            source: source.and_then(|s| s.attribute("file").or_else(|| s.attribute("dev"))).map(str::to_owned),
+                            driver_type: child(dev, "driver")
+                                .and_then(|d| d.attribute("type"))
+                                .map(str::to_owned),
+                            source: source
+                                .and_then(|s| s.attribute("file").or_else(|| s.attribute("dev")))
+                                .map(str::to_owned),
                             pool: source.and_then(|s| s.attribute("pool")).map(str::to_owned),
-                            volume: source.and_then(|s| s.attribute("volume")).map(str::to_owned),
+                            volume: source
+                                .and_then(|s| s.attribute("volume"))
+                                .map(str::to_owned),
                         });
                     }
                     "interface" => {
@@ -109,7 +132,11 @@ impl DomainConfig {
 
     /// Targets of real disks (`device='disk'`), in document order.
     pub fn disk_targets(&self) -> Vec<&str> {
-        self.disks.iter().filter(|d| d.is_disk()).map(|d| d.target.as_str()).collect()
+        self.disks
+            .iter()
+            .filter(|d| d.is_disk())
+            .map(|d| d.target.as_str())
+            .collect()
     }
 
     /// The disk with this target.
@@ -139,10 +166,15 @@ impl CheckpointConfig {
         if root.tag_name().name() != "domaincheckpoint" {
             return Err(Error::new(ErrorKind::BadSidecar {
                 offset: 0,
-                reason: format!("root element is <{}>, expected <domaincheckpoint>", root.tag_name().name()),
+                reason: format!(
+                    "root element is <{}>, expected <domaincheckpoint>",
+                    root.tag_name().name()
+                ),
             }));
         }
-        let text = |n: Option<roxmltree::Node<'_, '_>>| n.and_then(|n| n.text()).map(|t| t.trim().to_owned());
+        let text = |n: Option<roxmltree::Node<'_, '_>>| {
+            n.and_then(|n| n.text()).map(|t| t.trim().to_owned())
+        };
         let disks = child(root, "disks")
             .map(|d| {
                 d.children()
@@ -178,8 +210,14 @@ mod tests {
         let d = DomainConfig::parse(xml).expect("valid");
         assert_eq!(d.name.as_deref(), Some("vm1"));
         assert_eq!(d.disk_targets(), vec!["vda", "vdc"]);
-        assert_eq!(d.disk("vdc").and_then(|x| x.source.as_deref()), Some("/dev/vg/lv"));
-        assert_eq!(d.nvram.as_deref(), Some("/var/lib/libvirt/qemu/nvram/vm1_VARS.fd"));
+        assert_eq!(
+            d.disk("vdc").and_then(|x| x.source.as_deref()),
+            Some("/dev/vg/lv")
+        );
+        assert_eq!(
+            d.nvram.as_deref(),
+            Some("/var/lib/libvirt/qemu/nvram/vm1_VARS.fd")
+        );
         assert_eq!(d.macs, vec!["52:54:00:aa:bb:cc"]);
         assert!(d.has_tpm);
         assert!(DomainConfig::parse("<domain>").is_err());

@@ -67,7 +67,9 @@ impl StreamOptions {
 
     /// The meta JSON exactly as Python's `json.dumps(meta, indent=4)` prints it.
     pub fn meta_json(&self) -> String {
-        let compressed = self.compression_level.map_or_else(|| "false".to_owned(), |l| l.to_string());
+        let compressed = self
+            .compression_level
+            .map_or_else(|| "false".to_owned(), |l| l.to_string());
         let s = |v: &str| serde_json::Value::String(v.to_owned()).to_string();
         format!(
             "{{\n    \"virtualSize\": {},\n    \"dataSize\": {},\n    \"date\": {},\n    \"diskName\": {},\n    \"diskFormat\": \"qcow2\",\n    \"checkpointName\": {},\n    \"compressed\": {},\n    \"compressionMethod\": \"lz4\",\n    \"parentCheckpoint\": {},\n    \"incremental\": {},\n    \"streamVersion\": 2\n}}",
@@ -94,14 +96,22 @@ pub struct StreamWriter<W: Write> {
 
 impl<W: Write> std::fmt::Debug for StreamWriter<W> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("StreamWriter").field("written", &self.written).finish_non_exhaustive()
+        f.debug_struct("StreamWriter")
+            .field("written", &self.written)
+            .finish_non_exhaustive()
     }
 }
 
 impl<W: Write> StreamWriter<W> {
     /// Writes the meta frame.
     pub fn new(out: W, opts: &StreamOptions) -> io::Result<Self> {
-        let mut w = Self { out, hash: simd_adler32::Adler32::new(), compressed: opts.compression_level.is_some(), trailer: Vec::new(), written: 0 };
+        let mut w = Self {
+            out,
+            hash: simd_adler32::Adler32::new(),
+            compressed: opts.compression_level.is_some(),
+            trailer: Vec::new(),
+            written: 0,
+        };
         let json = opts.meta_json();
         w.put(&FrameHeader::new(FrameKind::Meta, 0, json.len() as u64).encode())?;
         w.put(json.as_bytes())?;
@@ -126,10 +136,16 @@ impl<W: Write> StreamWriter<W> {
                     sizes.push(f.len() as u64);
                     self.put(&f)?;
                 }
-                self.trailer.push(TrailerEntry { frames: sizes, chunked: true });
+                self.trailer.push(TrailerEntry {
+                    frames: sizes,
+                    chunked: true,
+                });
             } else {
                 let f = encode_frame(payload);
-                self.trailer.push(TrailerEntry { frames: vec![f.len() as u64], chunked: false });
+                self.trailer.push(TrailerEntry {
+                    frames: vec![f.len() as u64],
+                    chunked: false,
+                });
                 self.put(&f)?;
             }
         } else {
@@ -170,7 +186,16 @@ pub enum WriteFrame {
 /// Writes a whole stream into a vector; `opts.data_size` is computed from the frames.
 pub fn write_stream(opts: &StreamOptions, frames: &[WriteFrame]) -> Vec<u8> {
     let mut o = opts.clone();
-    o.data_size = frames.iter().map(|f| if let WriteFrame::Data(_, d) = f { d.len() as u64 } else { 0 }).sum();
+    o.data_size = frames
+        .iter()
+        .map(|f| {
+            if let WriteFrame::Data(_, d) = f {
+                d.len() as u64
+            } else {
+                0
+            }
+        })
+        .sum();
     let mut w = StreamWriter::new(Vec::new(), &o).expect("invariant: writing to a Vec");
     for f in frames {
         match f {

@@ -35,11 +35,24 @@ macro_rules! emit {
 
 macro_rules! components {
     ($level:ident, $component:expr, $msg:expr) => {
-        emit!($level, $component, $msg, [
-            "restore_vm", "preflight_free_space", "preflight_disk_safety", "predict_output_files",
-            "restore_disk", "define_vm", "define_new_identity", "restore_nvram", "restore_tpm",
-            "refresh_storage_pool", "main"
-        ])
+        emit!(
+            $level,
+            $component,
+            $msg,
+            [
+                "restore_vm",
+                "preflight_free_space",
+                "preflight_disk_safety",
+                "predict_output_files",
+                "restore_disk",
+                "define_vm",
+                "define_new_identity",
+                "restore_nvram",
+                "restore_tpm",
+                "refresh_storage_pool",
+                "main"
+            ]
+        )
     };
 }
 
@@ -79,7 +92,8 @@ fn point_request(p: PointSelector) -> Result<PointRequest, AppError> {
         PointSelector::Latest => PointRequest::Latest,
         PointSelector::Full => PointRequest::Full,
         PointSelector::Number(n) => PointRequest::Number(
-            u32::try_from(n).map_err(|_| AppError::Vm(format!("Restore point {n} does not exist")))?,
+            u32::try_from(n)
+                .map_err(|_| AppError::Vm(format!("Restore point {n} does not exist")))?,
         ),
     })
 }
@@ -93,7 +107,11 @@ pub fn run(r: &RestoreRequest, env: &Env) -> Result<ExitStatus, AppError> {
     if let Err(e) = crate::signal::install(cancel.clone()) {
         tracing::warn!(target: "main", "Cannot install signal handling: {e}");
     }
-    RunLog::open(&log::log_dir(env.log_dir.as_deref()), &r.vm.label, &restore_header_fields(r));
+    RunLog::open(
+        &log::log_dir(env.log_dir.as_deref()),
+        &r.vm.label,
+        &restore_header_fields(r),
+    );
     tracing::info!(target: "main", "====== vmrestore v{} ======", env!("CARGO_PKG_VERSION"));
     let started = Instant::now();
     let start_time = utc_now();
@@ -134,7 +152,16 @@ pub fn run(r: &RestoreRequest, env: &Env) -> Result<ExitStatus, AppError> {
             }
             Err(held) => {
                 let e = AppError::Lock(held.to_string());
-                record(r, &vm, &data_dir, &state_root, &start_time, started, None, &Err(&e));
+                record(
+                    r,
+                    &vm,
+                    &data_dir,
+                    &state_root,
+                    &start_time,
+                    started,
+                    None,
+                    &Err(&e),
+                );
                 return Err(e);
             }
         }
@@ -145,7 +172,16 @@ pub fn run(r: &RestoreRequest, env: &Env) -> Result<ExitStatus, AppError> {
         (other, _) => other,
     };
     if !r.dry_run {
-        record(r, &vm, &data_dir, &state_root, &start_time, started, result.as_ref().ok(), &result.as_ref().map(|_| ()));
+        record(
+            r,
+            &vm,
+            &data_dir,
+            &state_root,
+            &start_time,
+            started,
+            result.as_ref().ok(),
+            &result.as_ref().map(|_| ()),
+        );
     }
     if r.json {
         json_summary(r, &vm, &data_dir, started, &result);
@@ -157,11 +193,21 @@ pub fn run(r: &RestoreRequest, env: &Env) -> Result<ExitStatus, AppError> {
 }
 
 fn connect(r: &RestoreRequest) -> Result<Box<dyn Hypervisor>, AppError> {
-    let needs_libvirt = matches!(r.mode, RestoreMode::Dr | RestoreMode::Clone | RestoreMode::DiskInPlace);
-    let conn = if r.dry_run { Libvirt::connect_read_only(&r.uri) } else { Libvirt::connect(&r.uri) };
+    let needs_libvirt = matches!(
+        r.mode,
+        RestoreMode::Dr | RestoreMode::Clone | RestoreMode::DiskInPlace
+    );
+    let conn = if r.dry_run {
+        Libvirt::connect_read_only(&r.uri)
+    } else {
+        Libvirt::connect(&r.uri)
+    };
     match conn {
         Ok(c) => Ok(Box::new(c)),
-        Err(e) if needs_libvirt => Err(AppError::Dependency(format!("Missing dependency: cannot connect to libvirt at {}: {}", r.uri, e.message))),
+        Err(e) if needs_libvirt => Err(AppError::Dependency(format!(
+            "Missing dependency: cannot connect to libvirt at {}: {}",
+            r.uri, e.message
+        ))),
         Err(e) => {
             tracing::warn!(target: "restore_vm", "No libvirt connection ({}): live-disk collision checks are limited to existing files", e.message);
             Ok(Box::new(Offline { reason: e.message }))
@@ -169,10 +215,19 @@ fn connect(r: &RestoreRequest) -> Result<Box<dyn Hypervisor>, AppError> {
     }
 }
 
-fn run_mode(r: &RestoreRequest, vm: &str, set: &BackupSet, cancel: Cancel) -> Result<Outcome, AppError> {
+fn run_mode(
+    r: &RestoreRequest,
+    vm: &str,
+    set: &BackupSet,
+    cancel: Cancel,
+) -> Result<Outcome, AppError> {
     let hv = connect(r)?;
     let reporter = TracingReporter;
-    let progress = if r.dry_run { None } else { crate::progress::for_restore(Arc::new(TracingReporter)) };
+    let progress = if r.dry_run {
+        None
+    } else {
+        crate::progress::for_restore(Arc::new(TracingReporter))
+    };
     let job = Job {
         vm: vm.to_owned(),
         set,
@@ -204,7 +259,9 @@ fn run_mode(r: &RestoreRequest, vm: &str, set: &BackupSet, cancel: Cancel) -> Re
         }
         RestoreMode::DiskInPlace => mode::run_disk_in_place(&job, &disks()),
         RestoreMode::DiskExtract => mode::run_disk_extract(&job, &disks()),
-        RestoreMode::Serve => Err(AppError::Internal("serve requests are dispatched to cmd::serve".into())),
+        RestoreMode::Serve => Err(AppError::Internal(
+            "serve requests are dispatched to cmd::serve".into(),
+        )),
     }
 }
 
@@ -233,19 +290,28 @@ fn record(
             RestoreMode::DiskExtract => "disk-extract".into(),
             m => m.as_str().into(),
         },
-        target_name: r.clone_name.clone().filter(|_| r.mode == RestoreMode::Clone),
+        target_name: r
+            .clone_name
+            .clone()
+            .filter(|_| r.mode == RestoreMode::Clone),
         source_path: data_dir.display().to_string(),
         period_id: period_id(data_dir, &r.vm.label),
         restore_point: r.point.label(),
         checkpoint: outcome.map(|o| i64::from(o.checkpoint)),
-        target_path: outcome.map(|o| o.target_path.clone()).or_else(|| r.restore_path.as_ref().map(|p| p.display().to_string())),
-        disks: outcome.map(|o| o.disks.join(", ")).or_else(|| match &r.disks {
-            Some(DiskSelection::List(d)) => Some(d.join(", ")),
-            _ => None,
-        }),
+        target_path: outcome
+            .map(|o| o.target_path.clone())
+            .or_else(|| r.restore_path.as_ref().map(|p| p.display().to_string())),
+        disks: outcome
+            .map(|o| o.disks.join(", "))
+            .or_else(|| match &r.disks {
+                Some(DiskSelection::List(d)) => Some(d.join(", ")),
+                _ => None,
+            }),
         forced: r.force,
         include_incomplete: r.include_incomplete,
-        tpm_result: outcome.map(|o| o.tpm_result.to_owned()).filter(|t| !t.is_empty()),
+        tpm_result: outcome
+            .map(|o| o.tpm_result.to_owned())
+            .filter(|t| !t.is_empty()),
         outcome: match result {
             Ok(()) if outcome.is_some_and(|o| o.partial) => "partial".into(),
             Ok(()) => "success".into(),
@@ -255,10 +321,18 @@ fn record(
         exit_code: i64::from(exit),
         error_message: result.as_ref().err().map(ToString::to_string),
         log_file: log::current_path().map(|p| p.display().to_string()),
-        hostname: std::fs::read_to_string("/proc/sys/kernel/hostname").ok().map(|h| h.trim().to_owned()),
-        invoked_by: std::env::var("SUDO_USER").ok().filter(|u| !u.is_empty()).or_else(|| {
-            nix::unistd::User::from_uid(nix::unistd::getuid()).ok().flatten().map(|u| u.name)
-        }),
+        hostname: std::fs::read_to_string("/proc/sys/kernel/hostname")
+            .ok()
+            .map(|h| h.trim().to_owned()),
+        invoked_by: std::env::var("SUDO_USER")
+            .ok()
+            .filter(|u| !u.is_empty())
+            .or_else(|| {
+                nix::unistd::User::from_uid(nix::unistd::getuid())
+                    .ok()
+                    .flatten()
+                    .map(|u| u.name)
+            }),
     };
     if let Err(reason) = catalogue::record_restore(state_root, &row) {
         tracing::warn!(
@@ -270,11 +344,21 @@ fn record(
 }
 
 /// `--json`: one `vmrestore.restore/1` document on stdout (docs/json-output.md).
-fn json_summary(r: &RestoreRequest, vm: &str, data_dir: &Path, started: Instant, result: &Result<Outcome, AppError>) {
+fn json_summary(
+    r: &RestoreRequest,
+    vm: &str,
+    data_dir: &Path,
+    started: Instant,
+    result: &Result<Outcome, AppError>,
+) {
     let (outcome, exit, error) = match result {
         Ok(o) if o.partial => ("partial", 0, None),
         Ok(_) => ("success", 0, None),
-        Err(AppError::Interrupted(_)) => ("interrupted", result.as_ref().err().map_or(1, |e| e.exit_status().code()), result.as_ref().err().map(ToString::to_string)),
+        Err(AppError::Interrupted(_)) => (
+            "interrupted",
+            result.as_ref().err().map_or(1, |e| e.exit_status().code()),
+            result.as_ref().err().map(ToString::to_string),
+        ),
         Err(e) => ("failed", e.exit_status().code(), Some(e.to_string())),
     };
     let o = result.as_ref().ok();
@@ -297,5 +381,8 @@ fn json_summary(r: &RestoreRequest, vm: &str, data_dir: &Path, started: Instant,
         "duration_sec": started.elapsed().as_secs_f64(),
         "log_file": log::current_path().map(|p| p.display().to_string()),
     });
-    crate::cmd::write_stdout(&format!("{}\n", serde_json::to_string_pretty(&doc).unwrap_or_default()));
+    crate::cmd::write_stdout(&format!(
+        "{}\n",
+        serde_json::to_string_pretty(&doc).unwrap_or_default()
+    ));
 }

@@ -33,19 +33,30 @@ pub fn run(r: &RestoreRequest, env: &Env) -> Result<ExitStatus, AppError> {
     if let Err(e) = crate::signal::install(cancel.clone()) {
         tracing::warn!(target: "main", "Cannot install signal handling: {e}");
     }
-    RunLog::open(&log::log_dir(env.log_dir.as_deref()), &r.vm.label, &restore_header_fields(r));
+    RunLog::open(
+        &log::log_dir(env.log_dir.as_deref()),
+        &r.vm.label,
+        &restore_header_fields(r),
+    );
     tracing::info!(target: "main", "====== vmrestore v{} ======", env!("CARGO_PKG_VERSION"));
     let data_dir = tree::resolve_data_dir_logged(&r.root.path, &r.vm.label, r.period.as_deref())?;
     let vm = tree::resolve_vm_name(&data_dir).unwrap_or_else(|| r.vm.label.clone());
-    let set = BackupSet::scan(&data_dir)
-        .map_err(|e| AppError::Io { context: format!("reading {}", data_dir.display()), source: std::io::Error::other(e.to_string()) })?;
+    let set = BackupSet::scan(&data_dir).map_err(|e| AppError::Io {
+        context: format!("reading {}", data_dir.display()),
+        source: std::io::Error::other(e.to_string()),
+    })?;
     tracing::info!(target: "serve", "Data dir: {} (type: {})", data_dir.display(), set.kind.as_str());
     let point = match r.point {
         PointSelector::Latest => PointRequest::Latest,
         PointSelector::Full => PointRequest::Full,
-        PointSelector::Number(n) => PointRequest::Number(u32::try_from(n).map_err(|_| AppError::Vm(format!("Restore point {n} does not exist")))?),
+        PointSelector::Number(n) => PointRequest::Number(
+            u32::try_from(n)
+                .map_err(|_| AppError::Vm(format!("Restore point {n} does not exist")))?,
+        ),
     };
-    let offline = Offline { reason: "not needed for serving".into() };
+    let offline = Offline {
+        reason: "not needed for serving".into(),
+    };
     let reporter = crate::cmd::restore::TracingReporter;
     let job = Job {
         vm: vm.clone(),
@@ -65,11 +76,17 @@ pub fn run(r: &RestoreRequest, env: &Env) -> Result<ExitStatus, AppError> {
     };
     let t = mode::endpoint(&job)?;
     mode::check_complete(&job, t)?;
-    let mut disks: Vec<String> = set.point(t).map(|p| p.expected.iter().cloned().collect()).unwrap_or_default();
+    let mut disks: Vec<String> = set
+        .point(t)
+        .map(|p| p.expected.iter().cloned().collect())
+        .unwrap_or_default();
     if let Some(DiskSelection::List(want)) = &r.disks {
         for d in want {
             if !disks.contains(d) {
-                return Err(AppError::Vm(format!("Disk '{d}' not found in backup. Available disks: {}", disks.join(", "))));
+                return Err(AppError::Vm(format!(
+                    "Disk '{d}' not found in backup. Available disks: {}",
+                    disks.join(", ")
+                )));
             }
         }
         disks.retain(|d| want.contains(d));
@@ -80,8 +97,12 @@ pub fn run(r: &RestoreRequest, env: &Env) -> Result<ExitStatus, AppError> {
         .map(|d| DiskPlan::for_point_with(&set, d, t, newest))
         .collect::<engine::Result<Vec<_>>>()
         .map_err(|e| mode::engine_error(e, "Cannot serve"))?;
-    let opts = ServeOptions { verify_checksums: true, ..ServeOptions::default() };
-    let server = Server::bind(plans, &[listen], opts).map_err(|e| mode::engine_error(e, "Cannot serve"))?;
+    let opts = ServeOptions {
+        verify_checksums: true,
+        ..ServeOptions::default()
+    };
+    let server =
+        Server::bind(plans, &[listen], opts).map_err(|e| mode::engine_error(e, "Cannot serve"))?;
     tracing::info!(target: "serve", "Serving {vm} restore point {t} read-only over NBD (Ctrl-C to stop)");
     let mut out = String::new();
     for u in server.uris() {
@@ -90,7 +111,9 @@ pub fn run(r: &RestoreRequest, env: &Env) -> Result<ExitStatus, AppError> {
         out.push('\n');
     }
     crate::cmd::write_stdout(&out);
-    let stats = server.run(cancel.clone()).map_err(|e| mode::engine_error(e, "NBD server failed"))?;
+    let stats = server
+        .run(cancel.clone())
+        .map_err(|e| mode::engine_error(e, "NBD server failed"))?;
     tracing::info!(target: "serve", "Server stopped ({} connections)", stats.connections);
     tracing::info!(target: "main", "====== vmrestore completed ======");
     Ok(ExitStatus::Ok)

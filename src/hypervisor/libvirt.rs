@@ -22,7 +22,10 @@ pub struct Libvirt {
 
 fn err(op: impl Into<String>) -> impl FnOnce(virt::error::Error) -> HvError {
     let op = op.into();
-    move |e| HvError { op, message: e.message().to_owned() }
+    move |e| HvError {
+        op,
+        message: e.message().to_owned(),
+    }
 }
 
 fn state_of(d: &Domain) -> DomainState {
@@ -53,18 +56,27 @@ impl Libvirt {
         // libvirt's default handler prints every error to stderr; we report our own.
         virt::error::clear_error_callback();
         let conn = Connect::open(Some(uri)).map_err(err(format!("connecting to {uri}")))?;
-        Ok(Self { conn, uri: uri.to_owned() })
+        Ok(Self {
+            conn,
+            uri: uri.to_owned(),
+        })
     }
 
     /// Opens a read-only connection (listing, dry-run).
     pub fn connect_read_only(uri: &str) -> HvResult<Self> {
         virt::error::clear_error_callback();
-        let conn = Connect::open_read_only(Some(uri)).map_err(err(format!("connecting to {uri}")))?;
-        Ok(Self { conn, uri: uri.to_owned() })
+        let conn =
+            Connect::open_read_only(Some(uri)).map_err(err(format!("connecting to {uri}")))?;
+        Ok(Self {
+            conn,
+            uri: uri.to_owned(),
+        })
     }
 
     fn domain(&self, name: &str) -> HvResult<Domain> {
-        self.conn.lookup_domain_by_name(name).map_err(err(format!("lookup {name}")))
+        self.conn
+            .lookup_domain_by_name(name)
+            .map_err(err(format!("lookup {name}")))
     }
 }
 
@@ -76,7 +88,9 @@ impl Hypervisor for Libvirt {
     fn lookup(&self, name: &str) -> HvResult<Option<DomainInfo>> {
         match self.conn.lookup_domain_by_name(name) {
             Ok(d) => info(&d).map(Some),
-            Err(e) if matches!(e.code(), Enum::Known(virt::error::ErrorNumber::NoDomain)) => Ok(None),
+            Err(e) if matches!(e.code(), Enum::Known(virt::error::ErrorNumber::NoDomain)) => {
+                Ok(None)
+            }
             Err(e) => Err(err(format!("lookup {name}"))(e)),
         }
     }
@@ -87,8 +101,14 @@ impl Hypervisor for Libvirt {
     }
 
     fn xml(&self, name: &str, inactive: bool) -> HvResult<String> {
-        let flags = if inactive { sys::VIR_DOMAIN_XML_INACTIVE } else { 0 };
-        self.domain(name)?.xml_desc(flags).map_err(err(format!("dumpxml {name}")))
+        let flags = if inactive {
+            sys::VIR_DOMAIN_XML_INACTIVE
+        } else {
+            0
+        };
+        self.domain(name)?
+            .xml_desc(flags)
+            .map_err(err(format!("dumpxml {name}")))
     }
 
     fn define(&self, xml: &str) -> HvResult<DomainInfo> {
@@ -99,8 +119,14 @@ impl Hypervisor for Libvirt {
     fn undefine(&self, name: &str) -> HvResult<Undefined> {
         let d = self.domain(name)?;
         let tries = [
-            (sys::VIR_DOMAIN_UNDEFINE_NVRAM | sys::VIR_DOMAIN_UNDEFINE_CHECKPOINTS_METADATA, Undefined::NvramAndCheckpoints),
-            (sys::VIR_DOMAIN_UNDEFINE_CHECKPOINTS_METADATA, Undefined::Checkpoints),
+            (
+                sys::VIR_DOMAIN_UNDEFINE_NVRAM | sys::VIR_DOMAIN_UNDEFINE_CHECKPOINTS_METADATA,
+                Undefined::NvramAndCheckpoints,
+            ),
+            (
+                sys::VIR_DOMAIN_UNDEFINE_CHECKPOINTS_METADATA,
+                Undefined::Checkpoints,
+            ),
             (sys::VIR_DOMAIN_UNDEFINE_NVRAM, Undefined::Nvram),
         ];
         for (flags, outcome) in tries {
@@ -114,17 +140,23 @@ impl Hypervisor for Libvirt {
 
     fn undefine_keep_nvram(&self, name: &str) -> HvResult<()> {
         let d = self.domain(name)?;
-        d.undefine_flags(sys::VIR_DOMAIN_UNDEFINE_KEEP_NVRAM | sys::VIR_DOMAIN_UNDEFINE_CHECKPOINTS_METADATA)
-            .or_else(|_| d.undefine_flags(sys::VIR_DOMAIN_UNDEFINE_KEEP_NVRAM))
-            .map_err(err(format!("undefine {name}")))
+        d.undefine_flags(
+            sys::VIR_DOMAIN_UNDEFINE_KEEP_NVRAM | sys::VIR_DOMAIN_UNDEFINE_CHECKPOINTS_METADATA,
+        )
+        .or_else(|_| d.undefine_flags(sys::VIR_DOMAIN_UNDEFINE_KEEP_NVRAM))
+        .map_err(err(format!("undefine {name}")))
     }
 
     fn start(&self, name: &str) -> HvResult<()> {
-        self.domain(name)?.create().map_err(err(format!("start {name}")))
+        self.domain(name)?
+            .create()
+            .map_err(err(format!("start {name}")))
     }
 
     fn destroy(&self, name: &str) -> HvResult<()> {
-        self.domain(name)?.destroy().map_err(err(format!("destroy {name}")))
+        self.domain(name)?
+            .destroy()
+            .map_err(err(format!("destroy {name}")))
     }
 
     fn live_disks(&self) -> HvResult<Vec<LiveDisk>> {
@@ -132,10 +164,17 @@ impl Hypervisor for Libvirt {
         for d in self.conn.list_all_domains(0).map_err(err("list domains"))? {
             let name = d.name().map_err(err("domain name"))?;
             let Ok(xml) = d.xml_desc(0) else { continue };
-            let Ok(cfg) = nbdfmt::DomainConfig::parse(&xml) else { continue };
+            let Ok(cfg) = nbdfmt::DomainConfig::parse(&xml) else {
+                continue;
+            };
             for disk in cfg.disks {
                 if let Some(src) = disk.source {
-                    out.push(LiveDisk { domain: name.clone(), target: disk.target, path: PathBuf::from(src), device: disk.device });
+                    out.push(LiveDisk {
+                        domain: name.clone(),
+                        target: disk.target,
+                        path: PathBuf::from(src),
+                        device: disk.device,
+                    });
                 }
             }
         }
@@ -143,12 +182,17 @@ impl Hypervisor for Libvirt {
     }
 
     fn active_pools(&self) -> HvResult<Vec<Pool>> {
-        let pools = self.conn.list_all_storage_pools(sys::VIR_CONNECT_LIST_STORAGE_POOLS_ACTIVE).map_err(err("list pools"))?;
+        let pools = self
+            .conn
+            .list_all_storage_pools(sys::VIR_CONNECT_LIST_STORAGE_POOLS_ACTIVE)
+            .map_err(err("list pools"))?;
         let mut out = Vec::new();
         for p in pools {
             let name = p.name().map_err(err("pool name"))?;
             let Ok(xml) = p.xml_desc(0) else { continue };
-            let Ok(doc) = roxmltree::Document::parse(&xml) else { continue };
+            let Ok(doc) = roxmltree::Document::parse(&xml) else {
+                continue;
+            };
             let path = doc
                 .root_element()
                 .children()
@@ -164,7 +208,10 @@ impl Hypervisor for Libvirt {
     }
 
     fn refresh_pool(&self, name: &str) -> HvResult<()> {
-        let p = self.conn.lookup_storage_pool_by_name(name).map_err(err(format!("pool {name}")))?;
+        let p = self
+            .conn
+            .lookup_storage_pool_by_name(name)
+            .map_err(err(format!("pool {name}")))?;
         p.refresh(0).map_err(err(format!("pool-refresh {name}")))
     }
 
@@ -175,7 +222,9 @@ impl Hypervisor for Libvirt {
         // and hands ownership of the array and of each checkpoint reference to us.
         let n = unsafe { sys::virDomainListAllCheckpoints(d.as_ptr(), &mut list, 0) };
         if n < 0 {
-            return Err(err(format!("checkpoint-list {name}"))(virt::error::Error::last_error()));
+            return Err(err(format!("checkpoint-list {name}"))(
+                virt::error::Error::last_error(),
+            ));
         }
         let mut names = Vec::with_capacity(n as usize);
         for i in 0..n as usize {
@@ -186,7 +235,11 @@ impl Hypervisor for Libvirt {
             let cname = unsafe { sys::virDomainCheckpointGetName(cp) };
             if !cname.is_null() {
                 // SAFETY: libvirt returns a NUL-terminated string.
-                names.push(unsafe { CStr::from_ptr(cname) }.to_string_lossy().into_owned());
+                names.push(
+                    unsafe { CStr::from_ptr(cname) }
+                        .to_string_lossy()
+                        .into_owned(),
+                );
             }
             // SAFETY: we own one reference to each listed checkpoint.
             unsafe { sys::virDomainCheckpointFree(cp) };
@@ -200,7 +253,10 @@ impl Hypervisor for Libvirt {
     }
 
     fn set_autostart(&self, name: &str, on: bool) -> HvResult<()> {
-        self.domain(name)?.set_autostart(on).map(|_| ()).map_err(err(format!("autostart {name}")))
+        self.domain(name)?
+            .set_autostart(on)
+            .map(|_| ())
+            .map_err(err(format!("autostart {name}")))
     }
 }
 
@@ -219,14 +275,28 @@ mod tests {
         let d = hv.define(DOM).expect("define");
         assert_eq!(d.name, "hv-probe");
         assert_eq!(d.state, DomainState::ShutOff);
-        assert!(hv.xml("hv-probe", true).expect("xml").contains("/tmp/hv-probe.qcow2"));
-        assert!(hv.live_disks().expect("disks").iter().any(|l| l.domain == "hv-probe" && l.target == "vda"));
+        assert!(hv
+            .xml("hv-probe", true)
+            .expect("xml")
+            .contains("/tmp/hv-probe.qcow2"));
+        assert!(hv
+            .live_disks()
+            .expect("disks")
+            .iter()
+            .any(|l| l.domain == "hv-probe" && l.target == "vda"));
         hv.start("hv-probe").expect("start");
-        assert_eq!(hv.lookup("hv-probe").expect("lookup").map(|i| i.state), Some(DomainState::Running));
+        assert_eq!(
+            hv.lookup("hv-probe").expect("lookup").map(|i| i.state),
+            Some(DomainState::Running)
+        );
         assert!(hv.checkpoints("hv-probe").expect("checkpoints").is_empty());
         hv.destroy("hv-probe").expect("destroy");
         hv.undefine("hv-probe").expect("undefine");
         assert_eq!(hv.lookup("hv-probe").expect("lookup"), None);
-        assert!(hv.active_pools().expect("pools").iter().any(|p| p.name == "default-pool"));
+        assert!(hv
+            .active_pools()
+            .expect("pools")
+            .iter()
+            .any(|p| p.name == "default-pool"));
     }
 }

@@ -128,13 +128,20 @@ pub trait Hypervisor {
 
 /// The pool whose path is the longest component-wise prefix of `dir` (spec §4.12).
 pub fn pool_for(pools: &[Pool], dir: &std::path::Path) -> Option<Pool> {
-    pools.iter().filter(|p| dir.starts_with(&p.path)).max_by_key(|p| p.path.components().count()).cloned()
+    pools
+        .iter()
+        .filter(|p| dir.starts_with(&p.path))
+        .max_by_key(|p| p.path.components().count())
+        .cloned()
 }
 
 /// The default connection URI, as virsh chooses it: `LIBVIRT_DEFAULT_URI`, else
 /// `qemu:///system`.
 pub fn default_uri() -> String {
-    std::env::var("LIBVIRT_DEFAULT_URI").ok().filter(|u| !u.is_empty()).unwrap_or_else(|| "qemu:///system".to_owned())
+    std::env::var("LIBVIRT_DEFAULT_URI")
+        .ok()
+        .filter(|u| !u.is_empty())
+        .unwrap_or_else(|| "qemu:///system".to_owned())
 }
 
 #[cfg(test)]
@@ -144,12 +151,27 @@ mod tests {
     #[test]
     fn longest_component_prefix_wins() {
         let pools = vec![
-            Pool { name: "root".into(), path: "/var/lib".into() },
-            Pool { name: "images".into(), path: "/var/lib/libvirt/images".into() },
-            Pool { name: "img2".into(), path: "/var/lib/libvirt/images2".into() },
+            Pool {
+                name: "root".into(),
+                path: "/var/lib".into(),
+            },
+            Pool {
+                name: "images".into(),
+                path: "/var/lib/libvirt/images".into(),
+            },
+            Pool {
+                name: "img2".into(),
+                path: "/var/lib/libvirt/images2".into(),
+            },
         ];
-        assert_eq!(pool_for(&pools, std::path::Path::new("/var/lib/libvirt/images/sub")).map(|p| p.name), Some("images".into()));
-        assert_eq!(pool_for(&pools, std::path::Path::new("/var/lib/libvirt/images2")).map(|p| p.name), Some("img2".into()));
+        assert_eq!(
+            pool_for(&pools, std::path::Path::new("/var/lib/libvirt/images/sub")).map(|p| p.name),
+            Some("images".into())
+        );
+        assert_eq!(
+            pool_for(&pools, std::path::Path::new("/var/lib/libvirt/images2")).map(|p| p.name),
+            Some("img2".into())
+        );
         assert_eq!(pool_for(&pools, std::path::Path::new("/srv")), None);
     }
 }
@@ -165,7 +187,10 @@ pub struct Offline {
 
 impl Offline {
     fn no(&self, op: &str) -> HvError {
-        HvError { op: op.to_owned(), message: format!("no libvirt connection ({})", self.reason) }
+        HvError {
+            op: op.to_owned(),
+            message: format!("no libvirt connection ({})", self.reason),
+        }
     }
 }
 

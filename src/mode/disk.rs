@@ -19,34 +19,76 @@ fn select_disks(job: &Job<'_>, requested: &[String], t: u32) -> Result<Vec<Strin
     let set = job.set;
     let union: Vec<String> = set.disks.keys().cloned().collect();
     if union.is_empty() {
-        return Err(AppError::Vm(format!("No disks found in backup: {}", set.dir.display())));
+        return Err(AppError::Vm(format!(
+            "No disks found in backup: {}",
+            set.dir.display()
+        )));
     }
-    let at: Vec<String> = set.point(t).map(|p| p.disks.iter().cloned().collect()).unwrap_or_default();
-    let wanted: Vec<String> = if requested.len() == 1 && requested[0] == "all" { at.clone() } else { requested.to_vec() };
+    let at: Vec<String> = set
+        .point(t)
+        .map(|p| p.disks.iter().cloned().collect())
+        .unwrap_or_default();
+    let wanted: Vec<String> = if requested.len() == 1 && requested[0] == "all" {
+        at.clone()
+    } else {
+        requested.to_vec()
+    };
     for d in &wanted {
         if !union.contains(d) {
-            return Err(AppError::Vm(format!("Disk '{d}' not found in backup. Available disks: {}", union.join(", "))));
+            return Err(AppError::Vm(format!(
+                "Disk '{d}' not found in backup. Available disks: {}",
+                union.join(", ")
+            )));
         }
         if set.kind == SetKind::Incremental && !at.contains(d) {
             let last = (0..t).rev().find(|n| set.file(d, *n).is_some());
             if job.point == super::PointRequest::Latest {
-                job.log.error("restore_disk", &format!("Disk '{d}' is not available at the latest restore point (checkpoint {t})."));
+                job.log.error(
+                    "restore_disk",
+                    &format!(
+                        "Disk '{d}' is not available at the latest restore point (checkpoint {t})."
+                    ),
+                );
             } else {
-                job.log.error("restore_disk", &format!("Disk '{d}' is not available at restore point {t} (disks: {}).", at.join(", ")));
+                job.log.error(
+                    "restore_disk",
+                    &format!(
+                        "Disk '{d}' is not available at restore point {t} (disks: {}).",
+                        at.join(", ")
+                    ),
+                );
             }
             if let Some(m) = last {
-                job.log.error("restore_disk", &format!("It was last backed up at checkpoint {m}."));
-                job.log.error("restore_disk", &format!("Use --restore-point {m} to restore {d} from that checkpoint."));
+                job.log.error(
+                    "restore_disk",
+                    &format!("It was last backed up at checkpoint {m}."),
+                );
+                job.log.error(
+                    "restore_disk",
+                    &format!("Use --restore-point {m} to restore {d} from that checkpoint."),
+                );
             }
-            return Err(AppError::Vm(format!("Disk '{d}' is not available at restore point {t}")));
+            return Err(AppError::Vm(format!(
+                "Disk '{d}' is not available at restore point {t}"
+            )));
         }
     }
-    job.log.info("restore_disk", &format!("Disk restore mode: replacing '{}' (available: {})", wanted.join(", "), union.join(", ")));
+    job.log.info(
+        "restore_disk",
+        &format!(
+            "Disk restore mode: replacing '{}' (available: {})",
+            wanted.join(", "),
+            union.join(", ")
+        ),
+    );
     Ok(wanted)
 }
 
 fn outputs_for(job: &Job<'_>, t: u32, disks: &[String], dir: &Path) -> Vec<PredictedOutput> {
-    predict_outputs(job.set, t, dir).into_iter().filter(|o| disks.contains(&o.disk)).collect()
+    predict_outputs(job.set, t, dir)
+        .into_iter()
+        .filter(|o| disks.contains(&o.disk))
+        .collect()
 }
 
 /// Disk extract (`--disk` + `--restore-path`, spec §4.9): the VM may run; outputs get
@@ -56,27 +98,68 @@ pub fn run_disk_extract(job: &Job<'_>, requested: &[String]) -> Result<Outcome, 
     check_complete(job, t)?;
     let disks = select_disks(job, requested, t)?;
     super::warn_disk_set_change(job, t);
-    let dir = job.restore_path.as_deref().ok_or_else(|| AppError::Internal("extract without --restore-path".into()))?;
-    job.log.info("restore_disk", &format!("Extract mode: writing to {}", dir.display()));
+    let dir = job
+        .restore_path
+        .as_deref()
+        .ok_or_else(|| AppError::Internal("extract without --restore-path".into()))?;
+    job.log.info(
+        "restore_disk",
+        &format!("Extract mode: writing to {}", dir.display()),
+    );
     super::check_space(job, t, dir)?;
     let outputs = outputs_for(job, t, &disks, dir);
     let finals: Vec<PathBuf> = outputs.iter().map(|o| o.final_path.clone()).collect();
     // §4.9 [INFER]: the §4.2 collision rules, with their --force and dry-run handling
     super::vm::safety_checks(job, &finals, &job.vm)?;
-    let mut out = Outcome { checkpoint: t, disks: disks.clone(), target_path: dir.display().to_string(), tpm_result: "skipped", ..Outcome::default() };
+    let mut out = Outcome {
+        checkpoint: t,
+        disks: disks.clone(),
+        target_path: dir.display().to_string(),
+        tpm_result: "skipped",
+        ..Outcome::default()
+    };
     if job.dry_run {
         super::log_dry_run_plan(job, t, &outputs)?;
-        out.summary = format!("Disk restore complete: {}/{} [DRY RUN — no changes made]", job.vm, disks.join(", "));
+        out.summary = format!(
+            "Disk restore complete: {}/{} [DRY RUN — no changes made]",
+            job.vm,
+            disks.join(", ")
+        );
         return Ok(out);
     }
-    std::fs::create_dir_all(dir).map_err(|e| AppError::Io { context: format!("creating {}", dir.display()), source: e })?;
-    let jobs = plan_outputs(job.set, t, &outputs, job.point == super::PointRequest::Latest).map_err(|e| engine_error(e, "Disk restore failed"))?;
-    write_outputs(jobs, job.force, &apply_options(job)).map_err(|e| engine_error(e, &format!("Disk restore failed for {}", disks.join(", "))))?;
+    std::fs::create_dir_all(dir).map_err(|e| AppError::Io {
+        context: format!("creating {}", dir.display()),
+        source: e,
+    })?;
+    let jobs = plan_outputs(
+        job.set,
+        t,
+        &outputs,
+        job.point == super::PointRequest::Latest,
+    )
+    .map_err(|e| engine_error(e, "Disk restore failed"))?;
+    write_outputs(jobs, job.force, &apply_options(job))
+        .map_err(|e| engine_error(e, &format!("Disk restore failed for {}", disks.join(", "))))?;
     for o in &outputs {
-        let size = std::fs::metadata(&o.final_path).map(|m| m.len()).unwrap_or(0);
-        job.log.info("restore_disk", &format!("  {}: integrity ✓ {} ({})", o.disk, o.final_path.display(), iec(size)));
+        let size = std::fs::metadata(&o.final_path)
+            .map(|m| m.len())
+            .unwrap_or(0);
+        job.log.info(
+            "restore_disk",
+            &format!(
+                "  {}: integrity ✓ {} ({})",
+                o.disk,
+                o.final_path.display(),
+                iec(size)
+            ),
+        );
     }
-    out.summary = format!("Disk extract complete: {}/{} → {}", job.vm, disks.join(", "), dir.display());
+    out.summary = format!(
+        "Disk extract complete: {}/{} → {}",
+        job.vm,
+        disks.join(", "),
+        dir.display()
+    );
     Ok(out)
 }
 
@@ -87,7 +170,11 @@ pub fn run_disk_in_place(job: &Job<'_>, requested: &[String]) -> Result<Outcome,
     let disks = select_disks(job, requested, t)?;
     super::warn_disk_set_change(job, t);
     let vm = &job.vm;
-    let Some(info) = job.hv.lookup(vm).map_err(|e| AppError::Dependency(e.to_string()))? else {
+    let Some(info) = job
+        .hv
+        .lookup(vm)
+        .map_err(|e| AppError::Dependency(e.to_string()))?
+    else {
         return Err(AppError::Vm(format!(
             "VM '{vm}' is not defined in libvirt — cannot determine original disk paths. Use --restore-path to extract disks to a specific location instead."
         )));
@@ -98,13 +185,25 @@ pub fn run_disk_in_place(job: &Job<'_>, requested: &[String]) -> Result<Outcome,
             info.state.as_str()
         )));
     }
-    job.log.info("restore_disk", &format!("VM '{vm}' is shut off ✓"));
-    let xml = job.hv.xml(vm, true).map_err(|e| AppError::Vm(e.to_string()))?;
-    let cfg = nbdfmt::DomainConfig::parse(&xml).map_err(|e| AppError::Vm(format!("VM '{vm}' XML: {e}")))?;
+    job.log
+        .info("restore_disk", &format!("VM '{vm}' is shut off ✓"));
+    let xml = job
+        .hv
+        .xml(vm, true)
+        .map_err(|e| AppError::Vm(e.to_string()))?;
+    let cfg = nbdfmt::DomainConfig::parse(&xml)
+        .map_err(|e| AppError::Vm(format!("VM '{vm}' XML: {e}")))?;
     let mut targets: Vec<(String, PathBuf)> = Vec::new();
     for d in &disks {
-        let Some(path) = cfg.disk(d).filter(|x| x.is_disk()).and_then(|x| x.source.clone()) else {
-            return Err(AppError::Vm(format!("Disk '{d}' not found in VM '{vm}' configuration. Available disks: {}", cfg.disk_targets().join(", "))));
+        let Some(path) = cfg
+            .disk(d)
+            .filter(|x| x.is_disk())
+            .and_then(|x| x.source.clone())
+        else {
+            return Err(AppError::Vm(format!(
+                "Disk '{d}' not found in VM '{vm}' configuration. Available disks: {}",
+                cfg.disk_targets().join(", ")
+            )));
         };
         let p = PathBuf::from(path);
         if !p.exists() {
@@ -120,14 +219,27 @@ pub fn run_disk_in_place(job: &Job<'_>, requested: &[String]) -> Result<Outcome,
                 pre.display()
             )));
         }
-        job.log.info("restore_disk", &format!("  {d} → {}", p.display()));
+        job.log
+            .info("restore_disk", &format!("  {d} → {}", p.display()));
         targets.push((d.clone(), p));
     }
     // Space: the new images are written beside the originals while those still exist.
-    let data: u64 = disks.iter().filter_map(|d| job.set.disks.get(d)).flatten().map(|f| f.size).sum();
-    let originals: u64 = targets.iter().filter_map(|(_, p)| std::fs::metadata(p).ok()).map(|m| m.len()).sum();
+    let data: u64 = disks
+        .iter()
+        .filter_map(|d| job.set.disks.get(d))
+        .flatten()
+        .map(|f| f.size)
+        .sum();
+    let originals: u64 = targets
+        .iter()
+        .filter_map(|(_, p)| std::fs::metadata(p).ok())
+        .map(|m| m.len())
+        .sum();
     let keep = if job.no_pre_restore { 0 } else { originals };
-    if let Some((free, _)) = targets.first().and_then(|(_, p)| crate::preflight::free_space(p.parent().unwrap_or(Path::new("/")))) {
+    if let Some((free, _)) = targets
+        .first()
+        .and_then(|(_, p)| crate::preflight::free_space(p.parent().unwrap_or(Path::new("/"))))
+    {
         if data + keep > free {
             return Err(AppError::Storage(format!(
                 "Insufficient space: need {} (restore + .pre-restore) but only {} available",
@@ -136,80 +248,156 @@ pub fn run_disk_in_place(job: &Job<'_>, requested: &[String]) -> Result<Outcome,
             )));
         }
         if keep > 0 {
-            job.log.info("restore_disk", &format!("Space check: {} restore + {} .pre-restore — {} available ✓", iec(data), iec(keep), iec(free)));
+            job.log.info(
+                "restore_disk",
+                &format!(
+                    "Space check: {} restore + {} .pre-restore — {} available ✓",
+                    iec(data),
+                    iec(keep),
+                    iec(free)
+                ),
+            );
         } else {
-            job.log.info("restore_disk", &format!("Space check: {} restore — {} available ✓", iec(data), iec(free)));
+            job.log.info(
+                "restore_disk",
+                &format!(
+                    "Space check: {} restore — {} available ✓",
+                    iec(data),
+                    iec(free)
+                ),
+            );
         }
     } else {
-        job.log.warn("restore_disk", "Cannot determine free space — skipping check");
+        job.log.warn(
+            "restore_disk",
+            "Cannot determine free space — skipping check",
+        );
     }
     let mut out = Outcome {
         checkpoint: t,
         disks: disks.clone(),
-        target_path: targets.iter().map(|(_, p)| p.display().to_string()).collect::<Vec<_>>().join(", "),
+        target_path: targets
+            .iter()
+            .map(|(_, p)| p.display().to_string())
+            .collect::<Vec<_>>()
+            .join(", "),
         tpm_result: "skipped",
         ..Outcome::default()
     };
     if job.dry_run {
         for (d, p) in &targets {
-            job.log.info("restore_disk", &format!("[DRY RUN] Disk restore: {d}"));
+            job.log
+                .info("restore_disk", &format!("[DRY RUN] Disk restore: {d}"));
             if job.no_pre_restore {
-                job.log.info("restore_disk", &format!("[DRY RUN] Would remove existing disk (--no-pre-restore): {}", p.display()));
+                job.log.info(
+                    "restore_disk",
+                    &format!(
+                        "[DRY RUN] Would remove existing disk (--no-pre-restore): {}",
+                        p.display()
+                    ),
+                );
             } else {
-                job.log.info("restore_disk", &format!("[DRY RUN] Would rename: {} → {}", p.display(), pre_restore(p).display()));
+                job.log.info(
+                    "restore_disk",
+                    &format!(
+                        "[DRY RUN] Would rename: {} → {}",
+                        p.display(),
+                        pre_restore(p).display()
+                    ),
+                );
             }
-            job.log.info("restore_disk", &format!("[DRY RUN] Would restore to: {}", p.display()));
+            job.log.info(
+                "restore_disk",
+                &format!("[DRY RUN] Would restore to: {}", p.display()),
+            );
         }
         if job.point != super::PointRequest::Latest {
-            job.log.info("restore_disk", &format!("[DRY RUN] Point-in-time: restore point {t}"));
+            job.log.info(
+                "restore_disk",
+                &format!("[DRY RUN] Point-in-time: restore point {t}"),
+            );
         }
-        out.summary = format!("Disk restore complete: {vm}/{} [DRY RUN — no changes made]", disks.join(", "));
+        out.summary = format!(
+            "Disk restore complete: {vm}/{} [DRY RUN — no changes made]",
+            disks.join(", ")
+        );
         return Ok(out);
     }
     let total = targets.len();
     let mut done: Vec<String> = Vec::new();
     let mut kept: Vec<PathBuf> = Vec::new();
     for (i, (d, p)) in targets.iter().enumerate() {
-        job.log.info("restore_disk", &format!("── Restoring {d} [{}/{total}] ──", i + 1));
-        let name = p.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| d.clone());
-        let o = PredictedOutput { disk: d.clone(), source: Some(p.display().to_string()), file_name: name, final_path: p.clone() };
-        let result = plan_outputs(job.set, t, std::slice::from_ref(&o), job.point == super::PointRequest::Latest)
-            .and_then(|jobs| swap_in(jobs, p, job))
-            .map_err(|e| engine_error(e, &format!("Disk restore failed for {d}")));
+        job.log.info(
+            "restore_disk",
+            &format!("── Restoring {d} [{}/{total}] ──", i + 1),
+        );
+        let name = p
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_else(|| d.clone());
+        let o = PredictedOutput {
+            disk: d.clone(),
+            source: Some(p.display().to_string()),
+            file_name: name,
+            final_path: p.clone(),
+        };
+        let result = plan_outputs(
+            job.set,
+            t,
+            std::slice::from_ref(&o),
+            job.point == super::PointRequest::Latest,
+        )
+        .and_then(|jobs| swap_in(jobs, p, job))
+        .map_err(|e| engine_error(e, &format!("Disk restore failed for {d}")));
         match result {
             Ok(pre) => {
                 if let Some(pre) = pre {
-                    job.log.info("restore_disk", &format!("Backed up existing: {}", pre.display()));
+                    job.log.info(
+                        "restore_disk",
+                        &format!("Backed up existing: {}", pre.display()),
+                    );
                     kept.push(pre);
                 } else {
-                    job.log.warn("restore_disk", &format!("Removed existing disk (--no-pre-restore): {}", p.display()));
+                    job.log.warn(
+                        "restore_disk",
+                        &format!("Removed existing disk (--no-pre-restore): {}", p.display()),
+                    );
                 }
                 let owner = crate::ownership::chown_to(p, &["libvirt-qemu"]);
                 use std::os::unix::fs::PermissionsExt;
                 let _ = std::fs::set_permissions(p, std::fs::Permissions::from_mode(0o600));
                 if !matches!(owner, Ok(Some(_))) {
-                    job.log.warn("restore_disk", &format!("Failed to set ownership on {}", p.display()));
+                    job.log.warn(
+                        "restore_disk",
+                        &format!("Failed to set ownership on {}", p.display()),
+                    );
                 }
-                job.log.info("restore_disk", &format!("  {d}: ownership ✓ integrity ✓"));
+                job.log
+                    .info("restore_disk", &format!("  {d}: ownership ✓ integrity ✓"));
                 done.push(d.clone());
             }
             Err(e) => {
                 job.log.error("restore_disk", &format!("{e}"));
                 let mut e = e;
                 if !done.is_empty() {
-                    let partial = format!("Partial restore: {} succeeded, {d} FAILED", done.join(", "));
+                    let partial =
+                        format!("Partial restore: {} succeeded, {d} FAILED", done.join(", "));
                     job.log.error("restore_disk", &partial);
                     for s in targets.iter().skip(i + 1) {
                         job.log.error("restore_disk", &format!("Skipped: {}", s.0));
                     }
                     // §5.4: the catalogue's error_message carries the partial-restore text
                     e = match e {
-                        AppError::Engine { message, source } => AppError::Engine { message: format!("{partial} — {message}"), source },
+                        AppError::Engine { message, source } => AppError::Engine {
+                            message: format!("{partial} — {message}"),
+                            source,
+                        },
                         AppError::Storage(m) => AppError::Storage(format!("{partial} — {m}")),
                         other => other,
                     };
                 }
-                job.log.error("restore_disk", &format!("Disk restore failed for {d}"));
+                job.log
+                    .error("restore_disk", &format!("Disk restore failed for {d}"));
                 refresh_pool_of(job, &targets[0].1);
                 return Err(e);
             }
@@ -230,7 +418,11 @@ fn pre_restore(p: &Path) -> PathBuf {
 /// Writes the new image under a temporary name, then swaps it in: original →
 /// `.pre-restore` (or deleted with `--no-pre-restore`), new → original name. A
 /// failure before the swap leaves the original untouched.
-fn swap_in(jobs: Vec<crate::restore::DiskJob>, p: &Path, job: &Job<'_>) -> engine::Result<Option<PathBuf>> {
+fn swap_in(
+    jobs: Vec<crate::restore::DiskJob>,
+    p: &Path,
+    job: &Job<'_>,
+) -> engine::Result<Option<PathBuf>> {
     let staged = engine::StagedPath::new(p);
     let _ = std::fs::remove_file(staged.temp_path());
     crate::restore::warn_removed_stale(p);
@@ -261,11 +453,21 @@ fn swap_in(jobs: Vec<crate::restore::DiskJob>, p: &Path, job: &Job<'_>) -> engin
 
 fn refresh_pool_of(job: &Job<'_>, disk: &Path) {
     let Some(dir) = disk.parent() else { return };
-    let Ok(pools) = job.hv.active_pools() else { return };
-    if let Some(p) = crate::hypervisor::pool_for(&pools, &crate::preflight::canonicalize_lenient(dir)) {
+    let Ok(pools) = job.hv.active_pools() else {
+        return;
+    };
+    if let Some(p) =
+        crate::hypervisor::pool_for(&pools, &crate::preflight::canonicalize_lenient(dir))
+    {
         match job.hv.refresh_pool(&p.name) {
-            Ok(()) => job.log.info("refresh_storage_pool", &format!("Refreshed storage pool '{}'", p.name)),
-            Err(_) => job.log.warn("refresh_storage_pool", &format!("Failed to refresh storage pool '{}'", p.name)),
+            Ok(()) => job.log.info(
+                "refresh_storage_pool",
+                &format!("Refreshed storage pool '{}'", p.name),
+            ),
+            Err(_) => job.log.warn(
+                "refresh_storage_pool",
+                &format!("Failed to refresh storage pool '{}'", p.name),
+            ),
         }
     }
 }
@@ -292,15 +494,22 @@ fn banner(job: &Job<'_>, vm: &str, kept: &[PathBuf]) {
     }
     job.log.plain("");
     job.log.warn("restore_disk", &rule);
-    job.log.warn("restore_disk", "ACTION REQUIRED: Remove .pre-restore file(s) once VM is confirmed working");
+    job.log.warn(
+        "restore_disk",
+        "ACTION REQUIRED: Remove .pre-restore file(s) once VM is confirmed working",
+    );
     let mut total = 0;
     for k in kept {
         let size = std::fs::metadata(k).map(|m| m.len()).unwrap_or(0);
         total += size;
-        job.log.warn("restore_disk", &format!("  rm {}  ({})", k.display(), iec(size)));
+        job.log.warn(
+            "restore_disk",
+            &format!("  rm {}  ({})", k.display(), iec(size)),
+        );
     }
     if kept.len() > 1 {
-        job.log.warn("restore_disk", &format!("  Total: {}", iec(total)));
+        job.log
+            .warn("restore_disk", &format!("  Total: {}", iec(total)));
     }
     job.log.warn("restore_disk", &rule);
 }

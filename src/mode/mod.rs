@@ -91,7 +91,11 @@ pub struct Job<'a> {
 
 impl std::fmt::Debug for Job<'_> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Job").field("vm", &self.vm).field("dir", &self.set.dir).field("point", &self.point).finish_non_exhaustive()
+        f.debug_struct("Job")
+            .field("vm", &self.vm)
+            .field("dir", &self.set.dir)
+            .field("point", &self.point)
+            .finish_non_exhaustive()
     }
 }
 
@@ -119,21 +123,33 @@ pub fn endpoint(job: &Job<'_>) -> Result<u32, AppError> {
     let set = job.set;
     if set.kind != SetKind::Incremental {
         if job.point != PointRequest::Latest {
-            job.log.warn("restore_vm", &format!("Point-in-time ignored (backup type: {})", set.kind.as_str()));
+            job.log.warn(
+                "restore_vm",
+                &format!("Point-in-time ignored (backup type: {})", set.kind.as_str()),
+            );
         }
         return Ok(0);
     }
-    let latest = set.checkpoint_xmls.keys().max().copied().or_else(|| set.latest()).unwrap_or(0);
+    let latest = set
+        .checkpoint_xmls
+        .keys()
+        .max()
+        .copied()
+        .or_else(|| set.latest())
+        .unwrap_or(0);
     let t = match job.point {
         PointRequest::Latest => latest,
         PointRequest::Full => 0,
         PointRequest::Number(n) => n,
     };
     if t > latest {
-        return Err(AppError::Vm(format!("Restore point {t} does not exist (latest restore point is {latest})")));
+        return Err(AppError::Vm(format!(
+            "Restore point {t} does not exist (latest restore point is {latest})"
+        )));
     }
     if job.point != PointRequest::Latest {
-        job.log.info("restore_vm", &format!("Point-in-time: virtnbdbackup.{t}"));
+        job.log
+            .info("restore_vm", &format!("Point-in-time: virtnbdbackup.{t}"));
     }
     Ok(t)
 }
@@ -150,11 +166,22 @@ pub fn check_complete(job: &Job<'_>, t: u32) -> Result<(), AppError> {
         job.log.warn("restore_vm", "Restoring from an INCOMPLETE chain (--include-incomplete): restored data may be inconsistent");
         return Ok(());
     }
-    let reason = broken.problems.first().map(ToString::to_string).unwrap_or_default();
-    let label = if job.point == PointRequest::Latest { "the latest restore point".to_owned() } else { format!("restore point {t}") };
+    let reason = broken
+        .problems
+        .first()
+        .map(ToString::to_string)
+        .unwrap_or_default();
+    let label = if job.point == PointRequest::Latest {
+        "the latest restore point".to_owned()
+    } else {
+        format!("restore point {t}")
+    };
     job.log.error(
         "restore_vm",
-        &format!("Chain is INCOMPLETE at restore point {} ({reason}) — refusing to restore {label}.", broken.checkpoint),
+        &format!(
+            "Chain is INCOMPLETE at restore point {} ({reason}) — refusing to restore {label}.",
+            broken.checkpoint
+        ),
     );
     if broken.checkpoint == 0 {
         job.log.error("restore_vm", "There is no restorable restore point in this chain; use --include-incomplete for forensic recovery.");
@@ -167,7 +194,10 @@ pub fn check_complete(job: &Job<'_>, t: u32) -> Result<(), AppError> {
             ),
         );
     }
-    Err(AppError::Vm(format!("Chain is INCOMPLETE at restore point {} ({reason})", broken.checkpoint)))
+    Err(AppError::Vm(format!(
+        "Chain is INCOMPLETE at restore point {} ({reason})",
+        broken.checkpoint
+    )))
 }
 
 /// Spec §2.9: warn when the disk set at T differs from the latest one.
@@ -177,24 +207,59 @@ pub fn warn_disk_set_change(job: &Job<'_>, t: u32) {
     if set.kind != SetKind::Incremental || job.point == PointRequest::Latest || t == latest {
         return;
     }
-    let (Some(at), Some(last)) = (set.point(t), set.point(latest)) else { return };
+    let (Some(at), Some(last)) = (set.point(t), set.point(latest)) else {
+        return;
+    };
     if at.disks == last.disks {
         return;
     }
-    let fmt = |d: &std::collections::BTreeSet<String>| d.iter().cloned().collect::<Vec<_>>().join(", ");
+    let fmt =
+        |d: &std::collections::BTreeSet<String>| d.iter().cloned().collect::<Vec<_>>().join(", ");
     job.log.warn("restore_vm", &format!("Disk configuration changed between checkpoint {t} and the latest checkpoint ({latest})."));
-    job.log.warn("restore_vm", &format!("  Checkpoint {t}: {} ({} disks)", fmt(&at.disks), at.disks.len()));
-    job.log.warn("restore_vm", &format!("  Latest (CP {latest}): {} ({} disks)", fmt(&last.disks), last.disks.len()));
-    job.log.warn("restore_vm", &format!("  Restoring with checkpoint {t} disk configuration."));
+    job.log.warn(
+        "restore_vm",
+        &format!(
+            "  Checkpoint {t}: {} ({} disks)",
+            fmt(&at.disks),
+            at.disks.len()
+        ),
+    );
+    job.log.warn(
+        "restore_vm",
+        &format!(
+            "  Latest (CP {latest}): {} ({} disks)",
+            fmt(&last.disks),
+            last.disks.len()
+        ),
+    );
+    job.log.warn(
+        "restore_vm",
+        &format!("  Restoring with checkpoint {t} disk configuration."),
+    );
 }
 
 /// Dry-run: the plan without the apply — per disk the chain files it would read and
 /// the bytes it would write (frame headers only are read).
-pub fn log_dry_run_plan(job: &Job<'_>, t: u32, outputs: &[crate::restore::PredictedOutput]) -> Result<(), AppError> {
+pub fn log_dry_run_plan(
+    job: &Job<'_>,
+    t: u32,
+    outputs: &[crate::restore::PredictedOutput],
+) -> Result<(), AppError> {
     let newest = job.point == PointRequest::Latest;
-    let jobs = crate::restore::plan_outputs(job.set, t, outputs, newest).map_err(|e| engine_error(e, "Cannot plan the restore"))?;
+    let jobs = crate::restore::plan_outputs(job.set, t, outputs, newest)
+        .map_err(|e| engine_error(e, "Cannot plan the restore"))?;
     for j in &jobs {
-        let names: Vec<String> = j.plan.files.iter().map(|f| f.path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default()).collect();
+        let names: Vec<String> = j
+            .plan
+            .files
+            .iter()
+            .map(|f| {
+                f.path
+                    .file_name()
+                    .map(|n| n.to_string_lossy().into_owned())
+                    .unwrap_or_default()
+            })
+            .collect();
         job.log.info(
             "restore_disk",
             &format!(
@@ -213,7 +278,11 @@ pub fn log_dry_run_plan(job: &Job<'_>, t: u32, outputs: &[crate::restore::Predic
 
 /// Engine options for a job.
 pub fn apply_options(job: &Job<'_>) -> ApplyOptions {
-    ApplyOptions { cancel: job.cancel.clone(), progress: job.progress.clone(), ..ApplyOptions::default() }
+    ApplyOptions {
+        cancel: job.cancel.clone(),
+        progress: job.progress.clone(),
+        ..ApplyOptions::default()
+    }
 }
 
 /// Maps an engine failure to its category (spec STYLE §2: apply failures exit 6,
@@ -223,14 +292,21 @@ pub fn engine_error(e: engine::Error, what: &str) -> AppError {
     match e.kind() {
         engine::ErrorKind::Cancelled(sig) if sig > 0 => AppError::Interrupted(sig),
         engine::ErrorKind::NoSpace => AppError::Storage(format!("{what}: {e}")),
-        engine::ErrorKind::VerifyFailed => AppError::Storage(format!("Restore produced corrupt disk images — {what}: {e}")),
-        _ => AppError::Engine { message: format!("{what}: {e}"), source: Some(Box::new(e)) },
+        engine::ErrorKind::VerifyFailed => AppError::Storage(format!(
+            "Restore produced corrupt disk images — {what}: {e}"
+        )),
+        _ => AppError::Engine {
+            message: format!("{what}: {e}"),
+            source: Some(Box::new(e)),
+        },
     }
 }
 
 /// Seconds since the epoch (for `.before-restore.<epoch>` names).
 pub fn epoch() -> u64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs())
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
 }
 
 /// Formats a byte count like `numfmt --to=iec-i --suffix=B` (spec §3.5).
@@ -248,7 +324,11 @@ pub fn iec(bytes: u64) -> String {
     let unit = UNITS[i - 1];
     if v < 10.0 {
         let r = (v * 10.0).ceil() / 10.0;
-        if r >= 10.0 { format!("{}{unit}", r.ceil() as u64) } else { format!("{r:.1}{unit}") }
+        if r >= 10.0 {
+            format!("{}{unit}", r.ceil() as u64)
+        } else {
+            format!("{r:.1}{unit}")
+        }
     } else {
         format!("{}{unit}", v.ceil() as u64)
     }
@@ -256,19 +336,34 @@ pub fn iec(bytes: u64) -> String {
 
 /// Free-space check of spec §4.3 (exit 4 when short, WARN when tight).
 pub fn check_space(job: &Job<'_>, t: u32, dir: &Path) -> Result<(), AppError> {
-    let point = (job.set.kind == SetKind::Incremental && job.point != PointRequest::Latest).then_some(t);
+    let point =
+        (job.set.kind == SetKind::Incremental && job.point != PointRequest::Latest).then_some(t);
     let (need, files) = crate::preflight::backup_bytes(job.set, point);
     if files == 0 {
-        job.log.warn("preflight_free_space", "No data files found to estimate size — skipping space check");
+        job.log.warn(
+            "preflight_free_space",
+            "No data files found to estimate size — skipping space check",
+        );
         return Ok(());
     }
     let Some((free, at)) = crate::preflight::free_space(dir) else {
-        job.log.warn("preflight_free_space", &format!("Cannot determine free space on {} — skipping check", dir.display()));
+        job.log.warn(
+            "preflight_free_space",
+            &format!(
+                "Cannot determine free space on {} — skipping check",
+                dir.display()
+            ),
+        );
         return Ok(());
     };
     job.log.info(
         "preflight_free_space",
-        &format!("Backup data: {} ({files} files) — Destination free: {} ({})", iec(need), iec(free), at.display()),
+        &format!(
+            "Backup data: {} ({files} files) — Destination free: {} ({})",
+            iec(need),
+            iec(free),
+            at.display()
+        ),
     );
     if need > free {
         return Err(AppError::Storage(format!(
@@ -279,22 +374,41 @@ pub fn check_space(job: &Job<'_>, t: u32, dir: &Path) -> Result<(), AppError> {
         )));
     }
     if free - need < need / 10 {
-        job.log.warn("preflight_free_space", &format!("Tight on space: only {} headroom after restore", iec(free - need)));
+        job.log.warn(
+            "preflight_free_space",
+            &format!(
+                "Tight on space: only {} headroom after restore",
+                iec(free - need)
+            ),
+        );
     }
     Ok(())
 }
 
 /// A progress callback printing one plain line per disk every few seconds.
 pub fn line_progress(log: Arc<dyn Reporter>) -> engine::apply::ProgressFn {
-    let last = std::sync::Mutex::new(std::collections::HashMap::<String, std::time::Instant>::new());
+    let last =
+        std::sync::Mutex::new(std::collections::HashMap::<String, std::time::Instant>::new());
     Arc::new(move |p: &engine::Progress| {
         let now = std::time::Instant::now();
-        let mut m = last.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-        let due = m.get(&p.disk).is_none_or(|t| now.duration_since(*t).as_secs() >= 2) || p.done == p.total;
+        let mut m = last
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let due = m
+            .get(&p.disk)
+            .is_none_or(|t| now.duration_since(*t).as_secs() >= 2)
+            || p.done == p.total;
         if due {
             m.insert(p.disk.clone(), now);
-            let pct = if p.total == 0 { 100 } else { p.done * 100 / p.total };
-            log.info("restore_disk", &format!("{}: {} of {} ({pct}%)", p.disk, iec(p.done), iec(p.total)));
+            let pct = if p.total == 0 {
+                100
+            } else {
+                p.done * 100 / p.total
+            };
+            log.info(
+                "restore_disk",
+                &format!("{}: {} of {} ({pct}%)", p.disk, iec(p.done), iec(p.total)),
+            );
         }
     })
 }
@@ -305,10 +419,17 @@ mod tests {
 
     #[test]
     fn integrity_failure_is_a_storage_error() {
-        let e = engine::Error::Verify { path: "/r/x.qcow2".into(), message: "block 3 differs".into() };
+        let e = engine::Error::Verify {
+            path: "/r/x.qcow2".into(),
+            message: "block 3 differs".into(),
+        };
         let a = super::engine_error(e, "Disk restore failed");
         assert_eq!(a.exit_status().code(), 4);
-        assert!(a.to_string().starts_with("Restore produced corrupt disk images — Disk restore failed: "), "{a}");
+        assert!(
+            a.to_string()
+                .starts_with("Restore produced corrupt disk images — Disk restore failed: "),
+            "{a}"
+        );
     }
 
     #[test]

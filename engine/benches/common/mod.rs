@@ -88,7 +88,10 @@ fn text_half() -> &'static [u8; 2048] {
 /// Writes the bytes generation `id` has at `disk_off` into `buf`. `disk_off` and
 /// `buf.len()` must be multiples of 4096.
 pub fn fill(buf: &mut [u8], id: u64, disk_off: u64, how: Fill) {
-    assert!(disk_off % 4096 == 0 && buf.len() % 4096 == 0, "unaligned fill");
+    assert!(
+        disk_off % 4096 == 0 && buf.len() % 4096 == 0,
+        "unaligned fill"
+    );
     let key = mix(id.wrapping_mul(0x9e37_79b9_7f4a_7c15) ^ 0xdead_beef);
     match how {
         Fill::Random => {
@@ -153,17 +156,26 @@ pub fn full_pieces(ids: &[u32]) -> Vec<Piece> {
             g += 1;
         }
         let (start, len) = (s * GRANULE, (g - s) * GRANULE);
-        out.push(if data { Piece::Data { start, len } } else { Piece::Zero { start, len } });
+        out.push(if data {
+            Piece::Data { start, len }
+        } else {
+            Piece::Zero { start, len }
+        });
     }
     out
 }
 
 /// The data frames of an incremental that wrote the granules where `ids[g] == id`.
 pub fn inc_pieces(ids: &[u32], id: u32) -> Vec<Piece> {
-    runs(ids.len() as u64, MAX_FRAME / GRANULE, |g| ids[g as usize] == id)
-        .into_iter()
-        .map(|(s, c)| Piece::Data { start: s * GRANULE, len: c * GRANULE })
-        .collect()
+    runs(ids.len() as u64, MAX_FRAME / GRANULE, |g| {
+        ids[g as usize] == id
+    })
+    .into_iter()
+    .map(|(s, c)| Piece::Data {
+        start: s * GRANULE,
+        len: c * GRANULE,
+    })
+    .collect()
 }
 
 /// Result of writing one stream.
@@ -207,7 +219,12 @@ pub fn write_stream(
                 while off < len {
                     let g = (start + off) / GRANULE;
                     let piece = GRANULE.min(len - off) as usize;
-                    fill(&mut buf[off as usize..off as usize + piece], id_of(g), start + off, how);
+                    fill(
+                        &mut buf[off as usize..off as usize + piece],
+                        id_of(g),
+                        start + off,
+                        how,
+                    );
                     off += piece as u64;
                 }
                 w.data(start, &buf)?;
@@ -222,7 +239,11 @@ pub fn write_stream(
         c.push(".chksum");
         std::fs::write(c, adler.to_string())?;
     }
-    Ok(Written { size, adler, data: o.data_size })
+    Ok(Written {
+        size,
+        adler,
+        data: o.data_size,
+    })
 }
 
 /// Where benchmark inputs go: `$VMRESTORE_BENCH_DIR` or `/var/tmp` (outside the repo).
@@ -247,7 +268,10 @@ pub struct RelSeek<R> {
 impl<R: Read + Seek> RelSeek<R> {
     /// Wraps `r` (positioned at 0) with a buffer of `cap` bytes.
     pub fn new(cap: usize, r: R) -> Self {
-        Self { inner: BufReader::with_capacity(cap, r), pos: 0 }
+        Self {
+            inner: BufReader::with_capacity(cap, r),
+            pos: 0,
+        }
     }
 }
 
@@ -263,7 +287,8 @@ impl<R: Read + Seek> Seek for RelSeek<R> {
     fn seek(&mut self, to: SeekFrom) -> io::Result<u64> {
         match to {
             SeekFrom::Start(x) => {
-                let delta = i64::try_from(x).map_err(io::Error::other)? - i64::try_from(self.pos).map_err(io::Error::other)?;
+                let delta = i64::try_from(x).map_err(io::Error::other)?
+                    - i64::try_from(self.pos).map_err(io::Error::other)?;
                 self.inner.seek_relative(delta)?;
                 self.pos = x;
             }
