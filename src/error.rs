@@ -127,9 +127,6 @@ pub enum AppError {
     /// Cancelled by a signal.
     #[error("Interrupted by signal {0}")]
     Interrupted(i32),
-    /// This build has no restore modes wired in yet.
-    #[error("restore modes are not available in this build")]
-    RestoreUnavailable,
     /// An unexpected I/O failure.
     #[error("{context}")]
     Io {
@@ -156,7 +153,7 @@ impl AppError {
             Self::Engine { .. } => ExitStatus::Engine,
             Self::Dependency(_) => ExitStatus::Dependency,
             Self::Interrupted(sig) => ExitStatus::Signal(*sig),
-            Self::RestoreUnavailable | Self::Io { .. } | Self::Internal(_) => ExitStatus::General,
+            Self::Io { .. } | Self::Internal(_) => ExitStatus::General,
         }
     }
 
@@ -223,7 +220,7 @@ mod tests {
         );
         assert_eq!(AppError::Interrupted(15).exit_status().code(), 143);
         assert_eq!(
-            AppError::RestoreUnavailable.exit_status(),
+            AppError::Internal("x".into()).exit_status(),
             ExitStatus::General
         );
         assert_eq!(
