@@ -398,12 +398,12 @@ pub fn run_disk_in_place(job: &Job<'_>, requested: &[String]) -> Result<Outcome,
                 }
                 job.log
                     .error("restore_disk", &format!("Disk restore failed for {d}"));
-                refresh_pool_of(job, &targets[0].1);
+                super::refresh_pool(job, targets[0].1.parent().unwrap_or(Path::new("/")));
                 return Err(e);
             }
         }
     }
-    refresh_pool_of(job, &targets[0].1);
+    super::refresh_pool(job, targets[0].1.parent().unwrap_or(Path::new("/")));
     banner(job, vm, &kept);
     out.summary = format!("Disk restore complete: {vm}/{} — all ✓", disks.join(", "));
     Ok(out)
@@ -449,27 +449,6 @@ fn swap_in(
         return Err(engine::Error::target("renaming into", p, e));
     }
     Ok(kept)
-}
-
-fn refresh_pool_of(job: &Job<'_>, disk: &Path) {
-    let Some(dir) = disk.parent() else { return };
-    let Ok(pools) = job.hv.active_pools() else {
-        return;
-    };
-    if let Some(p) =
-        crate::hypervisor::pool_for(&pools, &crate::preflight::canonicalize_lenient(dir))
-    {
-        match job.hv.refresh_pool(&p.name) {
-            Ok(()) => job.log.info(
-                "refresh_storage_pool",
-                &format!("Refreshed storage pool '{}'", p.name),
-            ),
-            Err(_) => job.log.warn(
-                "refresh_storage_pool",
-                &format!("Failed to refresh storage pool '{}'", p.name),
-            ),
-        }
-    }
 }
 
 fn banner(job: &Job<'_>, vm: &str, kept: &[PathBuf]) {

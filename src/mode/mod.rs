@@ -443,3 +443,24 @@ mod tests {
         assert_eq!(iec((1u64 << 30) + (1 << 26)), "1.1GiB");
     }
 }
+
+/// Spec §4.12: refreshes the active pool whose path is the longest component-wise
+/// prefix of `dir`; never fatal.
+pub(crate) fn refresh_pool(job: &Job<'_>, dir: &Path) {
+    let Ok(pools) = job.hv.active_pools() else {
+        return;
+    };
+    let dir = crate::preflight::canonicalize_lenient(dir);
+    if let Some(p) = crate::hypervisor::pool_for(&pools, &dir) {
+        match job.hv.refresh_pool(&p.name) {
+            Ok(()) => job.log.info(
+                "refresh_storage_pool",
+                &format!("Refreshed storage pool '{}'", p.name),
+            ),
+            Err(_) => job.log.warn(
+                "refresh_storage_pool",
+                &format!("Failed to refresh storage pool '{}'", p.name),
+            ),
+        }
+    }
+}

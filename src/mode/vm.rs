@@ -4,8 +4,7 @@ use std::path::{Path, PathBuf};
 
 use crate::domxml::{rewrite, DiskRewrite, Rewrite};
 use crate::error::AppError;
-use crate::hypervisor::pool_for;
-use crate::preflight::{canonicalize_lenient, collisions};
+use crate::preflight::collisions;
 use crate::restore::{
     plan_outputs, predict_outputs, target_config, write_outputs, ImageFormat, PredictedOutput,
 };
@@ -90,6 +89,16 @@ fn log_predictions(job: &Job<'_>, outputs: &[PredictedOutput]) {
     }
 }
 
+/// Spec §4.2 for DR and data-only: the outputs under their original names, logged
+/// and checked against every live disk.
+fn predict_and_check(job: &Job<'_>, t: u32, dir: &Path) -> Result<Vec<PredictedOutput>, AppError> {
+    let outputs = predict_outputs(job.set, t, dir);
+    log_predictions(job, &outputs);
+    let finals: Vec<PathBuf> = outputs.iter().map(|o| o.final_path.clone()).collect();
+    safety_checks(job, &finals, &job.vm)?;
+    Ok(outputs)
+}
+
 fn restore_path<'a>(job: &'a Job<'_>) -> Result<&'a Path, AppError> {
     job.restore_path.as_deref().ok_or_else(|| AppError::Usage("--restore-path is required for restore (unless --disk is used for in-place replacement)".into()))
 }
@@ -150,24 +159,6 @@ fn write_disks(
     Ok(written)
 }
 
-fn refresh_pool(job: &Job<'_>, dir: &Path) {
-    let Ok(pools) = job.hv.active_pools() else {
-        return;
-    };
-    if let Some(p) = pool_for(&pools, &canonicalize_lenient(dir)) {
-        match job.hv.refresh_pool(&p.name) {
-            Ok(()) => job.log.info(
-                "refresh_storage_pool",
-                &format!("Refreshed storage pool '{}'", p.name),
-            ),
-            Err(_) => job.log.warn(
-                "refresh_storage_pool",
-                &format!("Failed to refresh storage pool '{}'", p.name),
-            ),
-        }
-    }
-}
-
 /// Data-only restore (`--skip-config`, spec §4.6).
 pub fn run_data_only(job: &Job<'_>) -> Result<Outcome, AppError> {
     let t = endpoint(job)?;
@@ -179,10 +170,7 @@ pub fn run_data_only(job: &Job<'_>) -> Result<Outcome, AppError> {
     warn_disk_set_change(job, t);
     let dir = restore_path(job)?;
     check_space(job, t, dir)?;
-    let outputs = predict_outputs(job.set, t, dir);
-    log_predictions(job, &outputs);
-    let finals: Vec<PathBuf> = outputs.iter().map(|o| o.final_path.clone()).collect();
-    safety_checks(job, &finals, &job.vm)?;
+    let outputs = predict_and_check(job, t, dir)?;
     let disks: Vec<String> = outputs.iter().map(|o| o.disk.clone()).collect();
     let mut out = Outcome {
         checkpoint: t,
@@ -203,7 +191,7 @@ pub fn run_data_only(job: &Job<'_>) -> Result<Outcome, AppError> {
     write_disks(job, t, &outputs, job.force)?;
     job.log
         .info("restore_vm", &format!("Disk restored to {}", dir.display()));
-    refresh_pool(job, dir);
+    super::refresh_pool(job, dir);
     if !job.skip_tpm {
         job.log.info(
             "restore_vm",
@@ -363,10 +351,8 @@ pub fn run_dr(job: &Job<'_>) -> Result<Outcome, AppError> {
     warn_disk_set_change(job, t);
     let dir = restore_path(job)?;
     check_space(job, t, dir)?;
-    let outputs = predict_outputs(job.set, t, dir);
-    log_predictions(job, &outputs);
+    let outputs = predict_and_check(job, t, dir)?;
     let finals: Vec<PathBuf> = outputs.iter().map(|o| o.final_path.clone()).collect();
-    safety_checks(job, &finals, &job.vm)?;
     let Some((cfg_path, cfg)) = target_config(job.set, t) else {
         return Err(AppError::Vm(
             "No VM configuration XML found in backup — cannot define the VM".into(),
@@ -503,7 +489,7 @@ pub fn run_dr(job: &Job<'_>) -> Result<Outcome, AppError> {
         nvram_pick.as_ref().map(|(_, p)| p),
         cfg.nvram.as_deref().map(Path::new),
     );
-    refresh_pool(job, dir);
+    super::refresh_pool(job, dir);
     let (tok, res) = restore_tpm(job, &job.vm, None, Some(info.uuid.clone()));
     out.tpm_result = res;
     out.partial = res == "failed" || !uuid_ok;
@@ -714,7 +700,7 @@ pub fn run_clone(job: &Job<'_>, clone: &str) -> Result<Outcome, AppError> {
             }
         }
     }
-    refresh_pool(job, dir);
+    super::refresh_pool(job, dir);
     let (tok, res) = restore_tpm(job, clone, Some(&info.uuid), None);
     out.tpm_result = res;
     out.partial = res == "failed";
