@@ -1498,3 +1498,93 @@ fn cpu_seconds() -> f64 {
         + f.get(12).and_then(|v| v.parse().ok()).unwrap_or(0.0);
     ticks / 100.0
 }
+
+/// Instant boot's building block: an empty qcow2 overlay whose backing file is our
+/// NBD export. qemu-img sees the backing chain, the overlay is clean, reads fall
+/// through to the restore point, and writes stay in the overlay.
+#[test]
+fn qcow2_overlay_backed_by_the_served_restore_point() {
+    use engine::target::overlay::{create_overlay, OverlaySpec};
+    if !have("qemu-img") || !have("qemu-io") {
+        return;
+    }
+    let set = lz4_fixture();
+    let tmp = tempfile::tempdir().expect("tmp");
+    let plan = DiskPlan::for_point(&set, "vda", 3).expect("plan");
+    let size = plan.virtual_size;
+    let expected = tmp.path().join("expected.raw");
+    restore_raw(&plan, &expected);
+    let h = serve(vec![plan], Listen::tcp("127.0.0.1:0").expect("addr"));
+    let uri = h.uris()[0].clone();
+    let ov = tmp.path().join("vda.qcow2");
+    let ovs = ov.to_str().expect("utf8");
+    create_overlay(
+        &ov,
+        &OverlaySpec {
+            virtual_size: size,
+            backing: &uri,
+            backing_format: "raw",
+        },
+    )
+    .expect("overlay");
+    // Never over an existing file.
+    assert!(create_overlay(
+        &ov,
+        &OverlaySpec {
+            virtual_size: size,
+            backing: &uri,
+            backing_format: "raw",
+        }
+    )
+    .is_err());
+    let check = run("qemu-img", &["check", ovs]);
+    assert!(check.contains("No errors were found"), "{check}");
+    let info: serde_json::Value =
+        serde_json::from_str(&run("qemu-img", &["info", "--output=json", ovs])).expect("json");
+    assert_eq!(info["format"], "qcow2");
+    assert_eq!(info["virtual-size"], size);
+    assert_eq!(info["cluster-size"], 65536);
+    assert_eq!(info["backing-filename"], uri.as_str());
+    assert_eq!(info["backing-filename-format"], "raw");
+    assert_eq!(info["format-specific"]["data"]["compat"], "1.1");
+    let cmp = run(
+        "qemu-img",
+        &[
+            "compare",
+            "-F",
+            "raw",
+            ovs,
+            expected.to_str().expect("utf8"),
+        ],
+    );
+    assert!(cmp.contains("identical"), "{cmp}");
+    // A guest write lands in the overlay, the backup stays as it was.
+    run(
+        "qemu-io",
+        &["-f", "qcow2", "-c", "write -P 0x5a 1M 64k", ovs],
+    );
+    let check = run("qemu-img", &["check", ovs]);
+    assert!(check.contains("No errors were found"), "{check}");
+    let flat = tmp.path().join("flat.raw");
+    run(
+        "qemu-img",
+        &["convert", "-O", "raw", ovs, flat.to_str().expect("utf8")],
+    );
+    let mut want = std::fs::read(&expected).expect("read");
+    want[MIB as usize..MIB as usize + 65536].fill(0x5a);
+    assert_eq!(sha256_file(&flat), sha256_bytes(&want));
+    let cmp = run(
+        "qemu-img",
+        &[
+            "compare",
+            "-f",
+            "raw",
+            "-F",
+            "raw",
+            expected.to_str().expect("utf8"),
+            &uri,
+        ],
+    );
+    assert!(cmp.contains("identical"), "{cmp}");
+    h.stop().expect("stop");
+}

@@ -12,6 +12,7 @@
 use crate::error::Result;
 
 pub mod nbd;
+pub mod overlay;
 pub mod qcow2;
 pub mod raw;
 
