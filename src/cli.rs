@@ -62,6 +62,12 @@ pub struct Args {
     pub connect: Option<String>,
     /// `--serve`.
     pub serve: Option<String>,
+    /// `--instant-boot`.
+    pub instant_boot: bool,
+    /// `--pull`.
+    pub pull: bool,
+    /// `--nbd-target`, unparsed.
+    pub nbd_target: Option<String>,
     /// `--force`.
     pub force: bool,
     /// `--dry-run`.
@@ -143,6 +149,9 @@ pub enum FlagId {
     IncludeIncomplete,
     Connect,
     Serve,
+    InstantBoot,
+    Pull,
+    NbdTarget,
     Json,
     Help,
     Version,
@@ -167,7 +176,8 @@ pub struct Flag {
     pub help: &'static str,
 }
 
-/// Every flag of spec §1.2, plus `--connect`, `--serve` and `--json` (new in this version).
+/// Every flag of spec §1.2, plus `--connect`, `--serve`, `--instant-boot`, `--pull`,
+/// `--nbd-target` and `--json` (new in this version).
 pub const FLAGS: &[Flag] = &[
     Flag { id: FlagId::Vm, long: "--vm", short: None, value_name: "<name|path>", takes: Takes::Value("--vm requires a VM name or path"), section: Section::Restore,
         help: "VM to restore: a directory name under the backup root, or a path to a VM\ndirectory, period directory or archived chain (.archives/chain-*)" },
@@ -209,6 +219,12 @@ pub const FLAGS: &[Flag] = &[
         help: "libvirt connection URI (default: $LIBVIRT_DEFAULT_URI, else qemu:///system)" },
     Flag { id: FlagId::Serve, long: "--serve", short: None, value_name: "<listen>", takes: Takes::Value("--serve requires a listen address (host:port or a unix socket path)"), section: Section::Other,
         help: "With --vm: serve the restore point's disks read-only over NBD instead of\nrestoring them (instant recovery), until interrupted. <listen> is host:port\n(TCP) or a path (Unix socket); prints one NBD URI per disk" },
+    Flag { id: FlagId::InstantBoot, long: "--instant-boot", short: None, value_name: "", takes: Takes::Nothing, section: Section::Other,
+        help: "With --vm and --restore-path: boot the restore point now. Serves its disks\nover NBD on 127.0.0.1, creates empty qcow2 overlays backed by them in\n--restore-path and starts a temporary (transient) clone, --name or\n<vm>-instant, new UUID and MACs. Runs until interrupted; then the clone\nis stopped and its overlays removed, unless its disks were pulled" },
+    Flag { id: FlagId::Pull, long: "--pull", short: None, value_name: "", takes: Takes::Nothing, section: Section::Other,
+        help: "With --instant-boot: make the clone permanent. Pulls all data from the\nbackup into the overlays while the clone runs (libvirt block pull), then\ndefines it persistently and exits; the overlays are its disks" },
+    Flag { id: FlagId::NbdTarget, long: "--nbd-target", short: None, value_name: "<[dev=]uri[,...]>", takes: Takes::Value("--nbd-target requires an NBD URI (nbd://host:port/export or nbd+unix:///export?socket=path)"), section: Section::Other,
+        help: "With --vm: write the restore point's disks into NBD exports (qemu-nbd,\nnbdkit, ...) instead of files, e.g. vda=nbd://host:10809/vda. A bare URI\nneeds a single disk. Defines no VM; the exports must be at least the disk size" },
     Flag { id: FlagId::Json, long: "--json", short: None, value_name: "", takes: Takes::Nothing, section: Section::Other,
         help: "Machine-readable output for --list, --list-restore-points, --verify,\n--dump and the restore summary (schemas: docs/json-output.md)" },
     Flag { id: FlagId::Help, long: "--help", short: Some("-h"), value_name: "", takes: Takes::Nothing, section: Section::Other,
@@ -306,6 +322,9 @@ impl Args {
             FlagId::ConfigInstance => self.config_instance = value,
             FlagId::Connect => self.connect = value,
             FlagId::Serve => self.serve = value,
+            FlagId::InstantBoot => self.instant_boot = true,
+            FlagId::Pull => self.pull = true,
+            FlagId::NbdTarget => self.nbd_target = value,
             FlagId::Force => self.force = true,
             FlagId::DryRun => self.dry_run = true,
             FlagId::SkipTpm => self.skip_tpm = true,

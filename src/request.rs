@@ -129,6 +129,55 @@ impl DiskSelection {
     }
 }
 
+/// One `--nbd-target` entry: `[dev=]uri`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NbdTargetSpec {
+    /// The disk (`vda`); `None` for a bare URI (the only disk restored).
+    pub disk: Option<String>,
+    /// `nbd://host[:port]/export` or `nbd+unix:///export?socket=path`.
+    pub uri: String,
+}
+
+/// Parses `--nbd-target`: comma-separated `[dev=]uri`, at most one bare URI and only
+/// alone, no disk twice, plain NBD only (TLS URIs are refused, not downgraded).
+pub fn parse_nbd_targets(v: &str) -> Result<Vec<NbdTargetSpec>, AppError> {
+    let bad = |m: String| Err(AppError::Usage(format!("--nbd-target {v}: {m}")));
+    let mut out: Vec<NbdTargetSpec> = Vec::new();
+    for item in v.split(',').map(str::trim).filter(|i| !i.is_empty()) {
+        let (disk, uri) = match item.split_once('=') {
+            Some((d, u)) if !d.contains(':') && !d.contains('/') => {
+                (Some(d.trim().to_owned()), u.trim())
+            }
+            _ => (None, item),
+        };
+        if uri.starts_with("nbds://") || uri.starts_with("nbds+unix://") {
+            return bad(format!("{uri}: NBD over TLS is not supported"));
+        }
+        if !(uri.starts_with("nbd://") || uri.starts_with("nbd+unix://")) {
+            return bad(format!(
+                "{uri}: not an NBD URI (nbd://host:port/export or nbd+unix:///export?socket=path)"
+            ));
+        }
+        if disk.as_deref() == Some("") {
+            return bad(format!("{item}: empty disk name"));
+        }
+        if out.iter().any(|o| o.disk.is_some() && o.disk == disk) {
+            return bad(format!("disk {} named twice", disk.unwrap_or_default()));
+        }
+        out.push(NbdTargetSpec {
+            disk,
+            uri: uri.to_owned(),
+        });
+    }
+    if out.is_empty() {
+        return bad("no URI given".into());
+    }
+    if out.len() > 1 && out.iter().any(|o| o.disk.is_none()) {
+        return bad("with several targets every one needs its disk (vda=nbd://...)".into());
+    }
+    Ok(out)
+}
+
 /// Which restore (spec §4.0).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum RestoreMode {
@@ -144,6 +193,11 @@ pub enum RestoreMode {
     DiskExtract,
     /// `--vm --serve <listen>`: export the restore point over NBD (instant recovery).
     Serve,
+    /// `--vm --instant-boot --restore-path P`: boot a transient clone from overlays
+    /// over NBD exports of the restore point.
+    InstantBoot,
+    /// `--vm --nbd-target URI`: write the disks into NBD exports.
+    Nbd,
 }
 
 impl RestoreMode {
@@ -156,6 +210,8 @@ impl RestoreMode {
             Self::DiskInPlace => "disk",
             Self::DiskExtract => "extract",
             Self::Serve => "serve",
+            Self::InstantBoot => "instant-boot",
+            Self::Nbd => "nbd",
         }
     }
 }
@@ -197,6 +253,10 @@ pub struct RestoreRequest {
     pub json: bool,
     /// `--serve <listen>`.
     pub serve: Option<String>,
+    /// `--pull` (instant boot: make the clone permanent).
+    pub pull: bool,
+    /// `--nbd-target`, parsed.
+    pub nbd_targets: Vec<NbdTargetSpec>,
     /// The arguments as given (log header).
     pub invocation: Vec<String>,
 }
@@ -256,6 +316,7 @@ pub fn build(args: Args, root: BackupRoot, facts: &Facts) -> Result<Request, App
         && args.restore_path.is_none()
         && args.disk.is_none()
         && args.serve.is_none()
+        && args.nbd_target.is_none()
     {
         return Err(AppError::Usage("--restore-path is required for restore (unless --disk is used for in-place replacement)".into()));
     }
@@ -292,8 +353,17 @@ pub fn build(args: Args, root: BackupRoot, facts: &Facts) -> Result<Request, App
         }
         Mode::Restore => {
             let disks = args.disk.as_deref().map(DiskSelection::parse).transpose()?;
+            let nbd_targets = args
+                .nbd_target
+                .as_deref()
+                .map(parse_nbd_targets)
+                .transpose()?
+                .unwrap_or_default();
+            check_new_modes(&args, &disks, &nbd_targets)?;
             let restore_mode = match (&disks, &args.restore_path) {
                 _ if args.serve.is_some() => RestoreMode::Serve,
+                _ if args.instant_boot => RestoreMode::InstantBoot,
+                _ if !nbd_targets.is_empty() => RestoreMode::Nbd,
                 (Some(_), None) => RestoreMode::DiskInPlace,
                 (Some(_), Some(_)) => RestoreMode::DiskExtract,
                 (None, _) if args.skip_config => RestoreMode::DataOnly,
@@ -321,10 +391,58 @@ pub fn build(args: Args, root: BackupRoot, facts: &Facts) -> Result<Request, App
                     .unwrap_or_else(|| DEFAULT_URI.into()),
                 json: args.json,
                 serve: args.serve,
+                pull: args.pull,
+                nbd_targets,
                 invocation: args.invocation,
             })
         }
     })
+}
+
+/// The combinations of `--serve`, `--instant-boot`, `--pull` and `--nbd-target`
+/// that mean nothing, refused before anything is read.
+fn check_new_modes(
+    args: &Args,
+    disks: &Option<DiskSelection>,
+    nbd: &[NbdTargetSpec],
+) -> Result<(), AppError> {
+    let usage = |m: &str| Err(AppError::Usage(m.to_owned()));
+    let exclusive = [
+        args.serve.is_some(),
+        args.instant_boot,
+        args.nbd_target.is_some(),
+    ];
+    if exclusive.iter().filter(|x| **x).count() > 1 {
+        return usage("--serve, --instant-boot and --nbd-target cannot be combined");
+    }
+    if args.pull && !args.instant_boot {
+        return usage("--pull requires --instant-boot");
+    }
+    if args.instant_boot {
+        if disks.is_some() {
+            return usage("--instant-boot boots every disk of the restore point; --disk cannot be used with it");
+        }
+        if args.skip_config {
+            return usage("--instant-boot defines a VM; --skip-config cannot be used with it");
+        }
+    }
+    if !nbd.is_empty() {
+        if args.restore_path.is_some() {
+            return usage(
+                "--nbd-target writes into NBD exports; --restore-path cannot be used with it",
+            );
+        }
+        match disks {
+            Some(DiskSelection::All) => {
+                return usage("--nbd-target: name each disk (vda=nbd://...) instead of --disk all")
+            }
+            Some(DiskSelection::List(l)) if l.len() > 1 || nbd.iter().any(|t| t.disk.is_some()) => {
+                return usage("--nbd-target with --disk: give one disk and one bare URI")
+            }
+            _ => {}
+        }
+    }
+    Ok(())
 }
 
 #[cfg(test)]

@@ -195,7 +195,7 @@ pub fn run(r: &RestoreRequest, env: &Env) -> Result<ExitStatus, AppError> {
 fn connect(r: &RestoreRequest) -> Result<Box<dyn Hypervisor>, AppError> {
     let needs_libvirt = matches!(
         r.mode,
-        RestoreMode::Dr | RestoreMode::Clone | RestoreMode::DiskInPlace
+        RestoreMode::Dr | RestoreMode::Clone | RestoreMode::DiskInPlace | RestoreMode::InstantBoot
     );
     let conn = if r.dry_run {
         Libvirt::connect_read_only(&r.uri)
@@ -259,6 +259,14 @@ fn run_mode(
         }
         RestoreMode::DiskInPlace => mode::run_disk_in_place(&job, &disks()),
         RestoreMode::DiskExtract => mode::run_disk_extract(&job, &disks()),
+        RestoreMode::InstantBoot => {
+            let name = r
+                .clone_name
+                .clone()
+                .unwrap_or_else(|| mode::instant_default_name(vm));
+            mode::run_instant(&job, &name, r.pull)
+        }
+        RestoreMode::Nbd => mode::run_nbd(&job, &r.nbd_targets, r.disks.as_ref()),
         RestoreMode::Serve => Err(AppError::Internal(
             "serve requests are dispatched to cmd::serve".into(),
         )),
@@ -293,7 +301,7 @@ fn record(
         target_name: r
             .clone_name
             .clone()
-            .filter(|_| r.mode == RestoreMode::Clone),
+            .filter(|_| matches!(r.mode, RestoreMode::Clone | RestoreMode::InstantBoot)),
         source_path: data_dir.display().to_string(),
         period_id: period_id(data_dir, &r.vm.label),
         restore_point: r.point.label(),

@@ -258,6 +258,56 @@ impl Hypervisor for Libvirt {
             .map(|_| ())
             .map_err(err(format!("autostart {name}")))
     }
+
+    fn create_transient(&self, xml: &str) -> HvResult<DomainInfo> {
+        let d = self.conn.create_domain_xml(xml, 0).map_err(err("create"))?;
+        info(&d)
+    }
+
+    fn is_persistent(&self, name: &str) -> HvResult<bool> {
+        self.domain(name)?
+            .is_persistent()
+            .map_err(err(format!("dominfo {name}")))
+    }
+
+    fn block_pull(&self, name: &str, disk: &str) -> HvResult<()> {
+        let d = self.domain(name)?;
+        let op = format!("blockpull {name} {disk}");
+        let c = std::ffi::CString::new(disk).map_err(|_| HvError {
+            op: op.clone(),
+            message: "disk name contains NUL".into(),
+        })?;
+        // SAFETY: `d` is a live domain handle and `c` a NUL-terminated string that
+        // outlives the call; bandwidth 0 = unlimited, no flags.
+        let rc = unsafe { sys::virDomainBlockPull(d.as_ptr(), c.as_ptr(), 0, 0) };
+        if rc < 0 {
+            return Err(err(op)(virt::error::Error::last_error()));
+        }
+        Ok(())
+    }
+
+    fn block_job(&self, name: &str, disk: &str) -> HvResult<Option<(u64, u64)>> {
+        let d = self.domain(name)?;
+        let op = format!("blockjob {name} {disk}");
+        let c = std::ffi::CString::new(disk).map_err(|_| HvError {
+            op: op.clone(),
+            message: "disk name contains NUL".into(),
+        })?;
+        let mut ji = sys::virDomainBlockJobInfo {
+            type_: 0,
+            bandwidth: 0,
+            cur: 0,
+            end: 0,
+        };
+        // SAFETY: `d` is live, `c` NUL-terminated, `ji` a valid out-parameter that
+        // libvirt fills when it returns 1.
+        let rc = unsafe { sys::virDomainGetBlockJobInfo(d.as_ptr(), c.as_ptr(), &mut ji, 0) };
+        match rc {
+            0 => Ok(None),
+            1 => Ok(Some((ji.cur, ji.end))),
+            _ => Err(err(op)(virt::error::Error::last_error())),
+        }
+    }
 }
 
 #[cfg(test)]

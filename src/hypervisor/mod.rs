@@ -124,6 +124,14 @@ pub trait Hypervisor {
     fn checkpoints(&self, name: &str) -> HvResult<Vec<String>>;
     /// Sets autostart.
     fn set_autostart(&self, name: &str, on: bool) -> HvResult<()>;
+    /// Creates and starts a transient domain (gone when it stops).
+    fn create_transient(&self, xml: &str) -> HvResult<DomainInfo>;
+    /// True when the domain has a persistent definition.
+    fn is_persistent(&self, name: &str) -> HvResult<bool>;
+    /// Starts pulling the whole backing chain of `disk` into its top image.
+    fn block_pull(&self, name: &str, disk: &str) -> HvResult<()>;
+    /// The running block job of `disk`: `Some((done, total))`, `None` when there is none.
+    fn block_job(&self, name: &str, disk: &str) -> HvResult<Option<(u64, u64)>>;
 }
 
 /// The pool whose path is the longest component-wise prefix of `dir` (spec §4.12).
@@ -236,5 +244,17 @@ impl Hypervisor for Offline {
     }
     fn set_autostart(&self, name: &str, _: bool) -> HvResult<()> {
         Err(self.no(&format!("autostart {name}")))
+    }
+    fn create_transient(&self, _: &str) -> HvResult<DomainInfo> {
+        Err(self.no("create"))
+    }
+    fn is_persistent(&self, name: &str) -> HvResult<bool> {
+        Err(self.no(&format!("dominfo {name}")))
+    }
+    fn block_pull(&self, name: &str, disk: &str) -> HvResult<()> {
+        Err(self.no(&format!("blockpull {name} {disk}")))
+    }
+    fn block_job(&self, name: &str, disk: &str) -> HvResult<Option<(u64, u64)>> {
+        Err(self.no(&format!("blockjob {name} {disk}")))
     }
 }

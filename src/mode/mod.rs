@@ -16,9 +16,13 @@ use crate::error::AppError;
 use crate::hypervisor::Hypervisor;
 
 mod disk;
+mod instant;
+mod nbd;
 mod vm;
 
 pub use disk::{run_disk_extract, run_disk_in_place};
+pub use instant::{default_name as instant_default_name, run_instant};
+pub use nbd::run_nbd;
 pub use vm::{run_clone, run_data_only, run_dr};
 
 /// Where the user-visible lines go (stderr + log file in the binary, a buffer in tests).

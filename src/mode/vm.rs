@@ -70,7 +70,7 @@ pub(super) fn safety_checks(
     Ok(())
 }
 
-fn log_predictions(job: &Job<'_>, outputs: &[PredictedOutput]) {
+pub(super) fn log_predictions(job: &Job<'_>, outputs: &[PredictedOutput]) {
     if outputs.is_empty() {
         job.log.warn(
             "predict_output_files",
@@ -99,7 +99,7 @@ fn predict_and_check(job: &Job<'_>, t: u32, dir: &Path) -> Result<Vec<PredictedO
     Ok(outputs)
 }
 
-fn restore_path<'a>(job: &'a Job<'_>) -> Result<&'a Path, AppError> {
+pub(super) fn restore_path<'a>(job: &'a Job<'_>) -> Result<&'a Path, AppError> {
     job.restore_path.as_deref().ok_or_else(|| AppError::Usage("--restore-path is required for restore (unless --disk is used for in-place replacement)".into()))
 }
 
@@ -207,7 +207,7 @@ pub fn run_data_only(job: &Job<'_>) -> Result<Outcome, AppError> {
 }
 
 /// The TPM step (spec §4.11): returns the summary token and the catalogue value.
-fn restore_tpm(
+pub(super) fn restore_tpm(
     job: &Job<'_>,
     vm_label: &str,
     uuid: Option<&str>,
@@ -502,7 +502,7 @@ pub fn run_dr(job: &Job<'_>) -> Result<Outcome, AppError> {
 }
 
 /// Spec §4.10: the NVRAM copy of checkpoint `t` is missing and an earlier one is used.
-fn log_nvram_fallback(job: &Job<'_>, pick: &crate::nvram::NvramPick, t: u32) {
+pub(super) fn log_nvram_fallback(job: &Job<'_>, pick: &crate::nvram::NvramPick, t: u32) {
     if let Some(c) = pick.checkpoint.filter(|c| *c != t) {
         job.log.info(
             "restore_nvram",

@@ -14,7 +14,7 @@ WORK=$(mktemp -d /var/tmp/vmrestore-e2e.XXXXXX)
 chmod 755 "$WORK"   # qemu (libvirt-qemu) must reach restored images
 BK=$WORK/backups
 export LOG_DIR=$WORK/logs
-SCENARIOS=${E2E_SCENARIOS:-"fixtures multi uefi long shrink copy diff"}
+SCENARIOS=${E2E_SCENARIOS:-"fixtures instant multi uefi long shrink copy diff"}
 EXTRA_DOMAINS=()
 PASSED=()
 START=$SECONDS
@@ -93,6 +93,84 @@ scenario_fixtures() {
     [ -d "$swtpm/$clone_uuid/tpm2" ] || die "clone TPM state not under the clone's UUID"
     [ -f /var/lib/libvirt/qemu/nvram/rc-uefi-tpm-clone_VARS.fd ] || die "clone NVRAM"
     ok "fixtures: rc-uefi-tpm NVRAM (checkpoint $n) and TPM state for DR and clone"
+}
+
+# msha CHAIN-DIR POINT DISK: expected sha256 of a fixture disk (tests/fixtures manifest)
+msha() {
+    python3 - "$ROOT_DIR/tests/fixtures/real-chains/expected/manifest.json" "$@" <<'PY'
+import json, sys
+m = json.load(open(sys.argv[1]))
+for vm in m["vms"].values():
+    for c in vm["chains"]:
+        if c["dir"] == sys.argv[2]:
+            for rp in c["restore_points"]:
+                if rp["name"] == "virtnbdbackup." + sys.argv[3]:
+                    print(rp["disks"][sys.argv[4]]["sha256"])
+PY
+}
+
+# raw_sha IMG: sha256 of the guest content of an image (read while it may be in use)
+raw_sha() {
+    local t="$WORK/raw-sha.$$.raw"
+    qemu-img convert -U -O raw "$1" "$t"
+    sha256sum "$t" | cut -d' ' -f1
+    rm -f "$t"
+}
+
+scenario_instant() {
+    # --instant-boot: the fixture chains served over NBD, a transient clone booted on
+    # qcow2 overlays backed by the exports; Ctrl-C ends it; --pull makes it permanent
+    local fx=$WORK/instant-backups
+    mkdir -p "$fx"
+    cp -a "$ROOT_DIR/tests/fixtures/real-chains/backups/rc-multi-sql" "$ROOT_DIR/tests/fixtures/real-chains/backups/rc-uefi-tpm" "$fx/"
+    local before; before=$(treehash "$fx")
+    local name=vmr-e2e-ib-multi dir=$WORK/ib
+    EXTRA_DOMAINS+=("$name" vmr-e2e-ib-uefi)
+    log "vmrestore --vm rc-multi-sql --instant-boot --name $name (background)"
+    "$BIN" --connect qemu:///system --vm rc-multi-sql --backup-path "$fx" --restore-path "$dir" \
+        --instant-boot --name "$name" >"$WORK/ib.log" 2>&1 &
+    local pid=$! i
+    for i in $(seq 60); do
+        grep -q "Started transient VM" "$WORK/ib.log" && break
+        kill -0 $pid 2>/dev/null || { cat "$WORK/ib.log" >&2; die "instant boot exited early"; }
+        sleep 0.5
+    done
+    [ "$(virsh -c qemu:///system domstate "$name" | head -1)" = running ] || die "$name is not running"
+    [[ $(virsh -c qemu:///system dominfo "$name") =~ Persistent:\ *no ]] || die "$name is not transient"
+    local d
+    for d in vda vdb sda; do
+        local ov=$dir/$name-$d.qcow2
+        [[ $(qemu-img info -U "$ov") == *"backing file: nbd://127.0.0.1:"* ]] || die "$ov: no NBD backing"
+        [ "$(raw_sha "$ov")" = "$(msha backups/rc-multi-sql/2026-W08 3 $d)" ] || die "$name/$d: content is not restore point 3"
+    done
+    # the guest writes into its overlay, never into the backup
+    io "$name" vdb "write -P 0x77 1M 64k"
+    ok "instant: rc-multi-sql booted as a transient clone in $(grep -c . "$WORK/ib.log") log lines; every disk reads as point 3"
+    kill -INT $pid
+    wait $pid || die "instant boot ended with exit $?"
+    virsh -c qemu:///system dominfo "$name" >/dev/null 2>&1 && die "$name still exists after Ctrl-C"
+    ls "$dir"/"$name"-* >/dev/null 2>&1 && die "overlays left after Ctrl-C"
+    ok "instant: Ctrl-C stops the temporary clone and removes its overlays"
+
+    # UEFI + TPM, point 0 of the period, made permanent by block pull
+    name=vmr-e2e-ib-uefi
+    vmr --vm rc-uefi-tpm --backup-path "$fx" --restore-path "$dir" --instant-boot --pull \
+        --name "$name" --restore-point 0
+    [[ $(virsh -c qemu:///system dominfo "$name") =~ Persistent:\ *yes ]] || die "$name is not persistent after --pull"
+    [ "$(virsh -c qemu:///system domstate "$name" | head -1)" = running ] || die "$name is not running"
+    local uuid; uuid=$(uuid_of "$name")
+    [ -d "/var/lib/libvirt/swtpm/$uuid/tpm2" ] || die "$name: TPM state not under its UUID"
+    [ -f "/var/lib/libvirt/qemu/nvram/${name}_VARS.fd" ] || die "$name: NVRAM"
+    "${VIRSH[@]}" destroy "$name" >/dev/null
+    for d in vda vdb; do
+        local ov=$dir/$name-$d.qcow2
+        [[ $(qemu-img info "$ov") == *"backing file"* ]] && die "$ov still has a backing file after the pull"
+        qemu-img check -q "$ov" || die "$ov: qemu-img check"
+        [ "$(raw_sha "$ov")" = "$(msha backups/rc-uefi-tpm/2026-W26 0 $d)" ] || die "$name/$d: content is not point 0"
+    done
+    starts "$name"
+    ok "instant: --pull made rc-uefi-tpm permanent (persistent, standalone overlays = point 0, NVRAM, TPM, starts)"
+    [ "$(treehash "$fx")" = "$before" ] || die "the backup tree changed"
 }
 
 scenario_multi() {
