@@ -1588,3 +1588,46 @@ fn qcow2_overlay_backed_by_the_served_restore_point() {
     assert!(cmp.contains("identical"), "{cmp}");
     h.stop().expect("stop");
 }
+
+/// Overlays of odd and huge sizes are valid qcow2 images of exactly that size.
+#[test]
+fn qcow2_overlays_of_many_sizes_pass_qemu_img_check() {
+    use engine::target::overlay::{create_overlay, OverlaySpec};
+    if !have("qemu-img") {
+        return;
+    }
+    let tmp = tempfile::tempdir().expect("tmp");
+    let backing = tmp.path().join("base.raw");
+    std::fs::write(&backing, b"").expect("base");
+    let sizes = [
+        1u64,
+        512,
+        65_535,
+        65_537,
+        (512 << 20) - 1,
+        (512 << 20) + 1,
+        (1 << 30) + 3,
+        5 << 40,
+        (64 << 40) - 512,
+    ];
+    for (i, size) in sizes.into_iter().enumerate() {
+        let ov = tmp.path().join(format!("ov{i}.qcow2"));
+        create_overlay(
+            &ov,
+            &OverlaySpec {
+                virtual_size: size,
+                backing: backing.to_str().expect("utf8"),
+                backing_format: "raw",
+            },
+        )
+        .expect("overlay");
+        let ovs = ov.to_str().expect("utf8");
+        let check = run("qemu-img", &["check", "--output=json", ovs]);
+        let c: serde_json::Value = serde_json::from_str(&check).expect("json");
+        assert_eq!(c["check-errors"], 0, "{size}: {check}");
+        assert!(c.get("leaks").is_none(), "{size}: {check}");
+        let info: serde_json::Value =
+            serde_json::from_str(&run("qemu-img", &["info", "--output=json", ovs])).expect("json");
+        assert_eq!(info["virtual-size"], size.div_ceil(512) * 512, "{size}");
+    }
+}

@@ -73,7 +73,14 @@ pub fn overlay_image(spec: &OverlaySpec<'_>) -> Result<Vec<u8>> {
     h[8..16].copy_from_slice(&(backing_offset as u64).to_be_bytes());
     h[16..20].copy_from_slice(&(spec.backing.len() as u32).to_be_bytes());
     h[20..24].copy_from_slice(&CLUSTER_BITS.to_be_bytes());
-    h[24..32].copy_from_slice(&spec.virtual_size.to_be_bytes());
+    // qemu works in 512-byte sectors and rounds a size up the same way.
+    h[24..32].copy_from_slice(
+        &spec
+            .virtual_size
+            .div_ceil(512)
+            .saturating_mul(512)
+            .to_be_bytes(),
+    );
     // 32..36 crypt_method 0
     h[36..40].copy_from_slice(&l1_size.to_be_bytes());
     h[40..48].copy_from_slice(&(3 * CLUSTER).to_be_bytes()); // L1 table
@@ -137,6 +144,24 @@ mod tests {
         assert_eq!(&img[off..off + len], b"nbd://127.0.0.1:10809/vda");
         assert_eq!(u32::from_be_bytes(img[36..40].try_into().unwrap()), 20); // 10 GiB / 512 MiB
         assert_eq!(&img[112..115], b"raw");
+    }
+
+    /// The header cluster's used bytes, as `xxd`-style hex lines: a change to the
+    /// layout must be deliberate (regenerate with VMRESTORE_UPDATE_GOLDEN=1).
+    #[test]
+    fn header_golden() {
+        let img = overlay_image(&spec(10 << 30)).unwrap();
+        let mut hex = String::new();
+        for (i, line) in img[..160].chunks(16).enumerate() {
+            let bytes: Vec<String> = line.iter().map(|b| format!("{b:02x}")).collect();
+            hex.push_str(&format!("{:08x}: {}\n", i * 16, bytes.join(" ")));
+        }
+        let golden = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("tests/golden/overlay-10G-nbd.hex");
+        if std::env::var_os("VMRESTORE_UPDATE_GOLDEN").is_some() {
+            std::fs::write(&golden, &hex).unwrap();
+        }
+        assert_eq!(hex, std::fs::read_to_string(&golden).unwrap());
     }
 
     #[test]
