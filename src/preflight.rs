@@ -71,6 +71,8 @@ pub fn free_space(dir: &Path) -> Option<(u64, PathBuf)> {
     loop {
         if d.is_dir() {
             let s = nix::sys::statvfs::statvfs(&d).ok()?;
+            // the field types differ between libc targets (u32 on some)
+            #[allow(clippy::useless_conversion)]
             let free = u64::from(s.blocks_available()).saturating_mul(u64::from(s.fragment_size()));
             return (free > 0).then_some((free, d));
         }

@@ -43,6 +43,15 @@ fn new_uuid() -> Result<String, AppError> {
         })
 }
 
+/// The host part of a libvirt URI (`qemu+ssh://host/system` → `host`), if any.
+fn uri_host(uri: &str) -> Option<&str> {
+    let rest = uri.split_once("://")?.1;
+    let authority = rest.split(['/', '?']).next().unwrap_or_default();
+    let host = authority.rsplit_once('@').map_or(authority, |(_, h)| h);
+    let host = host.split(':').next().unwrap_or_default();
+    (!host.is_empty()).then_some(host)
+}
+
 /// What was created, so that a failed or ended temporary boot removes exactly that.
 #[derive(Debug, Default)]
 struct Created {
@@ -102,6 +111,16 @@ pub fn run_instant(job: &Job<'_>, name: &str, pull: bool) -> Result<Outcome, App
         ),
     );
     warn_disk_set_change(job, t);
+    // The exports listen on the loopback interface of this host: a remote hypervisor
+    // could not reach them.
+    if let Some(h) = uri_host(job.hv.uri())
+        .filter(|h| !matches!(*h, "localhost" | "127.0.0.1" | "::1" | "[::1]"))
+    {
+        return Err(AppError::Usage(format!(
+            "--instant-boot needs the hypervisor of this host (the NBD exports listen on 127.0.0.1); {} is on {h}",
+            job.hv.uri()
+        )));
+    }
     if job
         .hv
         .lookup(name)
@@ -512,5 +531,20 @@ fn serve_until_done(
             }
         }
         std::thread::sleep(Duration::from_millis(500));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::uri_host;
+
+    #[test]
+    fn remote_uris_have_a_host() {
+        assert_eq!(uri_host("qemu:///system"), None);
+        assert_eq!(uri_host("test:///default"), None);
+        assert_eq!(uri_host("qemu+ssh://root@kvm2/system"), Some("kvm2"));
+        assert_eq!(uri_host("qemu+tcp://kvm3:16509/system"), Some("kvm3"));
+        assert_eq!(uri_host("qemu://localhost/system?x=1"), Some("localhost"));
+        assert_eq!(uri_host(""), None);
     }
 }

@@ -404,17 +404,34 @@ pub fn line_progress(log: Arc<dyn Reporter>) -> engine::apply::ProgressFn {
             || p.done == p.total;
         if due {
             m.insert(p.disk.clone(), now);
-            let pct = if p.total == 0 {
-                100
-            } else {
-                p.done * 100 / p.total
-            };
+            let pct = (p.done * 100).checked_div(p.total).unwrap_or(100);
             log.info(
                 "restore_disk",
                 &format!("{}: {} of {} ({pct}%)", p.disk, iec(p.done), iec(p.total)),
             );
         }
     })
+}
+
+/// Spec §4.12: refreshes the active pool whose path is the longest component-wise
+/// prefix of `dir`; never fatal.
+pub(crate) fn refresh_pool(job: &Job<'_>, dir: &Path) {
+    let Ok(pools) = job.hv.active_pools() else {
+        return;
+    };
+    let dir = crate::preflight::canonicalize_lenient(dir);
+    if let Some(p) = crate::hypervisor::pool_for(&pools, &dir) {
+        match job.hv.refresh_pool(&p.name) {
+            Ok(()) => job.log.info(
+                "refresh_storage_pool",
+                &format!("Refreshed storage pool '{}'", p.name),
+            ),
+            Err(_) => job.log.warn(
+                "refresh_storage_pool",
+                &format!("Failed to refresh storage pool '{}'", p.name),
+            ),
+        }
+    }
 }
 
 #[cfg(test)]
@@ -445,26 +462,5 @@ mod tests {
         assert_eq!(iec(10229), "10KiB");
         assert_eq!(iec(100 << 30), "100GiB");
         assert_eq!(iec((1u64 << 30) + (1 << 26)), "1.1GiB");
-    }
-}
-
-/// Spec §4.12: refreshes the active pool whose path is the longest component-wise
-/// prefix of `dir`; never fatal.
-pub(crate) fn refresh_pool(job: &Job<'_>, dir: &Path) {
-    let Ok(pools) = job.hv.active_pools() else {
-        return;
-    };
-    let dir = crate::preflight::canonicalize_lenient(dir);
-    if let Some(p) = crate::hypervisor::pool_for(&pools, &dir) {
-        match job.hv.refresh_pool(&p.name) {
-            Ok(()) => job.log.info(
-                "refresh_storage_pool",
-                &format!("Refreshed storage pool '{}'", p.name),
-            ),
-            Err(_) => job.log.warn(
-                "refresh_storage_pool",
-                &format!("Failed to refresh storage pool '{}'", p.name),
-            ),
-        }
     }
 }

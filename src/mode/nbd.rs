@@ -188,15 +188,18 @@ mod tests {
         let two = vec!["vda".to_owned(), "vdb".to_owned()];
         let s = [spec(None, "nbd://h/x")];
         assert_eq!(
-            resolve_targets(&one, &s, None).unwrap(),
+            resolve_targets(&one, &s, None).expect("one disk"),
             vec![("vda".to_owned(), "nbd://h/x".to_owned())]
         );
         assert!(resolve_targets(&two, &s, None).is_err());
         let pick = DiskSelection::List(vec!["vdb".into()]);
-        assert_eq!(resolve_targets(&two, &s, Some(&pick)).unwrap()[0].0, "vdb");
+        assert_eq!(
+            resolve_targets(&two, &s, Some(&pick)).expect("picked")[0].0,
+            "vdb"
+        );
         let missing = [spec(Some("vdz"), "nbd://h/x")];
         let e = resolve_targets(&two, &missing, None)
-            .unwrap_err()
+            .expect_err("missing disk")
             .to_string();
         assert!(e.contains("vdz") && e.contains("vda, vdb"), "{e}");
     }

@@ -136,13 +136,13 @@ mod tests {
 
     #[test]
     fn header_fields() {
-        let img = overlay_image(&spec(10 << 30)).unwrap();
+        let img = overlay_image(&spec(10 << 30)).expect("image");
         assert_eq!(&img[0..4], b"QFI\xfb");
         assert_eq!(img.len() as u64, 4 * CLUSTER);
-        let off = u64::from_be_bytes(img[8..16].try_into().unwrap()) as usize;
-        let len = u32::from_be_bytes(img[16..20].try_into().unwrap()) as usize;
+        let off = u64::from_be_bytes(img[8..16].try_into().expect("slice")) as usize;
+        let len = u32::from_be_bytes(img[16..20].try_into().expect("slice")) as usize;
         assert_eq!(&img[off..off + len], b"nbd://127.0.0.1:10809/vda");
-        assert_eq!(u32::from_be_bytes(img[36..40].try_into().unwrap()), 20); // 10 GiB / 512 MiB
+        assert_eq!(u32::from_be_bytes(img[36..40].try_into().expect("slice")), 20); // 10 GiB / 512 MiB
         assert_eq!(&img[112..115], b"raw");
     }
 
@@ -150,7 +150,7 @@ mod tests {
     /// layout must be deliberate (regenerate with VMRESTORE_UPDATE_GOLDEN=1).
     #[test]
     fn header_golden() {
-        let img = overlay_image(&spec(10 << 30)).unwrap();
+        let img = overlay_image(&spec(10 << 30)).expect("image");
         let mut hex = String::new();
         for (i, line) in img[..160].chunks(16).enumerate() {
             let bytes: Vec<String> = line.iter().map(|b| format!("{b:02x}")).collect();
@@ -159,9 +159,9 @@ mod tests {
         let golden = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
             .join("tests/golden/overlay-10G-nbd.hex");
         if std::env::var_os("VMRESTORE_UPDATE_GOLDEN").is_some() {
-            std::fs::write(&golden, &hex).unwrap();
+            std::fs::write(&golden, &hex).expect("write golden");
         }
-        assert_eq!(hex, std::fs::read_to_string(&golden).unwrap());
+        assert_eq!(hex, std::fs::read_to_string(&golden).expect("golden"));
     }
 
     #[test]
@@ -179,7 +179,7 @@ mod tests {
     #[test]
     fn big_disks_get_more_l1_clusters() {
         // 8 TiB: 16384 L1 entries = 2 clusters.
-        let img = overlay_image(&spec(8 << 40)).unwrap();
+        let img = overlay_image(&spec(8 << 40)).expect("image");
         assert_eq!(img.len() as u64, 5 * CLUSTER);
         let rb = 2 * CLUSTER as usize;
         assert_eq!(&img[rb + 8..rb + 10], &[0, 1]); // cluster 4 referenced
