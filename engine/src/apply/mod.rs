@@ -305,6 +305,13 @@ async fn run(
     Ok(reports)
 }
 
+/// Data written between two [`BlockTarget::start_writeback`] calls. Without them the
+/// kernel starts write-out only at its background dirty threshold (10 % of RAM by
+/// default, more than many a disk), so the device idles while we copy and the whole
+/// image is written at the final sync. 1.7 GB buffered + fsync on the bench machine:
+/// 1.4–2.4 s plain, 0.65–0.8 s with a kick every 32 MiB.
+const WRITEBACK_STEP: u64 = 32 << 20;
+
 #[allow(clippy::too_many_arguments)]
 fn write_disk(
     disk: String,
@@ -331,6 +338,7 @@ fn write_disk(
     }
     // (offset, len, xxh3, all-zero) of everything written, for the read-back.
     let mut written: Vec<(u64, u64, u64, bool)> = Vec::new();
+    let mut since_writeback = 0u64;
     let mut done = 0u64;
     let mut reported = u64::MAX;
     let mut last_report = Instant::now();
@@ -350,6 +358,11 @@ fn write_disk(
         } else {
             target.write_at(c.offset, &c.data)?;
             rep.bytes_written += len;
+            since_writeback += len;
+            if since_writeback >= WRITEBACK_STEP {
+                target.start_writeback()?;
+                since_writeback = 0;
+            }
         }
         if opts.verify_readback {
             let h = if zero {

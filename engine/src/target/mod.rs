@@ -9,6 +9,9 @@
 //! - `finish` must be called once at the end (it writes final metadata); dropping a
 //!   target without `finish` leaves an incomplete file that must not take its final name.
 
+use std::fs::File;
+use std::os::unix::io::AsRawFd;
+
 use crate::error::Result;
 
 pub mod nbd;
@@ -43,6 +46,15 @@ pub trait BlockTarget: Send {
     /// Final metadata, flush and sync. Called exactly once, last.
     fn finish(&mut self) -> Result<()>;
 
+    /// Starts writing the output's dirty page-cache data to the device, without waiting
+    /// for it (a hint). [`apply`](crate::apply()) calls it every few MiB, so the device
+    /// works while the restore still copies, instead of idling until the final sync, and
+    /// dirty pages never pile up. Durability still comes only from `sync`/`finish`.
+    /// The default does nothing (targets without a page cache of their own).
+    fn start_writeback(&mut self) -> Result<()> {
+        Ok(())
+    }
+
     /// Sub-ranges of `[offset, offset + len)` that may hold data (the rest is known to
     /// read as zero without looking). Used by read-back verification to skip holes.
     /// The default knows nothing and returns the whole range.
@@ -53,4 +65,13 @@ pub trait BlockTarget: Send {
             vec![(offset, len)]
         })
     }
+}
+
+/// `sync_file_range(SYNC_FILE_RANGE_WRITE)` over the whole file: queues write-out of its
+/// dirty pages that are not already under write-out, and returns without waiting.
+/// Errors are ignored: this is only a hint, and a real write error surfaces at the sync.
+pub(crate) fn start_file_writeback(file: &File) {
+    // SAFETY: sync_file_range only reads its integer arguments; the descriptor is owned
+    // by `file`, which is alive for the call.
+    let _ = unsafe { libc::sync_file_range(file.as_raw_fd(), 0, 0, libc::SYNC_FILE_RANGE_WRITE) };
 }

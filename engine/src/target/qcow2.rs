@@ -617,6 +617,14 @@ impl BlockTarget for Qcow2Target {
             .map_err(|e| Error::target("flush", &self.path, e))
     }
 
+    /// The data clusters imago wrote through its own descriptor are dirty pages of the
+    /// same file: write-out is started through ours. (Metadata imago still holds in its
+    /// caches reaches the file at `flush`.)
+    fn start_writeback(&mut self) -> Result<()> {
+        super::start_file_writeback(&self.file);
+        Ok(())
+    }
+
     fn sync(&mut self) -> Result<()> {
         let image = self.image("sync")?;
         image

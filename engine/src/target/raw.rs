@@ -157,6 +157,11 @@ impl BlockTarget for RawTarget {
         Ok(())
     }
 
+    fn start_writeback(&mut self) -> Result<()> {
+        super::start_file_writeback(&self.file);
+        Ok(())
+    }
+
     fn sync(&mut self) -> Result<()> {
         self.file
             .sync_data()
