@@ -3,7 +3,6 @@
 //! number of frames, memory with the number of extents.
 
 use std::fs::File;
-use std::io::BufReader;
 use std::path::{Path, PathBuf};
 
 use nbdfmt::{BackupSet, FrameKind, QcowInfo, StreamContent, StreamFile, StreamIndex};
@@ -34,8 +33,7 @@ impl ChainFile {
             })
             .in_file(path)
         })?;
-        let index = StreamIndex::read(BufReader::with_capacity(64 * 1024, f))
-            .map_err(|e| e.in_file(path))?;
+        let index = StreamIndex::read_file(f).map_err(|e| e.in_file(path))?;
         let stored_checksum = nbdfmt::checksum::stored_checksum(path)?;
         Ok(Self {
             path: path.to_path_buf(),

@@ -46,6 +46,7 @@ pub mod error;
 pub mod frame;
 pub mod lz4;
 pub mod meta;
+pub mod preadbuf;
 pub mod reader;
 pub mod sidecar;
 pub mod trailer;
@@ -59,6 +60,7 @@ pub use backupset::{
 pub use error::{Error, ErrorKind, Result};
 pub use frame::{FrameHeader, FrameKind, HEADER_LEN};
 pub use meta::{Compression, StreamMeta};
+pub use preadbuf::PreadBuf;
 pub use reader::{Frame, StreamIndex, StreamReader};
 pub use sidecar::{BackupFile, Ident, QcowInfo, StreamLevel};
 pub use trailer::TrailerEntry;

@@ -529,6 +529,9 @@ fn read_trailer<R: Read + Seek>(
     Ok((json_off, entries))
 }
 
+/// Read-ahead window of [`StreamIndex::read_file`].
+pub const INDEX_READAHEAD: usize = 64 * 1024;
+
 /// Every frame of one stream, read from headers and trailer only (payloads skipped).
 #[derive(Debug, Clone)]
 pub struct StreamIndex {
@@ -553,6 +556,12 @@ impl StreamIndex {
             frames,
             file_size: r.file_size,
         })
+    }
+
+    /// [`read`](Self::read) on a file, through a [`crate::PreadBuf`] (the fast way to
+    /// walk the headers of a file).
+    pub fn read_file(file: std::fs::File) -> Result<Self> {
+        Self::read(crate::PreadBuf::new(file, INDEX_READAHEAD))
     }
 
     /// Data frames only.
