@@ -142,7 +142,10 @@ mod tests {
         let off = u64::from_be_bytes(img[8..16].try_into().expect("slice")) as usize;
         let len = u32::from_be_bytes(img[16..20].try_into().expect("slice")) as usize;
         assert_eq!(&img[off..off + len], b"nbd://127.0.0.1:10809/vda");
-        assert_eq!(u32::from_be_bytes(img[36..40].try_into().expect("slice")), 20); // 10 GiB / 512 MiB
+        assert_eq!(
+            u32::from_be_bytes(img[36..40].try_into().expect("slice")),
+            20
+        ); // 10 GiB / 512 MiB
         assert_eq!(&img[112..115], b"raw");
     }
 
