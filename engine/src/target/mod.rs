@@ -55,6 +55,23 @@ pub trait BlockTarget: Send {
         Ok(())
     }
 
+    /// A second handle on the file holding the target's data, for reading back (at
+    /// the places [`host_extents`](Self::host_extents) names) on another thread and
+    /// for dropping restored ranges from the page cache. `None` (the default): the
+    /// read-back goes through [`read_at`](Self::read_at).
+    fn storage_file(&self) -> Option<File> {
+        None
+    }
+
+    /// Where `[offset, offset + len)` is stored, for targets that map the disk onto
+    /// their storage (image formats): `(storage offset, len)` pieces in disk order,
+    /// `u64::MAX` as the offset of pieces stored nowhere (reading as zero). `None` when
+    /// the disk is its storage (raw) or the storage is not visible (NBD): the default.
+    fn host_extents(&mut self, offset: u64, len: u64) -> Result<Option<Vec<(u64, u64)>>> {
+        let _ = (offset, len);
+        Ok(None)
+    }
+
     /// Sub-ranges of `[offset, offset + len)` that may hold data (the rest is known to
     /// read as zero without looking). Used by read-back verification to skip holes.
     /// The default knows nothing and returns the whole range.
@@ -74,4 +91,27 @@ pub(crate) fn start_file_writeback(file: &File) {
     // SAFETY: sync_file_range only reads its integer arguments; the descriptor is owned
     // by `file`, which is alive for the call.
     let _ = unsafe { libc::sync_file_range(file.as_raw_fd(), 0, 0, libc::SYNC_FILE_RANGE_WRITE) };
+}
+
+/// Waits for the write-out of `[offset, offset + len)` of `file` (starting it where
+/// needed), then drops those pages from the page cache. A hint: errors are ignored
+/// (a write error surfaces at the sync, a failed drop only costs memory).
+pub(crate) fn release_file_range(file: &File, offset: u64, len: u64) {
+    let (Ok(o), Ok(l)) = (i64::try_from(offset), i64::try_from(len)) else {
+        return;
+    };
+    let fd = file.as_raw_fd();
+    // SAFETY: both calls only read their integer arguments; the descriptor is owned by
+    // `file`, which is alive for the calls.
+    unsafe {
+        let _ = libc::sync_file_range(
+            fd,
+            o,
+            l,
+            libc::SYNC_FILE_RANGE_WAIT_BEFORE
+                | libc::SYNC_FILE_RANGE_WRITE
+                | libc::SYNC_FILE_RANGE_WAIT_AFTER,
+        );
+        let _ = libc::posix_fadvise(fd, o, l, libc::POSIX_FADV_DONTNEED);
+    }
 }

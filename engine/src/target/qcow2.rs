@@ -625,6 +625,46 @@ impl BlockTarget for Qcow2Target {
         Ok(())
     }
 
+    fn storage_file(&self) -> Option<File> {
+        self.file.try_clone().ok()
+    }
+
+    /// The host clusters behind the range (`u64::MAX` for zero or unallocated ones).
+    fn host_extents(&mut self, offset: u64, len: u64) -> Result<Option<Vec<(u64, u64)>>> {
+        let op = "map";
+        self.check_range(op, offset, len)?;
+        let image = self.image(op)?;
+        let mut out: Vec<(u64, u64)> = Vec::new();
+        let (mut pos, end) = (offset, offset + len);
+        while pos < end {
+            let (mapping, mlen) = image
+                .get_mapping(pos, end - pos)
+                .map_err(|e| Error::target(op, &self.path, e))?;
+            let mlen = mlen.min(end - pos);
+            if mlen == 0 {
+                return Err(Error::target(
+                    op,
+                    &self.path,
+                    io::Error::other(format!("no mapping at {pos}")),
+                ));
+            }
+            let h = match mapping {
+                Mapping::Raw { offset, .. } => offset,
+                _ => u64::MAX,
+            };
+            match out.last_mut() {
+                Some((p, pl))
+                    if (*p == u64::MAX && h == u64::MAX) || (*p != u64::MAX && *p + *pl == h) =>
+                {
+                    *pl += mlen
+                }
+                _ => out.push((h, mlen)),
+            }
+            pos += mlen;
+        }
+        Ok(Some(out))
+    }
+
     fn sync(&mut self) -> Result<()> {
         let image = self.image("sync")?;
         image

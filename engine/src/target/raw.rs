@@ -162,6 +162,10 @@ impl BlockTarget for RawTarget {
         Ok(())
     }
 
+    fn storage_file(&self) -> Option<File> {
+        self.file.try_clone().ok()
+    }
+
     fn sync(&mut self) -> Result<()> {
         self.file
             .sync_data()
