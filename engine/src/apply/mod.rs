@@ -199,6 +199,10 @@ async fn run(
     let chunk = opts.chunk_size.max(4096);
     let per_disk_slots = (opts.memory_cap / chunk / plans.len().max(1)).max(2);
     let reader_slots = Arc::new(Semaphore::new(opts.readers.max(1)));
+    let pool = Arc::new(scan::BufPool::new(
+        chunk,
+        per_disk_slots * plans.len() + opts.readers.max(1) + 2,
+    ));
 
     let mut writer_handles = Vec::new();
     let mut reader_handles = Vec::new();
@@ -210,8 +214,18 @@ async fn run(
             let zero_ranges = plan.map.zero_ranges(plan.virtual_size);
             let opts2 = opts.clone();
             let abort2 = abort.clone();
+            let pool2 = pool.clone();
             writer_handles.push(tokio::task::spawn_blocking(move || {
-                write_disk(disk, target, rx, total, &zero_ranges, &opts2, &abort2)
+                write_disk(
+                    disk,
+                    target,
+                    rx,
+                    total,
+                    &zero_ranges,
+                    &opts2,
+                    &abort2,
+                    &pool2,
+                )
             }));
         }
         for job in jobs(plan) {
@@ -226,6 +240,7 @@ async fn run(
             let slots = reader_slots.clone();
             let cancel = opts.cancel.clone();
             let abort2 = abort.clone();
+            let pool2 = pool.clone();
             reader_handles.push(tokio::spawn(async move {
                 let _permit = slots
                     .acquire_owned()
@@ -239,7 +254,7 @@ async fn run(
                         tx.blocking_send(Chunk { offset, data })
                             .map_err(|_| Error::Cancelled(-1))
                     };
-                    let status = scan::scan_file(&job, verify, chunk, &cancel, &mut emit)?;
+                    let status = scan::scan_file(&job, verify, chunk, &pool2, &cancel, &mut emit)?;
                     Ok::<_, Error>((
                         job.path.clone(),
                         status,
@@ -558,6 +573,7 @@ fn write_disk(
     zero_ranges: &[(u64, u64)],
     opts: &ApplyOptions,
     abort: &Cancel,
+    pool: &scan::BufPool,
 ) -> Result<DiskReport> {
     let started = Instant::now();
     let mut rep = DiskReport {
@@ -625,7 +641,7 @@ fn write_disk(
         } else {
             xxhash_rust::xxh3::xxh3_64(&c.data)
         };
-        drop(c.data);
+        pool.put(c.data);
         rolling.push(Written {
             offset: c.offset,
             len,
