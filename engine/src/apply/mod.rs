@@ -385,7 +385,9 @@ impl Rolling {
     }
 
     /// Hands everything but the newest `keep` bytes to the read-back (a thread reading
-    /// the storage file, or inline through the target) and the cache release.
+    /// the storage file, or inline through the target) and the cache release. The last
+    /// call (`keep` 0) releases nothing: waiting for the write-out of the last pieces
+    /// range by range would only delay the final sync, which writes them anyway.
     fn settle(
         &mut self,
         target: &mut dyn BlockTarget,
@@ -413,7 +415,7 @@ impl Rolling {
                 w.placed = placement_of(ext.as_deref());
             }
             let phys = ext.unwrap_or_else(|| vec![(w.offset, w.len)]);
-            if !w.zero {
+            if !w.zero && keep > 0 {
                 for &(h, l) in phys.iter().filter(|&&(h, _)| h != u64::MAX) {
                     match release.last_mut() {
                         Some((o, ol)) if *o + *ol == h => *ol += l,
