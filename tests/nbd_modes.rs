@@ -94,7 +94,13 @@ impl Drop for Export {
     }
 }
 
+/// Runs vmrestore on the shared fixture. One run at a time: restores take the VM's
+/// lock, and two tests restoring the same VM at once would (rightly) get exit 3.
 fn vmr(s: &Scratch, args: &[&str]) -> Run {
+    static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    let _one = SERIAL
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
     let fx = Fixture::shared();
     let root = fx.root_str();
     let mut all = vec![
