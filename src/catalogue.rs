@@ -137,7 +137,7 @@ impl Catalogue {
                 ChainHealth {
                     active: count(active),
                     broken: count(broken),
-                    last_backup: last.filter(|s| !s.is_empty()),
+                    last_backup: last.filter(|s| !s.trim().is_empty()),
                 },
             );
         }
@@ -161,8 +161,11 @@ impl Catalogue {
         })?;
         let mut out = BTreeMap::new();
         for row in rows {
+            // blank like an empty `last_backup`: "never", not an empty time
             if let (vm, Some(t)) = row? {
-                out.insert(vm, t);
+                if !t.trim().is_empty() {
+                    out.insert(vm, t);
+                }
             }
         }
         Ok(out)
@@ -258,6 +261,31 @@ mod tests {
         );
         assert!(list_health(e.path()).is_empty());
         assert_eq!(iso_utc("garbage"), "garbage");
+    }
+
+    // Found by the catalogue fuzz target: a blank time printed "last backup " (empty).
+    #[test]
+    fn blank_times_are_missing_times() {
+        let d = tempfile::tempdir().expect("tempdir");
+        db(
+            d.path(),
+            &format!(
+                "{SCHEMA}
+                INSERT INTO chain_health (vm_name, period_id, chain_location, last_backup) VALUES
+                 ('a','p','x',' '), ('b','p','x',''), ('c','p','x','');
+                INSERT INTO vm_backups (vm_name, status, created_at) VALUES
+                 ('a','success','2026-01-02 03:04:05'), ('b','success','  '), ('c','success','');"
+            ),
+        );
+        let h = list_health(d.path());
+        assert_eq!(
+            h["a"].line(),
+            "Chains: 1 active, 0 broken, last backup 2026-01-02T03:04:05Z"
+        );
+        for vm in ["b", "c"] {
+            assert_eq!(h[vm].last_backup, None);
+            assert!(h[vm].line().ends_with("last backup never"));
+        }
     }
 }
 

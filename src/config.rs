@@ -121,7 +121,13 @@ pub fn resolve_backup_root(
 pub fn read_backup_path(file: &Path) -> Result<Option<PathBuf>, AppError> {
     let f = File::open(file)
         .map_err(|e| AppError::Config(format!("Cannot read {}: {e}", file.display())))?;
-    let mut reader = BufReader::new(f);
+    parse_backup_path(f, file)
+}
+
+/// [`read_backup_path`] on the contents of `file` given as a reader (errors still
+/// name `file` and the line).
+pub fn parse_backup_path(contents: impl Read, file: &Path) -> Result<Option<PathBuf>, AppError> {
+    let mut reader = BufReader::new(contents);
     let mut found: Option<Vec<u8>> = None;
     let mut buf = Vec::new();
     let mut line_no = 0;
@@ -187,9 +193,9 @@ fn parse_line(line: &[u8]) -> Result<Option<Vec<u8>>, String> {
     };
     let r = trim_start(r);
     let needs_shell = || {
-        "BACKUP_PATH needs a shell to evaluate ($VAR, ${...}, $(...) or backticks); vmrestore reads vmbackup.conf as data — use a literal path".to_owned()
+        "BACKUP_PATH needs a shell to evaluate ($VAR, ${...}, $(...), backticks, ~, operators or a word after the value); vmrestore reads vmbackup.conf as data — use a literal path".to_owned()
     };
-    let value: &[u8] = match r.first() {
+    let (value, rest): (&[u8], &[u8]) = match r.first() {
         Some(b'\'') => {
             // single quotes: literal in sh, no expansion at all
             let body = &r[1..];
@@ -197,7 +203,14 @@ fn parse_line(line: &[u8]) -> Result<Option<Vec<u8>>, String> {
                 .iter()
                 .position(|c| *c == b'\'')
                 .ok_or("unterminated ' quote in BACKUP_PATH")?;
-            &body[..end]
+            let rest = &body[end + 1..];
+            if rest
+                .first()
+                .is_some_and(|c| !matches!(c, b' ' | b'\t' | b';'))
+            {
+                return Err(needs_shell()); // 'a'b is one word: sh concatenates
+            }
+            (&body[..end], rest)
         }
         Some(b'"') => {
             let body = &r[1..];
@@ -206,10 +219,15 @@ fn parse_line(line: &[u8]) -> Result<Option<Vec<u8>>, String> {
                 .position(|c| *c == b'"')
                 .ok_or("unterminated \" quote in BACKUP_PATH")?;
             let v = &body[..end];
-            if v.iter().any(|c| matches!(c, b'$' | b'`' | b'\\')) {
+            let rest = &body[end + 1..];
+            if v.iter().any(|c| matches!(c, b'$' | b'`' | b'\\'))
+                || rest
+                    .first()
+                    .is_some_and(|c| !matches!(c, b' ' | b'\t' | b';'))
+            {
                 return Err(needs_shell());
             }
-            v
+            (v, rest)
         }
         _ => {
             let end = r
@@ -217,14 +235,27 @@ fn parse_line(line: &[u8]) -> Result<Option<Vec<u8>>, String> {
                 .position(|c| matches!(c, b' ' | b'\t' | b';'))
                 .unwrap_or(r.len());
             let v = &r[..end];
-            if v.iter()
-                .any(|c| matches!(c, b'$' | b'`' | b'\\' | b'"' | b'\''))
+            // sh expands `~` at the start and after `:` of an assignment, and
+            // `& | < > ( )` end the word as operators.
+            if v.iter().any(|c| {
+                matches!(
+                    c,
+                    b'$' | b'`' | b'\\' | b'"' | b'\'' | b'&' | b'|' | b'<' | b'>' | b'(' | b')'
+                )
+            }) || v.starts_with(b"~")
+                || v.windows(2).any(|w| w == b":~")
             {
                 return Err(needs_shell());
             }
-            v
+            (v, &r[end..])
         }
     };
+    // After the value: nothing, a comment or `;`. Another word would make the line a
+    // command with BACKUP_PATH in its environment only.
+    let rest = trim_start(rest);
+    if !(rest.is_empty() || rest.starts_with(b"#") || rest.starts_with(b";")) {
+        return Err(needs_shell());
+    }
     Ok(Some(value.to_vec()))
 }
 
@@ -304,6 +335,15 @@ mod tests {
             None
         );
         assert_eq!(value("BACKUP_PATH=/a\r\n").expect("ok"), Some("/a".into()));
+        // literal in sh: `~` inside a word, `#` inside a word, `;` after the value
+        assert_eq!(
+            value("BACKUP_PATH=/a~b#c # d\n").expect("ok"),
+            Some("/a~b#c".into())
+        );
+        assert_eq!(
+            value("BACKUP_PATH='/a'; x\n").expect("ok"),
+            Some("/a".into())
+        );
     }
 
     #[test]
@@ -314,6 +354,19 @@ mod tests {
             "BACKUP_PATH=$(cat /etc/bk)",
             "BACKUP_PATH=`cat /x`",
             "BACKUP_PATH=\"/a",
+            // what sh (and the config fuzz target's model of it) would not read as a
+            // literal: it would expand `~`, treat operators as such, concatenate
+            // quoted pieces, or run a command with BACKUP_PATH set only for it
+            "BACKUP_PATH=~/bk",
+            "BACKUP_PATH=/a:~/b",
+            "BACKUP_PATH=/a|b",
+            "BACKUP_PATH=/a&",
+            "BACKUP_PATH=/a>b",
+            "BACKUP_PATH='/a'$(id)",
+            "BACKUP_PATH=\"/a\"b",
+            "BACKUP_PATH='/a'#b",
+            "BACKUP_PATH=/a cmd",
+            "BACKUP_PATH=\"/a\" cmd",
         ] {
             let e = value(&format!("# x\n{bad}\n")).expect_err(bad);
             assert_eq!(e.exit_status(), crate::error::ExitStatus::Config);

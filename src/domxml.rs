@@ -61,32 +61,51 @@ struct Disk {
     tag: Span,
     attrs: Vec<(String, String)>,
     target: Option<String>,
-    source: Option<Span>,
-    driver: Option<(Span, Vec<(String, String)>)>,
+    sources: Vec<Span>,
+    drivers: Vec<(Span, Vec<(String, String)>)>,
     backing: Vec<Span>,
 }
 
-fn attrs(e: &BytesStart<'_>) -> Vec<(String, String)> {
+/// The attributes of a tag that may be written again. Anything that would not come
+/// back the same (a malformed attribute, a key that is not an XML name, an entity
+/// other than the predefined ones) is an error at `offset`.
+fn attrs(e: &BytesStart<'_>, offset: usize) -> Result<Vec<(String, String)>, DomXmlError> {
+    let err = |message: String| DomXmlError {
+        offset: offset as u64,
+        message,
+    };
+    let is_name = |k: &str| {
+        k.chars()
+            .next()
+            .is_some_and(|c| !c.is_ascii_digit() && !"-.".contains(c))
+            && k.chars()
+                .all(|c| c.is_alphanumeric() || "_:-.".contains(c) || !c.is_ascii())
+    };
     e.attributes()
-        .flatten()
         .map(|a| {
+            let a = a.map_err(|e| err(e.to_string()))?;
             let k = a.key.as_ref().to_owned();
+            if !is_name(&k) {
+                return Err(err(format!("attribute name {k:?}")));
+            }
             #[allow(deprecated)]
-            let v = a
-                .unescape_value()
-                .map(|v| v.into_owned())
-                .unwrap_or_default();
-            (k, v)
+            let v = a.unescape_value().map_err(|e| err(e.to_string()))?;
+            Ok((k, v.into_owned()))
         })
         .collect()
 }
 
+/// Escapes text and attribute values. Tab, CR and LF become character references:
+/// raw in an attribute value, a parser would read them back as spaces.
 fn escape(v: &str) -> String {
     v.replace('&', "&amp;")
         .replace('<', "&lt;")
         .replace('>', "&gt;")
         .replace('\'', "&apos;")
         .replace('"', "&quot;")
+        .replace('\t', "&#9;")
+        .replace('\n', "&#10;")
+        .replace('\r', "&#13;")
 }
 
 fn tag(name: &str, attrs: &[(String, String)], empty: bool) -> String {
@@ -107,12 +126,24 @@ fn set_attr(attrs: &mut Vec<(String, String)>, key: &str, value: &str) {
 
 /// Applies `rw` to `xml`.
 pub fn rewrite(xml: &str, rw: &Rewrite) -> Result<String, DomXmlError> {
+    // quick-xml skips a byte-order mark without counting it in its positions.
+    if let Some(rest) = xml.strip_prefix('\u{feff}') {
+        let bom = xml.len() - rest.len();
+        return match rewrite(rest, rw) {
+            Ok(out) => Ok(format!("\u{feff}{out}")),
+            Err(e) => Err(DomXmlError {
+                offset: e.offset + bom as u64,
+                ..e
+            }),
+        };
+    }
     let mut reader = Reader::from_str(xml);
-    let mut stack: Vec<(String, usize)> = Vec::new();
+    // open elements: name, start of the start tag, start of the content
+    let mut stack: Vec<(String, usize, usize)> = Vec::new();
     let mut edits: Vec<(usize, usize, String)> = Vec::new();
     let mut disk: Option<Disk> = None;
-    let mut open_child: Option<(String, usize)> = None; // source/backingStore inside a disk
-    let mut text_start = 0usize;
+    // source/backingStore inside a disk, or an interface mac: name, start, depth
+    let mut open_child: Option<(String, usize, usize)> = None;
     loop {
         let start = reader.buffer_position() as usize;
         let ev = reader.read_event().map_err(|e| DomXmlError {
@@ -120,7 +151,7 @@ pub fn rewrite(xml: &str, rw: &Rewrite) -> Result<String, DomXmlError> {
             message: e.to_string(),
         })?;
         let end = reader.buffer_position() as usize;
-        let path: Vec<&str> = stack.iter().map(|(n, _)| n.as_str()).collect();
+        let path: Vec<&str> = stack.iter().map(|(n, _, _)| n.as_str()).collect();
         match ev {
             Event::Eof => break,
             Event::Start(ref e) | Event::Empty(ref e) => {
@@ -130,22 +161,22 @@ pub fn rewrite(xml: &str, rw: &Rewrite) -> Result<String, DomXmlError> {
                     if path.len() == 3 {
                         match name.as_str() {
                             "target" => {
-                                d.target = attrs(e)
+                                d.target = attrs(e, start)?
                                     .into_iter()
                                     .find(|(k, _)| k == "dev")
                                     .map(|(_, v)| v)
                             }
-                            "driver" => d.driver = Some((Span { start, end }, attrs(e))),
+                            "driver" => d.drivers.push((Span { start, end }, attrs(e, start)?)),
                             "source" | "backingStore" => {
                                 if empty {
                                     let s = Span { start, end };
                                     if name == "source" {
-                                        d.source = Some(s)
+                                        d.sources.push(s)
                                     } else {
                                         d.backing.push(s)
                                     }
                                 } else {
-                                    open_child = Some((name.clone(), start));
+                                    open_child = Some((name.clone(), start, stack.len()));
                                 }
                             }
                             _ => {}
@@ -155,7 +186,7 @@ pub fn rewrite(xml: &str, rw: &Rewrite) -> Result<String, DomXmlError> {
                     disk = Some(Disk {
                         whole: Span { start, end },
                         tag: Span { start, end },
-                        attrs: attrs(e),
+                        attrs: attrs(e, start)?,
                         ..Disk::default()
                     });
                     if empty {
@@ -170,7 +201,7 @@ pub fn rewrite(xml: &str, rw: &Rewrite) -> Result<String, DomXmlError> {
                     if empty {
                         edits.push(removal(xml, start, end));
                     } else {
-                        open_child = Some(("mac".into(), start));
+                        open_child = Some(("mac".into(), start, stack.len()));
                     }
                 } else if path == ["domain"]
                     && name == "uuid"
@@ -180,30 +211,31 @@ pub fn rewrite(xml: &str, rw: &Rewrite) -> Result<String, DomXmlError> {
                     edits.push(removal(xml, start, end));
                 }
                 if !empty {
-                    stack.push((name, start));
-                    text_start = end;
+                    stack.push((name, start, end));
                 }
             }
             Event::End(ref e) => {
                 let name = e.name().as_ref().to_owned();
-                let Some((open, open_start)) = stack.pop() else {
+                let Some((open, open_start, text_start)) = stack.pop() else {
                     return Err(DomXmlError {
                         offset: start as u64,
                         message: format!("unexpected </{name}>"),
                     });
                 };
-                let parent: Vec<&str> = stack.iter().map(|(n, _)| n.as_str()).collect();
-                if let Some((child, cs)) = open_child.take() {
-                    if child == open {
+                let parent: Vec<&str> = stack.iter().map(|(n, _, _)| n.as_str()).collect();
+                // Closes the open child itself, not a same-named element inside it
+                // (a nested <backingStore> chain).
+                if let Some((child, cs, depth)) = open_child.take() {
+                    if stack.len() == depth {
                         let s = Span { start: cs, end };
                         match (child.as_str(), disk.as_mut()) {
-                            ("source", Some(d)) => d.source = Some(s),
+                            ("source", Some(d)) => d.sources.push(s),
                             ("backingStore", Some(d)) => d.backing.push(s),
                             ("mac", _) => edits.push(removal(xml, cs, end)),
                             _ => {}
                         }
                     } else {
-                        open_child = Some((child, cs));
+                        open_child = Some((child, cs, depth));
                     }
                 }
                 if open == "disk" && parent == ["domain", "devices"] {
@@ -239,7 +271,8 @@ pub fn rewrite(xml: &str, rw: &Rewrite) -> Result<String, DomXmlError> {
             message: format!("<{}> is not closed", stack[stack.len() - 1].0),
         });
     }
-    edits.sort_by_key(|e| e.0);
+    // Insertions (empty ranges) before a replacement starting at the same byte.
+    edits.sort_by_key(|e| (e.0, e.1));
     let mut out = String::with_capacity(xml.len());
     let mut pos = 0;
     for (s, e, r) in edits {
@@ -297,7 +330,7 @@ fn disk_edits(xml: &str, d: &Disk, rw: &Rewrite) -> Vec<(usize, usize, String)> 
         set_attr(&mut a, "type", "file");
         edits.push((d.tag.start, d.tag.end, tag("disk", &a, false)));
     }
-    if let Some((span, attrs)) = &d.driver {
+    for (span, attrs) in &d.drivers {
         let mut a = attrs.clone();
         set_attr(&mut a, "type", &r.format);
         let empty = xml[span.start..span.end].ends_with("/>");
@@ -308,8 +341,12 @@ fn disk_edits(xml: &str, d: &Disk, rw: &Rewrite) -> Vec<(usize, usize, String)> 
         &[("file".to_owned(), r.path.to_string_lossy().into_owned())],
         true,
     );
-    match d.source {
-        Some(s) => edits.push((s.start, s.end, src)),
+    // One <source>: the first is replaced, any other removed.
+    match d.sources.split_first() {
+        Some((s, rest)) => {
+            edits.push((s.start, s.end, src));
+            edits.extend(rest.iter().map(|r| removal(xml, r.start, r.end)));
+        }
         None => edits.push((d.tag.end, d.tag.end, src)),
     }
     for b in &d.backing {
@@ -466,5 +503,73 @@ mod tests {
         assert!(out.contains("<uuid>aaaa</uuid>"));
         assert!(rewrite("<domain><name>x</domain>", &Rewrite::default()).is_err());
         assert!(rewrite("<domain><name>x</name>", &Rewrite::default()).is_err());
+    }
+
+    // Found by the domxml fuzz target: a nested <backingStore> chain closed the outer
+    // one early (malformed output); with two <source> children the other kept its old
+    // path, and so did a second <driver> its format; a source inserted right before
+    // <driver> was dropped; `&#10;` in a rewritten attribute came back as a space on
+    // the next parse.
+    #[test]
+    fn nested_children_extra_sources_and_char_refs() {
+        let xml = "<domain><devices>
+    <disk type='file' device='disk'><driver name='qemu' type='qcow2'/>
+      <source file='/top.qcow2'><seclabel model='dac'/></source>
+      <source file='/second.qcow2'/>
+      <backingStore type='file' index='2'><source file='/mid'/>
+        <backingStore type='file' index='1'><source file='/base'/><backingStore/></backingStore>
+      </backingStore>
+      <target dev='vda'/>
+    </disk>
+    <disk type='block' device='disk'><driver name='qemu' type='raw' x='a&#10;b'/><driver/><target dev='vdb'/></disk>
+  </devices></domain>";
+        let rw = Rewrite {
+            disks: disks(),
+            ..Rewrite::default()
+        };
+        let out = rewrite(xml, &rw).expect("ok");
+        let doc = roxmltree::Document::parse(&out).expect("well-formed");
+        let files: Vec<&str> = doc
+            .descendants()
+            .filter(|n| n.has_tag_name("source"))
+            .filter_map(|n| n.attribute("file"))
+            .collect();
+        assert_eq!(files, ["/r/vm1-vda.qcow2", "/r/data"], "{out}");
+        assert!(!out.contains("backingStore"), "{out}");
+        assert!(
+            out.contains("<driver name='qemu' type='qcow2' x='a&#10;b'/><driver type='qcow2'/>"),
+            "{out}"
+        );
+        assert_eq!(rewrite(&out, &rw).expect("again"), out, "idempotent");
+    }
+
+    // Found by the domxml fuzz target: with a byte-order mark every edit landed three
+    // bytes early; a child element in <uuid> (or <name>, <nvram>) made the replaced
+    // content start after the child's start tag.
+    #[test]
+    fn byte_order_mark() {
+        let rw = Rewrite {
+            name: Some("new".into()),
+            ..Rewrite::default()
+        };
+        let out = rewrite("\u{feff}<domain>\n  <name>old</name>\n</domain>", &rw).expect("ok");
+        assert_eq!(out, "\u{feff}<domain>\n  <name>new</name>\n</domain>");
+        let e = rewrite("\u{feff}<domain><name>x</domain>", &rw).expect_err("malformed");
+        assert!(e.offset >= 3, "{e}");
+        let out = rewrite("<domain><name><x></x>old</name></domain>", &rw).expect("ok");
+        assert_eq!(out, "<domain><name>new</name></domain>");
+        // a disk tag that is written again must have attributes that come back
+        for bad in [
+            "type='''=''' ",
+            "type='block' a",
+            "type='&x;'",
+            "type='block' 1a='b'",
+        ] {
+            let xml = format!(
+                "<domain><devices><disk {bad}><target dev='vda'/></disk></devices></domain>"
+            );
+            let e = rewrite(&xml, &Rewrite::default()).expect_err(bad);
+            assert_eq!(e.offset, 17, "{e}");
+        }
     }
 }
