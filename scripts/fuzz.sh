@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
-# Builds and runs every nbdfmt cargo-fuzz target, one after the other, each for the
-# given number of seconds, starting from the committed seeds (nbdfmt/fuzz/seeds/<target>)
-# and the live corpus (nbdfmt/fuzz/corpus/<target>, not in git).
+# Builds and runs every cargo-fuzz target of nbdfmt/fuzz (the nbdfmt formats, and the
+# vmrestore crate's domain XML rewriting, vmbackup.conf and catalogue readers), one
+# after the other, each for the given number of seconds, starting from the committed
+# seeds (nbdfmt/fuzz/seeds/<target>) and the live corpus (nbdfmt/fuzz/corpus/<target>,
+# not in git).
 #
 #   scripts/fuzz.sh [seconds-per-target] [target...]   default: 600 s, all targets
 #   scripts/fuzz.sh smoke                              CI smoke run: 20 s per target
@@ -13,8 +15,9 @@
 # Toolchain: cargo-fuzz needs nightly-only rustc flags (-Zsanitizer, sancov passes).
 # Only a stable toolchain is available, so RUSTC_BOOTSTRAP=1 unlocks them. AddressSanitizer
 # is used when it builds (stable ships its runtime for x86_64 Linux); otherwise, or with
-# FUZZ_SANITIZER=none, the targets run without a sanitizer: nbdfmt is
-# forbid(unsafe_code), so panics and the targets' own assertions are what catch bugs.
+# FUZZ_SANITIZER=none, the targets run without a sanitizer: nbdfmt and vmrestore have
+# no unsafe code, so panics and the targets' own assertions are what catch bugs (the
+# bundled SQLite C code is not instrumented either way).
 #
 # Environment: CARGO_TARGET_DIR (builds go to $CARGO_TARGET_DIR/fuzz, else
 # nbdfmt/fuzz/target), FUZZ_SANITIZER (address|none), FUZZ_TIMEOUT (seconds one input
@@ -33,7 +36,7 @@ fi
 
 repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 fuzz_dir=$repo/nbdfmt/fuzz
-all_targets=(frame_header stream_reader meta_json sidecars)
+all_targets=(frame_header stream_reader meta_json sidecars domxml config catalogue)
 targets=("$@")
 [[ ${#targets[@]} -eq 0 ]] && targets=("${all_targets[@]}")
 
@@ -91,8 +94,9 @@ for t in "${targets[@]}"; do
     if [[ $rc -ne 0 || $nfound -gt 0 ]]; then
         failed=1
         echo "   FINDING (exit $rc):"
-        grep -m 3 -E "panicked at|ERROR: libFuzzer|ERROR: AddressSanitizer|SUMMARY" "$log" | sed 's/^/   /'
-        grep -m 1 -A 3 "panicked at" "$log" | tail -n +2 | sed 's/^/   /'
+        grep -a -m 3 -E "panicked at|ERROR: libFuzzer|ERROR: AddressSanitizer|SUMMARY" "$log" |
+            cut -c 1-300 | sed 's/^/   /'
+        grep -a -m 1 -A 3 "panicked at" "$log" | tail -n +2 | cut -c 1-300 | sed 's/^/   /'
         for f in $found; do
             echo "   input: nbdfmt/fuzz/$f"
             echo "   reproduce: (cd nbdfmt/fuzz && RUSTC_BOOTSTRAP=1 cargo fuzz run -s $sanitizer $t $f)"
