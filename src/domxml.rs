@@ -144,6 +144,8 @@ pub fn rewrite(xml: &str, rw: &Rewrite) -> Result<String, DomXmlError> {
     let mut disk: Option<Disk> = None;
     // source/backingStore inside a disk, or an interface mac: name, start, depth
     let mut open_child: Option<(String, usize, usize)> = None;
+    let mut uuid_seen = false;
+    let mut name_end: Option<usize> = None;
     loop {
         let start = reader.buffer_position() as usize;
         let ev = reader.read_event().map_err(|e| DomXmlError {
@@ -203,12 +205,13 @@ pub fn rewrite(xml: &str, rw: &Rewrite) -> Result<String, DomXmlError> {
                     } else {
                         open_child = Some(("mac".into(), start, stack.len()));
                     }
-                } else if path == ["domain"]
-                    && name == "uuid"
-                    && (rw.drop_uuid || rw.uuid.is_some())
-                    && empty
-                {
-                    edits.push(removal(xml, start, end));
+                } else if path == ["domain"] && name == "uuid" {
+                    uuid_seen = true;
+                    if empty && rw.drop_uuid {
+                        edits.push(removal(xml, start, end));
+                    } else if let (true, Some(u)) = (empty, &rw.uuid) {
+                        edits.push((start, end, format!("<uuid>{}</uuid>", escape(u))));
+                    }
                 }
                 if !empty {
                     stack.push((name, start, end));
@@ -247,6 +250,7 @@ pub fn rewrite(xml: &str, rw: &Rewrite) -> Result<String, DomXmlError> {
                         edits.extend(disk_edits(xml, &d, rw));
                     }
                 } else if parent == ["domain"] && open == "name" {
+                    name_end = Some(end);
                     if let Some(n) = &rw.name {
                         edits.push((text_start, start, escape(n)));
                     }
@@ -270,6 +274,11 @@ pub fn rewrite(xml: &str, rw: &Rewrite) -> Result<String, DomXmlError> {
             offset: xml.len() as u64,
             message: format!("<{}> is not closed", stack[stack.len() - 1].0),
         });
+    }
+    // A UUID to re-inject into a domain that had none goes right after <name>
+    // (instant boot places the TPM state under it before the domain starts).
+    if let (false, false, Some(u), Some(at)) = (uuid_seen, rw.drop_uuid, &rw.uuid, name_end) {
+        edits.push((at, at, format!("\n  <uuid>{}</uuid>", escape(u))));
     }
     // Insertions (empty ranges) before a replacement starting at the same byte.
     edits.sort_by_key(|e| (e.0, e.1));
@@ -501,6 +510,18 @@ mod tests {
         )
         .expect("ok");
         assert!(out.contains("<uuid>aaaa</uuid>"));
+        // a domain without <uuid>, or with an empty one, gets the re-injected UUID
+        let rw = Rewrite {
+            uuid: Some("bbbb".into()),
+            ..Rewrite::default()
+        };
+        let out = rewrite("<domain>\n  <name>x</name>\n</domain>", &rw).expect("ok");
+        assert_eq!(
+            out,
+            "<domain>\n  <name>x</name>\n  <uuid>bbbb</uuid>\n</domain>"
+        );
+        let out = rewrite("<domain><name>x</name><uuid/></domain>", &rw).expect("ok");
+        assert_eq!(out, "<domain><name>x</name><uuid>bbbb</uuid></domain>");
         assert!(rewrite("<domain><name>x</domain>", &Rewrite::default()).is_err());
         assert!(rewrite("<domain><name>x</name>", &Rewrite::default()).is_err());
     }
