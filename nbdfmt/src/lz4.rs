@@ -4,23 +4,156 @@
 //! blocks, linked (or independent for inputs of one block), block and content
 //! checksums, content size stored. Frames are only decodable from their start, so a
 //! reader that needs the tail of an extent still decodes the head and drops it.
+//!
+//! The frame layer (header, block words, checksums) is parsed here and each block is
+//! decoded with lz4_flex's block API, so the xxh32 checksums can be left unchecked
+//! when the caller verifies the stored bytes otherwise (the file's `.chksum` adler32
+//! in the same pass): they were most of the CPU time of decoding.
 
+use std::hash::Hasher as _;
 use std::io::{self, Read, Take};
 
+use lz4_flex::block::{decompress_into, decompress_into_with_dict};
 use lz4_flex::frame::FrameDecoder;
+use twox_hash::XxHash32;
 
 use crate::error::{Error, ErrorKind, Result};
+
+/// LZ4 frame magic (little-endian on disk).
+pub const MAGIC: u32 = 0x184D_2204;
+/// How far back a linked block may refer.
+const WINDOW: usize = 64 * 1024;
+/// Decoded bytes buffered per decoder (besides the window): several blocks, so the
+/// window is moved to the front only every few blocks.
+const OUT_TARGET: usize = 1 << 20;
+
+/// The fields of an LZ4 frame descriptor.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FrameHeader {
+    /// Header length in bytes (magic to header checksum).
+    pub len: usize,
+    /// Blocks are independent (no references into earlier blocks).
+    pub independent: bool,
+    /// Each block is followed by the xxh32 of its stored bytes.
+    pub block_checksums: bool,
+    /// The end mark is followed by the xxh32 of the decoded content.
+    pub content_checksum: bool,
+    /// Decoded size, when stored.
+    pub content_size: Option<u64>,
+    /// Largest decoded size of one block.
+    pub max_block: usize,
+}
+
+/// Parses an LZ4 frame header from the start of `b`. `Ok(None)`: `b` is too short to
+/// tell. Checks magic, version, reserved bits, block size and the header checksum;
+/// dictionary ids are refused.
+pub fn parse_header(b: &[u8]) -> std::result::Result<Option<FrameHeader>, String> {
+    if b.len() < 7 {
+        return Ok(None);
+    }
+    let magic = u32::from_le_bytes([b[0], b[1], b[2], b[3]]);
+    if magic != MAGIC {
+        return Err(format!("not an LZ4 frame (magic {magic:#010x})"));
+    }
+    let (flg, bd) = (b[4], b[5]);
+    if flg >> 6 != 0b01 {
+        return Err(format!("unsupported LZ4 frame version {}", flg >> 6));
+    }
+    if flg & 0b10 != 0 || bd & 0x8F != 0 {
+        return Err("reserved bits set in the LZ4 frame header".into());
+    }
+    if flg & 0b1 != 0 {
+        return Err("LZ4 frames with a dictionary id are not supported".into());
+    }
+    let max_block = match (bd >> 4) & 0x7 {
+        4 => 64 << 10,
+        5 => 256 << 10,
+        6 => 1 << 20,
+        7 => 4 << 20,
+        n => return Err(format!("invalid LZ4 block size code {n}")),
+    };
+    let has_size = flg & 0b1000 != 0;
+    let len = if has_size { 15 } else { 7 };
+    if b.len() < len {
+        return Ok(None);
+    }
+    let content_size = has_size.then(|| {
+        let mut c = [0u8; 8];
+        c.copy_from_slice(&b[6..14]);
+        u64::from_le_bytes(c)
+    });
+    let hc = (XxHash32::oneshot(0, &b[4..len - 1]) >> 8) as u8;
+    if hc != b[len - 1] {
+        return Err("LZ4 frame header checksum mismatch".into());
+    }
+    Ok(Some(FrameHeader {
+        len,
+        independent: flg & 0b10_0000 != 0,
+        block_checksums: flg & 0b1_0000 != 0,
+        content_checksum: flg & 0b100 != 0,
+        content_size,
+        max_block,
+    }))
+}
 
 /// Streams the decoded bytes of exactly one LZ4 frame of `compressed_len` bytes.
 ///
 /// Reading returns an error (never a panic, never unbounded memory) when the frame is
 /// corrupt or would decode to more than `max_decoded` bytes. Call [`finish`](Self::finish)
 /// after the last read to check that the frame used all its stored bytes.
+///
+/// Blocks are decoded with lz4_flex's block decoder; the xxh32 block and content
+/// checksums are checked unless [`verify_checksums(false)`](Self::verify_checksums)
+/// says the stored bytes are verified otherwise (the `.chksum` adler32 of the file).
+/// The header checksum, block sizes and the stored content size are always checked.
 pub struct Lz4FrameReader<R: Read> {
-    dec: FrameDecoder<Take<R>>,
+    src: Src<R>,
+    /// Stored size of the frame.
+    stored: u64,
     frame_offset: u64,
     max_decoded: u64,
     decoded: u64,
+    verify: bool,
+    header: Option<FrameHeader>,
+    done: bool,
+    /// Stored bytes of one compressed block.
+    cbuf: Vec<u8>,
+    /// Decoded bytes: `[.. out_start]` history (window), `[out_start, out_end)` not yet
+    /// handed out.
+    out: Vec<u8>,
+    out_start: usize,
+    out_end: usize,
+    content: Option<XxHash32>,
+}
+
+/// Checksums verified: lz4_flex's frame decoder (as fast as the block path plus
+/// xxh32, measured). Checksums skipped: the block path below.
+enum Src<R: Read> {
+    Flex(FrameDecoder<Take<R>>),
+    Own(Take<R>),
+}
+
+impl<R: Read> Src<R> {
+    fn get_mut(&mut self) -> &mut Take<R> {
+        match self {
+            Src::Flex(d) => d.get_mut(),
+            Src::Own(t) => t,
+        }
+    }
+
+    fn limit(&self) -> u64 {
+        match self {
+            Src::Flex(d) => d.get_ref().limit(),
+            Src::Own(t) => t.limit(),
+        }
+    }
+
+    fn into_inner(self) -> R {
+        match self {
+            Src::Flex(d) => d.into_inner().into_inner(),
+            Src::Own(t) => t.into_inner(),
+        }
+    }
 }
 
 impl<R: Read> std::fmt::Debug for Lz4FrameReader<R> {
@@ -36,11 +169,77 @@ impl<R: Read> Lz4FrameReader<R> {
     /// `src` must be positioned at the frame's magic, which is at `frame_offset` in the file.
     pub fn new(src: R, frame_offset: u64, compressed_len: u64, max_decoded: u64) -> Self {
         Self {
-            dec: FrameDecoder::new(src.take(compressed_len)),
+            src: Src::Flex(FrameDecoder::new(src.take(compressed_len))),
+            stored: compressed_len,
             frame_offset,
             max_decoded,
             decoded: 0,
+            verify: true,
+            header: None,
+            done: false,
+            cbuf: Vec::new(),
+            out: Vec::new(),
+            out_start: 0,
+            out_end: 0,
+            content: None,
         }
+    }
+
+    /// Whether to check the frame's xxh32 block and content checksums (default: yes).
+    /// Turn off only when the stored bytes are verified by other means in the same pass.
+    #[must_use]
+    pub fn verify_checksums(mut self, verify: bool) -> Self {
+        self.verify = verify;
+        self.src = match self.src {
+            Src::Flex(d) if !verify => Src::Own(d.into_inner()),
+            Src::Own(t) if verify => Src::Flex(FrameDecoder::new(t)),
+            s => s,
+        };
+        self
+    }
+
+    /// The checksum-verifying path: lz4_flex's frame decoder.
+    fn read_flex(&mut self, buf: &mut [u8]) -> Option<Result<usize>> {
+        let Src::Flex(dec) = &mut self.src else {
+            return None;
+        };
+        // Ask for at most one byte beyond the cap, so an over-long frame is caught
+        // without decoding all of it.
+        let room = self
+            .max_decoded
+            .saturating_sub(self.decoded)
+            .saturating_add(1);
+        let want = buf.len().min(usize::try_from(room).unwrap_or(usize::MAX));
+        let n = match dec.read(&mut buf[..want]) {
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => 0,
+            Err(e) => {
+                let reason = if e.kind() == io::ErrorKind::UnexpectedEof {
+                    "frame is truncated".to_owned()
+                } else {
+                    e.to_string()
+                };
+                return Some(Err(self.err(reason)));
+            }
+        };
+        if n == 0 && !buf.is_empty() {
+            // lz4_flex takes a source ending inside the header for "no frame"; no
+            // complete frame is shorter than 11 bytes (header 7, end mark 4).
+            if self.decoded == 0 && self.stored < 11 {
+                return Some(Err(self.err("frame is truncated".into())));
+            }
+            self.done = true;
+        }
+        self.decoded += n as u64;
+        if self.decoded > self.max_decoded {
+            return Some(Err(ErrorKind::DecodedLength {
+                offset: self.frame_offset,
+                expected: self.max_decoded,
+                actual: self.decoded,
+            }
+            .into()));
+        }
+        Some(Ok(n))
     }
 
     /// Bytes decoded so far.
@@ -50,27 +249,21 @@ impl<R: Read> Lz4FrameReader<R> {
 
     /// Reads up to `buf.len()` decoded bytes; `Ok(0)` at the end of the frame.
     pub fn read_decoded(&mut self, buf: &mut [u8]) -> Result<usize> {
-        // Ask for at most one byte beyond the cap, so an over-long frame is caught
-        // without decoding all of it.
-        let room = self
-            .max_decoded
-            .saturating_sub(self.decoded)
-            .saturating_add(1);
-        let want = buf.len().min(usize::try_from(room).unwrap_or(usize::MAX));
-        let n = match self.dec.read(&mut buf[..want]) {
-            Ok(n) => n,
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => 0,
-            Err(e) => return Err(self.lz4_error(&e)),
-        };
-        self.decoded += n as u64;
-        if self.decoded > self.max_decoded {
-            return Err(ErrorKind::DecodedLength {
-                offset: self.frame_offset,
-                expected: self.max_decoded,
-                actual: self.decoded,
-            }
-            .into());
+        if buf.is_empty() {
+            return Ok(0);
         }
+        if let Some(r) = self.read_flex(buf) {
+            return r;
+        }
+        while self.out_start == self.out_end {
+            if self.done {
+                return Ok(0);
+            }
+            self.next_block()?;
+        }
+        let n = buf.len().min(self.out_end - self.out_start);
+        buf[..n].copy_from_slice(&self.out[self.out_start..self.out_start + n]);
+        self.out_start += n;
         Ok(n)
     }
 
@@ -81,35 +274,234 @@ impl<R: Read> Lz4FrameReader<R> {
 
     /// Gives the source back (positioned wherever decoding stopped).
     pub fn into_inner(self) -> R {
-        self.dec.into_inner().into_inner()
+        self.src.into_inner()
     }
 
     /// Like [`finish`](Self::finish), and gives the source back whatever the outcome.
     pub fn finish_into_inner(self) -> (R, Result<u64>) {
-        let left = self.dec.get_ref().limit();
-        let r = if left != 0 {
-            Err(ErrorKind::Lz4 {
-                offset: self.frame_offset,
-                reason: format!("LZ4 frame ended {left} bytes before its stored size"),
-            }
-            .into())
+        let left = self.src.limit();
+        let r = if !self.done || self.out_start != self.out_end {
+            Err(self.err("the LZ4 frame was not read to its end".into()))
+        } else if left != 0 {
+            Err(self.err(format!(
+                "LZ4 frame ended {left} bytes before its stored size"
+            )))
         } else {
             Ok(self.decoded)
         };
-        (self.dec.into_inner().into_inner(), r)
+        (self.src.into_inner(), r)
     }
 
-    fn lz4_error(&self, e: &io::Error) -> Error {
-        let reason = if e.kind() == io::ErrorKind::UnexpectedEof {
-            "frame is truncated".to_owned()
-        } else {
-            e.to_string()
-        };
+    fn err(&self, reason: String) -> Error {
         ErrorKind::Lz4 {
             offset: self.frame_offset,
             reason,
         }
         .into()
+    }
+
+    fn read_src(&mut self, range: std::ops::Range<usize>, into_out: bool) -> Result<()> {
+        let buf = if into_out {
+            &mut self.out[range]
+        } else {
+            &mut self.cbuf[range]
+        };
+        match self.src.get_mut().read_exact(buf) {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => {
+                Err(self.err("frame is truncated".into()))
+            }
+            Err(e) => Err(self.err(e.to_string())),
+        }
+    }
+
+    fn read_u32(&mut self) -> Result<u32> {
+        let mut b = [0u8; 4];
+        match self.src.get_mut().read_exact(&mut b) {
+            Ok(()) => Ok(u32::from_le_bytes(b)),
+            Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => {
+                Err(self.err("frame is truncated".into()))
+            }
+            Err(e) => Err(self.err(e.to_string())),
+        }
+    }
+
+    fn read_header(&mut self) -> Result<FrameHeader> {
+        let mut b = [0u8; 15];
+        self.read_src_small(&mut b[..7])?;
+        let h = match parse_header(&b[..7]).map_err(|r| self.err(r))? {
+            Some(h) => h,
+            None => {
+                self.read_src_small(&mut b[7..15])?;
+                parse_header(&b)
+                    .map_err(|r| self.err(r))?
+                    .ok_or_else(|| self.err("frame is truncated".into()))?
+            }
+        };
+        // Room for the window and several blocks, but never more than the frame can
+        // decode to.
+        let k = (OUT_TARGET / h.max_block).max(1);
+        let mut cap = h.max_block * k + if h.independent { 0 } else { WINDOW };
+        let limit = h.content_size.unwrap_or(u64::MAX).min(self.max_decoded);
+        if let Ok(l) = usize::try_from(limit.saturating_add(1)) {
+            cap = cap.min(l);
+        }
+        self.out = vec![0u8; cap];
+        self.cbuf = vec![
+            0u8;
+            h.max_block
+                .min(usize::try_from(self.src.limit()).unwrap_or(usize::MAX))
+        ];
+        if self.verify && h.content_checksum {
+            self.content = Some(XxHash32::with_seed(0));
+        }
+        self.header = Some(h);
+        Ok(h)
+    }
+
+    fn read_src_small(&mut self, b: &mut [u8]) -> Result<()> {
+        match self.src.get_mut().read_exact(b) {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => {
+                Err(self.err("frame is truncated".into()))
+            }
+            Err(e) => Err(self.err(e.to_string())),
+        }
+    }
+
+    /// Decodes the next block into `out[out_start..out_end]`, or reads the end mark.
+    fn next_block(&mut self) -> Result<()> {
+        let h = match self.header {
+            Some(h) => h,
+            None => self.read_header()?,
+        };
+        let word = self.read_u32()?;
+        if word == 0 {
+            return self.end_mark(h);
+        }
+        let stored = (word & 0x7FFF_FFFF) as usize;
+        let raw = word & 0x8000_0000 != 0;
+        if stored > h.max_block {
+            return Err(self.err(format!(
+                "LZ4 block of {stored} bytes exceeds the frame's block size {}",
+                h.max_block
+            )));
+        }
+        if stored as u64 > self.src.limit() || (!raw && stored > self.cbuf.len()) {
+            return Err(self.err("frame is truncated".into()));
+        }
+        // Most a block may still decode to: the block size, the content size, the cap.
+        let left = h
+            .content_size
+            .unwrap_or(u64::MAX)
+            .min(self.max_decoded.saturating_add(1))
+            .saturating_sub(self.decoded);
+        let room = h.max_block.min(usize::try_from(left).unwrap_or(usize::MAX));
+        // Where the block goes: after the history, or (when full) after the window
+        // moved to the front.
+        let mut pos = self.out_end;
+        if pos + room > self.out.len() {
+            let keep = if h.independent { 0 } else { pos.min(WINDOW) };
+            if keep + room > self.out.len() {
+                // Only possible when the content is larger than announced.
+                return Err(self.over_length(h));
+            }
+            self.out.copy_within(pos - keep..pos, 0);
+            pos = keep;
+        }
+        let n = if raw {
+            if stored > room {
+                return Err(self.over_length(h));
+            }
+            self.read_src(pos..pos + stored, true)?;
+            if h.block_checksums {
+                let sum = self.read_u32()?;
+                if self.verify && XxHash32::oneshot(0, &self.out[pos..pos + stored]) != sum {
+                    return Err(self.err("LZ4 block checksum mismatch".into()));
+                }
+            }
+            stored
+        } else {
+            self.read_src(0..stored, false)?;
+            if h.block_checksums {
+                let sum = self.read_u32()?;
+                if self.verify && XxHash32::oneshot(0, &self.cbuf[..stored]) != sum {
+                    return Err(self.err("LZ4 block checksum mismatch".into()));
+                }
+            }
+            let dict_from = if h.independent {
+                pos
+            } else {
+                pos.saturating_sub(WINDOW)
+            };
+            let (hist, rest) = self.out.split_at_mut(pos);
+            let input = &self.cbuf[..stored];
+            let r = if dict_from == pos {
+                decompress_into(input, &mut rest[..room])
+            } else {
+                decompress_into_with_dict(input, &mut rest[..room], &hist[dict_from..])
+            };
+            match r {
+                Ok(n) => n,
+                Err(lz4_flex::block::DecompressError::OutputTooSmall { .. })
+                    if room < h.max_block =>
+                {
+                    return Err(self.over_length(h));
+                }
+                Err(e) => return Err(self.err(format!("corrupt LZ4 block: {e}"))),
+            }
+        };
+        self.decoded += n as u64;
+        if self.decoded > self.max_decoded {
+            return Err(ErrorKind::DecodedLength {
+                offset: self.frame_offset,
+                expected: self.max_decoded,
+                actual: self.decoded,
+            }
+            .into());
+        }
+        if let Some(c) = &mut self.content {
+            c.write(&self.out[pos..pos + n]);
+        }
+        self.out_start = pos;
+        self.out_end = pos + n;
+        Ok(())
+    }
+
+    /// The error for a block that decodes beyond the content size or the cap.
+    fn over_length(&self, h: FrameHeader) -> Error {
+        match h.content_size {
+            Some(c) if c <= self.max_decoded => self.err(format!(
+                "LZ4 frame decodes to more than its content size {c}"
+            )),
+            _ => ErrorKind::DecodedLength {
+                offset: self.frame_offset,
+                expected: self.max_decoded,
+                actual: self.max_decoded.saturating_add(1),
+            }
+            .into(),
+        }
+    }
+
+    fn end_mark(&mut self, h: FrameHeader) -> Result<()> {
+        if let Some(c) = h.content_size {
+            if c != self.decoded {
+                return Err(self.err(format!(
+                    "LZ4 frame decoded to {} bytes, its header says {c}",
+                    self.decoded
+                )));
+            }
+        }
+        if h.content_checksum {
+            let sum = self.read_u32()?;
+            if let Some(c) = &self.content {
+                if c.finish_32() != sum {
+                    return Err(self.err("LZ4 content checksum mismatch".into()));
+                }
+            }
+        }
+        self.done = true;
+        Ok(())
     }
 }
 
@@ -185,5 +577,234 @@ mod tests {
         let mut g = encode_frame(&data);
         g.extend_from_slice(&[0, 0, 0]);
         assert!(decode_frame(&g, 0, 200_000).is_err());
+    }
+
+    use lz4_flex::frame::{BlockMode, BlockSize, FrameEncoder, FrameInfo};
+    use proptest::prelude::*;
+    use std::io::Write;
+
+    fn encode(data: &[u8], bs: BlockSize, linked: bool, bc: bool, cc: bool, cs: bool) -> Vec<u8> {
+        let info = FrameInfo::new()
+            .block_size(bs)
+            .block_mode(if linked {
+                BlockMode::Linked
+            } else {
+                BlockMode::Independent
+            })
+            .block_checksums(bc)
+            .content_checksum(cc)
+            .content_size(cs.then_some(data.len() as u64));
+        let mut enc = FrameEncoder::with_frame_info(info, Vec::new());
+        enc.write_all(data).expect("vec");
+        enc.finish().expect("vec")
+    }
+
+    /// Decodes with reads of `step` bytes.
+    fn decode(f: &[u8], max: u64, verify: bool, step: usize) -> Result<Vec<u8>> {
+        let mut r = Lz4FrameReader::new(f, 3, f.len() as u64, max).verify_checksums(verify);
+        let mut out = Vec::new();
+        let mut buf = vec![0u8; step.max(1)];
+        loop {
+            let n = r.read_decoded(&mut buf)?;
+            if n == 0 {
+                break;
+            }
+            out.extend_from_slice(&buf[..n]);
+        }
+        r.finish()?;
+        Ok(out)
+    }
+
+    /// Compressible data with long-distance repeats (exercises linked blocks).
+    fn data_from(seed: u64, len: usize) -> Vec<u8> {
+        let mut x = seed | 1;
+        let mut v = Vec::with_capacity(len);
+        while v.len() < len {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            match x % 4 {
+                0 if v.len() > 70_000 => {
+                    let back = 1 + (x >> 8) as usize % 65_535;
+                    let n = 4 + (x >> 32) as usize % 300;
+                    for _ in 0..n {
+                        let b = v[v.len() - back];
+                        v.push(b);
+                    }
+                }
+                1 => v.extend(std::iter::repeat_n(
+                    (x >> 40) as u8,
+                    (x >> 20) as usize % 200,
+                )),
+                _ => v.extend_from_slice(&x.to_le_bytes()),
+            }
+        }
+        v.truncate(len);
+        v
+    }
+
+    fn block_size(i: u8) -> BlockSize {
+        match i % 4 {
+            0 => BlockSize::Max64KB,
+            1 => BlockSize::Max256KB,
+            2 => BlockSize::Max1MB,
+            _ => BlockSize::Max4MB,
+        }
+    }
+
+    #[test]
+    fn every_frame_layout_roundtrips() {
+        let data = data_from(9, 700_000);
+        for bs in 0..4 {
+            for flags in 0..16u8 {
+                let (linked, bc, cc, cs) = (
+                    flags & 1 != 0,
+                    flags & 2 != 0,
+                    flags & 4 != 0,
+                    flags & 8 != 0,
+                );
+                let f = encode(&data, block_size(bs), linked, bc, cc, cs);
+                for verify in [true, false] {
+                    let got = decode(&f, data.len() as u64, verify, 100_003).expect("decodes");
+                    assert!(got == data, "bs {bs} flags {flags:04b} verify {verify}");
+                }
+            }
+        }
+        // empty content, incompressible (stored) blocks
+        let f = encode(&[], BlockSize::Max64KB, true, true, true, true);
+        assert!(decode(&f, 0, true, 10).expect("empty").is_empty());
+        let noise: Vec<u8> = (0..200_000u32)
+            .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
+            .collect();
+        let f = encode(&noise, BlockSize::Max64KB, true, true, true, false);
+        assert_eq!(decode(&f, 200_000, true, 65_536).expect("stored"), noise);
+    }
+
+    #[test]
+    fn checksums_are_checked_only_when_asked() {
+        let data = data_from(3, 200_000);
+        let f = encode(&data, BlockSize::Max64KB, true, true, true, true);
+        // Flip a block checksum byte (the first block's checksum follows its data).
+        let h = parse_header(&f).expect("header").expect("complete");
+        let first = u32::from_le_bytes([f[h.len], f[h.len + 1], f[h.len + 2], f[h.len + 3]]);
+        let at = h.len + 4 + (first & 0x7FFF_FFFF) as usize;
+        let mut g = f.clone();
+        g[at] ^= 1;
+        let e = decode(&g, 200_000, true, 4096).expect_err("block checksum");
+        assert_eq!(e.offset(), Some(3));
+        assert_eq!(decode(&g, 200_000, false, 4096).expect("unchecked"), data);
+        // Content checksum: the last 4 bytes.
+        let mut g = f.clone();
+        let last = g.len() - 1;
+        g[last] ^= 0x80;
+        let e = decode(&g, 200_000, true, 4096).expect_err("content checksum");
+        assert_eq!(e.offset(), Some(3));
+        assert_eq!(decode(&g, 200_000, false, 4096).expect("unchecked"), data);
+        // The header checksum and the content size are always checked.
+        let mut g = f.clone();
+        g[h.len - 1] ^= 1;
+        assert!(decode(&g, 200_000, false, 4096).is_err());
+        let mut g = f;
+        g[6] ^= 1; // content size, header checksum fixed up
+        let hc = (XxHash32::oneshot(0, &g[4..h.len - 1]) >> 8) as u8;
+        g[h.len - 1] = hc;
+        let e = decode(&g, 400_000, false, 4096).expect_err("content size");
+        assert_eq!(e.offset(), Some(3));
+    }
+
+    #[test]
+    fn bad_headers_fail() {
+        let f = encode(
+            b"hello hello hello",
+            BlockSize::Max64KB,
+            false,
+            true,
+            true,
+            true,
+        );
+        for (i, x) in [
+            (0usize, 1u8),
+            (4, 0x40),
+            (4, 0x80),
+            (4, 0x02),
+            (4, 0x01),
+            (5, 0x80),
+            (5, 0x30),
+            (5, 0x01),
+        ] {
+            let mut g = f.clone();
+            g[i] ^= x;
+            for verify in [true, false] {
+                assert!(decode(&g, 100, verify, 7).is_err(), "byte {i} ^ {x:#x}");
+            }
+        }
+        for cut in 1..f.len() {
+            let e = decode(&f[..cut], 100, false, 7).expect_err("truncated");
+            assert_eq!(e.offset(), Some(3));
+            // lz4_flex (the verifying path) takes a frame cut at a block boundary (blocks or
+            // end mark missing) for a whole one; the callers check the decoded length.
+            match decode(&f[..cut], 100, true, 7) {
+                Err(e) => assert_eq!(e.offset(), Some(3)),
+                Ok(out) => assert!(out.len() <= 17, "cut {cut}"),
+            }
+        }
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(64))]
+
+        #[test]
+        fn prop_roundtrip(seed in any::<u64>(), len in 0usize..600_000, bs in 0u8..4,
+                          flags in 0u8..16, step in 1usize..200_000) {
+            let data = data_from(seed, len);
+            let f = encode(&data, block_size(bs), flags & 1 != 0, flags & 2 != 0,
+                           flags & 4 != 0, flags & 8 != 0);
+            prop_assert_eq!(decode(&f, len as u64, true, step).expect("decodes"), data.clone());
+            prop_assert_eq!(decode(&f, len as u64, false, step).expect("decodes"), data);
+            if len > 0 {
+                let r = decode(&f, len as u64 - 1, true, step);
+                prop_assert!(r.is_err());
+            }
+        }
+
+        /// Corrupted frames: an error or (checksums off) some output within the cap,
+        /// never a panic; with both checksums on, never wrong data.
+        #[test]
+        fn prop_corrupt_never_panics(seed in any::<u64>(), len in 1usize..300_000, bs in 0u8..2,
+                                     flags in 0u8..16, edits in proptest::collection::vec((any::<usize>(), any::<u8>()), 1..6),
+                                     cut in any::<usize>()) {
+            let data = data_from(seed, len);
+            let mut f = encode(&data, block_size(bs), flags & 1 != 0, flags & 2 != 0,
+                               flags & 4 != 0, flags & 8 != 0);
+            for (at, x) in edits {
+                let i = at % f.len();
+                f[i] ^= x.max(1);
+            }
+            if cut % 3 == 0 {
+                let keep = cut % (f.len() + 1);
+                f.truncate(keep);
+            }
+            for verify in [true, false] {
+                if let Ok(out) = decode(&f, 2 * len as u64, verify, 65_536) {
+                    prop_assert!(out.len() <= 2 * len);
+                    if verify && flags & 6 == 6 {
+                        prop_assert_eq!(&out, &data);
+                    }
+                }
+            }
+        }
+
+        #[test]
+        fn prop_random_bytes_never_panic(mut b in proptest::collection::vec(any::<u8>(), 0..2000), hdr in any::<bool>()) {
+            if hdr && b.len() >= 7 {
+                b[..4].copy_from_slice(&MAGIC.to_le_bytes());
+                b[4] = (b[4] & 0x3C) | 0x40;
+                b[5] &= 0x70;
+                b[5] |= 0x40;
+            }
+            for verify in [true, false] {
+                let _ = decode(&b, 1 << 20, verify, 1000);
+            }
+        }
     }
 }

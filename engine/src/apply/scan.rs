@@ -258,8 +258,28 @@ pub(crate) fn scan_file(
                 break;
             }
             let frame_off = scan.pos;
+            // A frame without live bytes whose header gives its decoded size is not
+            // decoded: skipped, or (verifying) passed through adler32 only.
+            let content_size = scan
+                .inner
+                .fill_buf()
+                .ok()
+                .and_then(|b| nbdfmt::lz4::parse_header(b).ok().flatten())
+                .and_then(|h| h.content_size);
+            if let Some(cs) = content_size {
+                let end = disk_pos.saturating_add(cs);
+                let live_here = live_iter.peek().is_some_and(|l| l.disk_start < end);
+                if !live_here && end <= fr.start + fr.length {
+                    scan.skip_to(frame_off + size)?;
+                    disk_pos = end;
+                    continue;
+                }
+            }
             let remaining = fr.length - (disk_pos - fr.start);
-            let mut dec = Lz4FrameReader::new(&mut scan.inner, frame_off, size, remaining);
+            // The xxh32 checksums inside the frame are redundant when the adler32 of
+            // the whole file (stored bytes) is checked in this same pass.
+            let mut dec = Lz4FrameReader::new(&mut scan.inner, frame_off, size, remaining)
+                .verify_checksums(!hashing);
             loop {
                 let n = dec
                     .read_decoded(&mut buf)
