@@ -6,8 +6,11 @@ cd "$(dirname "$0")/.."
 scripts/setup.sh
 cargo build --release --locked --bin vmrestore
 bin=target/release/vmrestore
-root=tests/fixtures/real-chains/backups
 out=$(mktemp -d /tmp/vmrestore-demo.XXXXXX)
+# A restore takes the VM's lock and records a catalogue row under the backup root's
+# _state/ (as vmrestore 0.6.0 did): work on a copy, so the bundled tree stays pristine.
+root=$out/backups
+cp -a tests/fixtures/real-chains/backups "$root"
 set -x
 "$bin" --list --backup-path "$root"
 "$bin" --list-restore-points rc-shrink --backup-path "$root"
