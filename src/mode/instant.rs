@@ -52,6 +52,74 @@ fn uri_host(uri: &str) -> Option<&str> {
     (!host.is_empty()).then_some(host)
 }
 
+/// A domain called `name` exists. If it is what an interrupted instant boot leaves
+/// behind (transient, disks backed by NBD on the loopback interface, overlays inside
+/// `dir`), `--force` stops it and removes its overlays and NVRAM copy; otherwise the
+/// name is taken.
+fn clear_leftover(job: &Job<'_>, name: &str, dir: &Path) -> Result<(), AppError> {
+    let taken = || {
+        AppError::Vm(format!(
+            "VM '{name}' already exists — choose another --name for the instant-boot clone"
+        ))
+    };
+    if job.hv.is_persistent(name).unwrap_or(true) {
+        return Err(taken());
+    }
+    let Ok(xml) = job.hv.xml(name, false) else {
+        return Err(taken());
+    };
+    let loopback_nbd = (xml.contains("protocol='nbd'") || xml.contains("protocol=\"nbd\""))
+        && (xml.contains("name='127.0.0.1'") || xml.contains("name=\"127.0.0.1\""));
+    let Ok(cfg) = nbdfmt::DomainConfig::parse(&xml) else {
+        return Err(taken());
+    };
+    let overlays: Vec<PathBuf> = cfg
+        .disks
+        .iter()
+        .filter_map(|d| d.source.as_deref().map(PathBuf::from))
+        .collect();
+    if !loopback_nbd || overlays.is_empty() || !overlays.iter().all(|p| p.parent() == Some(dir)) {
+        return Err(taken());
+    }
+    let list = overlays
+        .iter()
+        .map(|p| p.display().to_string())
+        .collect::<Vec<_>>()
+        .join(", ");
+    if !job.force {
+        return Err(AppError::Vm(format!(
+            "VM '{name}' is left over from an interrupted instant boot (transient, disks {list} backed by NBD on 127.0.0.1) — rerun with --force to stop it and remove those overlays, or `virsh destroy {name}`"
+        )));
+    }
+    if job.dry_run {
+        job.log.warn(
+            COMPONENT,
+            &format!(
+                "[DRY RUN] Would stop the leftover instant-boot VM '{name}' and remove {list}"
+            ),
+        );
+        return Ok(());
+    }
+    job.log.warn(
+        COMPONENT,
+        &format!("Stopping the leftover instant-boot VM '{name}' (--force)"),
+    );
+    job.hv
+        .destroy(name)
+        .map_err(|e| AppError::Vm(format!("Cannot stop '{name}': {e}")))?;
+    let nvram = cfg.nvram.map(PathBuf::from).filter(|p| {
+        p.file_name()
+            .is_some_and(|f| *f == *format!("{name}_VARS.fd"))
+    });
+    Created {
+        overlays,
+        nvram,
+        tpm: None,
+    }
+    .remove(job);
+    Ok(())
+}
+
 /// What was created, so that a failed or ended temporary boot removes exactly that.
 #[derive(Debug, Default)]
 struct Created {
@@ -121,17 +189,15 @@ pub fn run_instant(job: &Job<'_>, name: &str, pull: bool) -> Result<Outcome, App
             job.hv.uri()
         )));
     }
+    let dir = restore_path(job)?;
     if job
         .hv
         .lookup(name)
         .map_err(|e| AppError::Dependency(format!("{e}")))?
         .is_some()
     {
-        return Err(AppError::Vm(format!(
-            "VM '{name}' already exists — choose another --name for the instant-boot clone"
-        )));
+        clear_leftover(job, name, dir)?;
     }
-    let dir = restore_path(job)?;
     let Some((cfg_path, cfg)) = target_config(job.set, t) else {
         return Err(AppError::Vm(
             "No VM configuration XML found in backup — cannot define the instant-boot clone".into(),

@@ -152,6 +152,34 @@ scenario_instant() {
     ls "$dir"/"$name"-* >/dev/null 2>&1 && die "overlays left after Ctrl-C"
     ok "instant: Ctrl-C stops the temporary clone and removes its overlays"
 
+    # kill -9 mid-boot: the clone is left running on a dead server; the rerun names it
+    # (exit 5), and --force stops it, removes its overlays and boots again (stale lock)
+    ib_start() {
+        "$BIN" --connect qemu:///system --vm rc-multi-sql --backup-path "$fx" --restore-path "$dir" \
+            --instant-boot --name "$name" "$@" >"$WORK/ib.log" 2>&1 &
+        pid=$!
+        for i in $(seq 60); do
+            grep -q "Started transient VM" "$WORK/ib.log" && return 0
+            kill -0 $pid 2>/dev/null || { cat "$WORK/ib.log" >&2; die "instant boot exited early"; }
+            sleep 0.5
+        done
+        die "instant boot did not start"
+    }
+    ib_start
+    kill -9 $pid; wait $pid 2>/dev/null || true
+    local rc=0
+    "$BIN" --connect qemu:///system --vm rc-multi-sql --backup-path "$fx" --restore-path "$dir" \
+        --instant-boot --name "$name" >"$WORK/ib2.log" 2>&1 || rc=$?
+    [ $rc = 5 ] || { cat "$WORK/ib2.log" >&2; die "rerun after kill -9: exit $rc, expected 5"; }
+    grep -q "left over from an interrupted instant boot" "$WORK/ib2.log" || die "no leftover message"
+    ib_start --force
+    grep -q "Stopping the leftover instant-boot VM" "$WORK/ib.log" || die "--force did not clear the leftover"
+    kill -TERM $pid
+    wait $pid || die "instant boot ended with exit $?"
+    virsh -c qemu:///system dominfo "$name" >/dev/null 2>&1 && die "$name still exists after SIGTERM"
+    ls "$dir"/"$name"-* >/dev/null 2>&1 && die "overlays left after SIGTERM"
+    ok "instant: kill -9 leaves a named leftover; --force clears it and boots again (stale lock recovered)"
+
     # UEFI + TPM, point 0 of the period, made permanent by block pull
     name=vmr-e2e-ib-uefi
     vmr --vm rc-uefi-tpm --backup-path "$fx" --restore-path "$dir" --instant-boot --pull \
