@@ -483,6 +483,36 @@ impl Qcow2Target {
             .ok_or_else(|| Error::target(op, &self.path, finished_error()))
     }
 
+    /// Calls `visit(guest offset, length, mapping)` for each mapping run of the range
+    /// (read-only: the map, read-back and allocation queries share this walk).
+    fn walk_mappings(
+        &self,
+        offset: u64,
+        len: u64,
+        mut visit: impl FnMut(u64, u64, &Mapping<'_, ImagoFile>),
+    ) -> Result<()> {
+        let op = "map";
+        self.check_range(op, offset, len)?;
+        let image = self.image(op)?;
+        let (mut pos, end) = (offset, offset + len);
+        while pos < end {
+            let (mapping, mlen) = image
+                .get_mapping(pos, end - pos)
+                .map_err(|e| Error::target(op, &self.path, e))?;
+            let mlen = mlen.min(end - pos);
+            if mlen == 0 {
+                return Err(Error::target(
+                    op,
+                    &self.path,
+                    io::Error::other(format!("no mapping at {pos}")),
+                ));
+            }
+            visit(pos, mlen, &mapping);
+            pos += mlen;
+        }
+        Ok(())
+    }
+
     fn check_range(&self, op: &'static str, offset: u64, len: u64) -> Result<()> {
         match offset.checked_add(len) {
             Some(end) if end <= self.size => Ok(()),
@@ -631,25 +661,10 @@ impl BlockTarget for Qcow2Target {
 
     /// The host clusters behind the range (`u64::MAX` for zero or unallocated ones).
     fn host_extents(&mut self, offset: u64, len: u64) -> Result<Option<Vec<(u64, u64)>>> {
-        let op = "map";
-        self.check_range(op, offset, len)?;
-        let image = self.image(op)?;
         let mut out: Vec<(u64, u64)> = Vec::new();
-        let (mut pos, end) = (offset, offset + len);
-        while pos < end {
-            let (mapping, mlen) = image
-                .get_mapping(pos, end - pos)
-                .map_err(|e| Error::target(op, &self.path, e))?;
-            let mlen = mlen.min(end - pos);
-            if mlen == 0 {
-                return Err(Error::target(
-                    op,
-                    &self.path,
-                    io::Error::other(format!("no mapping at {pos}")),
-                ));
-            }
+        self.walk_mappings(offset, len, |_, mlen, mapping| {
             let h = match mapping {
-                Mapping::Raw { offset, .. } => offset,
+                Mapping::Raw { offset, .. } => *offset,
                 _ => u64::MAX,
             };
             match out.last_mut() {
@@ -660,8 +675,7 @@ impl BlockTarget for Qcow2Target {
                 }
                 _ => out.push((h, mlen)),
             }
-            pos += mlen;
-        }
+        })?;
         Ok(Some(out))
     }
 
@@ -677,31 +691,15 @@ impl BlockTarget for Qcow2Target {
 
     /// The allocated (data) parts of the range; unallocated and zero clusters read as zero.
     fn data_ranges(&mut self, offset: u64, len: u64) -> Result<Vec<(u64, u64)>> {
-        let op = "map";
-        self.check_range(op, offset, len)?;
-        let image = self.image(op)?;
         let mut out: Vec<(u64, u64)> = Vec::new();
-        let (mut pos, end) = (offset, offset + len);
-        while pos < end {
-            let (mapping, mlen) = image
-                .get_mapping(pos, end - pos)
-                .map_err(|e| Error::target(op, &self.path, e))?;
-            let mlen = mlen.min(end - pos);
-            if mlen == 0 {
-                return Err(Error::target(
-                    op,
-                    &self.path,
-                    io::Error::other(format!("no mapping at {pos}")),
-                ));
-            }
+        self.walk_mappings(offset, len, |pos, mlen, mapping| {
             if !matches!(mapping, Mapping::Zero { .. }) {
                 match out.last_mut() {
                     Some((o, l)) if *o + *l == pos => *l += mlen,
                     _ => out.push((pos, mlen)),
                 }
             }
-            pos += mlen;
-        }
+        })?;
         Ok(out)
     }
 
