@@ -99,6 +99,18 @@ pub struct DiskJob {
     pub default_options: bool,
 }
 
+/// The engine plan of one disk at `point`. A copy backup is one self-contained image
+/// per disk, so it is always planned at point 0.
+pub fn plan_disk(
+    set: &BackupSet,
+    disk: &str,
+    point: u32,
+    newest: bool,
+) -> engine::Result<DiskPlan> {
+    let point = if set.kind == SetKind::Copy { 0 } else { point };
+    DiskPlan::for_point_with(set, disk, point, newest)
+}
+
 /// Plans every predicted output at `point` (reads frame headers only). With
 /// `newest`, a differential taken after `point` is included (restores of "latest").
 pub fn plan_outputs(
@@ -107,11 +119,10 @@ pub fn plan_outputs(
     outputs: &[PredictedOutput],
     newest: bool,
 ) -> engine::Result<Vec<DiskJob>> {
-    let point = if set.kind == SetKind::Copy { 0 } else { point };
     outputs
         .iter()
         .map(|o| {
-            let plan = DiskPlan::for_point_with(set, &o.disk, point, newest)?;
+            let plan = plan_disk(set, &o.disk, point, newest)?;
             let raw_source = plan.files.first().is_some_and(|f| f.raw_image);
             let raw_name = Path::new(&o.file_name)
                 .extension()

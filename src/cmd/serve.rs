@@ -76,18 +76,10 @@ pub fn run(r: &RestoreRequest, env: &Env) -> Result<ExitStatus, AppError> {
     };
     let t = mode::endpoint(&job)?;
     mode::check_complete(&job, t)?;
-    let mut disks: Vec<String> = set
-        .point(t)
-        .map(|p| p.expected.iter().cloned().collect())
-        .unwrap_or_default();
+    let mut disks = mode::disks_at(&set, t);
     if let Some(DiskSelection::List(want)) = &r.disks {
-        for d in want {
-            if !disks.contains(d) {
-                return Err(AppError::Vm(format!(
-                    "Disk '{d}' not found in backup. Available disks: {}",
-                    disks.join(", ")
-                )));
-            }
+        if let Some(d) = want.iter().find(|d| !disks.contains(d)) {
+            return Err(mode::disk_not_found(d, &disks));
         }
         disks.retain(|d| want.contains(d));
     }

@@ -28,6 +28,14 @@ fn err(op: impl Into<String>) -> impl FnOnce(virt::error::Error) -> HvError {
     }
 }
 
+/// A disk name for a C call.
+fn c_disk(op: &str, disk: &str) -> HvResult<std::ffi::CString> {
+    std::ffi::CString::new(disk).map_err(|_| HvError {
+        op: op.to_owned(),
+        message: "disk name contains NUL".into(),
+    })
+}
+
 fn state_of(d: &Domain) -> DomainState {
     match d.state() {
         Ok((Enum::Known(s), _)) => match s {
@@ -273,10 +281,7 @@ impl Hypervisor for Libvirt {
     fn block_pull(&self, name: &str, disk: &str) -> HvResult<()> {
         let d = self.domain(name)?;
         let op = format!("blockpull {name} {disk}");
-        let c = std::ffi::CString::new(disk).map_err(|_| HvError {
-            op: op.clone(),
-            message: "disk name contains NUL".into(),
-        })?;
+        let c = c_disk(&op, disk)?;
         // SAFETY: `d` is a live domain handle and `c` a NUL-terminated string that
         // outlives the call; bandwidth 0 = unlimited, no flags.
         let rc = unsafe { sys::virDomainBlockPull(d.as_ptr(), c.as_ptr(), 0, 0) };
@@ -289,10 +294,7 @@ impl Hypervisor for Libvirt {
     fn block_job(&self, name: &str, disk: &str) -> HvResult<Option<(u64, u64)>> {
         let d = self.domain(name)?;
         let op = format!("blockjob {name} {disk}");
-        let c = std::ffi::CString::new(disk).map_err(|_| HvError {
-            op: op.clone(),
-            message: "disk name contains NUL".into(),
-        })?;
+        let c = c_disk(&op, disk)?;
         let mut ji = sys::virDomainBlockJobInfo {
             type_: 0,
             bandwidth: 0,

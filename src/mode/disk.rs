@@ -35,10 +35,7 @@ fn select_disks(job: &Job<'_>, requested: &[String], t: u32) -> Result<Vec<Strin
     };
     for d in &wanted {
         if !union.contains(d) {
-            return Err(AppError::Vm(format!(
-                "Disk '{d}' not found in backup. Available disks: {}",
-                union.join(", ")
-            )));
+            return Err(super::disk_not_found(d, &union));
         }
         if set.kind == SetKind::Incremental && !at.contains(d) {
             let last = (0..t).rev().find(|n| set.file(d, *n).is_some());

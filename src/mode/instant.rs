@@ -68,8 +68,7 @@ fn clear_leftover(job: &Job<'_>, name: &str, dir: &Path) -> Result<(), AppError>
     let Ok(xml) = job.hv.xml(name, false) else {
         return Err(taken());
     };
-    let loopback_nbd = (xml.contains("protocol='nbd'") || xml.contains("protocol=\"nbd\""))
-        && (xml.contains("name='127.0.0.1'") || xml.contains("name=\"127.0.0.1\""));
+    let loopback_nbd = nbd_sources(&xml).iter().any(|(h, _)| h == "127.0.0.1");
     let Ok(cfg) = nbdfmt::DomainConfig::parse(&xml) else {
         return Err(taken());
     };
@@ -148,12 +147,31 @@ impl Created {
     }
 }
 
+/// The `(host, port)` of every NBD source in a live domain XML (its disks' backing
+/// stores while they read from an export).
+fn nbd_sources(xml: &str) -> Vec<(String, Option<u16>)> {
+    let Ok(doc) = roxmltree::Document::parse(xml) else {
+        return Vec::new();
+    };
+    doc.descendants()
+        .filter(|n| n.has_tag_name("source") && n.attribute("protocol") == Some("nbd"))
+        .flat_map(|s| s.children().filter(|h| h.has_tag_name("host")))
+        .map(|h| {
+            (
+                h.attribute("name").unwrap_or_default().to_owned(),
+                h.attribute("port").and_then(|p| p.parse().ok()),
+            )
+        })
+        .collect()
+}
+
 /// Whether any disk of the running clone still reads from our exports; `None` when
 /// its live XML cannot be read (it is gone).
 fn backed_by_us(job: &Job<'_>, name: &str, port: u16) -> Option<bool> {
     job.hv.xml(name, false).ok().map(|x| {
-        x.contains("protocol='nbd'") && x.contains(&format!("port='{port}'"))
-            || x.contains("protocol=\"nbd\"") && x.contains(&format!("port=\"{port}\""))
+        nbd_sources(&x)
+            .iter()
+            .any(|(h, p)| h == "127.0.0.1" && *p == Some(port))
     })
 }
 
@@ -301,16 +319,16 @@ pub fn run_instant(job: &Job<'_>, name: &str, pull: bool) -> Result<Outcome, App
         &sizes,
         &mut created,
     );
-    let uuid = match result {
-        Ok(u) => u,
+    let tpm = match result {
+        Ok(tpm) => tpm,
         Err(e) => {
             created.remove(job);
             let _ = handle.stop();
             return Err(e);
         }
     };
-    out.tpm_result = uuid.1;
-    out.partial = uuid.1 == "failed";
+    out.tpm_result = tpm;
+    out.partial = tpm == "failed";
     let end = serve_until_done(job, name, pull, port, &outputs);
     match end {
         End::Pulled | End::Independent => {
@@ -386,8 +404,8 @@ fn stop(handle: ServeHandle, job: &Job<'_>) {
     }
 }
 
-/// Overlays, NVRAM, TPM, domain XML, start (and the pulls). Returns the UUID and the
-/// TPM result. Everything created is recorded in `created` for the caller's cleanup.
+/// Overlays, NVRAM, TPM, domain XML, start. Returns the TPM result; everything
+/// created is recorded in `created` for the caller's cleanup.
 #[allow(clippy::too_many_arguments)]
 fn boot(
     job: &Job<'_>,
@@ -401,7 +419,7 @@ fn boot(
     uris: &[String],
     sizes: &[u64],
     created: &mut Created,
-) -> Result<(String, &'static str), AppError> {
+) -> Result<&'static str, AppError> {
     std::fs::create_dir_all(dir).map_err(|e| AppError::Io {
         context: format!("creating {}", dir.display()),
         source: e,
@@ -504,7 +522,7 @@ fn boot(
             devs.join(", ")
         ));
     }
-    Ok((uuid, tpm))
+    Ok(tpm)
 }
 
 /// Serves until a signal, the clone's end, or (with `pull`) every pull finished.
@@ -603,6 +621,19 @@ fn serve_until_done(
 #[cfg(test)]
 mod tests {
     use super::uri_host;
+
+    #[test]
+    fn nbd_sources_of_a_live_disk() {
+        let xml = "<domain><devices><disk type='file'><source file='/o/a.qcow2'/>\
+            <backingStore type='network'><format type='raw'/>\
+            <source protocol='nbd' name='vda'><host name='127.0.0.1' port='40001'/></source>\
+            </backingStore></disk></devices></domain>";
+        assert_eq!(
+            super::nbd_sources(xml),
+            vec![("127.0.0.1".to_owned(), Some(40001))]
+        );
+        assert!(super::nbd_sources("<domain/>").is_empty());
+    }
 
     #[test]
     fn remote_uris_have_a_host() {

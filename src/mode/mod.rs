@@ -314,6 +314,21 @@ pub fn epoch() -> u64 {
 }
 
 /// Formats a byte count like `numfmt --to=iec-i --suffix=B` (spec §3.5).
+/// The disks restore point `t` must produce (those with data in the backup).
+pub fn disks_at(set: &BackupSet, t: u32) -> Vec<String> {
+    set.point(t)
+        .map(|p| p.expected.iter().cloned().collect())
+        .unwrap_or_default()
+}
+
+/// The error for a disk the backup does not have (spec wording).
+pub fn disk_not_found(disk: &str, available: &[String]) -> AppError {
+    AppError::Vm(format!(
+        "Disk '{disk}' not found in backup. Available disks: {}",
+        available.join(", ")
+    ))
+}
+
 pub fn iec(bytes: u64) -> String {
     const UNITS: [&str; 6] = ["KiB", "MiB", "GiB", "TiB", "PiB", "EiB"];
     if bytes < 1024 {

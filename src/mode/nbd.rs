@@ -7,8 +7,7 @@
 //! the export holds a partial restore.
 
 use engine::target::nbd::{NbdOptions, NbdTarget};
-use engine::{BlockTarget, DiskPlan};
-use nbdfmt::SetKind;
+use engine::BlockTarget;
 
 use crate::error::AppError;
 use crate::request::{DiskSelection, NbdTargetSpec};
@@ -23,12 +22,6 @@ pub fn resolve_targets(
     specs: &[NbdTargetSpec],
     disk_flag: Option<&DiskSelection>,
 ) -> Result<Vec<(String, String)>, AppError> {
-    let not_found = |d: &str| {
-        AppError::Vm(format!(
-            "Disk '{d}' not found in backup. Available disks: {}",
-            available.join(", ")
-        ))
-    };
     let mut out = Vec::new();
     for s in specs {
         let disk = match (&s.disk, disk_flag) {
@@ -45,7 +38,7 @@ pub fn resolve_targets(
             }
         };
         if !available.contains(&disk) {
-            return Err(not_found(&disk));
+            return Err(super::disk_not_found(&disk, available));
         }
         out.push((disk, s.uri.clone()));
     }
@@ -64,11 +57,7 @@ pub fn run_nbd(
         "restore_vm",
         "Restore mode: into NBD exports (no VM definition)",
     );
-    let available: Vec<String> = job
-        .set
-        .point(t)
-        .map(|p| p.expected.iter().cloned().collect())
-        .unwrap_or_default();
+    let available = super::disks_at(job.set, t);
     let pairs = resolve_targets(&available, specs, disk_flag)?;
     for d in available
         .iter()
@@ -79,11 +68,10 @@ pub fn run_nbd(
             &format!("{d}: not restored (no --nbd-target for it)"),
         );
     }
-    let point = if job.set.kind == SetKind::Copy { 0 } else { t };
     let newest = job.point == super::PointRequest::Latest;
     let plans = pairs
         .iter()
-        .map(|(d, _)| DiskPlan::for_point_with(job.set, d, point, newest))
+        .map(|(d, _)| crate::restore::plan_disk(job.set, d, t, newest))
         .collect::<engine::Result<Vec<_>>>()
         .map_err(|e| engine_error(e, "Disk restore failed"))?;
     let mut out = Outcome {
