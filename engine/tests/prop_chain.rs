@@ -65,6 +65,7 @@ proptest! {
         base in frames(true),
         incs in proptest::collection::vec(frames(false), 0..50),
         compressed in any::<bool>(),
+        threaded in any::<bool>(),
     ) {
         let dir = tempfile::tempdir().expect("tmp");
         let mut model = vec![0u8; SIZE as usize];
@@ -88,7 +89,9 @@ proptest! {
         let plan = DiskPlan::from_paths("vda", &paths, None).expect("plan");
         let out = dir.path().join("out.raw");
         let t = RawTarget::create(&out, plan.virtual_size).expect("target");
-        let opts = ApplyOptions { chunk_size: 4096 * 3, memory_cap: 64 * 1024, ..ApplyOptions::default() };
+        // Small chains go inline unless told otherwise: both paths must agree with the model.
+        let inline_max_bytes = if threaded { 0 } else { engine::apply::INLINE_MAX_BYTES };
+        let opts = ApplyOptions { chunk_size: 4096 * 3, memory_cap: 64 * 1024, inline_max_bytes, ..ApplyOptions::default() };
         apply(&[plan], vec![Box::new(t)], &opts).expect("apply");
         let got = std::fs::read(&out).expect("read");
         prop_assert!(got == model, "restored content differs from the naive replay");

@@ -72,7 +72,16 @@ fn every_ok_point_restores_to_a_clean_qcow2_with_source_options() {
                     let staged = StagedPath::new(&out);
                     let t = Qcow2Target::create(staged.temp_path(), plan.virtual_size, &opts)
                         .expect("create");
-                    apply(&[plan], vec![Box::new(t)], &ApplyOptions::default()).expect("apply");
+                    // Odd points through the threaded pipeline, even ones inline.
+                    let opts = ApplyOptions {
+                        inline_max_bytes: if n % 2 == 1 {
+                            0
+                        } else {
+                            engine::apply::INLINE_MAX_BYTES
+                        },
+                        ..ApplyOptions::default()
+                    };
+                    apply(&[plan], vec![Box::new(t)], &opts).expect("apply");
                     staged.commit(false).expect("commit");
                     let check = Command::new("qemu-img")
                         .arg("check")

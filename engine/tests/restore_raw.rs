@@ -22,6 +22,16 @@ fn sha256_file(p: &Path) -> String {
 }
 
 fn restore(set: &BackupSet, disks: &[String], n: u32, out: &Path) -> engine::Result<Vec<PathBuf>> {
+    restore_with(set, disks, n, out, &ApplyOptions::default())
+}
+
+fn restore_with(
+    set: &BackupSet,
+    disks: &[String],
+    n: u32,
+    out: &Path,
+    opts: &ApplyOptions,
+) -> engine::Result<Vec<PathBuf>> {
     let plans = disks
         .iter()
         .map(|d| DiskPlan::for_point(set, d, n))
@@ -34,7 +44,7 @@ fn restore(set: &BackupSet, disks: &[String], n: u32, out: &Path) -> engine::Res
     for (p, s) in plans.iter().zip(&staged) {
         targets.push(Box::new(RawTarget::create(s.temp_path(), p.virtual_size)?));
     }
-    let report = apply(&plans, targets, &ApplyOptions::default())?;
+    let report = apply(&plans, targets, opts)?;
     assert!(report.disks.iter().all(|d| d.readback_verified));
     staged.into_iter().map(|s| s.commit(false)).collect()
 }
@@ -75,7 +85,17 @@ fn every_fixture_point_restores_exactly() {
                     chain["key"].as_str().unwrap_or("x").replace('/', "_")
                 ));
                 std::fs::create_dir_all(&out).expect("mkdir");
-                let r = restore(&set, &disks, n, &out);
+                // Every other point through the threaded pipeline (the fixtures are small
+                // enough to be restored inline by default).
+                let opts = ApplyOptions {
+                    inline_max_bytes: if (ok + refused) % 2 == 0 {
+                        0
+                    } else {
+                        engine::apply::INLINE_MAX_BYTES
+                    },
+                    ..ApplyOptions::default()
+                };
+                let r = restore_with(&set, &disks, n, &out, &opts);
                 match (rp["expect"].as_str(), r) {
                     (Some("ok" | "degraded"), Ok(files)) => {
                         for (d, f) in disks.iter().zip(files) {

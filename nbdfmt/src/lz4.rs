@@ -126,6 +126,13 @@ pub struct Lz4FrameReader<R: Read> {
     content: Option<XxHash32>,
 }
 
+/// Decode buffers carried from one [`Lz4FrameReader`] to the next.
+#[derive(Debug, Default)]
+pub struct Lz4Buffers {
+    out: Vec<u8>,
+    cbuf: Vec<u8>,
+}
+
 /// Checksums verified: lz4_flex's frame decoder (as fast as the block path plus
 /// xxh32, measured). Checksums skipped: the block path below.
 enum Src<R: Read> {
@@ -242,6 +249,29 @@ impl<R: Read> Lz4FrameReader<R> {
         Some(Ok(n))
     }
 
+    /// Decodes into buffers left by an earlier reader ([`take_buffers`](Self::take_buffers)):
+    /// a chain file holds one LZ4 frame per data frame, and fresh megabyte buffers for
+    /// each (zero-filled, page-faulted, unmapped again) cost more than decoding small
+    /// frames. Only the checksum-skipping path uses them.
+    #[must_use]
+    pub fn with_buffers(mut self, bufs: Lz4Buffers) -> Self {
+        if self.header.is_none() {
+            self.out = bufs.out;
+            self.cbuf = bufs.cbuf;
+        }
+        self
+    }
+
+    /// Like [`finish`](Self::finish), and hands the decode buffers on to the next
+    /// frame's reader ([`with_buffers`](Self::with_buffers)).
+    pub fn finish_keep_buffers(mut self) -> (Result<u64>, Lz4Buffers) {
+        let bufs = Lz4Buffers {
+            out: std::mem::take(&mut self.out),
+            cbuf: std::mem::take(&mut self.cbuf),
+        };
+        (self.finish(), bufs)
+    }
+
     /// Bytes decoded so far.
     pub fn decoded(&self) -> u64 {
         self.decoded
@@ -346,12 +376,16 @@ impl<R: Read> Lz4FrameReader<R> {
         if let Ok(l) = usize::try_from(limit.saturating_add(1)) {
             cap = cap.min(l);
         }
-        self.out = vec![0u8; cap];
-        self.cbuf = vec![
-            0u8;
-            h.max_block
-                .min(usize::try_from(self.src.limit()).unwrap_or(usize::MAX))
-        ];
+        // Reused buffers keep their old bytes: every byte of `out` handed out or used
+        // as history is written by this frame first, and `cbuf` holds one block's
+        // stored bytes, read before use.
+        let cblen = h
+            .max_block
+            .min(usize::try_from(self.src.limit()).unwrap_or(usize::MAX));
+        for (v, n) in [(&mut self.out, cap), (&mut self.cbuf, cblen)] {
+            v.truncate(n);
+            v.resize(n, 0);
+        }
         if self.verify && h.content_checksum {
             self.content = Some(XxHash32::with_seed(0));
         }
