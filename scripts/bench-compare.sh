@@ -16,6 +16,7 @@
 #
 # Environment:
 #   N=3                      runs per tool
+#   N_D=3*N                  runs per tool for case d (2 MiB: milliseconds, noisier)
 #   CASES="a b c c1 d"       genchain cases (c1 = c' = one file with c's final content)
 #   VARIANTS="plain lz4"     uncompressed / LZ4-compressed chains
 #   WORK=/var/tmp/vmrestore-bench   data directory (removed at the end unless KEEP=1)
@@ -134,9 +135,9 @@ run_timed() {
         read -r _ qrss qu qs <"$qstats"
         qcpu=$(echo "$qu + $qs" | bc -l)
     fi
-    printf '%s\t%s\t%s\t%.3f\t%s\t%s\t%s\t%s\t%s\n' "$case" "$variant" "$tool" \
+    printf '%s\t%s\t%s\t%.4f\t%s\t%s\t%s\t%s\t%s\n' "$case" "$variant" "$tool" \
         "$(echo "$t1 - $t0" | bc -l)" "$rss" "$cpu" "$qrss" "$qcpu" "$l0" >>"$results"
-    printf '  %-28s %7.3f s  rss %6d KiB  cpu %s s  load %s\n' "$tool" "$(echo "$t1 - $t0" | bc -l)" "$rss" "$cpu" "$l0"
+    printf '  %-28s %8.4f s  rss %6d KiB  cpu %s s  load %s\n' "$tool" "$(echo "$t1 - $t0" | bc -l)" "$rss" "$cpu" "$l0"
 }
 
 command -v bc >/dev/null || apt_install bc
@@ -155,7 +156,10 @@ for variant in $VARIANTS; do
         out=$WORK/out
         mkdir -p "$out"
         checked=0
-        for run in $(seq 1 "$N"); do
+        runs=$N
+        # The 2 MiB case takes milliseconds: more runs for a stable median.
+        [ "$case" = d ] && runs=${N_D:-$((N * 3))}
+        for run in $(seq 1 "$runs"); do
             for tool in $TOOLS; do
                 case "$tool" in
                     virtnbdrestore)
@@ -212,7 +216,7 @@ for case, var, tool, t, rss, cpu, qrss, qcpu, load in rows:
     runs.setdefault((case, var), collections.OrderedDict()).setdefault(tool, []).append(
         (float(t), int(rss), float(cpu), int(qrss), float(qcpu), float(load)))
 med = {}
-print(f"\n| case | variant | tool | median s (min–max, N={n}) | vs virtnbdrestore | vs cp floor | peak RSS MiB | CPU s | load |")
+print(f"\n| case | variant | tool | median s (min–max, N={n}; d: N_D) | vs virtnbdrestore | vs cp floor | peak RSS MiB | CPU s | load |")
 print("|---|---|---|---|---|---|---|---|---|")
 for (case, var), tools in runs.items():
     base = statistics.median(r[0] for r in tools.get("virtnbdrestore", [(float("nan"),)*6]))
@@ -225,7 +229,8 @@ for (case, var), tools in runs.items():
         cpu = statistics.median(r[2] + r[4] for r in rs)
         rss_s = f"{rss:.0f}" + (f" (+qemu-nbd {qrss:.0f})" if qrss else "")
         loads = f"{min(r[5] for r in rs):.2f}–{max(r[5] for r in rs):.2f}"
-        print(f"| {case} | {var} | {tool} | {m:.3f} ({min(r[0] for r in rs):.3f}–{max(r[0] for r in rs):.3f}) "
+        d = 4 if m < 0.1 else 3   # sub-millisecond resolution for the 2 MiB case
+        print(f"| {case} | {var} | {tool} | {m:.{d}f} ({min(r[0] for r in rs):.{d}f}–{max(r[0] for r in rs):.{d}f}) "
               f"| {base / m:.1f}× faster | {m / floor:.2f}× | {rss_s} | {cpu:.2f} | {loads} |")
 
 print("\nTargets (restore_chain = 'ours'):")

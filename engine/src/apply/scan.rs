@@ -325,8 +325,11 @@ pub(crate) fn scan_file(
     let job = file;
     let hash = hashing.then(simd_adler32::Adler32::new);
     let mut scan = Scan {
+        // No bigger than the file: a small chain's files are a few hundred KiB.
         inner: BufReader::with_capacity(
-            1 << 20,
+            usize::try_from(file.file_size)
+                .unwrap_or(usize::MAX)
+                .clamp(4096, 1 << 20),
             Hashing {
                 file: f,
                 pos: 0,
