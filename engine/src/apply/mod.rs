@@ -236,52 +236,42 @@ fn is_small(plan: &DiskPlan, opts: &ApplyOptions) -> bool {
     plan.data_bytes() <= opts.inline_max_bytes && read <= opts.inline_max_bytes
 }
 
-/// [`run`] without threads, for [`is_small`] plans: every file scanned in turn (its
-/// live pieces, at most [`ApplyOptions::inline_max_bytes`], kept in memory), then written, read back
-/// and checked exactly as the pipeline does.
+/// [`run`] without threads, for [`is_small`] plans: every file scanned in turn, each
+/// live piece written as it is read (through [`DiskWriter`], as in the pipeline), read
+/// back through the target and checked exactly as the pipeline does.
 fn apply_inline(
     plan: &DiskPlan,
     target: Box<dyn BlockTarget>,
     opts: &ApplyOptions,
 ) -> Result<Vec<DiskReport>> {
     let chunk = opts.chunk_size.max(4096);
-    // Pieces are all held at once: each buffer exactly its piece's size, none recycled.
-    let pool = scan::BufPool::new(0, 0);
-    let mut chunks = Vec::new();
+    let pool = scan::BufPool::new(chunk, 2);
+    let zero_ranges = plan.map.zero_ranges(plan.virtual_size);
+    let abort = Cancel::new();
+    let mut writer = DiskWriter::new(
+        plan.disk.clone(),
+        target,
+        plan.data_bytes(),
+        &zero_ranges,
+        opts,
+        &abort,
+        &pool,
+        false,
+    )?;
     let mut statuses = BTreeMap::new();
     for job in jobs(plan) {
         let verify = opts.verify_checksums && job.stored_checksum.is_some();
         if job.frames.is_empty() && !verify {
             continue;
         }
-        let mut emit = |offset: u64, data: Vec<u8>| -> Result<()> {
-            chunks.push(Chunk { offset, data });
-            Ok(())
-        };
+        let mut emit = |offset: u64, data: Vec<u8>| writer.accept(Chunk { offset, data });
         let status = scan::scan_file(&job, verify, chunk, &pool, &opts.cancel, &mut emit)?;
         statuses.insert(
             job.path.clone(),
             (status, if verify { job.file_size } else { 0 }),
         );
     }
-    let (tx, rx) = mpsc::channel::<Chunk>(chunks.len().max(1));
-    for c in chunks {
-        tx.try_send(c)
-            .map_err(|_| Error::Unsupported("internal: inline queue full".into()))?;
-    }
-    drop(tx);
-    let rep = write_disk(
-        plan.disk.clone(),
-        target,
-        rx,
-        plan.data_bytes(),
-        &plan.map.zero_ranges(plan.virtual_size),
-        opts,
-        &Cancel::new(),
-        &pool,
-        false,
-    )?;
-    let mut reports = vec![rep];
+    let mut reports = vec![writer.finish()?];
     attach_checksums(std::slice::from_ref(plan), &mut reports, &statuses);
     Ok(reports)
 }
@@ -337,7 +327,6 @@ async fn run(
                     &opts2,
                     &abort2,
                     &pool2,
-                    true,
                 )
             }));
         }
@@ -703,135 +692,206 @@ fn check_piece(
 #[allow(clippy::too_many_arguments)]
 fn write_disk(
     disk: String,
-    mut target: Box<dyn BlockTarget>,
+    target: Box<dyn BlockTarget>,
     mut rx: mpsc::Receiver<Chunk>,
     total: u64,
     zero_ranges: &[(u64, u64)],
     opts: &ApplyOptions,
     abort: &Cancel,
     pool: &scan::BufPool,
-    background: bool,
 ) -> Result<DiskReport> {
-    let started = Instant::now();
-    let mut rep = DiskReport {
-        disk: disk.clone(),
-        ..DiskReport::default()
-    };
-    let fresh = target.starts_zeroed();
-    if !fresh {
-        // A device or reused file: holes must be written as zeroes.
-        for &(s, l) in zero_ranges {
-            opts.cancel.check()?;
-            target.write_zeroes(s, l)?;
-            rep.bytes_zeroed += l;
-        }
-    }
-    // Without `background`, pieces are read back through the target on this thread.
-    let storage = if background {
-        target.storage_file()
-    } else {
-        None
-    };
-    let bg = storage.map(|file| {
-        let (tx, rx) = std::sync::mpsc::sync_channel::<Batch>(2);
-        let (d, c, a) = (disk.clone(), opts.cancel.clone(), abort.clone());
-        let h = std::thread::Builder::new()
-            .name("vmrestore-readback".into())
-            .spawn(move || readback_thread(file, rx, d, c, a));
-        (tx, h)
-    });
-    let bg = match bg {
-        None => None,
-        Some((tx, Ok(h))) => Some((tx, h)),
-        Some((_, Err(e))) => {
-            return Err(Error::Unsupported(format!(
-                "cannot start the read-back thread: {e}"
-            )))
-        }
-    };
-    let mut rolling = Rolling {
-        pending: std::collections::VecDeque::new(),
-        pending_bytes: 0,
-        done: Vec::new(),
-        buf: Vec::new(),
-        verify: opts.verify_readback,
-        bg,
-    };
-    let mut since_writeback = 0u64;
-    let mut done = 0u64;
-    let mut reported = u64::MAX;
-    let mut last_report = Instant::now();
+    let mut w = DiskWriter::new(disk, target, total, zero_ranges, opts, abort, pool, true)?;
     while let Some(c) = rx.blocking_recv() {
         if abort.is_cancelled() || opts.cancel.is_cancelled() {
             break;
         }
+        w.accept(c)?;
+    }
+    w.finish()
+}
+
+/// The writer side of one disk (see [`write_disk`]): fed chunk by chunk, by the
+/// pipeline's channel or directly by the scan of a small chain.
+struct DiskWriter<'a> {
+    disk: String,
+    target: Box<dyn BlockTarget>,
+    zero_ranges: &'a [(u64, u64)],
+    opts: &'a ApplyOptions,
+    abort: &'a Cancel,
+    pool: &'a scan::BufPool,
+    started: Instant,
+    rep: DiskReport,
+    fresh: bool,
+    rolling: Rolling,
+    since_writeback: u64,
+    done: u64,
+    total: u64,
+    reported: u64,
+    last_report: Instant,
+}
+
+impl<'a> DiskWriter<'a> {
+    /// Zeroes the holes of a target that does not start zeroed and, with `background`
+    /// and a storage file, starts the read-back thread (else pieces are read back
+    /// through the target on the writing thread).
+    #[allow(clippy::too_many_arguments)]
+    fn new(
+        disk: String,
+        mut target: Box<dyn BlockTarget>,
+        total: u64,
+        zero_ranges: &'a [(u64, u64)],
+        opts: &'a ApplyOptions,
+        abort: &'a Cancel,
+        pool: &'a scan::BufPool,
+        background: bool,
+    ) -> Result<Self> {
+        let started = Instant::now();
+        let mut rep = DiskReport {
+            disk: disk.clone(),
+            ..DiskReport::default()
+        };
+        let fresh = target.starts_zeroed();
+        if !fresh {
+            // A device or reused file: holes must be written as zeroes.
+            for &(s, l) in zero_ranges {
+                opts.cancel.check()?;
+                target.write_zeroes(s, l)?;
+                rep.bytes_zeroed += l;
+            }
+        }
+        let storage = if background {
+            target.storage_file()
+        } else {
+            None
+        };
+        let bg = storage.map(|file| {
+            let (tx, rx) = std::sync::mpsc::sync_channel::<Batch>(2);
+            let (d, c, a) = (disk.clone(), opts.cancel.clone(), abort.clone());
+            let h = std::thread::Builder::new()
+                .name("vmrestore-readback".into())
+                .spawn(move || readback_thread(file, rx, d, c, a));
+            (tx, h)
+        });
+        let bg = match bg {
+            None => None,
+            Some((tx, Ok(h))) => Some((tx, h)),
+            Some((_, Err(e))) => {
+                return Err(Error::Unsupported(format!(
+                    "cannot start the read-back thread: {e}"
+                )))
+            }
+        };
+        Ok(Self {
+            disk,
+            target,
+            zero_ranges,
+            opts,
+            abort,
+            pool,
+            started,
+            rep,
+            fresh,
+            rolling: Rolling {
+                pending: std::collections::VecDeque::new(),
+                pending_bytes: 0,
+                done: Vec::new(),
+                buf: Vec::new(),
+                verify: opts.verify_readback,
+                bg,
+            },
+            since_writeback: 0,
+            done: 0,
+            total,
+            reported: u64::MAX,
+            last_report: Instant::now(),
+        })
+    }
+
+    /// Writes one chunk (or skips it: all zero on a fresh target) and hands its
+    /// buffer back to the pool.
+    fn accept(&mut self, c: Chunk) -> Result<()> {
         let len = c.data.len() as u64;
         let zero = is_zero(&c.data);
         if zero {
-            if fresh {
-                rep.bytes_zero_skipped += len;
+            if self.fresh {
+                self.rep.bytes_zero_skipped += len;
             } else {
-                target.write_zeroes(c.offset, len)?;
-                rep.bytes_zeroed += len;
+                self.target.write_zeroes(c.offset, len)?;
+                self.rep.bytes_zeroed += len;
             }
         } else {
-            target.write_at(c.offset, &c.data)?;
-            rep.bytes_written += len;
-            since_writeback += len;
+            self.target.write_at(c.offset, &c.data)?;
+            self.rep.bytes_written += len;
+            self.since_writeback += len;
         }
-        let hash = if zero || !opts.verify_readback {
+        let hash = if zero || !self.opts.verify_readback {
             0
         } else {
             xxhash_rust::xxh3::xxh3_64(&c.data)
         };
-        pool.put(c.data);
-        rolling.push(Written {
+        self.pool.put(c.data);
+        self.rolling.push(Written {
             offset: c.offset,
             len,
             hash,
             zero,
             placed: 0,
         });
-        if since_writeback >= WRITEBACK_STEP {
-            rolling.settle(&mut *target, READBACK_LAG, true, &disk, opts)?;
-            since_writeback = 0;
+        if self.since_writeback >= WRITEBACK_STEP {
+            self.rolling
+                .settle(&mut *self.target, READBACK_LAG, true, &self.disk, self.opts)?;
+            self.since_writeback = 0;
         }
-        done += len;
-        if let Some(p) = &opts.progress {
-            if last_report.elapsed() >= Duration::from_millis(200) || done == total {
+        self.done += len;
+        if let Some(p) = &self.opts.progress {
+            if self.last_report.elapsed() >= Duration::from_millis(200) || self.done == self.total {
                 p(&Progress {
-                    disk: disk.clone(),
-                    done,
-                    total,
+                    disk: self.disk.clone(),
+                    done: self.done,
+                    total: self.total,
                 });
-                reported = done;
-                last_report = Instant::now();
+                self.reported = self.done;
+                self.last_report = Instant::now();
             }
         }
+        Ok(())
     }
-    opts.cancel.check()?;
-    if abort.is_cancelled() {
-        // Maybe the read-back thread stopped everything: its error is the one to report.
-        rolling.join()?;
-        return Err(Error::Cancelled(-1));
+
+    /// After the last chunk: the rest of the read-back, flush, the final check, the
+    /// target's final metadata and sync.
+    fn finish(mut self) -> Result<DiskReport> {
+        let opts = self.opts;
+        opts.cancel.check()?;
+        if self.abort.is_cancelled() {
+            // Maybe the read-back thread stopped everything: its error is the one to report.
+            self.rolling.join()?;
+            return Err(Error::Cancelled(-1));
+        }
+        self.rolling
+            .settle(&mut *self.target, 0, false, &self.disk, opts)?;
+        self.rolling.join()?;
+        self.target.flush()?;
+        if opts.verify_readback {
+            final_check(
+                &mut *self.target,
+                &mut self.rolling,
+                self.zero_ranges,
+                &self.disk,
+                opts,
+            )?;
+            self.rep.readback_verified = true;
+        }
+        self.target.finish()?;
+        if let (Some(p), false) = (&opts.progress, self.reported == self.done) {
+            p(&Progress {
+                disk: self.disk.clone(),
+                done: self.done,
+                total: self.total,
+            });
+        }
+        self.rep.duration = self.started.elapsed();
+        Ok(self.rep)
     }
-    rolling.settle(&mut *target, 0, false, &disk, opts)?;
-    rolling.join()?;
-    target.flush()?;
-    if opts.verify_readback {
-        final_check(&mut *target, &mut rolling, zero_ranges, &disk, opts)?;
-        rep.readback_verified = true;
-    }
-    target.finish()?;
-    if let (Some(p), false) = (&opts.progress, reported == done) {
-        p(&Progress {
-            disk: disk.clone(),
-            done,
-            total,
-        });
-    }
-    rep.duration = started.elapsed();
-    Ok(rep)
 }
 
 /// True when every byte is zero (compared 16 bytes at a time; vectorises well).
