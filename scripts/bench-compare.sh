@@ -17,7 +17,8 @@
 # Environment:
 #   N=3                      runs per tool
 #   N_D=3*N                  runs per tool for case d (2 MiB: milliseconds, noisier)
-#   CASES="a b c c1 d"       genchain cases (c1 = c' = one file with c's final content)
+#   CASES="a b c c1 d e"     genchain cases (c1 = c' = one file with c's final content;
+#                            e = a 3-disk VM, restored in one run by every tool)
 #   VARIANTS="plain lz4"     uncompressed / LZ4-compressed chains
 #   WORK=/var/tmp/vmrestore-bench   data directory (removed at the end unless KEEP=1)
 #   KEEP=0
@@ -31,7 +32,7 @@
 set -euo pipefail
 repo=$(cd "$(dirname "$0")/.." && pwd)
 N=${N:-3}
-CASES=${CASES:-"a b c c1 d"}
+CASES=${CASES:-"a b c c1 d e"}
 VARIANTS=${VARIANTS:-"plain lz4"}
 WORK=${WORK:-/var/tmp/vmrestore-bench}
 KEEP=${KEEP:-0}
@@ -109,7 +110,7 @@ run_timed() {
     local stats=$WORK/stats.$$ qstats=$WORK/qstats.$$ l0 t0 t1 rc=0
     rm -rf "$out" "$stats" "$qstats" "$WORK/nbd.sock"
     sync
-    [ "$COLD" = 1 ] && evict "$chain" "$WORK/final.raw"
+    [ "$COLD" = 1 ] && evict "$chain" "$finalpath"
     l0=$(load)
     t0=$(now)
     QNBD_STATS=$qstats PATH="$WORK/bin:$PATH" /usr/bin/time -f "%e %M %U %S" -o "$stats" "$@" >>"$WORK/tool.log" 2>&1 || rc=$?
@@ -120,7 +121,7 @@ run_timed() {
     case "$tool" in
         ours*) ;;                                              # fsyncs itself
         virtnbdrestore) sync "$out"/*.qcow2 "$out" ;;
-        *) sync "$out" "$(dirname "$out")" ;;
+        *) if [ -d "$out" ]; then sync "$out"/* "$out"; else sync "$out" "$(dirname "$out")"; fi ;;
     esac
     t1=$(now)
     if [ "$rc" != 0 ]; then
@@ -151,8 +152,20 @@ for variant in $VARIANTS; do
         [ "$variant" = lz4 ] && flags+=(--compress)
         echo "== case $case ($variant) =="
         "$GEN" "$case" "$chain" "${flags[@]}"
-        # The final raw image for cp / qemu-img (untimed) — also a correctness reference.
-        "$OURS" "$chain" vda "$WORK/final.raw" --force >/dev/null
+        disks=vda
+        [ "$case" = e ] && disks=vda,vdb,vdc
+        IFS=, read -r -a dlist <<<"$disks"
+        # The final raw images for cp / qemu-img (untimed) — also a correctness reference:
+        # final.raw, or final/<disk>.raw for a multi-disk VM.
+        "$OURS" "$chain" "$disks" "$WORK/final.raw" --force >/dev/null
+        if [ "${#dlist[@]}" = 1 ]; then
+            finalpath=$WORK/final.raw
+            finals=("$finalpath")
+        else
+            finalpath=$WORK/final
+            finals=()
+            for d in "${dlist[@]}"; do finals+=("$finalpath/$d.raw"); done
+        fi
         out=$WORK/out
         mkdir -p "$out"
         checked=0
@@ -167,27 +180,45 @@ for variant in $VARIANTS; do
                             env TMPDIR="$WORK/tmp" virtnbdrestore -U test:///default -n -L "$WORK/virtnbdrestore.log" \
                             -f "$WORK/nbd.sock" -i "$chain" -o "$out/vnr"
                         if [ "$checked" = 0 ]; then
-                            qemu-img compare -q "$out/vnr/bench-vda.qcow2" "$WORK/final.raw" \
-                                || { echo "virtnbdrestore output differs from restore_chain's" >&2; exit 1; }
+                            for i in "${!dlist[@]}"; do
+                                qemu-img compare -q "$out/vnr/bench-${dlist[$i]}.qcow2" "${finals[$i]}" \
+                                    || { echo "virtnbdrestore's ${dlist[$i]} differs from restore_chain's" >&2; exit 1; }
+                            done
                             checked=1
                         fi
                         rm -rf "$out/vnr" ;;
                     cp)
-                        run_timed cp "$case" "$variant" "$out/cp.raw" cp --sparse=always "$WORK/final.raw" "$out/cp.raw"
-                        rm -f "$out/cp.raw" ;;
+                        if [ "${#dlist[@]}" = 1 ]; then
+                            run_timed cp "$case" "$variant" "$out/cp.raw" cp --sparse=always "$WORK/final.raw" "$out/cp.raw"
+                        else
+                            # shellcheck disable=SC2016
+                            run_timed cp "$case" "$variant" "$out/cp" \
+                                bash -c 'mkdir "$0" && cp --sparse=always "$@" "$0"/' "$out/cp" "${finals[@]}"
+                        fi
+                        rm -rf "$out/cp.raw" "$out/cp" ;;
                     qemu-img)
-                        run_timed qemu-img "$case" "$variant" "$out/conv.qcow2" \
-                            qemu-img convert -O qcow2 "$WORK/final.raw" "$out/conv.qcow2"
-                        rm -f "$out/conv.qcow2" ;;
+                        if [ "${#dlist[@]}" = 1 ]; then
+                            run_timed qemu-img "$case" "$variant" "$out/conv.qcow2" \
+                                qemu-img convert -O qcow2 "$WORK/final.raw" "$out/conv.qcow2"
+                        else
+                            # shellcheck disable=SC2016
+                            run_timed qemu-img "$case" "$variant" "$out/conv" \
+                                bash -c 'mkdir "$0" && for f; do qemu-img convert -O qcow2 "$f" "$0/$(basename "$f" .raw).qcow2" || exit 1; done' \
+                                "$out/conv" "${finals[@]}"
+                        fi
+                        rm -rf "$out/conv.qcow2" "$out/conv" ;;
                     ours)
-                        run_timed ours "$case" "$variant" "$out/ours.qcow2" "$OURS" "$chain" vda "$out/ours.qcow2"
-                        rm -f "$out/ours.qcow2"
+                        # One disk: <out>/ours.qcow2; several: <out>/ours/<disk>.qcow2.
+                        o=$out/ours.qcow2
+                        [ "${#dlist[@]}" = 1 ] || o=$out/ours
+                        run_timed ours "$case" "$variant" "$o" "$OURS" "$chain" "$disks" "$o"
+                        rm -rf "$o"
                         IFS=';' read -r -a extras <<<"$OURS_EXTRA"
                         for x in "${extras[@]}"; do
                             [ -n "$x" ] || continue
                             # shellcheck disable=SC2086
-                            run_timed "ours $x" "$case" "$variant" "$out/ours.qcow2" "$OURS" "$chain" vda "$out/ours.qcow2" $x
-                            rm -f "$out/ours.qcow2"
+                            run_timed "ours $x" "$case" "$variant" "$o" "$OURS" "$chain" "$disks" "$o" $x
+                            rm -rf "$o"
                         done ;;
                     *) echo "unknown tool $tool" >&2; exit 2 ;;
                 esac
@@ -202,7 +233,7 @@ for variant in $VARIANTS; do
             echo "  (c1 and c restore to identical content)"
             rm -f "$WORK/final-c-$variant.raw"
         fi
-        [ "$KEEP" = 1 ] || rm -rf "$chain" "$WORK/final.raw"
+        [ "$KEEP" = 1 ] || rm -rf "$chain" "$WORK/final.raw" "$WORK/final"
     done
 done
 
@@ -244,11 +275,11 @@ for var in dict.fromkeys(v for (_, v) in runs):
     c, c1 = g("c", var)[0], g("c1", var)[0]
     if c == c and c1 == c1:
         print(f"  {var} (c) 365-point chain <= 1.5x one-file chain: {c / c1:.2f}x  {'MET' if c / c1 <= 1.5 else 'MISSED'}")
-    for case in ("a", "b", "c", "c1", "d"):
+    for case in ("a", "b", "c", "c1", "d", "e"):
         o, f = g(case, var)[0], g(case, var, "cp")[0]
         if o == o and f == f:
             print(f"  {var} ({case}) within 1.25x of the cp floor: {o / f:.2f}x  {'MET' if o / f <= 1.25 else 'MISSED'}")
-    rss = max((g(c, var)[1] for c in ("a", "b", "c", "c1", "d") if g(c, var)[1] == g(c, var)[1]), default=float("nan"))
+    rss = max((g(c, var)[1] for c in ("a", "b", "c", "c1", "d", "e") if g(c, var)[1] == g(c, var)[1]), default=float("nan"))
     print(f"  {var} peak RSS <= 64 MiB: {rss:.0f} MiB  {'MET' if rss <= 64 else 'MISSED'}")
 PY
 cp "$results" "${TMPDIR:-/tmp}/vmrestore-bench-results.tsv"

@@ -20,6 +20,9 @@
 //!   (extents of 64–256 KiB at random places; the data accumulates).
 //! - `c1`: one full backup with the final content of `c` (c').
 //! - `d`:  64 MiB disk, full with 1 MiB and 2 incrementals of 512 KiB (a 2 MiB chain).
+//! - `e`:  a 3-disk VM: vda 4 GiB (full 512 MiB), vdb 2 GiB (full 256 MiB), vdc 1 GiB
+//!   (full 128 MiB), each with 5 incrementals of 1/8 of its full at random places; every
+//!   checkpoint covers the three disks.
 //!
 //! `--fill mixed` (default): each 4 KiB block is half pseudo-random, half text (LZ4 ratio
 //! about 2, like guest data); `random`: incompressible. Uncompressed and compressed
@@ -49,7 +52,7 @@ struct Args {
 
 fn usage() -> ! {
     eprintln!(
-        "usage: genchain <a|b|c|c1|d> <dir> [--compress] [--level L] [--fill mixed|random] [--no-chksum] [--seed S]"
+        "usage: genchain <a|b|c|c1|d|e> <dir> [--compress] [--level L] [--fill mixed|random] [--no-chksum] [--seed S]"
     );
     std::process::exit(2)
 }
@@ -150,6 +153,25 @@ fn scattered(rng: &mut Rng, disk: u64, bytes: u64, max: u64) -> Vec<u64> {
     out
 }
 
+/// The VM's disks (target name and history), every one with the same number of steps.
+fn layouts(case: &str, seed: u64) -> Vec<(&'static str, Layout)> {
+    if case == "e" {
+        let mut rng = Rng::new(seed ^ 0x65);
+        return [("vda", 4 * GIB), ("vdb", 2 * GIB), ("vdc", GIB)]
+            .into_iter()
+            .map(|(name, disk)| {
+                let full = disk / 8;
+                let mut steps = vec![full_layout(&mut rng, disk, full, 256)];
+                for _ in 0..5 {
+                    steps.push(scattered(&mut rng, disk, full / 8, 16));
+                }
+                (name, Layout { disk, steps })
+            })
+            .collect();
+    }
+    vec![("vda", layout(case, seed))]
+}
+
 fn layout(case: &str, seed: u64) -> Layout {
     // c1 must have c's content: same layout, same seed.
     let key = if case == "c1" { "c" } else { case };
@@ -197,12 +219,12 @@ fn layout(case: &str, seed: u64) -> Layout {
     }
 }
 
-fn qcow_json(disk: u64, allocated: u64) -> String {
+fn qcow_json(name: &str, disk: u64, allocated: u64) -> String {
     // What `qemu-img info --output=json` prints for a qemu-img-created qcow2.
     format!(
         r#"{{
     "virtual-size": {disk},
-    "filename": "/var/lib/libvirt/images/bench-vda.qcow2",
+    "filename": "/var/lib/libvirt/images/bench-{name}.qcow2",
     "cluster-size": 65536,
     "format": "qcow2",
     "actual-size": {actual},
@@ -225,7 +247,20 @@ fn qcow_json(disk: u64, allocated: u64) -> String {
 
 const UUID: &str = "6d1b7f5e-3c0a-4c8e-9a51-b3e4c2d9f001";
 
-fn domain_xml(indent: &str) -> String {
+fn domain_xml(indent: &str, disks: &[(&str, u64)]) -> String {
+    let devices: String = disks
+        .iter()
+        .map(|(name, _)| {
+            format!(
+                r"    <disk type='file' device='disk'>
+      <driver name='qemu' type='qcow2' discard='unmap'/>
+      <source file='/var/lib/libvirt/images/bench-{name}.qcow2'/>
+      <target dev='{name}' bus='virtio'/>
+    </disk>
+"
+            )
+        })
+        .collect();
     let x = format!(
         r"<domain type='kvm'>
   <name>bench</name>
@@ -239,19 +274,14 @@ fn domain_xml(indent: &str) -> String {
   </os>
   <devices>
     <emulator>/usr/bin/qemu-system-x86_64</emulator>
-    <disk type='file' device='disk'>
-      <driver name='qemu' type='qcow2' discard='unmap'/>
-      <source file='/var/lib/libvirt/images/bench-vda.qcow2'/>
-      <target dev='vda' bus='virtio'/>
-    </disk>
-  </devices>
+{devices}  </devices>
 </domain>
 "
     );
     x.lines().map(|l| format!("{indent}{l}\n")).collect()
 }
 
-fn checkpoint_xml(n: u32, disk: u64) -> String {
+fn checkpoint_xml(n: u32, disks: &[(&str, u64)]) -> String {
     let parent = if n == 0 {
         String::new()
     } else {
@@ -260,10 +290,16 @@ fn checkpoint_xml(n: u32, disk: u64) -> String {
             n - 1
         )
     };
+    let cp_disks: String = disks
+        .iter()
+        .map(|(name, size)| {
+            format!("    <disk name='{name}' checkpoint='bitmap' bitmap='virtnbdbackup.{n}' size='{size}'/>\n")
+        })
+        .collect();
     format!(
-        "<domaincheckpoint>\n  <name>virtnbdbackup.{n}</name>\n  <description>Backup checkpoint</description>\n{parent}  <creationTime>{}</creationTime>\n  <disks>\n    <disk name='vda' checkpoint='bitmap' bitmap='virtnbdbackup.{n}' size='{disk}'/>\n  </disks>\n{}</domaincheckpoint>\n",
+        "<domaincheckpoint>\n  <name>virtnbdbackup.{n}</name>\n  <description>Backup checkpoint</description>\n{parent}  <creationTime>{}</creationTime>\n  <disks>\n{cp_disks}  </disks>\n{}</domaincheckpoint>\n",
         1_767_225_600 + u64::from(n) * 86_400,
-        domain_xml("  ")
+        domain_xml("  ", disks)
     )
 }
 
@@ -278,89 +314,107 @@ fn set_mtime(path: &Path, n: u32) -> std::io::Result<()> {
 fn main() -> std::io::Result<()> {
     let a = parse_args();
     let started = Instant::now();
-    let lay = layout(&a.case, a.seed);
+    let vm = layouts(&a.case, a.seed);
+    let sizes: Vec<(&str, u64)> = vm.iter().map(|(name, l)| (*name, l.disk)).collect();
     fs::create_dir_all(a.dir.join("checkpoints"))?;
     if fs::read_dir(&a.dir)?.count() > 1 {
         eprintln!("genchain: {} is not empty", a.dir.display());
         std::process::exit(1);
     }
-    let n_gran = (lay.disk / GRANULE) as usize;
-    let mut ids = vec![0u32; n_gran];
+    // Per disk: the id of the step that last wrote each granule (0: never).
+    let mut ids: Vec<Vec<u32>> = vm
+        .iter()
+        .map(|(_, l)| vec![0u32; (l.disk / GRANULE) as usize])
+        .collect();
     let mut files = Vec::new();
     let mut total = (0u64, 0u64);
     let one_file = a.case == "c1";
-    let last = lay.steps.len() - 1;
-    for (i, step) in lay.steps.iter().enumerate() {
+    let steps = vm[0].1.steps.len();
+    let last = steps - 1;
+    for i in 0..steps {
         let id = i as u32 + 1;
-        for &g in step {
-            ids[g as usize] = id;
+        for ((_, lay), ids) in vm.iter().zip(ids.iter_mut()) {
+            for &g in &lay.steps[i] {
+                ids[g as usize] = id;
+            }
         }
         if one_file && i < last {
             continue;
         }
         let n = i as u32;
-        let (path, opts, pieces) = if i == 0 || one_file {
-            (
-                a.dir.join("vda.full.data"),
-                StreamOptions::full("vda", lay.disk, 0),
-                full_pieces(&ids),
-            )
-        } else {
-            let name = format!("vda.inc.virtnbdbackup.{n}.data");
-            (
-                a.dir.join(name),
-                StreamOptions::inc("vda", n, lay.disk, 0),
-                inc_pieces(&ids, id),
-            )
-        };
-        let opts = match a.level {
-            Some(l) => opts.compressed(l),
-            None => opts,
-        };
-        let ids_ref = &ids;
-        let w = write_stream(
-            &path,
-            &opts,
-            &pieces,
-            &|g| u64::from(ids_ref[g as usize]),
-            a.fill,
-            a.chksum,
-        )?;
-        total.0 += w.size;
-        total.1 += w.data;
-        files.push(path.clone());
-        // The side files of this checkpoint (for a one-file chain: only point 0).
+        // The files of this checkpoint (for a one-file chain: only point 0).
         let point = if one_file { 0 } else { n };
-        let allocated = ids.iter().filter(|&&x| x != 0).count() as u64 * GRANULE;
-        let qj = a.dir.join(format!("vda.virtnbdbackup.{point}.qcow.json"));
-        fs::write(&qj, qcow_json(lay.disk, allocated))?;
-        let vm = a.dir.join(format!("vmconfig.virtnbdbackup.{point}.xml"));
-        fs::write(&vm, domain_xml(""))?;
+        let mut written = Vec::new();
+        for (d, ((name, lay), ids)) in vm.iter().zip(&ids).enumerate() {
+            let (path, opts, pieces) = if i == 0 || one_file {
+                (
+                    a.dir.join(format!("{name}.full.data")),
+                    StreamOptions::full(name, lay.disk, 0),
+                    full_pieces(ids),
+                )
+            } else {
+                (
+                    a.dir.join(format!("{name}.inc.virtnbdbackup.{n}.data")),
+                    StreamOptions::inc(name, n, lay.disk, 0),
+                    inc_pieces(ids, id),
+                )
+            };
+            let opts = match a.level {
+                Some(l) => opts.compressed(l),
+                None => opts,
+            };
+            // Disks other than the first get content of their own.
+            let salt = (d as u64) << 32;
+            let w = write_stream(
+                &path,
+                &opts,
+                &pieces,
+                &|g| u64::from(ids[g as usize]) | if ids[g as usize] == 0 { 0 } else { salt },
+                a.fill,
+                a.chksum,
+            )?;
+            total.0 += w.size;
+            total.1 += w.data;
+            files.push(path.clone());
+            let allocated = ids.iter().filter(|&&x| x != 0).count() as u64 * GRANULE;
+            let qj = a
+                .dir
+                .join(format!("{name}.virtnbdbackup.{point}.qcow.json"));
+            fs::write(&qj, qcow_json(name, lay.disk, allocated))?;
+            let mut cs = path.as_os_str().to_owned();
+            cs.push(".chksum");
+            let cs = PathBuf::from(cs);
+            written.extend([path, qj]);
+            if cs.exists() {
+                written.push(cs);
+            }
+        }
+        let vmx = a.dir.join(format!("vmconfig.virtnbdbackup.{point}.xml"));
+        fs::write(&vmx, domain_xml("", &sizes))?;
         let cp = a.dir.join(format!("checkpoints/virtnbdbackup.{point}.xml"));
-        fs::write(&cp, checkpoint_xml(point, lay.disk))?;
-        let mut cs = path.as_os_str().to_owned();
-        cs.push(".chksum");
-        let cs = PathBuf::from(cs);
-        for p in [&path, &qj, &vm, &cp] {
+        fs::write(&cp, checkpoint_xml(point, &sizes))?;
+        written.extend([vmx, cp]);
+        for p in &written {
             set_mtime(p, point)?;
         }
-        if cs.exists() {
-            set_mtime(&cs, point)?;
-        }
     }
-    let points = if one_file { 1 } else { lay.steps.len() as u32 };
+    let points = if one_file { 1 } else { steps as u32 };
     let cpt: Vec<String> = (0..points)
         .map(|n| format!("\"virtnbdbackup.{n}\""))
         .collect();
     fs::write(a.dir.join("bench.cpt"), format!("[{}]", cpt.join(", ")))?;
-    let live = ids.iter().filter(|&&x| x != 0).count() as u64 * GRANULE;
+    let live: u64 = ids
+        .iter()
+        .map(|ids| ids.iter().filter(|&&x| x != 0).count() as u64 * GRANULE)
+        .sum();
     println!(
-        "genchain {}: {} files, {} points (last {}), disk {} MiB, {} MiB of stream files, {} MiB of data frames, final content {} MiB, {}{} in {:.1}s",
+        "genchain {}: {} disk(s), {} files, {} points (last {}), disks {} MiB, {} MiB of stream files, {} MiB of data frames, final content {} MiB, {}{} in {:.1}s",
         a.case,
+        vm.len(),
         files.len(),
         points,
         points - 1,
-        lay.disk / MIB,
+        sizes.iter().map(|(_, s)| s / MIB).sum::<u64>(),
         total.0 / MIB,
         total.1 / MIB,
         live / MIB,

@@ -24,7 +24,7 @@ use nbdfmt::BackupSet;
 
 fn usage() -> ! {
     eprintln!(
-        "usage: restore_chain <chain-dir> <disk> <out.qcow2|out.raw> [--point N] [--force]\n\
+        "usage: restore_chain <chain-dir> <disk[,disk...]> <out.qcow2|out.raw|out-dir> [--point N] [--force]\n\
          \x20   [--chunk-size BYTES] [--readers N] [--memory-cap BYTES] [--no-verify] [--no-checksums] [--no-readback] [--direct]"
     );
     std::process::exit(2)
@@ -81,7 +81,25 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         }
     }
     let [dir, disk, out] = <[String; 3]>::try_from(pos).unwrap_or_else(|_| usage());
+    // `vda,vdb,vdc`: all those disks at once (the pipeline runs them in parallel), into
+    // `<out>/<disk>.qcow2` (or `.raw` when `out` ends in `.raw`, `<out-stem>/<disk>.raw`).
+    let disks: Vec<&str> = disk.split(',').collect();
     let out = PathBuf::from(out);
+    let raw = out.extension().is_some_and(|e| e == "raw" || e == "img");
+    let outs: Vec<PathBuf> = if disks.len() == 1 {
+        vec![out.clone()]
+    } else {
+        let dir = if raw {
+            out.with_extension("")
+        } else {
+            out.clone()
+        };
+        std::fs::create_dir_all(&dir)?;
+        disks
+            .iter()
+            .map(|d| dir.join(format!("{d}.{}", if raw { "raw" } else { "qcow2" })))
+            .collect()
+    };
     let t0 = Instant::now();
 
     let set = BackupSet::scan(std::path::Path::new(&dir))?;
@@ -96,59 +114,72 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     }
     let t_scan = t0.elapsed();
 
-    let plan = DiskPlan::for_point(&set, &disk, point)?;
+    let plans = disks
+        .iter()
+        .map(|d| DiskPlan::for_point(&set, d, point))
+        .collect::<engine::Result<Vec<_>>>()?;
     let t_plan = t0.elapsed();
 
-    let raw = out.extension().is_some_and(|e| e == "raw" || e == "img");
-    let staged = StagedPath::new(&out);
-    let _ = std::fs::remove_file(staged.temp_path());
-    let target: Box<dyn BlockTarget> = if raw {
-        Box::new(RawTarget::create(staged.temp_path(), plan.virtual_size)?)
-    } else {
-        let qopts = match &plan.qcow {
-            Some(info) => Qcow2Options::from_qcow_info(info)?,
-            None => Qcow2Options::default(),
-        };
-        if direct {
-            Box::new(direct::DirectQcow2::create(
-                staged.temp_path(),
-                plan.virtual_size,
-                &qopts,
-            )?)
+    let mut staged = Vec::new();
+    let mut targets: Vec<Box<dyn BlockTarget>> = Vec::new();
+    for (plan, out) in plans.iter().zip(&outs) {
+        let s = StagedPath::new(out);
+        let _ = std::fs::remove_file(s.temp_path());
+        targets.push(if raw {
+            Box::new(RawTarget::create(s.temp_path(), plan.virtual_size)?)
         } else {
-            Box::new(Qcow2Target::create(
-                staged.temp_path(),
-                plan.virtual_size,
-                &qopts,
-            )?)
-        }
-    };
-    let files = plan.files.len();
-    let file_bytes = plan.file_bytes();
-    let data_bytes = plan.data_bytes();
-    let extents = plan.map.iter().count();
-    let report = apply(std::slice::from_ref(&plan), vec![target], &opts)?;
+            let qopts = match &plan.qcow {
+                Some(info) => Qcow2Options::from_qcow_info(info)?,
+                None => Qcow2Options::default(),
+            };
+            if direct {
+                Box::new(direct::DirectQcow2::create(
+                    s.temp_path(),
+                    plan.virtual_size,
+                    &qopts,
+                )?)
+            } else {
+                Box::new(Qcow2Target::create(
+                    s.temp_path(),
+                    plan.virtual_size,
+                    &qopts,
+                )?)
+            }
+        });
+        staged.push(s);
+    }
+    let report = apply(&plans, targets, &opts)?;
     let t_apply = t0.elapsed();
-    staged.commit(force)?;
+    for s in staged {
+        s.commit(force)?;
+    }
     let total = t0.elapsed();
 
-    let d = &report.disks[0];
-    let verified = d.checksums.iter().filter(|(_, s)| s.is_some()).count();
-    println!(
-        "restore_chain {disk}@{point} -> {} ({}): files={files} file_bytes={file_bytes} extents={extents} live_bytes={data_bytes}",
-        out.display(),
-        if raw {
-            "raw"
-        } else if direct {
-            "qcow2, O_DIRECT"
-        } else {
-            "qcow2"
-        },
-    );
-    println!(
-        "  bytes_written={} zero_skipped={} zeroed={} bytes_read={} checksums_verified={verified}/{files} readback_verified={}",
-        d.bytes_written, d.bytes_zero_skipped, d.bytes_zeroed, d.bytes_read, d.readback_verified
-    );
+    let mut data_total = 0;
+    for ((plan, d), out) in plans.iter().zip(&report.disks).zip(&outs) {
+        let files = plan.files.len();
+        let verified = d.checksums.iter().filter(|(_, s)| s.is_some()).count();
+        data_total += plan.data_bytes();
+        println!(
+            "restore_chain {}@{point} -> {} ({}): files={files} file_bytes={} extents={} live_bytes={}",
+            plan.disk,
+            out.display(),
+            if raw {
+                "raw"
+            } else if direct {
+                "qcow2, O_DIRECT"
+            } else {
+                "qcow2"
+            },
+            plan.file_bytes(),
+            plan.map.iter().count(),
+            plan.data_bytes(),
+        );
+        println!(
+            "  bytes_written={} zero_skipped={} zeroed={} bytes_read={} checksums_verified={verified}/{files} readback_verified={}",
+            d.bytes_written, d.bytes_zero_skipped, d.bytes_zeroed, d.bytes_read, d.readback_verified
+        );
+    }
     println!(
         "  time_ms scan={:.1} plan={:.1} apply={:.1} commit={:.1} total={:.1}  ({:.0} MiB/s of live data; chunk={} readers={} memory_cap={})",
         ms(t_scan),
@@ -156,7 +187,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         ms(t_apply - t_plan),
         ms(total - t_apply),
         ms(total),
-        data_bytes as f64 / (1 << 20) as f64 / total.as_secs_f64(),
+        data_total as f64 / (1 << 20) as f64 / total.as_secs_f64(),
         opts.chunk_size,
         opts.readers,
         opts.memory_cap
