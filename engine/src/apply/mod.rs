@@ -220,7 +220,7 @@ pub const INLINE_MAX_BYTES: u64 = 8 << 20;
 /// One disk whose chain files (all of which a checksum check reads) and live data are
 /// both within [`ApplyOptions::inline_max_bytes`].
 fn is_small(plan: &DiskPlan, opts: &ApplyOptions) -> bool {
-    if opts.inline_max_bytes == 0 {
+    if opts.inline_max_bytes == 0 || plan.data_bytes() > opts.inline_max_bytes {
         return false;
     }
     let read: u64 = jobs(plan)
@@ -233,7 +233,7 @@ fn is_small(plan: &DiskPlan, opts: &ApplyOptions) -> bool {
             }
         })
         .sum();
-    plan.data_bytes() <= opts.inline_max_bytes && read <= opts.inline_max_bytes
+    read <= opts.inline_max_bytes
 }
 
 /// [`run`] without threads, for [`is_small`] plans: every file scanned in turn, each
