@@ -801,6 +801,53 @@ mod tests {
             }
         }
 
+        /// Frames decoded one after the other with the buffers carried over (as a
+        /// restore does) give what fresh readers give, whatever the previous frame's block
+        /// size, length, history or failure left in them.
+        #[test]
+        fn prop_carried_buffers_match_fresh(
+            frames in proptest::collection::vec(
+                (any::<u64>(), 0usize..200_000, 0u8..4, 0u8..16, any::<bool>()), 1..6),
+            step in 1usize..100_000,
+        ) {
+            let mut bufs = Lz4Buffers::default();
+            for (seed, len, bs, flags, corrupt) in frames {
+                let data = data_from(seed, len);
+                let mut f = encode(&data, block_size(bs), flags & 1 != 0, flags & 2 != 0,
+                                   flags & 4 != 0, flags & 8 != 0);
+                if corrupt {
+                    let i = (seed as usize) % f.len();
+                    f[i] ^= 0x5a;
+                }
+                let fresh = decode(&f, len as u64, false, step);
+                let mut r = Lz4FrameReader::new(&f[..], 3, f.len() as u64, len as u64)
+                    .verify_checksums(false)
+                    .with_buffers(std::mem::take(&mut bufs));
+                let mut out = Vec::new();
+                let mut buf = vec![0u8; step];
+                let carried = loop {
+                    match r.read_decoded(&mut buf) {
+                        Ok(0) => break Ok(()),
+                        Ok(n) => out.extend_from_slice(&buf[..n]),
+                        Err(e) => break Err(e),
+                    }
+                };
+                let (done, b) = r.finish_keep_buffers();
+                bufs = b;
+                let carried = carried.and(done.map(|_| ())).map(|()| out);
+                match (fresh, carried) {
+                    (Ok(a), Ok(b)) => {
+                        prop_assert_eq!(&a, &b);
+                        if !corrupt {
+                            prop_assert_eq!(&a, &data);
+                        }
+                    }
+                    (Err(_), Err(_)) => {}
+                    (a, b) => prop_assert!(false, "fresh {:?} vs carried {:?}", a.map(|v| v.len()), b.map(|v| v.len())),
+                }
+            }
+        }
+
         /// Corrupted frames: an error or (checksums off) some output within the cap,
         /// never a panic; with both checksums on, never wrong data.
         #[test]
