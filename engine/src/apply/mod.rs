@@ -8,6 +8,9 @@
 //! A tokio runtime owned by [`apply`] drives the pipeline; disk I/O itself runs on
 //! blocking threads (`pread`/`pwrite` through the targets), never through `tokio::fs`.
 //! Memory is bounded by the channel capacities (`memory_cap`) plus one chunk per worker.
+//! A single small disk ([`ApplyOptions::inline_max_bytes`]) skips the pipeline: its files
+//! are scanned on the calling thread and each piece goes straight to the same
+//! [`DiskWriter`] (same zero handling, read-back and final check).
 
 mod scan;
 
