@@ -1,4 +1,4 @@
-//! Apply: write a [`Plan`] to targets, each live block once.
+//! Apply: write a [`DiskPlan`](crate::DiskPlan) per disk to targets, each live block once.
 //!
 //! ```text
 //!  chain files ──(reader jobs: sequential scan, LZ4 decode, adler32)──┐
@@ -10,7 +10,7 @@
 //! Memory is bounded by the channel capacities (`memory_cap`) plus one chunk per worker.
 //! A single small disk ([`ApplyOptions::inline_max_bytes`]) skips the pipeline: its files
 //! are scanned on the calling thread and each piece goes straight to the same
-//! [`DiskWriter`] (same zero handling, read-back and final check).
+//! `DiskWriter` (same zero handling, read-back and final check).
 
 mod scan;
 
