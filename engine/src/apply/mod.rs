@@ -1,4 +1,4 @@
-//! Apply: write a [`DiskPlan`](crate::DiskPlan) per disk to targets, each live block once.
+//! Apply: write a [`DiskPlan`] per disk to targets, each live block once.
 //!
 //! ```text
 //!  chain files ──(reader jobs: sequential scan, LZ4 decode, adler32)──┐
