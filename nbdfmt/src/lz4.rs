@@ -277,6 +277,20 @@ impl<R: Read> Lz4FrameReader<R> {
         self.decoded
     }
 
+    /// Reads the rest of the frame in reads of `step` bytes (the caller still calls
+    /// [`finish`](Self::finish) or [`finish_keep_buffers`](Self::finish_keep_buffers)).
+    pub fn read_to_vec(&mut self, step: usize) -> Result<Vec<u8>> {
+        let mut out = Vec::new();
+        let mut buf = vec![0u8; step.max(1)];
+        loop {
+            let n = self.read_decoded(&mut buf)?;
+            if n == 0 {
+                return Ok(out);
+            }
+            out.extend_from_slice(&buf[..n]);
+        }
+    }
+
     /// Reads up to `buf.len()` decoded bytes; `Ok(0)` at the end of the frame.
     pub fn read_decoded(&mut self, buf: &mut [u8]) -> Result<usize> {
         if buf.is_empty() {
@@ -542,15 +556,7 @@ impl<R: Read> Lz4FrameReader<R> {
 /// Decodes a whole LZ4 frame held in memory (at most `max_decoded` bytes of output).
 pub fn decode_frame(src: &[u8], frame_offset: u64, max_decoded: u64) -> Result<Vec<u8>> {
     let mut r = Lz4FrameReader::new(src, frame_offset, src.len() as u64, max_decoded);
-    let mut out = Vec::new();
-    let mut buf = vec![0u8; 64 * 1024];
-    loop {
-        let n = r.read_decoded(&mut buf)?;
-        if n == 0 {
-            break;
-        }
-        out.extend_from_slice(&buf[..n]);
-    }
+    let out = r.read_to_vec(64 * 1024)?;
     r.finish()?;
     Ok(out)
 }
@@ -636,15 +642,7 @@ mod tests {
     /// Decodes with reads of `step` bytes.
     fn decode(f: &[u8], max: u64, verify: bool, step: usize) -> Result<Vec<u8>> {
         let mut r = Lz4FrameReader::new(f, 3, f.len() as u64, max).verify_checksums(verify);
-        let mut out = Vec::new();
-        let mut buf = vec![0u8; step.max(1)];
-        loop {
-            let n = r.read_decoded(&mut buf)?;
-            if n == 0 {
-                break;
-            }
-            out.extend_from_slice(&buf[..n]);
-        }
+        let out = r.read_to_vec(step)?;
         r.finish()?;
         Ok(out)
     }
@@ -823,18 +821,10 @@ mod tests {
                 let mut r = Lz4FrameReader::new(&f[..], 3, f.len() as u64, len as u64)
                     .verify_checksums(false)
                     .with_buffers(std::mem::take(&mut bufs));
-                let mut out = Vec::new();
-                let mut buf = vec![0u8; step];
-                let carried = loop {
-                    match r.read_decoded(&mut buf) {
-                        Ok(0) => break Ok(()),
-                        Ok(n) => out.extend_from_slice(&buf[..n]),
-                        Err(e) => break Err(e),
-                    }
-                };
+                let carried = r.read_to_vec(step);
                 let (done, b) = r.finish_keep_buffers();
                 bufs = b;
-                let carried = carried.and(done.map(|_| ())).map(|()| out);
+                let carried = carried.and_then(|out| done.map(|_| out));
                 match (fresh, carried) {
                     (Ok(a), Ok(b)) => {
                         prop_assert_eq!(&a, &b);

@@ -185,13 +185,13 @@ pub fn apply(
         }
     }
     if let ([plan], [_]) = (plans, &targets[..]) {
-        if is_small(plan, opts) {
+        if let Some(jobs) = small_jobs(plan, opts) {
             let started = Instant::now();
             let target = targets
                 .into_iter()
                 .next()
                 .ok_or_else(|| Error::Unsupported("internal: one plan but no target".into()))?;
-            let disks = apply_inline(plan, target, opts)?;
+            let disks = apply_inline(plan, jobs, target, opts)?;
             return Ok(ApplyReport {
                 disks,
                 duration: started.elapsed(),
@@ -220,30 +220,32 @@ pub fn apply(
 /// of 40 alternating runs).
 pub const INLINE_MAX_BYTES: u64 = 8 << 20;
 
-/// One disk whose chain files (all of which a checksum check reads) and live data are
-/// both within [`ApplyOptions::inline_max_bytes`].
-fn is_small(plan: &DiskPlan, opts: &ApplyOptions) -> bool {
+/// The reader jobs of a disk whose chain files (all of which a checksum check reads)
+/// and live data are both within [`ApplyOptions::inline_max_bytes`]; `None` otherwise.
+fn small_jobs(plan: &DiskPlan, opts: &ApplyOptions) -> Option<Vec<FileJob>> {
     if opts.inline_max_bytes == 0 || plan.data_bytes() > opts.inline_max_bytes {
-        return false;
+        return None;
     }
-    let read: u64 = jobs(plan)
+    let jobs = jobs(plan);
+    let read: u64 = jobs
         .iter()
         .map(|j| {
-            if opts.verify_checksums && j.stored_checksum.is_some() {
+            if j.hashed(opts) {
                 j.file_size
             } else {
                 j.frames.iter().map(|(f, _)| f.length).sum()
             }
         })
         .sum();
-    read <= opts.inline_max_bytes
+    (read <= opts.inline_max_bytes).then_some(jobs)
 }
 
-/// [`run`] without threads, for [`is_small`] plans: every file scanned in turn, each
+/// [`run`] without threads, for [`small_jobs`] plans: every file scanned in turn, each
 /// live piece written as it is read (through [`DiskWriter`], as in the pipeline), read
 /// back through the target and checked exactly as the pipeline does.
 fn apply_inline(
     plan: &DiskPlan,
+    jobs: Vec<FileJob>,
     target: Box<dyn BlockTarget>,
     opts: &ApplyOptions,
 ) -> Result<Vec<DiskReport>> {
@@ -262,8 +264,8 @@ fn apply_inline(
         false,
     )?;
     let mut statuses = BTreeMap::new();
-    for job in jobs(plan) {
-        let verify = opts.verify_checksums && job.stored_checksum.is_some();
+    for job in jobs {
+        let verify = job.hashed(opts);
         if job.frames.is_empty() && !verify {
             continue;
         }
@@ -334,7 +336,7 @@ async fn run(
             }));
         }
         for job in jobs(plan) {
-            let verify = opts.verify_checksums && job.stored_checksum.is_some();
+            let verify = job.hashed(opts);
             if job.frames.is_empty() && !verify {
                 reader_handles.push(tokio::spawn(async move {
                     Ok::<_, Error>((job.path, None, 0u64))

@@ -75,6 +75,14 @@ pub(crate) struct FileJob {
     pub frames: Vec<(nbdfmt::Frame, Vec<Live>)>,
 }
 
+impl FileJob {
+    /// True when the scan passes the whole file through adler32 (checksums asked for
+    /// and the file has a `.chksum`).
+    pub fn hashed(&self, opts: &super::ApplyOptions) -> bool {
+        opts.verify_checksums && self.stored_checksum.is_some()
+    }
+}
+
 /// File reader that hashes what passes through when asked to.
 struct Hashing {
     file: File,

@@ -484,14 +484,15 @@ impl Qcow2Target {
     }
 
     /// Calls `visit(guest offset, length, mapping)` for each mapping run of the range
-    /// (read-only: the map, read-back and allocation queries share this walk).
+    /// (read-only: the map, read-back, allocation queries and v2 zeroing share this
+    /// walk); errors name `op`.
     fn walk_mappings(
         &self,
+        op: &'static str,
         offset: u64,
         len: u64,
         mut visit: impl FnMut(u64, u64, &Mapping<'_, ImagoFile>),
     ) -> Result<()> {
-        let op = "map";
         self.check_range(op, offset, len)?;
         let image = self.image(op)?;
         let (mut pos, end) = (offset, offset + len);
@@ -531,37 +532,28 @@ impl Qcow2Target {
     /// allocated parts (unallocated clusters already read as zero).
     fn write_zeroes_v2(&mut self, offset: u64, len: u64) -> Result<()> {
         let op = "write zeroes";
-        let Some(image) = self.image.as_ref() else {
-            return Err(Error::target(op, &self.path, finished_error()));
-        };
-        let (mut pos, end) = (offset, offset + len);
-        while pos < end {
-            let (mapping, mlen) = image
-                .get_mapping(pos, end - pos)
-                .map_err(|e| Error::target(op, &self.path, e))?;
-            let reads_zero = matches!(mapping, Mapping::Zero { .. });
-            let mlen = mlen.min(end - pos);
-            if mlen == 0 {
-                return Err(Error::target(
-                    op,
-                    &self.path,
-                    io::Error::other(format!("no mapping at {pos}")),
-                ));
+        let mut data = Vec::new();
+        self.walk_mappings(op, offset, len, |pos, mlen, mapping| {
+            if !matches!(mapping, Mapping::Zero { .. }) {
+                data.push((pos, mlen));
             }
-            if !reads_zero {
-                if self.zeroes.is_empty() {
-                    self.zeroes = vec![0u8; ZERO_CHUNK];
-                }
-                let mut p = pos;
-                while p < pos + mlen {
-                    let n = (pos + mlen - p).min(ZERO_CHUNK as u64) as usize;
-                    image
-                        .write(&self.zeroes[..n], p)
-                        .map_err(|e| Error::target(op, &self.path, e))?;
-                    p += n as u64;
-                }
+        })?;
+        if data.is_empty() {
+            return Ok(());
+        }
+        if self.zeroes.is_empty() {
+            self.zeroes = vec![0u8; ZERO_CHUNK];
+        }
+        let image = self.image(op)?;
+        for (pos, mlen) in data {
+            let mut p = pos;
+            while p < pos + mlen {
+                let n = (pos + mlen - p).min(ZERO_CHUNK as u64) as usize;
+                image
+                    .write(&self.zeroes[..n], p)
+                    .map_err(|e| Error::target(op, &self.path, e))?;
+                p += n as u64;
             }
-            pos += mlen;
         }
         Ok(())
     }
@@ -662,7 +654,7 @@ impl BlockTarget for Qcow2Target {
     /// The host clusters behind the range (`u64::MAX` for zero or unallocated ones).
     fn host_extents(&mut self, offset: u64, len: u64) -> Result<Option<Vec<(u64, u64)>>> {
         let mut out: Vec<(u64, u64)> = Vec::new();
-        self.walk_mappings(offset, len, |_, mlen, mapping| {
+        self.walk_mappings("map", offset, len, |_, mlen, mapping| {
             let h = match mapping {
                 Mapping::Raw { offset, .. } => *offset,
                 _ => u64::MAX,
@@ -692,7 +684,7 @@ impl BlockTarget for Qcow2Target {
     /// The allocated (data) parts of the range; unallocated and zero clusters read as zero.
     fn data_ranges(&mut self, offset: u64, len: u64) -> Result<Vec<(u64, u64)>> {
         let mut out: Vec<(u64, u64)> = Vec::new();
-        self.walk_mappings(offset, len, |pos, mlen, mapping| {
+        self.walk_mappings("map", offset, len, |pos, mlen, mapping| {
             if !matches!(mapping, Mapping::Zero { .. }) {
                 match out.last_mut() {
                     Some((o, l)) if *o + *l == pos => *l += mlen,
