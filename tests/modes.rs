@@ -2,10 +2,13 @@
 //! (`test:///default`, no daemon): DR, clone and data-only restores of copies of the
 //! real fixture chains. Disk content is checked with qemu-img (a test-only tool).
 
+mod clisupport;
+
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::Mutex;
 
+use clisupport::expected_sha256 as expected;
 use sha2::{Digest, Sha256};
 use vmrestore::hypervisor::libvirt::Libvirt;
 use vmrestore::hypervisor::Hypervisor;
@@ -83,16 +86,6 @@ fn guest_sha(img: &Path) -> String {
     std::io::copy(&mut std::fs::File::open(&raw).expect("raw"), &mut h).expect("hash");
     std::fs::remove_file(&raw).expect("rm");
     h.finalize().iter().map(|b| format!("{b:02x}")).collect()
-}
-
-fn expected(vm: &str, chain: &str, point: &str, disk: &str) -> String {
-    let p = fixture(&format!("expected/{vm}/{chain}/{point}/{disk}.sha256"));
-    std::fs::read_to_string(p)
-        .expect("sha file")
-        .split_whitespace()
-        .next()
-        .expect("sha")
-        .to_owned()
 }
 
 fn job<'a>(

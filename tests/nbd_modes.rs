@@ -29,15 +29,12 @@ fn have(tool: &str) -> bool {
 }
 
 fn expected(point: &str) -> String {
-    let p = Path::new(env!("CARGO_MANIFEST_DIR")).join(format!(
-        "tests/fixtures/real-chains/expected/rc-lz4-plain/chain/virtnbdbackup.{point}/vda.sha256"
-    ));
-    std::fs::read_to_string(p)
-        .expect("sha file")
-        .split_whitespace()
-        .next()
-        .expect("sha")
-        .to_owned()
+    clisupport::expected_sha256(
+        "rc-lz4-plain",
+        "chain",
+        &format!("virtnbdbackup.{point}"),
+        "vda",
+    )
 }
 
 fn sha(p: &Path) -> String {

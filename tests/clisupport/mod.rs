@@ -21,6 +21,18 @@ pub fn fixture_src() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/real-chains")
 }
 
+/// The sha256 the fixture records for `disk` at a restore point
+/// (`expected/<vm>/<chain>/<point>/<disk>.sha256`).
+pub fn expected_sha256(vm: &str, chain: &str, point: &str, disk: &str) -> String {
+    let p = fixture_src().join(format!("expected/{vm}/{chain}/{point}/{disk}.sha256"));
+    fs::read_to_string(p)
+        .expect("sha file")
+        .split_whitespace()
+        .next()
+        .expect("sha")
+        .to_owned()
+}
+
 /// mtime given to every file the manifest says nothing about.
 pub const BASE_TIME: &str = "2026-01-01T00:00:00";
 
