@@ -2,40 +2,20 @@
 //! (§1.3) → the command. Builds the real dependencies (config, log file, signal
 //! handling); never decides exit codes itself (those come from `AppError`).
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use engine::Cancel;
 
 use crate::cli::{self, Parsed};
-use crate::cmd::{self, write_stdout};
-use crate::config::{self, BackupRoot, ConfigEnv};
+use crate::cmd;
+use crate::ui::write_stdout;
+use crate::ui::header::invocation;
+use crate::host::config::{self, BackupRoot};
+pub use crate::host::env::Env;
 use crate::error::{AppError, ExitStatus};
-use crate::log::{self, RunLog};
-use crate::request::{self, Facts, InspectRequest, Request, RestoreRequest};
-use crate::tree;
-
-/// The process environment vmrestore depends on, read once.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Env {
-    /// `VMRESTORE_CONFIG_ROOT` and `VMBACKUP_INSTANCE`.
-    pub config: ConfigEnv,
-    /// `LOG_DIR`, when set and non-empty.
-    pub log_dir: Option<PathBuf>,
-    /// `LIBVIRT_DEFAULT_URI`, when set and non-empty.
-    pub default_uri: Option<String>,
-}
-
-impl Env {
-    /// Reads the environment of this process.
-    pub fn from_process() -> Self {
-        let non_empty = |k: &str| std::env::var_os(k).filter(|v| !v.is_empty());
-        Self {
-            config: ConfigEnv::from_env(),
-            log_dir: non_empty("LOG_DIR").map(PathBuf::from),
-            default_uri: non_empty("LIBVIRT_DEFAULT_URI").map(|v| v.to_string_lossy().into_owned()),
-        }
-    }
-}
+use crate::ui::log::{self, RunLog};
+use crate::cli::request::{self, Facts, InspectRequest, Request};
+use crate::host::tree;
 
 /// Parses `argv` (without the program name) and runs it.
 pub fn run(argv: &[String], env: &Env) -> Result<ExitStatus, AppError> {
@@ -105,68 +85,6 @@ enum Inspect {
     Dump,
 }
 
-/// `vmrestore <args>` as typed, shell-quoted where needed (log header).
-pub fn invocation(args: &[String]) -> String {
-    let quoted: Vec<String> = args
-        .iter()
-        .map(|a| {
-            if !a.is_empty()
-                && a.bytes()
-                    .all(|c| c.is_ascii_alphanumeric() || b"-_./=:,@%+".contains(&c))
-            {
-                a.clone()
-            } else {
-                format!("'{}'", a.replace('\'', "'\\''"))
-            }
-        })
-        .collect();
-    format!("vmrestore {}", quoted.join(" "))
-        .trim_end()
-        .to_owned()
-}
-
-fn yes_no(b: bool) -> String {
-    if b { "yes" } else { "no" }.into()
-}
-
-/// The log header block of a restore run (spec §7.3), for the restore flow.
-pub fn restore_header_fields(r: &RestoreRequest) -> Vec<(&'static str, String)> {
-    vec![
-        ("Invocation", invocation(&r.invocation)),
-        ("Mode", "restore".into()),
-        ("VM", r.vm.label.clone()),
-        ("Period", r.period.clone().unwrap_or_else(|| "auto".into())),
-        ("Restore Point", r.point.label()),
-        (
-            "Restore Path",
-            r.restore_path
-                .as_ref()
-                .map(|p| p.display().to_string())
-                .unwrap_or_else(|| "unset".into()),
-        ),
-        (
-            "Clone Name",
-            r.clone_name
-                .clone()
-                .unwrap_or_else(|| "none (disaster recovery)".into()),
-        ),
-        ("Backup Path", r.root.path.display().to_string()),
-        (
-            "Disk Filter",
-            match &r.disks {
-                None | Some(request::DiskSelection::All) => "all".into(),
-                Some(request::DiskSelection::List(d)) => d.join(","),
-            },
-        ),
-        ("No Pre-Restore", yes_no(r.no_pre_restore)),
-        ("Skip Config", yes_no(r.skip_config)),
-        ("Skip TPM", yes_no(r.skip_tpm)),
-        ("Force", yes_no(r.force)),
-        ("Dry Run", yes_no(r.dry_run)),
-        ("Include Incomplete", yes_no(r.include_incomplete)),
-    ]
-}
-
 /// `--verify` / `--dump`: logged modes (log file, banner, footer), no lock, no
 /// catalogue row (spec §4.16).
 fn inspect(r: &InspectRequest, what: Inspect, env: &Env) -> Result<ExitStatus, AppError> {
@@ -223,27 +141,3 @@ pub fn report(e: &AppError) {
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn invocation_quoting() {
-        let a: Vec<String> = [
-            "--vm",
-            "my vm",
-            "--list-restore-points",
-            "",
-            "--disk",
-            "vda,vdb",
-        ]
-        .iter()
-        .map(|s| (*s).to_owned())
-        .collect();
-        assert_eq!(
-            invocation(&a),
-            "vmrestore --vm 'my vm' --list-restore-points '' --disk vda,vdb"
-        );
-        assert_eq!(invocation(&[]), "vmrestore");
-    }
-}

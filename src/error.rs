@@ -186,6 +186,69 @@ impl AppError {
     }
 }
 
+impl AppError {
+    /// The same failure with `what` said first (`<what> — <message>`), for the
+    /// categories whose text is free (engine, storage).
+    pub fn prefixed(self, what: &str) -> Self {
+        match self {
+            Self::Engine { message, source } => Self::Engine {
+                message: format!("{what} — {message}"),
+                source,
+            },
+            Self::Storage(m) => Self::Storage(format!("{what} — {m}")),
+            other => other,
+        }
+    }
+}
+
+/// An engine failure by category (spec STYLE §2: apply failures exit 6, a signal
+/// 128+n, a full target 4, a failed post-restore integrity check — the read-back
+/// differs — 4 with the spec §3.6 wording), its text prefixed with `what`.
+pub fn engine_error(e: engine::Error, what: &str) -> AppError {
+    let message = |e: &engine::Error| {
+        if what.is_empty() {
+            e.to_string()
+        } else {
+            format!("{what}: {e}")
+        }
+    };
+    match e.kind() {
+        engine::ErrorKind::Cancelled(sig) if sig > 0 => AppError::Interrupted(sig),
+        engine::ErrorKind::NoSpace => AppError::Storage(message(&e)),
+        engine::ErrorKind::VerifyFailed => {
+            AppError::Storage(format!("Restore produced corrupt disk images — {}", message(&e)))
+        }
+        _ => AppError::Engine {
+            message: message(&e),
+            source: Some(Box::new(e)),
+        },
+    }
+}
+
+impl From<engine::Error> for AppError {
+    fn from(e: engine::Error) -> Self {
+        engine_error(e, "")
+    }
+}
+
+impl From<nbdfmt::Error> for AppError {
+    /// Backup data that cannot be read is the engine category (exit 6); the message
+    /// names the file and byte offset.
+    fn from(e: nbdfmt::Error) -> Self {
+        AppError::Engine {
+            message: e.to_string(),
+            source: Some(Box::new(e)),
+        }
+    }
+}
+
+impl From<crate::hypervisor::HvError> for AppError {
+    /// A libvirt call that failed where libvirt is required (exit 8).
+    fn from(e: crate::hypervisor::HvError) -> Self {
+        AppError::Dependency(e.to_string())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -226,6 +289,21 @@ mod tests {
         assert_eq!(
             AppError::BackupRootMissing("/x".into()).to_string(),
             "Backup path not found: /x"
+        );
+    }
+
+    #[test]
+    fn integrity_failure_is_a_storage_error() {
+        let e = engine::Error::Verify {
+            path: "/r/x.qcow2".into(),
+            message: "block 3 differs".into(),
+        };
+        let a = engine_error(e, "Disk restore failed");
+        assert_eq!(a.exit_status().code(), 4);
+        assert!(
+            a.to_string()
+                .starts_with("Restore produced corrupt disk images — Disk restore failed: "),
+            "{a}"
         );
     }
 }

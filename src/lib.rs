@@ -1,23 +1,17 @@
 //! vmrestore: restore libvirt/KVM virtual machines from vmbackup + virtnbdbackup trees.
+//!
+//! Layout (docs/architecture.md): `cli` (what was typed → a validated request),
+//! `cmd` (one module per command), `restore` (planners, the plan, the executor),
+//! `host` (config, backup tree, catalogue, locks, TPM, NVRAM), `hypervisor` (the
+//! libvirt boundary), `domain` (domain XML), `ui` (log lines, progress, formats).
 #![deny(unsafe_code)]
 pub mod app;
-pub mod catalogue;
 pub mod cli;
 pub mod cmd;
-pub mod config;
-pub mod domxml;
+pub mod domain;
 pub mod error;
-pub mod format;
+pub mod host;
 pub mod hypervisor;
-pub mod lock;
-pub mod log;
-pub mod mode;
-pub mod nvram;
-pub mod ownership;
-pub mod preflight;
-pub mod progress;
-pub mod request;
 pub mod restore;
 pub mod signal;
-pub mod tpm;
-pub mod tree;
+pub mod ui;

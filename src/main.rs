@@ -6,7 +6,7 @@ use std::process::ExitCode;
 
 use vmrestore::app::{self, Env};
 use vmrestore::error::ExitStatus;
-use vmrestore::log;
+use vmrestore::ui::log;
 
 fn main() -> ExitCode {
     // Arguments that are not UTF-8 are taken lossily (VM names and paths written

@@ -316,17 +316,17 @@ fn s65_name_from_backup_config() {
         .root
         .join("rc-wk-app/2026-W06/.archives/chain-2026-02-04");
     assert_eq!(
-        vmrestore::tree::resolve_vm_name(&chain).as_deref(),
+        vmrestore::host::tree::resolve_vm_name(&chain).as_deref(),
         Some("rc-wk-app")
     );
     // copy chain without vmconfig.copy.xml: its config/ dir has the domain
     let copy = fx.root.join("rc-mon-db/202601/.archives/chain-2026-01-27");
     assert_eq!(
-        vmrestore::tree::resolve_vm_name(&copy).as_deref(),
+        vmrestore::host::tree::resolve_vm_name(&copy).as_deref(),
         Some("rc-mon-db")
     );
     assert_eq!(
-        vmrestore::tree::state_root(&chain, true, std::path::Path::new("/x")),
+        vmrestore::host::tree::state_root(&chain, true, std::path::Path::new("/x")),
         fx.root
     );
 }

@@ -12,7 +12,9 @@ use clisupport::expected_sha256 as expected;
 use sha2::{Digest, Sha256};
 use vmrestore::hypervisor::libvirt::Libvirt;
 use vmrestore::hypervisor::Hypervisor;
-use vmrestore::mode::{run_clone, run_data_only, run_dr, Job, PointRequest, Reporter};
+use vmrestore::cli::request::{RestoreKind, RestoreOptions};
+use vmrestore::restore::{self, Context, Effect, Outcome, RestorePoint};
+use vmrestore::ui::report::Reporter;
 
 #[derive(Default)]
 struct Lines(Mutex<Vec<String>>);
@@ -93,19 +95,13 @@ fn job<'a>(
     vm: &str,
     hv: &'a dyn Hypervisor,
     log: &'a Lines,
-    out: &Path,
     swtpm: &Path,
-) -> Job<'a> {
-    Job {
+) -> Context<'a> {
+    Context {
         vm: vm.to_owned(),
         set,
-        point: PointRequest::Latest,
-        restore_path: Some(out.to_path_buf()),
-        force: false,
-        dry_run: false,
-        skip_tpm: false,
-        include_incomplete: false,
-        no_pre_restore: false,
+        point: RestorePoint::Latest,
+        options: RestoreOptions::default(),
         hv,
         log,
         cancel: engine::Cancel::new(),
@@ -114,22 +110,38 @@ fn job<'a>(
     }
 }
 
+/// Plans, executes, and checks that the executor did exactly what the plan (as a
+/// dry run prints it) said it would.
+fn plan_and_run(ctx: &Context<'_>, kind: &RestoreKind) -> Result<Outcome, vmrestore::error::AppError> {
+    let plan = restore::plan(ctx, kind)?;
+    let printed: Vec<Effect> = plan.effects();
+    assert_eq!(
+        plan.to_json()["effects"],
+        serde_json::to_value(&printed).expect("json"),
+        "the JSON plan lists the same effects"
+    );
+    let o = restore::execute::execute(ctx, plan)?;
+    assert_eq!(o.effects, printed, "executed effects = planned effects");
+    Ok(o)
+}
+
 #[test]
 fn data_only_restores_a_removed_disk_at_its_point() {
     let tmp = tempfile::tempdir().expect("tmp");
     let set = nbdfmt::BackupSet::scan(&fixture("backups/rc-shrink/202606")).expect("scan");
     let hv = Libvirt::connect("test:///default").expect("test driver");
     let log = Lines::default();
-    let mut j = job(
-        &set,
-        "rc-shrink",
-        &hv,
-        &log,
-        &tmp.path().join("out"),
-        tmp.path(),
+    let mut j = job(&set, "rc-shrink", &hv, &log, tmp.path());
+    j.point = RestorePoint::Number(2);
+    let kind = RestoreKind::DataOnly {
+        dir: tmp.path().join("out"),
+        ignored_name: None,
+    };
+    let o = plan_and_run(&j, &kind).expect("restore");
+    assert_eq!(
+        o.effects.iter().map(|e| e.action).collect::<Vec<_>>(),
+        vec!["create-dir", "write", "write", "write", "refresh-pool"]
     );
-    j.point = PointRequest::Number(2);
-    let o = run_data_only(&j).expect("restore");
     assert_eq!(o.disks, vec!["sda", "vda", "vdb"]);
     assert!(o.summary.ends_with("— disk ✓ data-only"), "{}", o.summary);
     assert!(
@@ -146,7 +158,7 @@ fn data_only_restores_a_removed_disk_at_its_point() {
         }
     }
     // a second run refuses to overwrite without --force, and changes nothing
-    let e = run_data_only(&j).expect_err("collision");
+    let e = restore::run(&j, &kind).expect_err("collision");
     assert!(
         e.to_string()
             .contains("Pre-flight disk safety check failed"),
@@ -166,8 +178,11 @@ fn dr_keeps_identity_and_clone_gets_a_new_one() {
     let swtpm = tmp.path().join("swtpm");
     let log = Lines::default();
     let out = tmp.path().join("images");
-    let j = job(&set, "rc-uefi-tpm", &hv, &log, &out, &swtpm);
-    let o = run_dr(&j).expect("dr");
+    let j = job(&set, "rc-uefi-tpm", &hv, &log, &swtpm);
+    let dr = RestoreKind::Dr { dir: out.clone() };
+    let o = plan_and_run(&j, &dr).expect("dr");
+    assert!(o.effects.contains(&Effect::new("define", "rc-uefi-tpm")));
+    assert!(o.effects.contains(&Effect::new("restore-tpm", "rc-uefi-tpm")));
     assert_eq!(
         o.summary,
         "Restore complete: rc-uefi-tpm — disk ✓ defined ✓ UUID ✓ MACs ✓ TPM ✓"
@@ -194,7 +209,7 @@ fn dr_keeps_identity_and_clone_gets_a_new_one() {
         );
     }
     // again without --force: refused, nothing changed
-    let e = run_dr(&j).expect_err("defined");
+    let e = restore::run(&j, &dr).expect_err("defined");
     assert_eq!(
         e.to_string(),
         "VM 'rc-uefi-tpm' already defined (use --force to override)"
@@ -202,8 +217,12 @@ fn dr_keeps_identity_and_clone_gets_a_new_one() {
 
     // clone next to it
     let log2 = Lines::default();
-    let j2 = job(&set, "rc-uefi-tpm", &hv, &log2, &out, &swtpm);
-    let o = run_clone(&j2, "rc-uefi-tpm-clone").expect("clone");
+    let j2 = job(&set, "rc-uefi-tpm", &hv, &log2, &swtpm);
+    let clone = RestoreKind::Clone {
+        dir: out.clone(),
+        name: "rc-uefi-tpm-clone".into(),
+    };
+    let o = plan_and_run(&j2, &clone).expect("clone");
     assert!(
         o.summary
             .starts_with("Restore complete: rc-uefi-tpm — disk ✓ defined ✓ new identity ✓"),

@@ -11,11 +11,11 @@ use std::time::SystemTime;
 use nbdfmt::{BackupSet, SetKind, StreamLevel};
 use serde_json::{json, Value};
 
-use crate::cmd::write_stdout;
+use crate::ui::write_stdout;
 use crate::error::{AppError, ExitStatus};
-use crate::format;
-use crate::request::PointsRequest;
-use crate::tree;
+use crate::ui::format;
+use crate::cli::request::PointsRequest;
+use crate::host::tree;
 
 const INCOMPLETE: &str = "⚠ INCOMPLETE";
 

@@ -16,9 +16,9 @@ use nbdfmt::checksum::{chksum_path, stored_checksum, Adler32Reader};
 use nbdfmt::{BackupFile, BackupSet};
 use serde_json::{json, Value};
 
-use crate::cmd::write_stdout;
+use crate::ui::write_stdout;
 use crate::error::AppError;
-use crate::log;
+use crate::ui::log;
 
 /// Result for one data file.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -104,6 +104,14 @@ pub trait Hypervisor {
     fn domains(&self) -> HvResult<Vec<DomainInfo>>;
     /// The domain XML (`inactive`: the persistent definition).
     fn xml(&self, name: &str, inactive: bool) -> HvResult<String>;
+    /// The domain's configuration, typed (disks, NVRAM, MACs).
+    fn domain(&self, name: &str, inactive: bool) -> HvResult<nbdfmt::DomainConfig> {
+        let xml = self.xml(name, inactive)?;
+        nbdfmt::DomainConfig::parse(&xml).map_err(|e| HvError {
+            op: format!("dumpxml {name}"),
+            message: format!("VM '{name}' XML: {e}"),
+        })
+    }
     /// Defines (or redefines) a persistent domain.
     fn define(&self, xml: &str) -> HvResult<DomainInfo>;
     /// Undefines, trying NVRAM + checkpoint metadata first, then weaker variants.

@@ -23,7 +23,7 @@ use tracing_subscriber::fmt::{FmtContext, FormatEvent, FormatFields, MakeWriter}
 use tracing_subscriber::registry::LookupSpan;
 
 use crate::error::ExitStatus;
-use crate::format;
+use crate::ui::format;
 
 /// The open run log, shared by the subscriber's writer and [`finish`].
 static RUN_LOG: Mutex<Option<OpenLog>> = Mutex::new(None);

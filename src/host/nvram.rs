@@ -65,6 +65,6 @@ pub fn install(source: &Path, dest: &Path) -> std::io::Result<()> {
     fs::copy(source, &tmp)?;
     use std::os::unix::fs::PermissionsExt;
     fs::set_permissions(&tmp, fs::Permissions::from_mode(0o600))?;
-    crate::ownership::chown_to(&tmp, &["libvirt-qemu"])?;
+    crate::host::ownership::chown_to(&tmp, &["libvirt-qemu"])?;
     fs::rename(&tmp, dest)
 }

@@ -10,7 +10,7 @@ use std::sync::{Arc, Mutex};
 use engine::apply::ProgressFn;
 use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
 
-use crate::mode::Reporter;
+use crate::ui::report::Reporter;
 
 /// Where stderr goes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -39,7 +39,7 @@ pub fn stderr_sink() -> Sink {
 pub fn for_restore(log: Arc<dyn Reporter>) -> Option<ProgressFn> {
     match stderr_sink() {
         Sink::File => None,
-        Sink::Stream => Some(crate::mode::line_progress(log)),
+        Sink::Stream => Some(crate::ui::report::line_progress(log)),
         Sink::Terminal => Some(bars()),
     }
 }

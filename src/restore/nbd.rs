@@ -9,10 +9,15 @@
 use engine::target::nbd::{NbdOptions, NbdTarget};
 use engine::BlockTarget;
 
-use crate::error::AppError;
-use crate::request::{DiskSelection, NbdTargetSpec};
-
-use super::{apply_options, check_complete, endpoint, engine_error, iec, Job, Outcome};
+use crate::cli::request::{DiskSelection, NbdTargetSpec};
+use crate::error::{engine_error, AppError};
+use crate::restore::disk::disk_not_found;
+use crate::restore::dr::endpoint;
+use crate::restore::execute::apply_options;
+use crate::restore::plan::{Action, NbdWrite, Report, RestorePlan, Summary};
+use crate::restore::point::disks_at;
+use crate::restore::Context;
+use crate::ui::format::iec_size;
 
 const COMPONENT: &str = "restore_disk";
 
@@ -38,125 +43,125 @@ pub fn resolve_targets(
             }
         };
         if !available.contains(&disk) {
-            return Err(super::disk_not_found(&disk, available));
+            return Err(disk_not_found(&disk, available));
         }
         out.push((disk, s.uri.clone()));
     }
     Ok(out)
 }
 
-/// Restores into NBD exports.
-pub fn run_nbd(
-    job: &Job<'_>,
+/// Plans a restore into NBD exports.
+pub(super) fn plan_nbd(
+    ctx: &Context<'_>,
     specs: &[NbdTargetSpec],
     disk_flag: Option<&DiskSelection>,
-) -> Result<Outcome, AppError> {
-    let t = endpoint(job)?;
-    check_complete(job, t)?;
-    job.log.info(
+) -> Result<RestorePlan, AppError> {
+    let t = endpoint(ctx)?;
+    ctx.log.info(
         "restore_vm",
         "Restore mode: into NBD exports (no VM definition)",
     );
-    let available = super::disks_at(job.set, t);
+    let available = disks_at(ctx.set, t);
     let pairs = resolve_targets(&available, specs, disk_flag)?;
     for d in available
         .iter()
         .filter(|d| !pairs.iter().any(|(p, _)| p == *d))
     {
-        job.log.info(
+        ctx.log.info(
             COMPONENT,
             &format!("{d}: not restored (no --nbd-target for it)"),
         );
     }
-    let newest = job.point == super::PointRequest::Latest;
-    let plans = pairs
-        .iter()
-        .map(|(d, _)| crate::restore::plan_disk(job.set, d, t, newest))
-        .collect::<engine::Result<Vec<_>>>()
-        .map_err(|e| engine_error(e, "Disk restore failed"))?;
-    let mut out = Outcome {
-        checkpoint: t,
-        disks: pairs.iter().map(|(d, _)| d.clone()).collect(),
-        target_path: pairs
+    let newest = !ctx.point.is_explicit();
+    let mut writes = Vec::new();
+    for (disk, uri) in pairs {
+        let plan = crate::restore::outputs::plan_disk(ctx.set, &disk, t, newest)
+            .map_err(|e| engine_error(e, "Disk restore failed"))?;
+        writes.push(NbdWrite { disk, uri, plan });
+    }
+    let report = Report {
+        disks: writes.iter().map(|w| w.disk.clone()).collect(),
+        target_path: writes
             .iter()
-            .map(|(_, u)| u.clone())
+            .map(|w| w.uri.clone())
             .collect::<Vec<_>>()
             .join(", "),
+        target_name: None,
         tpm_result: "skipped",
-        ..Outcome::default()
+        summary: Summary::Nbd,
     };
-    for ((d, uri), plan) in pairs.iter().zip(&plans) {
-        job.log.info(
-            COMPONENT,
-            &format!(
-                "{}{d}: {} of data from {} file(s), {} disk → {uri}",
-                if job.dry_run { "[DRY RUN] " } else { "" },
-                iec(plan.data_bytes()),
-                plan.files.len(),
-                iec(plan.virtual_size)
-            ),
-        );
+    Ok(RestorePlan {
+        vm: ctx.vm.clone(),
+        mode: "nbd",
+        point: ctx.point,
+        checkpoint: t,
+        report,
+        actions: vec![Action::WriteNbd(writes)],
+        refusals: Vec::new(),
+    })
+}
+
+/// Connects to and checks every export (writable, large enough) before writing any;
+/// then writes every byte of each disk and reads it back.
+pub(super) fn write(ctx: &Context<'_>, action: Action) -> Result<(), AppError> {
+    for line in action.lines() {
+        ctx.log.info(COMPONENT, &line);
     }
-    if job.dry_run {
-        out.summary = format!("Restore complete: {} [DRY RUN — no changes made]", job.vm);
-        return Ok(out);
-    }
-    // Connect and check every export before writing any.
+    let Action::WriteNbd(writes) = action else {
+        return Err(AppError::Internal("nbd::write takes a WriteNbd action".into()));
+    };
     let mut targets: Vec<Box<dyn BlockTarget>> = Vec::new();
-    for ((d, uri), plan) in pairs.iter().zip(&plans) {
-        let c = NbdTarget::connect_with(uri, NbdOptions::default()).map_err(|e| {
-            AppError::Storage(format!("{d}: cannot connect to NBD export {uri}: {e}"))
-        })?;
-        if c.is_read_only() {
-            return Err(AppError::Storage(format!(
-                "{d}: NBD export {uri} is read-only"
-            )));
-        }
-        if c.size() < plan.virtual_size {
-            return Err(AppError::Storage(format!(
-                "{d}: NBD export {uri} has {} bytes; the disk needs {}",
-                c.size(),
-                plan.virtual_size
-            )));
-        }
-        if c.size() > plan.virtual_size {
-            job.log.warn(COMPONENT, &format!(
-                "{d}: NBD export {uri} is larger than the disk ({} > {} bytes); the bytes beyond are left as they are",
-                c.size(),
-                plan.virtual_size
-            ));
-        }
-        targets.push(Box::new(c));
+    for w in &writes {
+        targets.push(Box::new(connect(ctx, w)?));
     }
-    let report = engine::apply(&plans, targets, &apply_options(job)).map_err(|e| {
-        job.log.error(
+    let plans: Vec<engine::DiskPlan> = writes.into_iter().map(|w| w.plan).collect();
+    let report = engine::apply(&plans, targets, &apply_options(ctx)).map_err(|e| {
+        ctx.log.error(
             COMPONENT,
             "The NBD export(s) now hold a partial restore — do not use them; rerun the restore",
         );
         engine_error(e, "Disk restore failed")
     })?;
     for d in &report.disks {
-        job.log.info(
+        ctx.log.info(
             COMPONENT,
             &format!(
                 "{}: {} written, {} zeroed, read-back {} ({:.1}s)",
                 d.disk,
-                iec(d.bytes_written),
-                iec(d.bytes_zeroed),
-                if d.readback_verified {
-                    "✓"
-                } else {
-                    "skipped"
-                },
+                iec_size(d.bytes_written),
+                iec_size(d.bytes_zeroed),
+                if d.readback_verified { "✓" } else { "skipped" },
                 d.duration.as_secs_f64()
             ),
         );
     }
-    out.summary = format!(
-        "Restore complete: {} — disk ✓ NBD export(s) written",
-        job.vm
-    );
-    Ok(out)
+    Ok(())
+}
+
+fn connect(ctx: &Context<'_>, w: &NbdWrite) -> Result<NbdTarget, AppError> {
+    let (d, uri) = (&w.disk, &w.uri);
+    let c = NbdTarget::connect_with(uri, NbdOptions::default()).map_err(|e| {
+        AppError::Storage(format!("{d}: cannot connect to NBD export {uri}: {e}"))
+    })?;
+    if c.is_read_only() {
+        return Err(AppError::Storage(format!(
+            "{d}: NBD export {uri} is read-only"
+        )));
+    }
+    let need = w.plan.virtual_size;
+    if c.size() < need {
+        return Err(AppError::Storage(format!(
+            "{d}: NBD export {uri} has {} bytes; the disk needs {need}",
+            c.size()
+        )));
+    }
+    if c.size() > need {
+        ctx.log.warn(COMPONENT, &format!(
+            "{d}: NBD export {uri} is larger than the disk ({} > {need} bytes); the bytes beyond are left as they are",
+            c.size()
+        ));
+    }
+    Ok(c)
 }
 
 #[cfg(test)]

@@ -3,10 +3,12 @@
 //! restore-path containment (step 6) are computed by the caller and passed in as
 //! data, so the first failure still wins in the spec's order.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
+
+use crate::restore::point::RestorePoint;
 
 use crate::cli::{Args, Mode};
-use crate::config::BackupRoot;
+use crate::host::config::BackupRoot;
 use crate::error::AppError;
 
 /// The default libvirt URI when neither `--connect` nor `LIBVIRT_DEFAULT_URI` is set.
@@ -58,47 +60,6 @@ pub struct InspectRequest {
     pub json: bool,
     /// The arguments as given (log header).
     pub invocation: Vec<String>,
-}
-
-/// `--restore-point`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum PointSelector {
-    /// All checkpoints (default).
-    Latest,
-    /// `full`: checkpoint 0, passed as an explicit endpoint.
-    Full,
-    /// Checkpoints 0..=N (u64: any unsigned decimal is valid syntax; too large → exit 5 later).
-    Number(u64),
-}
-
-impl PointSelector {
-    /// Parses `latest`, `full` or an unsigned decimal (spec §1.2, acceptance 10).
-    pub fn parse(v: &str) -> Result<Self, AppError> {
-        match v {
-            "latest" => Ok(Self::Latest),
-            "full" => Ok(Self::Full),
-            _ if !v.is_empty() && v.bytes().all(|c| c.is_ascii_digit()) => {
-                Ok(Self::Number(v.parse().unwrap_or(u64::MAX)))
-            }
-            _ => Err(AppError::Usage(format!(
-                "Invalid restore point: {v} (use latest, full, or number)"
-            ))),
-        }
-    }
-
-    /// True for an explicit `full`/`N` (point-in-time).
-    pub fn is_explicit(self) -> bool {
-        self != Self::Latest
-    }
-
-    /// As typed in the log header.
-    pub fn label(self) -> String {
-        match self {
-            Self::Latest => "latest".into(),
-            Self::Full => "full".into(),
-            Self::Number(n) => n.to_string(),
-        }
-    }
 }
 
 /// `--disk`.
@@ -178,63 +139,132 @@ pub fn parse_nbd_targets(v: &str) -> Result<Vec<NbdTargetSpec>, AppError> {
     Ok(out)
 }
 
-/// Which restore (spec §4.0).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum RestoreMode {
+/// Which restore (spec §4.0), with the data only that restore has.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RestoreKind {
     /// `--vm --restore-path`: disaster recovery, original identity.
-    Dr,
+    Dr {
+        /// `--restore-path`.
+        dir: PathBuf,
+    },
     /// `--vm --name C --restore-path`: new identity.
-    Clone,
+    Clone {
+        /// `--restore-path`.
+        dir: PathBuf,
+        /// `--name`.
+        name: String,
+    },
     /// `--vm --skip-config --restore-path`: disks only, no definition.
-    DataOnly,
+    DataOnly {
+        /// `--restore-path`.
+        dir: PathBuf,
+        /// `--name` given anyway (ignored, with a WARN).
+        ignored_name: Option<String>,
+    },
     /// `--vm --disk D`: replace disks of the defined VM in place.
-    DiskInPlace,
+    DiskInPlace {
+        /// `--disk`.
+        disks: DiskSelection,
+    },
     /// `--vm --disk D --restore-path P`: extract disks.
-    DiskExtract,
+    DiskExtract {
+        /// `--restore-path`.
+        dir: PathBuf,
+        /// `--disk`.
+        disks: DiskSelection,
+    },
     /// `--vm --serve <listen>`: export the restore point over NBD (instant recovery).
-    Serve,
+    Serve {
+        /// `--serve`.
+        listen: String,
+        /// `--disk`, if given.
+        disks: Option<DiskSelection>,
+    },
     /// `--vm --instant-boot --restore-path P`: boot a transient clone from overlays
     /// over NBD exports of the restore point.
-    InstantBoot,
+    InstantBoot {
+        /// `--restore-path` (the overlays).
+        dir: PathBuf,
+        /// `--name`; `None`: `<vm>-instant`, named once the VM name is resolved.
+        name: Option<String>,
+        /// `--pull`.
+        pull: bool,
+    },
     /// `--vm --nbd-target URI`: write the disks into NBD exports.
-    Nbd,
+    Nbd {
+        /// `--nbd-target`, parsed.
+        targets: Vec<NbdTargetSpec>,
+        /// `--disk`, if given.
+        disks: Option<DiskSelection>,
+    },
 }
 
-impl RestoreMode {
-    /// Name used in logs and the catalogue (`dr`, `clone`, `data-only`, `disk`, `extract`).
-    pub fn as_str(self) -> &'static str {
+impl RestoreKind {
+    /// Name used in logs, plans and JSON (`dr`, `clone`, `data-only`, `disk`, `extract`, ...).
+    pub fn as_str(&self) -> &'static str {
         match self {
-            Self::Dr => "dr",
-            Self::Clone => "clone",
-            Self::DataOnly => "data-only",
-            Self::DiskInPlace => "disk",
-            Self::DiskExtract => "extract",
-            Self::Serve => "serve",
-            Self::InstantBoot => "instant-boot",
-            Self::Nbd => "nbd",
+            Self::Dr { .. } => "dr",
+            Self::Clone { .. } => "clone",
+            Self::DataOnly { .. } => "data-only",
+            Self::DiskInPlace { .. } => "disk",
+            Self::DiskExtract { .. } => "extract",
+            Self::Serve { .. } => "serve",
+            Self::InstantBoot { .. } => "instant-boot",
+            Self::Nbd { .. } => "nbd",
         }
+    }
+
+    /// The catalogue's `restore_mode` column (extract is `disk-extract` there).
+    pub fn catalogue_name(&self) -> &'static str {
+        match self {
+            Self::DiskExtract { .. } => "disk-extract",
+            other => other.as_str(),
+        }
+    }
+
+    /// `--restore-path`, for the modes that have one.
+    pub fn dir(&self) -> Option<&Path> {
+        match self {
+            Self::Dr { dir }
+            | Self::Clone { dir, .. }
+            | Self::DataOnly { dir, .. }
+            | Self::DiskExtract { dir, .. }
+            | Self::InstantBoot { dir, .. } => Some(dir),
+            Self::DiskInPlace { .. } | Self::Serve { .. } | Self::Nbd { .. } => None,
+        }
+    }
+
+    /// `--name` as typed (for the log header and the catalogue).
+    pub fn typed_name(&self) -> Option<&str> {
+        match self {
+            Self::Clone { name, .. } => Some(name),
+            Self::InstantBoot { name, .. } => name.as_deref(),
+            Self::DataOnly { ignored_name, .. } => ignored_name.as_deref(),
+            _ => None,
+        }
+    }
+
+    /// `--disk`, for the modes that take one.
+    pub fn disks(&self) -> Option<&DiskSelection> {
+        match self {
+            Self::DiskInPlace { disks } | Self::DiskExtract { disks, .. } => Some(disks),
+            Self::Serve { disks, .. } | Self::Nbd { disks, .. } => disks.as_ref(),
+            _ => None,
+        }
+    }
+
+    /// True for the modes that cannot work without libvirt.
+    pub fn needs_libvirt(&self) -> bool {
+        matches!(
+            self,
+            Self::Dr { .. } | Self::Clone { .. } | Self::DiskInPlace { .. } | Self::InstantBoot { .. }
+        )
     }
 }
 
-/// `--vm`: everything a restore needs, validated.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct RestoreRequest {
-    /// Backup root.
-    pub root: BackupRoot,
-    /// The VM.
-    pub vm: VmTarget,
-    /// Which restore.
-    pub mode: RestoreMode,
-    /// `--restore-path` (one trailing `/` stripped); `None` only for disk in-place.
-    pub restore_path: Option<PathBuf>,
-    /// `--name` (Clone mode; also kept for the WARN when `--skip-config` ignores it).
-    pub clone_name: Option<String>,
-    /// `--disk` (disk modes only).
-    pub disks: Option<DiskSelection>,
-    /// `--period`.
-    pub period: Option<String>,
-    /// `--restore-point`.
-    pub point: PointSelector,
+/// The restore flags every mode shares.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct RestoreOptions {
     /// `--force`.
     pub force: bool,
     /// `--dry-run`.
@@ -247,16 +277,27 @@ pub struct RestoreRequest {
     pub no_pre_restore: bool,
     /// `--include-incomplete`.
     pub include_incomplete: bool,
+}
+
+/// `--vm`: everything a restore needs, validated.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RestoreRequest {
+    /// Backup root.
+    pub root: BackupRoot,
+    /// The VM.
+    pub vm: VmTarget,
+    /// Which restore, with its own data.
+    pub kind: RestoreKind,
+    /// `--period`.
+    pub period: Option<String>,
+    /// `--restore-point`.
+    pub point: RestorePoint,
+    /// The shared flags.
+    pub options: RestoreOptions,
     /// libvirt URI (`--connect`, else `LIBVIRT_DEFAULT_URI`, else `qemu:///system`).
     pub uri: String,
     /// `--json`.
     pub json: bool,
-    /// `--serve <listen>`.
-    pub serve: Option<String>,
-    /// `--pull` (instant boot: make the clone permanent).
-    pub pull: bool,
-    /// `--nbd-target`, parsed.
-    pub nbd_targets: Vec<NbdTargetSpec>,
     /// The arguments as given (log header).
     pub invocation: Vec<String>,
 }
@@ -297,9 +338,9 @@ pub fn build(args: Args, root: BackupRoot, facts: &Facts) -> Result<Request, App
     let point = args
         .restore_point
         .as_deref()
-        .map(PointSelector::parse)
+        .map(RestorePoint::parse)
         .transpose()?
-        .unwrap_or(PointSelector::Latest);
+        .unwrap_or(RestorePoint::Latest);
     // 6
     if let (Some(inside), Some(p)) = (&facts.restore_path_inside, &args.restore_path) {
         return Err(AppError::Usage(format!(
@@ -360,42 +401,72 @@ pub fn build(args: Args, root: BackupRoot, facts: &Facts) -> Result<Request, App
                 .transpose()?
                 .unwrap_or_default();
             check_new_modes(&args, &disks, &nbd_targets)?;
-            let restore_mode = match (&disks, &args.restore_path) {
-                _ if args.serve.is_some() => RestoreMode::Serve,
-                _ if args.instant_boot => RestoreMode::InstantBoot,
-                _ if !nbd_targets.is_empty() => RestoreMode::Nbd,
-                (Some(_), None) => RestoreMode::DiskInPlace,
-                (Some(_), Some(_)) => RestoreMode::DiskExtract,
-                (None, _) if args.skip_config => RestoreMode::DataOnly,
-                (None, _) if args.name.is_some() => RestoreMode::Clone,
-                (None, _) => RestoreMode::Dr,
-            };
+            let vm = need_vm("--vm requires a VM name or path")?;
+            let kind = restore_kind(&args, disks, nbd_targets)?;
             Request::Restore(RestoreRequest {
                 root,
-                vm: need_vm("--vm requires a VM name or path")?,
-                mode: restore_mode,
-                restore_path: args.restore_path.map(PathBuf::from),
-                clone_name: args.name,
-                disks,
+                vm,
+                kind,
                 period: args.period,
                 point,
-                force: args.force,
-                dry_run: args.dry_run,
-                skip_tpm: args.skip_tpm,
-                skip_config: args.skip_config,
-                no_pre_restore: args.no_pre_restore,
-                include_incomplete: args.include_incomplete,
+                options: RestoreOptions {
+                    force: args.force,
+                    dry_run: args.dry_run,
+                    skip_tpm: args.skip_tpm,
+                    skip_config: args.skip_config,
+                    no_pre_restore: args.no_pre_restore,
+                    include_incomplete: args.include_incomplete,
+                },
                 uri: args
                     .connect
                     .or_else(|| facts.default_uri.clone())
                     .unwrap_or_else(|| DEFAULT_URI.into()),
                 json: args.json,
-                serve: args.serve,
-                pull: args.pull,
-                nbd_targets,
                 invocation: args.invocation,
             })
         }
+    })
+}
+
+/// Which restore the flags ask for (spec §4.0), carrying each mode's own data.
+fn restore_kind(
+    args: &Args,
+    disks: Option<DiskSelection>,
+    targets: Vec<NbdTargetSpec>,
+) -> Result<RestoreKind, AppError> {
+    let dir = args.restore_path.as_ref().map(PathBuf::from);
+    let need_dir = || {
+        dir.clone().ok_or_else(|| {
+            AppError::Usage("--restore-path is required for restore (unless --disk is used for in-place replacement)".into())
+        })
+    };
+    Ok(match (disks, &dir) {
+        (disks, _) if args.serve.is_some() => RestoreKind::Serve {
+            listen: args.serve.clone().unwrap_or_default(),
+            disks,
+        },
+        (_, _) if args.instant_boot => RestoreKind::InstantBoot {
+            dir: need_dir()?,
+            name: args.name.clone(),
+            pull: args.pull,
+        },
+        (disks, _) if !targets.is_empty() => RestoreKind::Nbd { targets, disks },
+        (Some(disks), None) => RestoreKind::DiskInPlace { disks },
+        (Some(disks), Some(dir)) => RestoreKind::DiskExtract {
+            dir: dir.clone(),
+            disks,
+        },
+        (None, _) if args.skip_config => RestoreKind::DataOnly {
+            dir: need_dir()?,
+            ignored_name: args.name.clone(),
+        },
+        (None, _) => match &args.name {
+            Some(name) => RestoreKind::Clone {
+                dir: need_dir()?,
+                name: name.clone(),
+            },
+            None => RestoreKind::Dr { dir: need_dir()? },
+        },
     })
 }
 
@@ -449,7 +520,7 @@ fn check_new_modes(
 mod tests {
     use super::*;
     use crate::cli::{parse, Parsed};
-    use crate::config::RootSource;
+    use crate::host::config::RootSource;
 
     fn root() -> BackupRoot {
         BackupRoot {
@@ -525,16 +596,16 @@ mod tests {
     #[test]
     fn restore_modes() {
         let mode = |a: &[&str]| match req(a, &Facts::default()) {
-            Ok(Request::Restore(r)) => r.mode,
+            Ok(Request::Restore(r)) => r.kind.as_str(),
             other => panic!("{other:?}"),
         };
         assert_eq!(
             mode(&["--vm", "v", "--restore-path", "/r"]),
-            RestoreMode::Dr
+            "dr"
         );
         assert_eq!(
             mode(&["--vm", "v", "--restore-path", "/r", "--name", "c"]),
-            RestoreMode::Clone
+            "clone"
         );
         assert_eq!(
             mode(&[
@@ -546,11 +617,11 @@ mod tests {
                 "c",
                 "--skip-config"
             ]),
-            RestoreMode::DataOnly
+            "data-only"
         );
         assert_eq!(
             mode(&["--vm", "v", "--disk", "vda"]),
-            RestoreMode::DiskInPlace
+            "disk"
         );
         assert_eq!(
             mode(&[
@@ -562,7 +633,7 @@ mod tests {
                 "/r",
                 "--skip-config"
             ]),
-            RestoreMode::DiskExtract
+            "extract"
         );
         match req(
             &[
@@ -577,12 +648,12 @@ mod tests {
         ) {
             Ok(Request::Restore(r)) => {
                 assert_eq!(
-                    r.disks,
-                    Some(DiskSelection::List(vec!["vda".into(), "vdb".into()]))
+                    r.kind.disks(),
+                    Some(&DiskSelection::List(vec!["vda".into(), "vdb".into()]))
                 );
                 assert_eq!(
                     (r.point, r.vm.label.as_str(), r.vm.path_aware),
-                    (PointSelector::Full, "v", true)
+                    (RestorePoint::Full, "v", true)
                 );
                 assert_eq!(r.uri, DEFAULT_URI);
             }
@@ -594,18 +665,18 @@ mod tests {
         };
         match req(&["--vm", "v", "--disk", "all"], &f) {
             Ok(Request::Restore(r)) => assert_eq!(
-                (r.disks, r.uri.as_str()),
-                (Some(DiskSelection::All), "test:///default")
+                (r.kind.disks(), r.uri.as_str()),
+                (Some(&DiskSelection::All), "test:///default")
             ),
             other => panic!("{other:?}"),
         }
         assert_eq!(
-            PointSelector::parse("007").ok(),
-            Some(PointSelector::Number(7))
+            RestorePoint::parse("007").ok(),
+            Some(RestorePoint::Number(7))
         );
         assert_eq!(
-            PointSelector::parse("99999999999999999999999").ok(),
-            Some(PointSelector::Number(u64::MAX))
+            RestorePoint::parse("99999999999999999999999").ok(),
+            Some(RestorePoint::Number(u64::MAX))
         );
     }
 }

@@ -47,7 +47,7 @@ pub fn target_config(set: &BackupSet, point: u32) -> Option<(PathBuf, DomainConf
         .map(Path::to_path_buf)
         .collect();
     candidates.extend(set.vmconfigs.values().cloned());
-    candidates.extend(crate::tree::vm_config_candidates(&set.dir));
+    candidates.extend(crate::host::tree::vm_config_candidates(&set.dir));
     candidates
         .into_iter()
         .find_map(|p| read_domain_config(&p).ok().map(|c| (p, c)))
@@ -166,15 +166,13 @@ pub fn warn_removed_stale(final_path: &Path) {
     }
 }
 
-/// Writes all jobs in parallel through the engine. Each output is written under a
-/// temporary name and renamed only after every disk was synced and verified; on any
-/// failure no output takes its final name. With `replace`, existing final files are
-/// replaced (the caller checked `--force`).
-pub fn write_outputs(
+/// Writes all jobs in parallel through the engine, each under a temporary name
+/// beside its final path; returns them synced and verified, not yet committed
+/// (dropping a [`StagedPath`] removes its file).
+pub fn write_staged(
     jobs: Vec<DiskJob>,
-    replace: bool,
     opts: &ApplyOptions,
-) -> engine::Result<(ApplyReport, Vec<PathBuf>)> {
+) -> engine::Result<(ApplyReport, Vec<StagedPath>)> {
     // Two outputs with one name would share one temporary file (the pre-flight
     // refuses this; never write through it).
     for (i, j) in jobs.iter().enumerate() {
@@ -198,37 +196,52 @@ pub fn write_outputs(
         // A stale temporary file from a killed run of the same PID is ours to replace.
         let _ = std::fs::remove_file(s.temp_path());
         warn_removed_stale(&j.output.final_path);
-        // A size the target refuses (image format limit, EFBIG) came from the backup:
-        // say which file declared it. Other OS errors (ENOSPC, EACCES...) stay as they are.
-        let sized = |e: engine::Error| match (&e, j.plan.files.last()) {
-            (engine::Error::Target { source, .. }, _)
-                if source
-                    .raw_os_error()
-                    .is_some_and(|c| c != nix::errno::Errno::EFBIG as i32) =>
-            {
-                e
-            }
-            (_, None) => e,
-            (_, Some(f)) => engine::Error::Unsupported(format!(
-                "{}: cannot create a {}-byte image (virtualSize in {}): {e}",
-                j.output.disk,
-                j.plan.virtual_size,
-                f.path.display()
-            )),
-        };
-        let t: Box<dyn BlockTarget> = match j.format {
-            ImageFormat::Qcow2 => Box::new(
-                Qcow2Target::create(s.temp_path(), j.plan.virtual_size, &j.qcow2).map_err(sized)?,
-            ),
-            ImageFormat::Raw => {
-                Box::new(RawTarget::create(s.temp_path(), j.plan.virtual_size).map_err(sized)?)
-            }
-        };
+        targets.push(create_target(&j, s.temp_path())?);
         staged.push(s);
-        targets.push(t);
         plans.push(j.plan);
     }
     let report = engine::apply(&plans, targets, opts)?;
+    Ok((report, staged))
+}
+
+/// A new image for `j` at `path`. A size the target refuses (image format limit,
+/// EFBIG) came from the backup: the error names the file that declared it. Other OS
+/// errors (ENOSPC, EACCES...) stay as they are.
+fn create_target(j: &DiskJob, path: &Path) -> engine::Result<Box<dyn BlockTarget>> {
+    let sized = |e: engine::Error| match (&e, j.plan.files.last()) {
+        (engine::Error::Target { source, .. }, _)
+            if source
+                .raw_os_error()
+                .is_some_and(|c| c != nix::errno::Errno::EFBIG as i32) =>
+        {
+            e
+        }
+        (_, None) => e,
+        (_, Some(f)) => engine::Error::Unsupported(format!(
+            "{}: cannot create a {}-byte image (virtualSize in {}): {e}",
+            j.output.disk,
+            j.plan.virtual_size,
+            f.path.display()
+        )),
+    };
+    Ok(match j.format {
+        ImageFormat::Qcow2 => {
+            Box::new(Qcow2Target::create(path, j.plan.virtual_size, &j.qcow2).map_err(sized)?)
+        }
+        ImageFormat::Raw => Box::new(RawTarget::create(path, j.plan.virtual_size).map_err(sized)?),
+    })
+}
+
+/// Writes all jobs (see [`write_staged`]) and gives every output its final name
+/// only after all were synced and verified; on any failure no output takes its
+/// final name. With `replace`, existing final files are replaced (the caller
+/// checked `--force`).
+pub fn write_outputs(
+    jobs: Vec<DiskJob>,
+    replace: bool,
+    opts: &ApplyOptions,
+) -> engine::Result<(ApplyReport, Vec<PathBuf>)> {
+    let (report, staged) = write_staged(jobs, opts)?;
     if !replace {
         // All or nothing: refuse before the first rename if any final name is taken.
         if let Some(s) = staged

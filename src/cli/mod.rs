@@ -16,6 +16,8 @@
 //! would be allowed, but no 0.6.0 script can depend on it and rejecting it keeps
 //! statement 5 true.
 
+pub mod request;
+
 use std::fmt::Write as _;
 
 /// The operation selected by the last mode flag.

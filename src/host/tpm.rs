@@ -142,12 +142,12 @@ pub fn restore(
         saved_previous = Some(aside);
     }
     fs::create_dir_all(&target).map_err(io("creating", &target))?;
-    crate::ownership::chown_to(&target, &["root"]).map_err(io("chown", &target))?;
+    crate::host::ownership::chown_to(&target, &["root"]).map_err(io("chown", &target))?;
     fs::set_permissions(&target, fs::Permissions::from_mode(0o711))
         .map_err(io("chmod", &target))?;
     let dst = target.join("tpm2");
     copy_tree(&tpm2, &dst)?;
-    let owner = crate::ownership::chown_tree(&dst, &["tss", "swtpm"]).map_err(io("chown", &dst))?;
+    let owner = crate::host::ownership::chown_tree(&dst, &["tss", "swtpm"]).map_err(io("chown", &dst))?;
     fs::set_permissions(&dst, fs::Permissions::from_mode(0o700)).map_err(io("chmod", &dst))?;
     Ok(TpmRestored {
         target,

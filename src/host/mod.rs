@@ -1,0 +1,11 @@
+//! The host and the backup tree as vmrestore finds them: configuration, the backup
+//! tree layout, vmbackup's catalogue and locks, TPM state, NVRAM files, ownership.
+
+pub mod catalogue;
+pub mod config;
+pub mod lock;
+pub mod nvram;
+pub mod env;
+pub mod ownership;
+pub mod tpm;
+pub mod tree;

@@ -1,0 +1,331 @@
+//! Planners for disk restores (spec §4.7–4.9): replace disks of a shut-off VM in
+//! place, keeping a `.pre-restore` rollback copy, or extract them to a directory.
+
+use std::path::{Path, PathBuf};
+
+use nbdfmt::{BackupSet, DomainConfig, SetKind};
+
+use crate::cli::request::DiskSelection;
+use crate::error::AppError;
+use crate::restore::checks::{check_space, safety_checks, Preflight};
+use crate::restore::dr::{disk_jobs, endpoint};
+use crate::restore::outputs::{predict_outputs, PredictedOutput};
+use crate::restore::plan::{Action, InPlace, Report, RestorePlan, Summary};
+use crate::restore::point::warn_disk_set_change;
+use crate::restore::swap;
+use crate::restore::Context;
+use crate::ui::format::iec_size;
+
+/// The error for a disk the backup does not have (spec wording).
+pub fn disk_not_found(disk: &str, available: &[String]) -> AppError {
+    AppError::Vm(format!(
+        "Disk '{disk}' not found in backup. Available disks: {}",
+        available.join(", ")
+    ))
+}
+
+/// Spec §4.7 steps 1–3: the requested disks, validated against the backup.
+fn select_disks(
+    ctx: &Context<'_>,
+    requested: &DiskSelection,
+    t: u32,
+    verb: &str,
+) -> Result<Vec<String>, AppError> {
+    let set = ctx.set;
+    let union: Vec<String> = set.disks.keys().cloned().collect();
+    if union.is_empty() {
+        return Err(AppError::Vm(format!(
+            "No disks found in backup: {}",
+            set.dir.display()
+        )));
+    }
+    let at: Vec<String> = set
+        .point(t)
+        .map(|p| p.disks.iter().cloned().collect())
+        .unwrap_or_default();
+    let wanted = match requested {
+        DiskSelection::All => at.clone(),
+        DiskSelection::List(l) => l.clone(),
+    };
+    for d in &wanted {
+        if !union.contains(d) {
+            return Err(disk_not_found(d, &union));
+        }
+        if set.kind == SetKind::Incremental && !at.contains(d) {
+            return Err(not_at_point(ctx, set, d, t, &at));
+        }
+    }
+    ctx.log.info(
+        "restore_disk",
+        &format!(
+            "Disk restore mode: {verb} '{}' (available: {})",
+            wanted.join(", "),
+            union.join(", ")
+        ),
+    );
+    Ok(wanted)
+}
+
+/// A disk that exists in the backup but not at restore point `t`.
+fn not_at_point(ctx: &Context<'_>, set: &BackupSet, d: &str, t: u32, at: &[String]) -> AppError {
+    let last = (0..t).rev().find(|n| set.file(d, *n).is_some());
+    let msg = if ctx.point.is_explicit() {
+        format!(
+            "Disk '{d}' is not available at restore point {t} (disks: {}).",
+            at.join(", ")
+        )
+    } else {
+        format!("Disk '{d}' is not available at the latest restore point (checkpoint {t}).")
+    };
+    ctx.log.error("restore_disk", &msg);
+    if let Some(m) = last {
+        ctx.log
+            .error("restore_disk", &format!("It was last backed up at checkpoint {m}."));
+        ctx.log.error(
+            "restore_disk",
+            &format!("Use --restore-point {m} to restore {d} from that checkpoint."),
+        );
+    }
+    AppError::Vm(format!("Disk '{d}' is not available at restore point {t}"))
+}
+
+fn outputs_for(set: &BackupSet, t: u32, disks: &[String], dir: &Path) -> Vec<PredictedOutput> {
+    predict_outputs(set, t, dir)
+        .into_iter()
+        .filter(|o| disks.contains(&o.disk))
+        .collect()
+}
+
+/// Disk extract (`--disk` + `--restore-path`, spec §4.9): the VM may run; outputs get
+/// the original file names in the restore path.
+pub(super) fn plan_extract(
+    ctx: &Context<'_>,
+    dir: &Path,
+    requested: &DiskSelection,
+    pf: &mut Preflight,
+) -> Result<RestorePlan, AppError> {
+    let t = endpoint(ctx)?;
+    let disks = select_disks(ctx, requested, t, "extracting")?;
+    warn_disk_set_change(ctx.set, ctx.point, t, ctx.log);
+    ctx.log.info(
+        "restore_disk",
+        &format!("Extract mode: writing to {}", dir.display()),
+    );
+    check_space(ctx, t, dir)?;
+    let outputs = outputs_for(ctx.set, t, &disks, dir);
+    let finals: Vec<PathBuf> = outputs.iter().map(|o| o.final_path.clone()).collect();
+    // §4.9 [INFER]: the §4.2 collision rules, with their --force and dry-run handling
+    safety_checks(ctx, pf, &finals, &ctx.vm)?;
+    let jobs = disk_jobs(ctx, t, &outputs)?;
+    Ok(RestorePlan {
+        vm: ctx.vm.clone(),
+        mode: "extract",
+        point: ctx.point,
+        checkpoint: t,
+        report: Report {
+            disks,
+            target_path: dir.display().to_string(),
+            target_name: None,
+            tpm_result: "skipped",
+            summary: Summary::DiskExtract,
+        },
+        actions: vec![
+            Action::CreateDir(dir.to_path_buf()),
+            Action::WriteImages {
+                jobs,
+                replace: ctx.options.force,
+            },
+        ],
+        refusals: Vec::new(),
+    })
+}
+
+/// Disk in place (spec §4.8): the VM must be defined and shut off.
+pub(super) fn plan_in_place(
+    ctx: &Context<'_>,
+    requested: &DiskSelection,
+    pf: &mut Preflight,
+) -> Result<RestorePlan, AppError> {
+    let t = endpoint(ctx)?;
+    let disks = select_disks(ctx, requested, t, "replacing")?;
+    warn_disk_set_change(ctx.set, ctx.point, t, ctx.log);
+    let cfg = shut_off_config(ctx)?;
+    let mut replaced = Vec::new();
+    for d in &disks {
+        replaced.push(in_place_target(ctx, pf, &cfg, d, t)?);
+        ctx.log.info(
+            "restore_disk",
+            &format!("  {d} → {}", replaced[replaced.len() - 1].path.display()),
+        );
+    }
+    check_in_place_space(ctx, &disks, &replaced)?;
+    if ctx.point.is_explicit() {
+        ctx.log.info(
+            "restore_disk",
+            &format!("{}Point-in-time: restore point {t}", pf.prefix()),
+        );
+    }
+    let dir = replaced
+        .first()
+        .and_then(|r| r.path.parent())
+        .map(Path::to_path_buf);
+    let report = Report {
+        disks,
+        target_path: replaced
+            .iter()
+            .map(|r| r.path.display().to_string())
+            .collect::<Vec<_>>()
+            .join(", "),
+        target_name: None,
+        tpm_result: "skipped",
+        summary: Summary::DiskInPlace,
+    };
+    let mut actions: Vec<Action> = replaced.into_iter().map(Action::ReplaceDisk).collect();
+    actions.extend(dir.map(Action::RefreshPool));
+    Ok(RestorePlan {
+        vm: ctx.vm.clone(),
+        mode: "disk",
+        point: ctx.point,
+        checkpoint: t,
+        report,
+        actions,
+        refusals: Vec::new(),
+    })
+}
+
+/// The defined, shut-off VM's persistent configuration.
+fn shut_off_config(ctx: &Context<'_>) -> Result<DomainConfig, AppError> {
+    let vm = &ctx.vm;
+    let Some(info) = ctx
+        .hv
+        .lookup(vm)
+        .map_err(|e| AppError::Dependency(e.to_string()))?
+    else {
+        return Err(AppError::Vm(format!(
+            "VM '{vm}' is not defined in libvirt — cannot determine original disk paths. Use --restore-path to extract disks to a specific location instead."
+        )));
+    };
+    if info.state.is_active() {
+        return Err(AppError::Vm(format!(
+            "VM '{vm}' is {} — shut it down first (virsh shutdown {vm}). Replacing disks under a running VM will cause corruption.",
+            info.state.as_str()
+        )));
+    }
+    ctx.log
+        .info("restore_disk", &format!("VM '{vm}' is shut off ✓"));
+    ctx.hv
+        .domain(vm, true)
+        .map_err(|e| AppError::Vm(e.to_string()))
+}
+
+/// Where disk `d` of the VM is, and where its rollback copy goes.
+fn in_place_target(
+    ctx: &Context<'_>,
+    pf: &mut Preflight,
+    cfg: &DomainConfig,
+    d: &str,
+    t: u32,
+) -> Result<InPlace, AppError> {
+    let Some(disk) = cfg.disk(d).filter(|x| x.is_disk()) else {
+        return Err(missing_in_vm(ctx, cfg, d));
+    };
+    let Some(source) = disk.source.clone() else {
+        return Err(missing_in_vm(ctx, cfg, d));
+    };
+    let path = PathBuf::from(source);
+    if !path.exists() {
+        return Err(AppError::Storage(format!(
+            "Original disk path does not exist: {} — Use --restore-path to extract disks to a specific location instead.",
+            path.display()
+        )));
+    }
+    let device = swap::is_block_device(&path);
+    if device {
+        swap::check_device_unused(ctx, pf, &path)?;
+    }
+    let rollback = (!ctx.options.no_pre_restore).then(|| swap::rollback_path(&ctx.vm, d, &path, device));
+    if let Some(pre) = rollback.as_ref().filter(|p| p.symlink_metadata().is_ok()) {
+        return Err(AppError::Storage(format!(
+            "Pre-restore file already exists: {} — delete it first or use --no-pre-restore",
+            pre.display()
+        )));
+    }
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_else(|| d.to_owned());
+    Ok(InPlace {
+        output: PredictedOutput {
+            disk: d.to_owned(),
+            source: Some(path.display().to_string()),
+            file_name: name,
+            final_path: path.clone(),
+        },
+        device,
+        checkpoint: t,
+        path,
+        rollback,
+    })
+}
+
+fn missing_in_vm(ctx: &Context<'_>, cfg: &DomainConfig, d: &str) -> AppError {
+    AppError::Vm(format!(
+        "Disk '{d}' not found in VM '{}' configuration. Available disks: {}",
+        ctx.vm,
+        cfg.disk_targets().join(", ")
+    ))
+}
+
+/// The new images are written beside the originals while those still exist (and a
+/// block device's rollback image is written before it is overwritten).
+fn check_in_place_space(
+    ctx: &Context<'_>,
+    disks: &[String],
+    targets: &[InPlace],
+) -> Result<(), AppError> {
+    let data: u64 = disks
+        .iter()
+        .filter_map(|d| ctx.set.disks.get(d))
+        .flatten()
+        .map(|f| f.size)
+        .sum();
+    let keep: u64 = targets
+        .iter()
+        .filter(|t| t.rollback.is_some())
+        .map(|t| swap::current_size(&t.path))
+        .sum();
+    let dir = targets
+        .first()
+        .map(|t| swap::rollback_dir_of(t))
+        .unwrap_or_else(|| PathBuf::from("/"));
+    let Some((free, _)) = crate::restore::preflight::free_space(&dir) else {
+        ctx.log.warn(
+            "restore_disk",
+            "Cannot determine free space — skipping check",
+        );
+        return Ok(());
+    };
+    if data + keep > free {
+        return Err(AppError::Storage(format!(
+            "Insufficient space: need {} (restore + .pre-restore) but only {} available",
+            iec_size(data + keep),
+            iec_size(free)
+        )));
+    }
+    let line = if keep > 0 {
+        format!(
+            "Space check: {} restore + {} .pre-restore — {} available ✓",
+            iec_size(data),
+            iec_size(keep),
+            iec_size(free)
+        )
+    } else {
+        format!(
+            "Space check: {} restore — {} available ✓",
+            iec_size(data),
+            iec_size(free)
+        )
+    };
+    ctx.log.info("restore_disk", &line);
+    Ok(())
+}

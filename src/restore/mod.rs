@@ -1,0 +1,170 @@
+//! Restores: every mode is a planner that gathers facts (backup set, libvirt,
+//! filesystem) and returns a [`RestorePlan`]; pre-flight checks run while planning
+//! and refuse through one [`checks::Preflight`]; `--dry-run` prints the plan and
+//! stops ([`dry_run`]); one executor ([`execute`]) runs any plan.
+//!
+//! ```text
+//! RestoreRequest ──plan()──▶ RestorePlan ──dry_run()──▶ printed lines / JSON
+//!                                       └──execute()──▶ Outcome (+ Effects)
+//! ```
+
+use std::path::PathBuf;
+
+use engine::apply::ProgressFn;
+use engine::Cancel;
+use nbdfmt::BackupSet;
+
+use crate::cli::request::{RestoreKind, RestoreOptions};
+use crate::error::AppError;
+use crate::hypervisor::Hypervisor;
+use crate::ui::report::Reporter;
+
+pub mod checks;
+mod clone;
+mod disk;
+mod dr;
+pub mod execute;
+pub mod instant;
+mod nbd;
+pub mod outputs;
+pub mod plan;
+pub mod point;
+pub mod preflight;
+pub mod serve;
+pub mod swap;
+mod tpm;
+
+pub use plan::{Action, Effect, RestorePlan};
+pub use point::RestorePoint;
+
+/// Everything a planner and the executor need, resolved by the caller (data dir,
+/// VM name, lock, connection).
+pub struct Context<'a> {
+    /// The VM name from the backup's XML (libvirt name).
+    pub vm: String,
+    /// The scanned data directory.
+    pub set: &'a BackupSet,
+    /// `--restore-point`.
+    pub point: RestorePoint,
+    /// The shared restore flags.
+    pub options: RestoreOptions,
+    /// The hypervisor connection (read-only for dry-run).
+    pub hv: &'a dyn Hypervisor,
+    /// Output lines.
+    pub log: &'a dyn Reporter,
+    /// Cancellation from SIGINT/SIGTERM/SIGHUP.
+    pub cancel: Cancel,
+    /// Progress lines for the engine.
+    pub progress: Option<ProgressFn>,
+    /// swtpm's state root (`/var/lib/libvirt/swtpm`).
+    pub swtpm_root: PathBuf,
+}
+
+impl std::fmt::Debug for Context<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Context")
+            .field("vm", &self.vm)
+            .field("dir", &self.set.dir)
+            .field("point", &self.point)
+            .finish_non_exhaustive()
+    }
+}
+
+/// What a finished restore reports (summary line, catalogue row, JSON).
+#[derive(Debug, Clone, Default)]
+pub struct Outcome {
+    /// The final summary line (spec §3.4).
+    pub summary: String,
+    /// Resolved endpoint checkpoint.
+    pub checkpoint: u32,
+    /// Devices restored or attempted.
+    pub disks: Vec<String>,
+    /// Target path column (restore path, the original disk paths, or URIs).
+    pub target_path: String,
+    /// `restored` | `failed` | `skipped` | `none`.
+    pub tpm_result: &'static str,
+    /// True when the summary carries `TPM ✗` or `UUID ✗`.
+    pub partial: bool,
+    /// Clone name.
+    pub target_name: Option<String>,
+    /// What was done (empty for a dry run).
+    pub effects: Vec<Effect>,
+    /// The plan as JSON (dry run).
+    pub plan: Option<serde_json::Value>,
+}
+
+/// Plans the restore `kind` asks for. In a real run the first failed check is the
+/// error; in a dry run failed checks are WARN lines and `plan.refusals`.
+pub fn plan(ctx: &Context<'_>, kind: &RestoreKind) -> Result<RestorePlan, AppError> {
+    let mut pf = checks::Preflight::new(ctx.options.dry_run);
+    let mut plan = match kind {
+        RestoreKind::Dr { dir } => dr::plan_dr(ctx, dir, &mut pf)?,
+        RestoreKind::Clone { dir, name } => clone::plan_clone(ctx, dir, name, &mut pf)?,
+        RestoreKind::DataOnly { dir, ignored_name } => {
+            if ignored_name.is_some() {
+                ctx.log.warn(
+                    "restore_vm",
+                    "--name is ignored with --skip-config (data-only restore defines no VM)",
+                );
+            }
+            dr::plan_data_only(ctx, dir, &mut pf)?
+        }
+        RestoreKind::DiskInPlace { disks } => disk::plan_in_place(ctx, disks, &mut pf)?,
+        RestoreKind::DiskExtract { dir, disks } => disk::plan_extract(ctx, dir, disks, &mut pf)?,
+        RestoreKind::InstantBoot { dir, name, pull } => {
+            let name = name.clone().unwrap_or_else(|| instant::default_name(&ctx.vm));
+            instant::plan_instant(ctx, dir, &name, *pull, &mut pf)?
+        }
+        RestoreKind::Nbd { targets, disks } => nbd::plan_nbd(ctx, targets, disks.as_ref())?,
+        RestoreKind::Serve { listen, disks } => serve::plan_serve(ctx, listen, disks.as_ref())?,
+    };
+    plan.refusals = pf.into_notes();
+    Ok(plan)
+}
+
+/// Plans, then prints the plan (dry run) or executes it.
+pub fn run(ctx: &Context<'_>, kind: &RestoreKind) -> Result<Outcome, AppError> {
+    let plan = plan(ctx, kind)?;
+    if ctx.options.dry_run {
+        return Ok(dry_run(ctx, &plan));
+    }
+    execute::execute(ctx, plan)
+}
+
+/// `--dry-run`: prints every action of the plan, and says whether the run would
+/// abort. The only place a dry run differs from a real run after planning.
+pub fn dry_run(ctx: &Context<'_>, plan: &RestorePlan) -> Outcome {
+    for line in plan.lines() {
+        ctx.log.info("restore_vm", &format!("[DRY RUN] {line}"));
+    }
+    let summary = if plan.refusals.is_empty() {
+        format!("Restore complete: {} [DRY RUN — no changes made]", plan.vm)
+    } else {
+        format!(
+            "Dry run: the restore of {} would abort ({} check(s) failed, see above) — no changes made",
+            plan.vm,
+            plan.refusals.len()
+        )
+    };
+    let summary = match plan.report.summary {
+        plan::Summary::DiskInPlace | plan::Summary::DiskExtract if plan.refusals.is_empty() => {
+            format!(
+                "Disk restore complete: {}/{} [DRY RUN — no changes made]",
+                plan.vm,
+                plan.report.disks.join(", ")
+            )
+        }
+        _ => summary,
+    };
+    Outcome {
+        summary,
+        checkpoint: plan.checkpoint,
+        disks: plan.report.disks.clone(),
+        target_path: plan.report.target_path.clone(),
+        tpm_result: plan.report.tpm_result,
+        partial: false,
+        target_name: plan.report.target_name.clone(),
+        effects: Vec::new(),
+        plan: Some(plan.to_json()),
+    }
+}

@@ -1,0 +1,17 @@
+//! What the user sees: log lines and the run log, progress, text formats.
+
+pub mod format;
+pub mod log;
+pub mod progress;
+pub mod report;
+pub mod header;
+
+use std::io::Write;
+
+/// Writes command output to stdout. A closed pipe (`vmrestore --list | head`) is
+/// not an error worth reporting, so write failures are ignored.
+pub fn write_stdout(text: &str) {
+    let mut out = std::io::stdout().lock();
+    // see the doc comment: EPIPE and friends are deliberately ignored
+    let _ = out.write_all(text.as_bytes()).and_then(|()| out.flush());
+}
