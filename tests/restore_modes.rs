@@ -2072,7 +2072,8 @@ fn s117_disk_all_means_the_disks_at_the_target_point() {
     assert_code(&r, 0);
     assert_has(
         &r,
-        "Disk restore mode: replacing 'vda, vdb' (available: sda, vda, vdb)",
+        // an extract says so (0.7 said "replacing" here, which it does not do)
+        "Disk restore mode: extracting 'vda, vdb' (available: sda, vda, vdb)",
     );
     assert_eq!(
         w.ls("out/l"),
