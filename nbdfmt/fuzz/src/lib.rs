@@ -1,4 +1,5 @@
-//! Helpers shared by the nbdfmt fuzz targets: an allocator that records the largest
+//! Helpers shared by the fuzz targets (nbdfmt/fuzz, and the domxml target of the root
+//! crate's fuzz/, which depends on this library): an allocator that records the largest
 //! single allocation and the peak of live heap bytes, so targets can assert that
 //! hostile lengths never turn into big allocations.
 
