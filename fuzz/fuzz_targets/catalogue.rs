@@ -23,7 +23,7 @@ use std::path::Path;
 use libfuzzer_sys::fuzz_target;
 use rusqlite::types::Value;
 use rusqlite::Connection;
-use vmrestore::catalogue::{db_path, iso_utc, list_health, Catalogue, ChainHealth};
+use vmrestore::host::catalogue::{db_path, iso_utc, list_health, Catalogue, ChainHealth};
 
 const VOCAB: [&str; 20] = [
     "vm1",

@@ -1,4 +1,4 @@
-//! `vmbackup.conf` read as data (`vmrestore::config::parse_backup_path`).
+//! `vmbackup.conf` read as data (`vmrestore::host::config::parse_backup_path`).
 //!
 //! Input: one flag byte and one length byte, then the file. With flag bit 0 the first
 //! line is padded with `x` to about 64 KiB (the line limit ± 128 bytes). Checks:
@@ -19,7 +19,7 @@ use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 
 use libfuzzer_sys::fuzz_target;
-use vmrestore::config::{parse_backup_path, MAX_LINE};
+use vmrestore::host::config::{parse_backup_path, MAX_LINE};
 use vmrestore::error::{AppError, ExitStatus};
 
 const FILE: &str = "/opt/vmbackup/config/fz/vmbackup.conf";

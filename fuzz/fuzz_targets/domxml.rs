@@ -1,4 +1,4 @@
-//! Domain XML rewriting for DR and clone (`vmrestore::domxml::rewrite`).
+//! Domain XML rewriting for DR and clone (`vmrestore::domain::rewrite::rewrite`).
 //!
 //! Input: 3 bytes that pick the rewrite (flags, which disk targets were restored,
 //! parameter variant), then the domain XML. Checks on an accepted rewrite:
@@ -19,7 +19,7 @@ use libfuzzer_sys::fuzz_target;
 use nbdfmt_fuzz::{heap_use, reset, CountingAlloc};
 use quick_xml::events::{BytesStart, Event};
 use quick_xml::Reader;
-use vmrestore::domxml::{rewrite, DiskRewrite, Rewrite};
+use vmrestore::domain::rewrite::{rewrite, DiskRewrite, Rewrite};
 
 #[global_allocator]
 static ALLOC: CountingAlloc = CountingAlloc;
