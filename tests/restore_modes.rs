@@ -2101,7 +2101,7 @@ fn s117_disk_all_means_the_disks_at_the_target_point() {
     assert_code(&r, 0);
     assert_has(
         &r,
-        "Disk restore mode: replacing 'sda, vda, vdb' (available: sda, vda, vdb)",
+        "Disk restore mode: extracting 'sda, vda, vdb' (available: sda, vda, vdb)",
     );
     assert_eq!(
         summary(&r),

@@ -18,6 +18,7 @@
 
 pub mod flags;
 pub mod request;
+pub mod selection;
 
 pub use flags::{usage, Flag, FlagId, Section, Takes, FLAGS};
 

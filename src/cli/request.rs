@@ -5,6 +5,7 @@
 
 use std::path::{Path, PathBuf};
 
+pub use crate::cli::selection::{parse_nbd_targets, DiskSelection, NbdTargetSpec};
 use crate::restore::point::RestorePoint;
 
 use crate::cli::{Args, Mode};
@@ -60,83 +61,6 @@ pub struct InspectRequest {
     pub json: bool,
     /// The arguments as given (log header).
     pub invocation: Vec<String>,
-}
-
-/// `--disk`.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum DiskSelection {
-    /// `all`: every disk present at the target checkpoint.
-    All,
-    /// These devices, in the order given (trimmed, empty items dropped, deduplicated).
-    List(Vec<String>),
-}
-
-impl DiskSelection {
-    /// Parses the `--disk` value; an empty list is a usage error.
-    pub fn parse(v: &str) -> Result<Self, AppError> {
-        if v.trim() == "all" {
-            return Ok(Self::All);
-        }
-        let mut disks: Vec<String> = Vec::new();
-        for d in v.split(',').map(str::trim).filter(|d| !d.is_empty()) {
-            if !disks.iter().any(|x| x == d) {
-                disks.push(d.to_owned());
-            }
-        }
-        if disks.is_empty() {
-            return Err(AppError::Usage("No disk names specified".into()));
-        }
-        Ok(Self::List(disks))
-    }
-}
-
-/// One `--nbd-target` entry: `[dev=]uri`.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct NbdTargetSpec {
-    /// The disk (`vda`); `None` for a bare URI (the only disk restored).
-    pub disk: Option<String>,
-    /// `nbd://host[:port]/export` or `nbd+unix:///export?socket=path`.
-    pub uri: String,
-}
-
-/// Parses `--nbd-target`: comma-separated `[dev=]uri`, at most one bare URI and only
-/// alone, no disk twice, plain NBD only (TLS URIs are refused, not downgraded).
-pub fn parse_nbd_targets(v: &str) -> Result<Vec<NbdTargetSpec>, AppError> {
-    let bad = |m: String| Err(AppError::Usage(format!("--nbd-target {v}: {m}")));
-    let mut out: Vec<NbdTargetSpec> = Vec::new();
-    for item in v.split(',').map(str::trim).filter(|i| !i.is_empty()) {
-        let (disk, uri) = match item.split_once('=') {
-            Some((d, u)) if !d.contains(':') && !d.contains('/') => {
-                (Some(d.trim().to_owned()), u.trim())
-            }
-            _ => (None, item),
-        };
-        if uri.starts_with("nbds://") || uri.starts_with("nbds+unix://") {
-            return bad(format!("{uri}: NBD over TLS is not supported"));
-        }
-        if !(uri.starts_with("nbd://") || uri.starts_with("nbd+unix://")) {
-            return bad(format!(
-                "{uri}: not an NBD URI (nbd://host:port/export or nbd+unix:///export?socket=path)"
-            ));
-        }
-        if disk.as_deref() == Some("") {
-            return bad(format!("{item}: empty disk name"));
-        }
-        if out.iter().any(|o| o.disk.is_some() && o.disk == disk) {
-            return bad(format!("disk {} named twice", disk.unwrap_or_default()));
-        }
-        out.push(NbdTargetSpec {
-            disk,
-            uri: uri.to_owned(),
-        });
-    }
-    if out.is_empty() {
-        return bad("no URI given".into());
-    }
-    if out.len() > 1 && out.iter().any(|o| o.disk.is_none()) {
-        return bad("with several targets every one needs its disk (vda=nbd://...)".into());
-    }
-    Ok(out)
 }
 
 /// Which restore (spec §4.0), with the data only that restore has.
@@ -326,8 +250,8 @@ pub struct Facts {
     pub default_uri: Option<String>,
 }
 
-/// Steps 4–8 of spec §1.3 (plus the mode-specific pure checks), first failure wins.
-pub fn build(args: Args, root: BackupRoot, facts: &Facts) -> Result<Request, AppError> {
+/// Steps 4–8 of spec §1.3, in order: the mode and the restore point.
+fn checked_steps(args: &Args, facts: &Facts) -> Result<(Mode, RestorePoint), AppError> {
     // 4
     if args.disk.is_some() && args.name.is_some() {
         return Err(AppError::Usage(
@@ -361,6 +285,12 @@ pub fn build(args: Args, root: BackupRoot, facts: &Facts) -> Result<Request, App
     {
         return Err(AppError::Usage("--restore-path is required for restore (unless --disk is used for in-place replacement)".into()));
     }
+    Ok((mode, point))
+}
+
+/// Steps 4–8 of spec §1.3 (plus the mode-specific pure checks), first failure wins.
+pub fn build(args: Args, root: BackupRoot, facts: &Facts) -> Result<Request, AppError> {
+    let (mode, point) = checked_steps(&args, facts)?;
     let vm = args.vm.clone().map(|label| VmTarget {
         label,
         typed: args.vm_value.clone().unwrap_or_default(),

@@ -49,26 +49,16 @@ pub(super) fn clone_nvram(original: &str, name: &str) -> PathBuf {
         .join(format!("{name}_{suffix}"))
 }
 
-/// Plans a clone called `name` in `dir`.
-pub(super) fn plan_clone(
+/// The disks, undefine, the NVRAM copy, the definition with a new identity.
+fn clone_actions(
     ctx: &Context<'_>,
-    dir: &Path,
+    t: u32,
     name: &str,
-    pf: &mut Preflight,
-) -> Result<RestorePlan, AppError> {
-    let t = endpoint(ctx)?;
-    let defined = check_defined(ctx, pf, name)?;
-    ctx.log.info(
-        "restore_vm",
-        "Restore mode: clone (new identity — new UUID, new MACs)",
-    );
-    warn_disk_set_change(ctx.set, ctx.point, t, ctx.log);
-    check_space(ctx, t, dir)?;
-    let (cfg_path, cfg) = config(ctx, t, "clone")?;
-    let mut outputs = predict_outputs(ctx.set, t, dir);
-    renamed(&mut outputs, name, dir, None);
-    check_outputs(ctx, pf, &outputs)?;
-    let jobs = disk_jobs(ctx, t, &outputs)?;
+    defined: bool,
+    cfg_path: PathBuf,
+    cfg: &nbdfmt::DomainConfig,
+    jobs: Vec<crate::restore::outputs::DiskJob>,
+) -> Result<Vec<Action>, AppError> {
     let pick = cfg
         .nvram
         .as_deref()
@@ -98,13 +88,10 @@ pub(super) fn plan_clone(
             uuid: None,
         },
     )?;
-    let mut actions = vec![
-        Action::CreateDir(dir.to_path_buf()),
-        Action::WriteImages {
-            jobs,
-            replace: ctx.options.force,
-        },
-    ];
+    let mut actions = vec![Action::WriteImages {
+        jobs,
+        replace: ctx.options.force,
+    }];
     if defined {
         actions.push(Action::Undefine(name.to_owned()));
     }
@@ -117,6 +104,31 @@ pub(super) fn plan_clone(
         identity: Identity::New,
         undo,
     }));
+    Ok(actions)
+}
+
+/// Plans a clone called `name` in `dir`.
+pub(super) fn plan_clone(
+    ctx: &Context<'_>,
+    dir: &Path,
+    name: &str,
+    pf: &mut Preflight,
+) -> Result<RestorePlan, AppError> {
+    let t = endpoint(ctx)?;
+    let defined = check_defined(ctx, pf, name)?;
+    ctx.log.info(
+        "restore_vm",
+        "Restore mode: clone (new identity — new UUID, new MACs)",
+    );
+    warn_disk_set_change(ctx.set, ctx.point, t, ctx.log);
+    check_space(ctx, t, dir)?;
+    let (cfg_path, cfg) = config(ctx, t, "clone")?;
+    let mut outputs = predict_outputs(ctx.set, t, dir);
+    renamed(&mut outputs, name, dir, None);
+    check_outputs(ctx, pf, &outputs)?;
+    let jobs = disk_jobs(ctx, t, &outputs)?;
+    let mut actions = vec![Action::CreateDir(dir.to_path_buf())];
+    actions.extend(clone_actions(ctx, t, name, defined, cfg_path, &cfg, jobs)?);
     actions.push(Action::RefreshPool(dir.to_path_buf()));
     let (tpm, tpm_result) = tpm_action(ctx, name, TpmUuid::New);
     actions.extend(tpm);

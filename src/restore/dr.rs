@@ -96,55 +96,8 @@ pub(super) fn plan_dr(
         refuse_running(ctx, pf)?;
     }
     let jobs = disk_jobs(ctx, t, &outputs)?;
-    let xml = rewritten(
-        &cfg_path,
-        &Rewrite {
-            name: Some(ctx.vm.clone()),
-            disks: disk_rewrites(&jobs),
-            ..Rewrite::default()
-        },
-    )?;
-    let mut actions = vec![
-        Action::CreateDir(dir.to_path_buf()),
-        Action::WriteImages {
-            jobs,
-            replace: ctx.options.force,
-        },
-    ];
-    let pick = cfg
-        .nvram
-        .as_deref()
-        .and_then(|n| crate::host::nvram::pick(ctx.set, n, t));
-    if let Some(n) = &cfg.nvram {
-        actions.push(Action::SaveNvram(PathBuf::from(n)));
-    }
-    if defined {
-        actions.push(Action::Undefine(ctx.vm.clone()));
-    }
-    actions.push(Action::Define(Definition {
-        name: ctx.vm.clone(),
-        source: cfg_path,
-        xml,
-        identity: Identity::Original {
-            uuid: cfg.uuid.clone(),
-            macs: cfg.macs.clone(),
-        },
-        undo: None,
-    }));
-    match (&cfg.nvram, pick) {
-        (Some(n), None) => ctx.log.warn(
-            "restore_nvram",
-            &format!("No per-checkpoint NVRAM in backup — using live host NVRAM {n}; the guest may fail to boot if its Secure Boot/identity state has drifted"),
-        ),
-        (Some(n), Some(pick)) => actions.push(Action::InstallNvram(NvramInstall {
-            pick,
-            dest: PathBuf::from(n),
-            point: t,
-            save_existing: false,
-            required: false,
-        })),
-        _ => {}
-    }
+    let mut actions = vec![Action::CreateDir(dir.to_path_buf())];
+    actions.extend(dr_actions(ctx, t, defined, cfg_path, &cfg, jobs)?);
     actions.push(Action::RefreshPool(dir.to_path_buf()));
     let (tpm, tpm_result) = tpm_action(
         ctx,
@@ -169,6 +122,64 @@ pub(super) fn plan_dr(
         actions,
         refusals: Vec::new(),
     })
+}
+
+/// The disks, then NVRAM aside, undefine, define, the NVRAM copy.
+fn dr_actions(
+    ctx: &Context<'_>,
+    t: u32,
+    defined: bool,
+    cfg_path: PathBuf,
+    cfg: &DomainConfig,
+    jobs: Vec<DiskJob>,
+) -> Result<Vec<Action>, AppError> {
+    let xml = rewritten(
+        &cfg_path,
+        &Rewrite {
+            name: Some(ctx.vm.clone()),
+            disks: disk_rewrites(&jobs),
+            ..Rewrite::default()
+        },
+    )?;
+    let mut actions = vec![Action::WriteImages {
+        jobs,
+        replace: ctx.options.force,
+    }];
+    if let Some(n) = &cfg.nvram {
+        actions.push(Action::SaveNvram(PathBuf::from(n)));
+    }
+    if defined {
+        actions.push(Action::Undefine(ctx.vm.clone()));
+    }
+    actions.push(Action::Define(Definition {
+        name: ctx.vm.clone(),
+        source: cfg_path,
+        xml,
+        identity: Identity::Original {
+            uuid: cfg.uuid.clone(),
+            macs: cfg.macs.clone(),
+        },
+        undo: None,
+    }));
+    let pick = cfg
+        .nvram
+        .as_deref()
+        .and_then(|n| crate::host::nvram::pick(ctx.set, n, t));
+    match (&cfg.nvram, pick) {
+        (Some(n), None) => ctx.log.warn(
+            "restore_nvram",
+            &format!("No per-checkpoint NVRAM in backup — using live host NVRAM {n}; the guest may fail to boot if its Secure Boot/identity state has drifted"),
+        ),
+        (Some(n), Some(pick)) => actions.push(Action::InstallNvram(NvramInstall {
+            pick,
+            dest: PathBuf::from(n),
+            point: t,
+            save_existing: false,
+            required: false,
+        })),
+        _ => {}
+    }
+    Ok(actions)
 }
 
 /// DR `--force` over a running VM is refused: its disks are in use.

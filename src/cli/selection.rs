@@ -1,0 +1,81 @@
+//! `--disk` and `--nbd-target` values: which disks, and which NBD export each goes to.
+
+use crate::error::AppError;
+
+/// `--disk`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum DiskSelection {
+    /// `all`: every disk present at the target checkpoint.
+    All,
+    /// These devices, in the order given (trimmed, empty items dropped, deduplicated).
+    List(Vec<String>),
+}
+
+impl DiskSelection {
+    /// Parses the `--disk` value; an empty list is a usage error.
+    pub fn parse(v: &str) -> Result<Self, AppError> {
+        if v.trim() == "all" {
+            return Ok(Self::All);
+        }
+        let mut disks: Vec<String> = Vec::new();
+        for d in v.split(',').map(str::trim).filter(|d| !d.is_empty()) {
+            if !disks.iter().any(|x| x == d) {
+                disks.push(d.to_owned());
+            }
+        }
+        if disks.is_empty() {
+            return Err(AppError::Usage("No disk names specified".into()));
+        }
+        Ok(Self::List(disks))
+    }
+}
+
+/// One `--nbd-target` entry: `[dev=]uri`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NbdTargetSpec {
+    /// The disk (`vda`); `None` for a bare URI (the only disk restored).
+    pub disk: Option<String>,
+    /// `nbd://host[:port]/export` or `nbd+unix:///export?socket=path`.
+    pub uri: String,
+}
+
+/// Parses `--nbd-target`: comma-separated `[dev=]uri`, at most one bare URI and only
+/// alone, no disk twice, plain NBD only (TLS URIs are refused, not downgraded).
+pub fn parse_nbd_targets(v: &str) -> Result<Vec<NbdTargetSpec>, AppError> {
+    let bad = |m: String| Err(AppError::Usage(format!("--nbd-target {v}: {m}")));
+    let mut out: Vec<NbdTargetSpec> = Vec::new();
+    for item in v.split(',').map(str::trim).filter(|i| !i.is_empty()) {
+        let (disk, uri) = match item.split_once('=') {
+            Some((d, u)) if !d.contains(':') && !d.contains('/') => {
+                (Some(d.trim().to_owned()), u.trim())
+            }
+            _ => (None, item),
+        };
+        if uri.starts_with("nbds://") || uri.starts_with("nbds+unix://") {
+            return bad(format!("{uri}: NBD over TLS is not supported"));
+        }
+        if !(uri.starts_with("nbd://") || uri.starts_with("nbd+unix://")) {
+            return bad(format!(
+                "{uri}: not an NBD URI (nbd://host:port/export or nbd+unix:///export?socket=path)"
+            ));
+        }
+        if disk.as_deref() == Some("") {
+            return bad(format!("{item}: empty disk name"));
+        }
+        if out.iter().any(|o| o.disk.is_some() && o.disk == disk) {
+            return bad(format!("disk {} named twice", disk.unwrap_or_default()));
+        }
+        out.push(NbdTargetSpec {
+            disk,
+            uri: uri.to_owned(),
+        });
+    }
+    if out.is_empty() {
+        return bad("no URI given".into());
+    }
+    if out.len() > 1 && out.iter().any(|o| o.disk.is_none()) {
+        return bad("with several targets every one needs its disk (vda=nbd://...)".into());
+    }
+    Ok(out)
+}
+
