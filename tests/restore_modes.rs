@@ -2863,3 +2863,65 @@ fn s140_no_catalogue() {
     );
     assert_eq!(ls(&w.b("_state")), ["locks"]);
 }
+
+// ─────────────────── the plan a dry run prints is what a real run does ───────────────────
+
+/// `--dry-run --json` prints the plan's effects; the same command without
+/// `--dry-run` reports the effects it had. They must be equal, for every mode.
+fn assert_plan_is_executed(w: &World, uri: &str, args: &[&str]) -> Vec<serde_json::Value> {
+    let dry: Vec<&str> = [args, &["--dry-run", "--json"]].concat();
+    let d = w.run_uri(uri, &dry);
+    assert_code(&d, 0);
+    let plan: serde_json::Value = serde_json::from_str(&d.stdout).expect("dry-run JSON");
+    let printed = plan["plan"]["effects"].as_array().cloned().expect("plan effects");
+    assert!(!printed.is_empty(), "{}", d.stdout);
+    assert_eq!(plan["plan"]["refusals"], serde_json::json!([]), "{}", d.stdout);
+    // every action has human dry-run lines too
+    assert!(d.stderr.contains("[DRY RUN] "), "{}", d.stderr);
+    let real: Vec<&str> = [args, &["--json"]].concat();
+    let r = w.run_uri(uri, &real);
+    assert_code(&r, 0);
+    let done: serde_json::Value = serde_json::from_str(&r.stdout).expect("run JSON");
+    assert_eq!(
+        done["effects"].as_array().cloned().expect("effects"),
+        printed,
+        "executed ≠ planned for {args:?}\n{}",
+        r.stderr
+    );
+    printed
+}
+
+#[test]
+fn dry_run_plan_equals_executed_actions_in_every_mode() {
+    let w = World::new(&["rc-uefi-tpm", "rc-multi-sql"]);
+    w.redirect_nvram("rc-uefi-tpm");
+    let dr = assert_plan_is_executed(
+        &w,
+        "test:///default",
+        &["--vm", "rc-uefi-tpm", "--restore-path", &w.s("out/dr")],
+    );
+    let verbs: Vec<&str> = dr.iter().filter_map(|e| e["action"].as_str()).collect();
+    assert_eq!(
+        verbs,
+        ["create-dir", "write", "write", "save-nvram", "define", "install-nvram", "refresh-pool", "restore-tpm"]
+    );
+    assert_plan_is_executed(
+        &w,
+        "test:///default",
+        &["--vm", "rc-uefi-tpm", "--name", "c1", "--restore-path", &w.s("out/clone")],
+    );
+    assert_plan_is_executed(
+        &w,
+        "test:///default",
+        &["--vm", "rc-multi-sql", "--skip-config", "--restore-path", &w.s("out/data")],
+    );
+    assert_plan_is_executed(
+        &w,
+        "test:///default",
+        &["--vm", "rc-multi-sql", "--disk", "vdb", "--restore-path", &w.s("out/x")],
+    );
+    let (uri, paths) = multi_sql_domain(&w, false);
+    let inplace = assert_plan_is_executed(&w, &uri, &["--vm", "rc-multi-sql", "--disk", "vda,sda"]);
+    assert_eq!(inplace[0]["action"], "replace");
+    assert_eq!(inplace[0]["object"], paths[0].display().to_string());
+}

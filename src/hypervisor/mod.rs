@@ -151,15 +151,6 @@ pub fn pool_for(pools: &[Pool], dir: &std::path::Path) -> Option<Pool> {
         .cloned()
 }
 
-/// The default connection URI, as virsh chooses it: `LIBVIRT_DEFAULT_URI`, else
-/// `qemu:///system`.
-pub fn default_uri() -> String {
-    std::env::var("LIBVIRT_DEFAULT_URI")
-        .ok()
-        .filter(|u| !u.is_empty())
-        .unwrap_or_else(|| "qemu:///system".to_owned())
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
