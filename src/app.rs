@@ -6,16 +6,16 @@ use std::path::Path;
 
 use engine::Cancel;
 
+use crate::cli::request::{self, Facts, InspectRequest, Request};
 use crate::cli::{self, Parsed};
 use crate::cmd;
-use crate::ui::write_stdout;
-use crate::ui::header::invocation;
+use crate::error::{AppError, ExitStatus};
 use crate::host::config::{self, BackupRoot};
 pub use crate::host::env::Env;
-use crate::error::{AppError, ExitStatus};
-use crate::ui::log::{self, RunLog};
-use crate::cli::request::{self, Facts, InspectRequest, Request};
 use crate::host::tree;
+use crate::ui::header::invocation;
+use crate::ui::log::{self, RunLog};
+use crate::ui::write_stdout;
 
 /// Parses `argv` (without the program name) and runs it.
 pub fn run(argv: &[String], env: &Env) -> Result<ExitStatus, AppError> {
@@ -140,4 +140,3 @@ pub fn report(e: &AppError) {
         }
     }
 }
-

@@ -215,9 +215,10 @@ pub fn engine_error(e: engine::Error, what: &str) -> AppError {
     match e.kind() {
         engine::ErrorKind::Cancelled(sig) if sig > 0 => AppError::Interrupted(sig),
         engine::ErrorKind::NoSpace => AppError::Storage(message(&e)),
-        engine::ErrorKind::VerifyFailed => {
-            AppError::Storage(format!("Restore produced corrupt disk images — {}", message(&e)))
-        }
+        engine::ErrorKind::VerifyFailed => AppError::Storage(format!(
+            "Restore produced corrupt disk images — {}",
+            message(&e)
+        )),
         _ => AppError::Engine {
             message: message(&e),
             source: Some(Box::new(e)),

@@ -10,9 +10,9 @@ use std::sync::Mutex;
 
 use clisupport::expected_sha256 as expected;
 use sha2::{Digest, Sha256};
+use vmrestore::cli::request::{RestoreKind, RestoreOptions};
 use vmrestore::hypervisor::libvirt::Libvirt;
 use vmrestore::hypervisor::Hypervisor;
-use vmrestore::cli::request::{RestoreKind, RestoreOptions};
 use vmrestore::restore::{self, Context, Effect, Outcome, RestorePoint};
 use vmrestore::ui::report::Reporter;
 
@@ -112,7 +112,10 @@ fn job<'a>(
 
 /// Plans, executes, and checks that the executor did exactly what the plan (as a
 /// dry run prints it) said it would.
-fn plan_and_run(ctx: &Context<'_>, kind: &RestoreKind) -> Result<Outcome, vmrestore::error::AppError> {
+fn plan_and_run(
+    ctx: &Context<'_>,
+    kind: &RestoreKind,
+) -> Result<Outcome, vmrestore::error::AppError> {
     let plan = restore::plan(ctx, kind)?;
     let printed: Vec<Effect> = plan.effects();
     assert_eq!(
@@ -182,7 +185,9 @@ fn dr_keeps_identity_and_clone_gets_a_new_one() {
     let dr = RestoreKind::Dr { dir: out.clone() };
     let o = plan_and_run(&j, &dr).expect("dr");
     assert!(o.effects.contains(&Effect::new("define", "rc-uefi-tpm")));
-    assert!(o.effects.contains(&Effect::new("restore-tpm", "rc-uefi-tpm")));
+    assert!(o
+        .effects
+        .contains(&Effect::new("restore-tpm", "rc-uefi-tpm")));
     assert_eq!(
         o.summary,
         "Restore complete: rc-uefi-tpm — disk ✓ defined ✓ UUID ✓ MACs ✓ TPM ✓"

@@ -2873,9 +2873,17 @@ fn assert_plan_is_executed(w: &World, uri: &str, args: &[&str]) -> Vec<serde_jso
     let d = w.run_uri(uri, &dry);
     assert_code(&d, 0);
     let plan: serde_json::Value = serde_json::from_str(&d.stdout).expect("dry-run JSON");
-    let printed = plan["plan"]["effects"].as_array().cloned().expect("plan effects");
+    let printed = plan["plan"]["effects"]
+        .as_array()
+        .cloned()
+        .expect("plan effects");
     assert!(!printed.is_empty(), "{}", d.stdout);
-    assert_eq!(plan["plan"]["refusals"], serde_json::json!([]), "{}", d.stdout);
+    assert_eq!(
+        plan["plan"]["refusals"],
+        serde_json::json!([]),
+        "{}",
+        d.stdout
+    );
     // every action has human dry-run lines too
     assert!(d.stderr.contains("[DRY RUN] "), "{}", d.stderr);
     let real: Vec<&str> = [args, &["--json"]].concat();
@@ -2903,22 +2911,51 @@ fn dry_run_plan_equals_executed_actions_in_every_mode() {
     let verbs: Vec<&str> = dr.iter().filter_map(|e| e["action"].as_str()).collect();
     assert_eq!(
         verbs,
-        ["create-dir", "write", "write", "save-nvram", "define", "install-nvram", "refresh-pool", "restore-tpm"]
+        [
+            "create-dir",
+            "write",
+            "write",
+            "save-nvram",
+            "define",
+            "install-nvram",
+            "refresh-pool",
+            "restore-tpm"
+        ]
     );
     assert_plan_is_executed(
         &w,
         "test:///default",
-        &["--vm", "rc-uefi-tpm", "--name", "c1", "--restore-path", &w.s("out/clone")],
+        &[
+            "--vm",
+            "rc-uefi-tpm",
+            "--name",
+            "c1",
+            "--restore-path",
+            &w.s("out/clone"),
+        ],
     );
     assert_plan_is_executed(
         &w,
         "test:///default",
-        &["--vm", "rc-multi-sql", "--skip-config", "--restore-path", &w.s("out/data")],
+        &[
+            "--vm",
+            "rc-multi-sql",
+            "--skip-config",
+            "--restore-path",
+            &w.s("out/data"),
+        ],
     );
     assert_plan_is_executed(
         &w,
         "test:///default",
-        &["--vm", "rc-multi-sql", "--disk", "vdb", "--restore-path", &w.s("out/x")],
+        &[
+            "--vm",
+            "rc-multi-sql",
+            "--disk",
+            "vdb",
+            "--restore-path",
+            &w.s("out/x"),
+        ],
     );
     let (uri, paths) = multi_sql_domain(&w, false);
     let inplace = assert_plan_is_executed(&w, &uri, &["--vm", "rc-multi-sql", "--disk", "vda,sda"]);

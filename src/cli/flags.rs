@@ -138,7 +138,7 @@ pub const FLAGS: &[Flag] = &[
 const HELP_WIDTH: usize = 46;
 
 /// Greedy word wrap of a help text (its own line breaks are treated as spaces).
-fn wrap(text: &str, width: usize) -> Vec<String> {
+pub(crate) fn wrap(text: &str, width: usize) -> Vec<String> {
     let mut lines: Vec<String> = Vec::new();
     let mut cur = String::new();
     for word in text.split_whitespace() {
@@ -216,8 +216,7 @@ fn flag_help(s: &mut String, f: &Flag) {
 }
 
 /// The environment, exit codes and examples at the end of `--help`.
-const FOOTER: &str = 
-        "\nENVIRONMENT:\n\
+const FOOTER: &str = "\nENVIRONMENT:\n\
          \x20 VMBACKUP_INSTANCE              instance when --config-instance is not given\n\
          \x20 LOG_DIR                        log directory of restore, --verify, --dump\n\
          \x20                                (default /var/log/vmrestore)\n\
@@ -255,4 +254,3 @@ const FOOTER: &str =
          \x20 vmrestore --list-restore-points my-vm --period 2026-W09\n\
          \x20 vmrestore --verify my-vm --period 20260303\n\
          \x20 vmrestore --dump my-vm --period 2026-W10 --json\n";
-

@@ -22,7 +22,6 @@ pub mod selection;
 
 pub use flags::{usage, Flag, FlagId, Section, Takes, FLAGS};
 
-
 /// The operation selected by the last mode flag.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Mode {
@@ -257,6 +256,7 @@ pub fn parse(argv: &[String]) -> Result<Parsed, UsageError> {
 
 #[cfg(test)]
 mod tests {
+    use super::flags::wrap;
     use super::*;
 
     fn run(args: &[&str]) -> Result<Parsed, UsageError> {

@@ -9,8 +9,8 @@ pub use crate::cli::selection::{parse_nbd_targets, DiskSelection, NbdTargetSpec}
 use crate::restore::point::RestorePoint;
 
 use crate::cli::{Args, Mode};
-use crate::host::config::BackupRoot;
 use crate::error::AppError;
+use crate::host::config::BackupRoot;
 
 /// The default libvirt URI when neither `--connect` nor `LIBVIRT_DEFAULT_URI` is set.
 pub const DEFAULT_URI: &str = "qemu:///system";
@@ -181,7 +181,10 @@ impl RestoreKind {
     pub fn needs_libvirt(&self) -> bool {
         matches!(
             self,
-            Self::Dr { .. } | Self::Clone { .. } | Self::DiskInPlace { .. } | Self::InstantBoot { .. }
+            Self::Dr { .. }
+                | Self::Clone { .. }
+                | Self::DiskInPlace { .. }
+                | Self::InstantBoot { .. }
         )
     }
 }
@@ -529,10 +532,7 @@ mod tests {
             Ok(Request::Restore(r)) => r.kind.as_str(),
             other => panic!("{other:?}"),
         };
-        assert_eq!(
-            mode(&["--vm", "v", "--restore-path", "/r"]),
-            "dr"
-        );
+        assert_eq!(mode(&["--vm", "v", "--restore-path", "/r"]), "dr");
         assert_eq!(
             mode(&["--vm", "v", "--restore-path", "/r", "--name", "c"]),
             "clone"
@@ -549,10 +549,7 @@ mod tests {
             ]),
             "data-only"
         );
-        assert_eq!(
-            mode(&["--vm", "v", "--disk", "vda"]),
-            "disk"
-        );
+        assert_eq!(mode(&["--vm", "v", "--disk", "vda"]), "disk");
         assert_eq!(
             mode(&[
                 "--vm",

@@ -78,4 +78,3 @@ pub fn parse_nbd_targets(v: &str) -> Result<Vec<NbdTargetSpec>, AppError> {
     }
     Ok(out)
 }
-

@@ -12,10 +12,10 @@ use std::path::Path;
 use nbdfmt::{BackupSet, StreamContent};
 use serde_json::{json, Value};
 
-use crate::ui::write_stdout;
 use crate::error::AppError;
 use crate::ui::format;
 use crate::ui::log;
+use crate::ui::write_stdout;
 
 /// The dump of one data dir.
 #[derive(Debug, Clone, PartialEq)]

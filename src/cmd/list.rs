@@ -9,12 +9,12 @@ use std::time::SystemTime;
 use nbdfmt::{BackupSet, SetKind};
 use serde_json::{json, Value};
 
-use crate::host::catalogue::{self, ChainHealth};
-use crate::ui::write_stdout;
-use crate::error::{AppError, ExitStatus};
-use crate::ui::format;
 use crate::cli::request::ListRequest;
+use crate::error::{AppError, ExitStatus};
+use crate::host::catalogue::{self, ChainHealth};
 use crate::host::tree;
+use crate::ui::format;
+use crate::ui::write_stdout;
 
 /// 62 × `═`.
 pub fn list_rule() -> String {

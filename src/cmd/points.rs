@@ -11,11 +11,11 @@ use std::time::SystemTime;
 use nbdfmt::{BackupSet, SetKind, StreamLevel};
 use serde_json::{json, Value};
 
-use crate::ui::write_stdout;
-use crate::error::{AppError, ExitStatus};
-use crate::ui::format;
 use crate::cli::request::PointsRequest;
+use crate::error::{AppError, ExitStatus};
 use crate::host::tree;
+use crate::ui::format;
+use crate::ui::write_stdout;
 
 const INCOMPLETE: &str = "⚠ INCOMPLETE";
 

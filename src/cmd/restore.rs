@@ -9,16 +9,16 @@ use std::time::Instant;
 use engine::Cancel;
 use nbdfmt::BackupSet;
 
-use crate::host::env::Env;
-use crate::ui::header::restore_header_fields;
 use crate::cli::request::{RestoreKind, RestoreRequest};
 use crate::error::{AppError, ExitStatus};
 use crate::host::catalogue::{self, RestoreSession};
+use crate::host::env::Env;
 use crate::host::lock::{self, Acquired, VmLock};
 use crate::host::tree;
 use crate::hypervisor::libvirt::Libvirt;
 use crate::hypervisor::{Hypervisor, Offline};
 use crate::restore::{Context, Outcome};
+use crate::ui::header::restore_header_fields;
 use crate::ui::log::{self, RunLog};
 use crate::ui::report::TracingReporter;
 
@@ -236,10 +236,12 @@ fn session_row(s: &Session<'_>, result: &Result<Outcome, AppError>) -> RestoreSe
         target_path: o
             .map(|o| o.target_path.clone())
             .or_else(|| r.kind.dir().map(|p| p.display().to_string())),
-        disks: o.map(|o| o.disks.join(", ")).or_else(|| match r.kind.disks() {
-            Some(crate::cli::request::DiskSelection::List(d)) => Some(d.join(", ")),
-            _ => None,
-        }),
+        disks: o
+            .map(|o| o.disks.join(", "))
+            .or_else(|| match r.kind.disks() {
+                Some(crate::cli::request::DiskSelection::List(d)) => Some(d.join(", ")),
+                _ => None,
+            }),
         forced: r.options.force,
         include_incomplete: r.options.include_incomplete,
         tpm_result: o.map(|o| o.tpm_result.to_owned()).filter(|t| !t.is_empty()),

@@ -13,12 +13,12 @@ use std::path::Path;
 
 use engine::Cancel;
 use nbdfmt::checksum::{chksum_path, stored_checksum, Adler32Reader};
-use nbdfmt::{BackupFile, BackupSet};
+use nbdfmt::{BackupFile, BackupSet, StreamFile};
 use serde_json::{json, Value};
 
-use crate::ui::write_stdout;
 use crate::error::AppError;
 use crate::ui::log;
+use crate::ui::write_stdout;
 
 /// Result for one data file.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -85,18 +85,7 @@ pub fn run(data_dir: &Path, json_out: bool, cancel: &Cancel) -> Result<(), AppEr
     for f in set.disks.values().flatten() {
         let name = f.file_name();
         let check = check_file(&f.path, cancel)?;
-        match &check {
-            FileCheck::Ok(c) => {
-                tracing::info!(target: "verify", "Checksum OK: {name} (adler32 {c})")
-            }
-            FileCheck::NotRecorded(c) => {
-                tracing::info!(target: "verify", "No checksum recorded: {name} (adler32 {c})")
-            }
-            FileCheck::Mismatch { stored, computed } => {
-                tracing::error!(target: "verify", "Checksum MISMATCH: {name} (stored {stored}, computed {computed})");
-            }
-            FileCheck::Error(e) => tracing::error!(target: "verify", "Cannot verify {name}: {e}"),
-        }
+        log_check(&name, &check);
         results.push((f, check));
     }
     for orphan in orphan_checksums(data_dir, &set) {
@@ -116,37 +105,10 @@ pub fn run(data_dir: &Path, json_out: bool, cancel: &Cancel) -> Result<(), AppEr
         .map(|(f, _)| f.path.display().to_string())
         .collect();
     if json_out {
-        let files: Vec<Value> = results
-            .iter()
-            .map(|(f, c)| {
-                let (status, stored, computed, error) = match c {
-                    FileCheck::Ok(v) => ("ok", Some(*v), Some(*v), None),
-                    FileCheck::NotRecorded(v) => ("not_recorded", None, Some(*v), None),
-                    FileCheck::Mismatch { stored, computed } => {
-                        ("mismatch", Some(*stored), Some(*computed), None)
-                    }
-                    FileCheck::Error(e) => ("error", None, None, Some(e.clone())),
-                };
-                json!({
-                    "file": f.file_name(),
-                    "disk": f.disk,
-                    "checkpoint": f.level.checkpoint(),
-                    "status": status,
-                    "stored": stored,
-                    "computed": computed,
-                    "error": error,
-                })
-            })
-            .collect();
-        let doc = json!({
-            "schema": "vmrestore.verify/1",
-            "data_dir": data_dir.display().to_string(),
-            "passed": failed.is_empty(),
-            "files": files,
-        });
         let text = format!(
             "{}\n",
-            serde_json::to_string_pretty(&doc).unwrap_or_default()
+            serde_json::to_string_pretty(&json_doc(data_dir, &results, failed.is_empty()))
+                .unwrap_or_default()
         );
         write_stdout(&text);
         log::append_raw(&text);
@@ -164,6 +126,54 @@ pub fn run(data_dir: &Path, json_out: bool, cancel: &Cancel) -> Result<(), AppEr
             rest.len()
         ))),
     }
+}
+
+/// One log line per checked file.
+fn log_check(name: &str, check: &FileCheck) {
+    match check {
+        FileCheck::Ok(c) => {
+            tracing::info!(target: "verify", "Checksum OK: {name} (adler32 {c})")
+        }
+        FileCheck::NotRecorded(c) => {
+            tracing::info!(target: "verify", "No checksum recorded: {name} (adler32 {c})")
+        }
+        FileCheck::Mismatch { stored, computed } => {
+            tracing::error!(target: "verify", "Checksum MISMATCH: {name} (stored {stored}, computed {computed})");
+        }
+        FileCheck::Error(e) => tracing::error!(target: "verify", "Cannot verify {name}: {e}"),
+    }
+}
+
+/// The `vmrestore.verify/1` document (docs/json-output.md).
+fn json_doc(data_dir: &Path, results: &[(&StreamFile, FileCheck)], passed: bool) -> Value {
+    let files: Vec<Value> = results
+        .iter()
+        .map(|(f, c)| {
+            let (status, stored, computed, error) = match c {
+                FileCheck::Ok(v) => ("ok", Some(*v), Some(*v), None),
+                FileCheck::NotRecorded(v) => ("not_recorded", None, Some(*v), None),
+                FileCheck::Mismatch { stored, computed } => {
+                    ("mismatch", Some(*stored), Some(*computed), None)
+                }
+                FileCheck::Error(e) => ("error", None, None, Some(e.clone())),
+            };
+            json!({
+                "file": f.file_name(),
+                "disk": f.disk,
+                "checkpoint": f.level.checkpoint(),
+                "status": status,
+                "stored": stored,
+                "computed": computed,
+                "error": error,
+            })
+        })
+        .collect();
+    json!({
+        "schema": "vmrestore.verify/1",
+        "data_dir": data_dir.display().to_string(),
+        "passed": passed,
+        "files": files,
+    })
 }
 
 /// `.chksum` files whose data file is not in the set (deleted or renamed data).

@@ -191,11 +191,23 @@ fn parse_line(line: &[u8]) -> Result<Option<Vec<u8>>, String> {
     let Some(r) = r.strip_prefix(b"=") else {
         return Ok(None);
     };
-    let r = trim_start(r);
-    let needs_shell = || {
-        "BACKUP_PATH needs a shell to evaluate ($VAR, ${...}, $(...), backticks, ~, operators or a word after the value); vmrestore reads vmbackup.conf as data — use a literal path".to_owned()
-    };
-    let (value, rest): (&[u8], &[u8]) = match r.first() {
+    let (value, rest) = assigned_value(trim_start(r))?;
+    // After the value: nothing, a comment or `;`. Another word would make the line a
+    // command with BACKUP_PATH in its environment only.
+    let rest = trim_start(rest);
+    if !(rest.is_empty() || rest.starts_with(b"#") || rest.starts_with(b";")) {
+        return Err(needs_shell());
+    }
+    Ok(Some(value.to_vec()))
+}
+
+fn needs_shell() -> String {
+    "BACKUP_PATH needs a shell to evaluate ($VAR, ${...}, $(...), backticks, ~, operators or a word after the value); vmrestore reads vmbackup.conf as data — use a literal path".to_owned()
+}
+
+/// The value after `BACKUP_PATH=` (quoted or bare) and what follows it.
+fn assigned_value(r: &[u8]) -> Result<(&[u8], &[u8]), String> {
+    Ok(match r.first() {
         Some(b'\'') => {
             // single quotes: literal in sh, no expansion at all
             let body = &r[1..];
@@ -249,14 +261,7 @@ fn parse_line(line: &[u8]) -> Result<Option<Vec<u8>>, String> {
             }
             (v, &r[end..])
         }
-    };
-    // After the value: nothing, a comment or `;`. Another word would make the line a
-    // command with BACKUP_PATH in its environment only.
-    let rest = trim_start(rest);
-    if !(rest.is_empty() || rest.starts_with(b"#") || rest.starts_with(b";")) {
-        return Err(needs_shell());
-    }
-    Ok(Some(value.to_vec()))
+    })
 }
 
 fn trim_start(b: &[u8]) -> &[u8] {

@@ -3,9 +3,9 @@
 
 pub mod catalogue;
 pub mod config;
+pub mod env;
 pub mod lock;
 pub mod nvram;
-pub mod env;
 pub mod ownership;
 pub mod tpm;
 pub mod tree;

@@ -147,7 +147,8 @@ pub fn restore(
         .map_err(io("chmod", &target))?;
     let dst = target.join("tpm2");
     copy_tree(&tpm2, &dst)?;
-    let owner = crate::host::ownership::chown_tree(&dst, &["tss", "swtpm"]).map_err(io("chown", &dst))?;
+    let owner =
+        crate::host::ownership::chown_tree(&dst, &["tss", "swtpm"]).map_err(io("chown", &dst))?;
     fs::set_permissions(&dst, fs::Permissions::from_mode(0o700)).map_err(io("chmod", &dst))?;
     Ok(TpmRestored {
         target,

@@ -131,12 +131,16 @@ pub fn safety_checks(
     let mut blocked = false;
     for c in &collisions(finals, &live, source_vm, &state_of) {
         if c.blocks_even_with_force() || !ctx.options.force {
-            ctx.log
-                .error("preflight_disk_safety", &format!("{dr}{}", c.blocked_message()));
+            ctx.log.error(
+                "preflight_disk_safety",
+                &format!("{dr}{}", c.blocked_message()),
+            );
             blocked = true;
         } else {
-            ctx.log
-                .warn("preflight_disk_safety", &format!("{dr}{}", c.forced_message()));
+            ctx.log.warn(
+                "preflight_disk_safety",
+                &format!("{dr}{}", c.forced_message()),
+            );
         }
     }
     if blocked {
@@ -147,8 +151,10 @@ pub fn safety_checks(
             "Would abort due to safety checks above".into(),
         );
     }
-    ctx.log
-        .info("preflight_disk_safety", &format!("{dr}All safety checks passed"));
+    ctx.log.info(
+        "preflight_disk_safety",
+        &format!("{dr}All safety checks passed"),
+    );
     Ok(())
 }
 
@@ -185,11 +191,7 @@ pub fn check_outputs(
 
 /// DR step 1 / clone step 1: whether `name` is defined; defined without `--force`
 /// is refused.
-pub fn check_defined(
-    ctx: &Context<'_>,
-    pf: &mut Preflight,
-    name: &str,
-) -> Result<bool, AppError> {
+pub fn check_defined(ctx: &Context<'_>, pf: &mut Preflight, name: &str) -> Result<bool, AppError> {
     let defined = ctx
         .hv
         .lookup(name)

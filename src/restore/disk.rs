@@ -79,8 +79,10 @@ fn not_at_point(ctx: &Context<'_>, set: &BackupSet, d: &str, t: u32, at: &[Strin
     };
     ctx.log.error("restore_disk", &msg);
     if let Some(m) = last {
-        ctx.log
-            .error("restore_disk", &format!("It was last backed up at checkpoint {m}."));
+        ctx.log.error(
+            "restore_disk",
+            &format!("It was last backed up at checkpoint {m}."),
+        );
         ctx.log.error(
             "restore_disk",
             &format!("Use --restore-point {m} to restore {d} from that checkpoint."),
@@ -243,7 +245,8 @@ fn in_place_target(
     if device {
         swap::check_device_unused(ctx, pf, &path)?;
     }
-    let rollback = (!ctx.options.no_pre_restore).then(|| swap::rollback_path(&ctx.vm, d, &path, device));
+    let rollback =
+        (!ctx.options.no_pre_restore).then(|| swap::rollback_path(&ctx.vm, d, &path, device));
     if let Some(pre) = rollback.as_ref().filter(|p| p.symlink_metadata().is_ok()) {
         return Err(AppError::Storage(format!(
             "Pre-restore file already exists: {} — delete it first or use --no-pre-restore",
@@ -296,7 +299,7 @@ fn check_in_place_space(
         .sum();
     let dir = targets
         .first()
-        .map(|t| swap::rollback_dir_of(t))
+        .map(swap::rollback_dir_of)
         .unwrap_or_else(|| PathBuf::from("/"));
     let Some((free, _)) = crate::restore::preflight::free_space(&dir) else {
         ctx.log.warn(

@@ -79,8 +79,9 @@ fn step(
     run: &mut Run,
 ) -> Result<(), AppError> {
     match action {
-        Action::CreateDir(d) => std::fs::create_dir_all(&d)
-            .map_err(AppError::io(format!("creating {}", d.display()))),
+        Action::CreateDir(d) => {
+            std::fs::create_dir_all(&d).map_err(AppError::io(format!("creating {}", d.display())))
+        }
         Action::WriteImages { jobs, replace } => write_images(ctx, report, jobs, replace),
         Action::ReplaceDisk(r) => replace_disk(ctx, in_place, r, run),
         a @ Action::WriteNbd(_) => nbd::write(ctx, a),
@@ -172,7 +173,12 @@ fn log_integrity(ctx: &Context<'_>, done: &engine::ApplyReport, paths: &[PathBuf
         let size = std::fs::metadata(p).map(|m| m.len()).unwrap_or(0);
         ctx.log.info(
             "restore_disk",
-            &format!("  {}: integrity ✓ {} ({})", d.disk, p.display(), iec_size(size)),
+            &format!(
+                "  {}: integrity ✓ {} ({})",
+                d.disk,
+                p.display(),
+                iec_size(size)
+            ),
         );
     }
 }
@@ -251,7 +257,11 @@ fn save_nvram(ctx: &Context<'_>, n: &Path) -> Result<(), AppError> {
     match crate::host::nvram::save_existing(n, epoch()) {
         Ok(Some(aside)) => ctx.log.info(
             "restore_vm",
-            &format!("Saved existing NVRAM: {} → {}", n.display(), aside.display()),
+            &format!(
+                "Saved existing NVRAM: {} → {}",
+                n.display(),
+                aside.display()
+            ),
         ),
         Ok(None) => {}
         Err(e) => {
@@ -290,7 +300,11 @@ fn install_nvram(ctx: &Context<'_>, n: &NvramInstall) -> Result<(), AppError> {
         if let Ok(Some(aside)) = crate::host::nvram::save_existing(dest, epoch()) {
             ctx.log.info(
                 "restore_nvram",
-                &format!("Saved existing NVRAM: {} → {}", dest.display(), aside.display()),
+                &format!(
+                    "Saved existing NVRAM: {} → {}",
+                    dest.display(),
+                    aside.display()
+                ),
             );
         }
     }
@@ -357,7 +371,12 @@ fn define(ctx: &Context<'_>, d: &Definition, run: &mut Run) -> Result<(), AppErr
                 "define_new_identity",
                 &format!("Defined '{}' with new UUID: {}", d.name, info.uuid),
             );
-            for m in ctx.hv.domain(&d.name, true).map(|c| c.macs).unwrap_or_default() {
+            for m in ctx
+                .hv
+                .domain(&d.name, true)
+                .map(|c| c.macs)
+                .unwrap_or_default()
+            {
                 ctx.log
                     .info("define_new_identity", &format!("New MAC: {m}"));
             }

@@ -112,7 +112,9 @@ pub fn plan(ctx: &Context<'_>, kind: &RestoreKind) -> Result<RestorePlan, AppErr
         RestoreKind::DiskInPlace { disks } => disk::plan_in_place(ctx, disks, &mut pf)?,
         RestoreKind::DiskExtract { dir, disks } => disk::plan_extract(ctx, dir, disks, &mut pf)?,
         RestoreKind::InstantBoot { dir, name, pull } => {
-            let name = name.clone().unwrap_or_else(|| instant::default_name(&ctx.vm));
+            let name = name
+                .clone()
+                .unwrap_or_else(|| instant::default_name(&ctx.vm));
             instant::plan_instant(ctx, dir, &name, *pull, &mut pf)?
         }
         RestoreKind::Nbd { targets, disks } => nbd::plan_nbd(ctx, targets, disks.as_ref())?,

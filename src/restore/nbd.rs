@@ -108,7 +108,9 @@ pub(super) fn write(ctx: &Context<'_>, action: Action) -> Result<(), AppError> {
         ctx.log.info(COMPONENT, &line);
     }
     let Action::WriteNbd(writes) = action else {
-        return Err(AppError::Internal("nbd::write takes a WriteNbd action".into()));
+        return Err(AppError::Internal(
+            "nbd::write takes a WriteNbd action".into(),
+        ));
     };
     let mut targets: Vec<Box<dyn BlockTarget>> = Vec::new();
     for w in &writes {
@@ -130,7 +132,11 @@ pub(super) fn write(ctx: &Context<'_>, action: Action) -> Result<(), AppError> {
                 d.disk,
                 iec_size(d.bytes_written),
                 iec_size(d.bytes_zeroed),
-                if d.readback_verified { "✓" } else { "skipped" },
+                if d.readback_verified {
+                    "✓"
+                } else {
+                    "skipped"
+                },
                 d.duration.as_secs_f64()
             ),
         );
@@ -140,9 +146,8 @@ pub(super) fn write(ctx: &Context<'_>, action: Action) -> Result<(), AppError> {
 
 fn connect(ctx: &Context<'_>, w: &NbdWrite) -> Result<NbdTarget, AppError> {
     let (d, uri) = (&w.disk, &w.uri);
-    let c = NbdTarget::connect_with(uri, NbdOptions::default()).map_err(|e| {
-        AppError::Storage(format!("{d}: cannot connect to NBD export {uri}: {e}"))
-    })?;
+    let c = NbdTarget::connect_with(uri, NbdOptions::default())
+        .map_err(|e| AppError::Storage(format!("{d}: cannot connect to NBD export {uri}: {e}")))?;
     if c.is_read_only() {
         return Err(AppError::Storage(format!(
             "{d}: NBD export {uri} is read-only"

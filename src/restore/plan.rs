@@ -266,9 +266,12 @@ impl Action {
             Self::WriteImages { jobs, replace } => {
                 let mut v: Vec<String> = jobs.iter().map(write_line).collect();
                 if *replace {
-                    v.extend(jobs.iter().map(|j| &j.output.final_path).filter(|p| p.exists()).map(
-                        |p| format!("Would replace existing file: {}", p.display()),
-                    ));
+                    v.extend(
+                        jobs.iter()
+                            .map(|j| &j.output.final_path)
+                            .filter(|p| p.exists())
+                            .map(|p| format!("Would replace existing file: {}", p.display())),
+                    );
                 }
                 v
             }
@@ -329,7 +332,9 @@ impl Action {
             Self::WriteNbd(w) => w.iter().map(|w| Effect::new("write-nbd", &w.uri)).collect(),
             Self::SaveNvram(p) => vec![Effect::new("save-nvram", p.display().to_string())],
             Self::Undefine(n) => vec![Effect::new("undefine", n)],
-            Self::InstallNvram(n) => vec![Effect::new("install-nvram", n.dest.display().to_string())],
+            Self::InstallNvram(n) => {
+                vec![Effect::new("install-nvram", n.dest.display().to_string())]
+            }
             Self::Define(d) => vec![Effect::new("define", &d.name)],
             Self::RestoreTpm(t) => vec![Effect::new("restore-tpm", &t.vm_label)],
             Self::RefreshPool(d) => vec![Effect::new("refresh-pool", d.display().to_string())],

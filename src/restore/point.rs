@@ -150,7 +150,11 @@ pub fn warn_disk_set_change(set: &BackupSet, point: RestorePoint, t: u32, log: &
     log.warn("restore_vm", &format!("Disk configuration changed between checkpoint {t} and the latest checkpoint ({latest})."));
     log.warn(
         "restore_vm",
-        &format!("  Checkpoint {t}: {} ({} disks)", fmt(&at.disks), at.disks.len()),
+        &format!(
+            "  Checkpoint {t}: {} ({} disks)",
+            fmt(&at.disks),
+            at.disks.len()
+        ),
     );
     log.warn(
         "restore_vm",
@@ -179,7 +183,10 @@ mod tests {
 
     #[test]
     fn parse_points() {
-        assert_eq!(RestorePoint::parse("007").ok(), Some(RestorePoint::Number(7)));
+        assert_eq!(
+            RestorePoint::parse("007").ok(),
+            Some(RestorePoint::Number(7))
+        );
         assert_eq!(
             RestorePoint::parse("99999999999999999999999").ok(),
             Some(RestorePoint::Number(u64::MAX))

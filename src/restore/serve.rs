@@ -130,5 +130,8 @@ pub(super) fn run(ctx: &Context<'_>, s: ServePlan) -> Result<String, AppError> {
     let stats = server
         .run(ctx.cancel.clone())
         .map_err(|e| engine_error(e, "NBD server failed"))?;
-    Ok(format!("Server stopped ({} connections)", stats.connections))
+    Ok(format!(
+        "Server stopped ({} connections)",
+        stats.connections
+    ))
 }

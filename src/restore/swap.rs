@@ -18,8 +18,10 @@ use crate::ui::format::iec_size;
 
 /// Where rollback images of block devices go; `VMRESTORE_ROLLBACK_DIR` overrides it.
 pub fn device_rollback_dir() -> PathBuf {
-    std::env::var_os("VMRESTORE_ROLLBACK_DIR")
-        .map_or_else(|| PathBuf::from("/var/lib/vmrestore/pre-restore"), PathBuf::from)
+    std::env::var_os("VMRESTORE_ROLLBACK_DIR").map_or_else(
+        || PathBuf::from("/var/lib/vmrestore/pre-restore"),
+        PathBuf::from,
+    )
 }
 
 /// True when `p` (after symlinks, as `/dev/vg/lv` is one) is a block device.
@@ -41,8 +43,13 @@ pub fn rollback_path(vm: &str, d: &str, path: &Path, device: bool) -> PathBuf {
 /// The directory whose filesystem holds the new image and the rollback copy.
 pub fn rollback_dir_of(t: &InPlace) -> PathBuf {
     match (&t.rollback, t.device) {
-        (Some(r), true) => r.parent().map_or_else(device_rollback_dir, Path::to_path_buf),
-        _ => t.path.parent().map_or_else(|| PathBuf::from("/"), Path::to_path_buf),
+        (Some(r), true) => r
+            .parent()
+            .map_or_else(device_rollback_dir, Path::to_path_buf),
+        _ => t
+            .path
+            .parent()
+            .map_or_else(|| PathBuf::from("/"), Path::to_path_buf),
     }
 }
 
@@ -99,17 +106,21 @@ pub fn replace(ctx: &Context<'_>, r: &InPlace) -> Result<Option<PathBuf>, AppErr
     )
     .map_err(|e| engine_error(e, &what))?;
     if r.device {
-        let job = jobs.pop().ok_or_else(|| AppError::Internal("no plan for the disk".into()))?;
+        let job = jobs
+            .pop()
+            .ok_or_else(|| AppError::Internal("no plan for the disk".into()))?;
         return replace_device(ctx, r, job).map_err(|e| engine_error(e, &what));
     }
     remove_legacy_leftovers(&r.path);
-    let (_, mut staged) = write_staged(jobs, &apply_options(ctx)).map_err(|e| engine_error(e, &what))?;
+    let (_, mut staged) =
+        write_staged(jobs, &apply_options(ctx)).map_err(|e| engine_error(e, &what))?;
     let staged = staged
         .pop()
         .ok_or_else(|| AppError::Internal("no staged output for the disk".into()))?;
     // TEMP until engine's commit with rollback lands
     if let Some(rb) = &r.rollback {
-        std::fs::hard_link(&r.path, rb).map_err(AppError::io(format!("linking {}", rb.display())))?;
+        std::fs::hard_link(&r.path, rb)
+            .map_err(AppError::io(format!("linking {}", rb.display())))?;
     }
     staged.commit(true).map_err(|e| engine_error(e, &what))?;
     Ok(r.rollback.clone())
@@ -165,7 +176,10 @@ fn remove_legacy_leftovers(path: &Path) {
                 Err(nix::errno::Errno::ESRCH)
             )
         });
-        if !alive && e.file_type().is_ok_and(|t| t.is_file()) && std::fs::remove_file(e.path()).is_ok() {
+        if !alive
+            && e.file_type().is_ok_and(|t| t.is_file())
+            && std::fs::remove_file(e.path()).is_ok()
+        {
             tracing::warn!(target: "restore_disk", "Removed leftover temporary file of an interrupted restore: {}", e.path().display());
         }
     }
@@ -235,7 +249,10 @@ pub fn banner(ctx: &Context<'_>, vm: &str, kept: &[PathBuf]) {
     for k in kept {
         let size = std::fs::metadata(k).map(|m| m.len()).unwrap_or(0);
         total += size;
-        log.warn("restore_disk", &format!("  rm {}  ({})", k.display(), iec_size(size)));
+        log.warn(
+            "restore_disk",
+            &format!("  rm {}  ({})", k.display(), iec_size(size)),
+        );
     }
     if kept.len() > 1 {
         log.warn("restore_disk", &format!("  Total: {}", iec_size(total)));
@@ -249,9 +266,15 @@ mod tests {
 
     #[test]
     fn legacy_names() {
-        assert_eq!(legacy_pid("..d.qcow2.vmrestore-12.new.vmrestore-12.part", "d.qcow2"), Some(12));
+        assert_eq!(
+            legacy_pid("..d.qcow2.vmrestore-12.new.vmrestore-12.part", "d.qcow2"),
+            Some(12)
+        );
         assert_eq!(legacy_pid(".d.qcow2.vmrestore-12.new", "d.qcow2"), Some(12));
         assert_eq!(legacy_pid(".d.qcow2.vmrestore-12.part", "d.qcow2"), None);
-        assert_eq!(legacy_pid("..d.qcow2.vmrestore-12.new.vmrestore-13.part", "d.qcow2"), None);
+        assert_eq!(
+            legacy_pid("..d.qcow2.vmrestore-12.new.vmrestore-13.part", "d.qcow2"),
+            None
+        );
     }
 }

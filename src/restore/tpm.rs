@@ -47,7 +47,10 @@ pub(super) fn restore_tpm(
     if t.material.state_dir.is_none() {
         log.warn(
             "restore_tpm",
-            &format!("Marker present but no tpm-state/ in {}", t.data_dir.display()),
+            &format!(
+                "Marker present but no tpm-state/ in {}",
+                t.data_dir.display()
+            ),
         );
         log.warn("restore_tpm", "TPM restore failed (non-fatal)");
         return failed;
@@ -68,7 +71,12 @@ pub(super) fn restore_tpm(
         "restore_tpm",
         &format!("Restoring TPM for {} (UUID: {uuid})", t.vm_label),
     );
-    match tpm::restore(&t.material, &t.root, &uuid, crate::restore::execute::epoch()) {
+    match tpm::restore(
+        &t.material,
+        &t.root,
+        &uuid,
+        crate::restore::execute::epoch(),
+    ) {
         Ok(r) => {
             if let Some(prev) = &r.saved_previous {
                 log.warn(

@@ -1,10 +1,10 @@
 //! What the user sees: log lines and the run log, progress, text formats.
 
 pub mod format;
+pub mod header;
 pub mod log;
 pub mod progress;
 pub mod report;
-pub mod header;
 
 use std::io::Write;
 

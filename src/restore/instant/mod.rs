@@ -23,7 +23,9 @@ use crate::restore::checks::{log_predictions, safety_checks, Preflight};
 use crate::restore::clone::renamed;
 use crate::restore::dr::{config, disk_jobs, endpoint};
 use crate::restore::outputs::{predict_outputs, PredictedOutput};
-use crate::restore::plan::{Action, NvramInstall, Report, RestorePlan, Summary, TpmRestore, TpmUuid};
+use crate::restore::plan::{
+    Action, NvramInstall, Report, RestorePlan, Summary, TpmRestore, TpmUuid,
+};
 use crate::restore::point::warn_disk_set_change;
 use crate::restore::Context;
 
@@ -280,7 +282,12 @@ pub(super) fn plan_instant(
     warn_disk_set_change(ctx.set, ctx.point, t, ctx.log);
     refuse_remote(ctx)?;
     let mut actions = Vec::new();
-    if ctx.hv.lookup(name).map_err(|e| AppError::Dependency(format!("{e}")))?.is_some() {
+    if ctx
+        .hv
+        .lookup(name)
+        .map_err(|e| AppError::Dependency(format!("{e}")))?
+        .is_some()
+    {
         let files = leftover(ctx, name, dir)?;
         actions.push(Action::ClearLeftover {
             name: name.to_owned(),

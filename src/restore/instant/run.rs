@@ -17,7 +17,10 @@ use crate::ui::format::iec_size;
 
 /// Runs a planned instant boot: serve, overlays, clone, then wait for the end.
 /// Returns the summary line and the TPM result.
-pub(in crate::restore) fn run(ctx: &Context<'_>, mut ib: InstantBoot) -> Result<(String, &'static str), AppError> {
+pub(in crate::restore) fn run(
+    ctx: &Context<'_>,
+    mut ib: InstantBoot,
+) -> Result<(String, &'static str), AppError> {
     let sizes: Vec<u64> = ib.plans.iter().map(|p| p.virtual_size).collect();
     let plans = std::mem::take(&mut ib.plans);
     let listen = Listen::tcp("127.0.0.1:0").map_err(|e| engine_error(e, "Cannot serve"))?;
@@ -64,10 +67,17 @@ fn ended(
     let name = &ib.name;
     if matches!(end, End::Pulled | End::Independent) {
         stop(handle, ctx);
-        let disks: Vec<String> = ib.overlays.iter().map(|o| o.final_path.display().to_string()).collect();
+        let disks: Vec<String> = ib
+            .overlays
+            .iter()
+            .map(|o| o.final_path.display().to_string())
+            .collect();
         ctx.log.info(
             COMPONENT,
-            &format!("'{name}' no longer reads from the backup; its disks are {}", disks.join(", ")),
+            &format!(
+                "'{name}' no longer reads from the backup; its disks are {}",
+                disks.join(", ")
+            ),
         );
         crate::restore::execute::refresh_pool(ctx, &ib.dir);
         return Ok(format!(
@@ -89,8 +99,12 @@ fn ended(
     } else if !persistent {
         if ctx.hv.lookup(name).ok().flatten().is_some() {
             match ctx.hv.destroy(name) {
-                Ok(()) => ctx.log.info(COMPONENT, &format!("Stopped temporary VM '{name}'")),
-                Err(e) => ctx.log.warn(COMPONENT, &format!("Cannot stop '{name}': {e}")),
+                Ok(()) => ctx
+                    .log
+                    .info(COMPONENT, &format!("Stopped temporary VM '{name}'")),
+                Err(e) => ctx
+                    .log
+                    .warn(COMPONENT, &format!("Cannot stop '{name}': {e}")),
             }
         }
         created.remove(ctx);
@@ -129,7 +143,8 @@ fn boot(
     sizes: &[u64],
     created: &mut Created,
 ) -> Result<&'static str, AppError> {
-    std::fs::create_dir_all(&ib.dir).map_err(AppError::io(format!("creating {}", ib.dir.display())))?;
+    std::fs::create_dir_all(&ib.dir)
+        .map_err(AppError::io(format!("creating {}", ib.dir.display())))?;
     let mut rewrite = ib.rewrite.clone();
     for ((o, uri), size) in ib.overlays.iter().zip(uris).zip(sizes) {
         let spec = OverlaySpec {
@@ -156,12 +171,18 @@ fn boot(
     }
     let tpm = boot_tpm(ctx, ib, created);
     let xml = rewritten(&ib.source, &rewrite)?;
-    ctx.hv
-        .create_transient(&xml)
-        .map_err(|e| AppError::engine(format!("Cannot start the instant-boot clone '{}': {e}", ib.name)))?;
+    ctx.hv.create_transient(&xml).map_err(|e| {
+        AppError::engine(format!(
+            "Cannot start the instant-boot clone '{}': {e}",
+            ib.name
+        ))
+    })?;
     ctx.log.info(
         "define_new_identity",
-        &format!("Started transient VM '{}' (UUID {}) on the overlays", ib.name, ib.uuid),
+        &format!(
+            "Started transient VM '{}' (UUID {}) on the overlays",
+            ib.name, ib.uuid
+        ),
     );
     log_next_steps(ctx, ib);
     Ok(tpm)
@@ -177,7 +198,10 @@ fn install_nvram(ctx: &Context<'_>, n: &NvramInstall) -> Result<(), AppError> {
     if let Some(c) = n.pick.checkpoint.filter(|c| *c != n.point) {
         ctx.log.info(
             "restore_nvram",
-            &format!("NVRAM for checkpoint {} not found in backup; using checkpoint {c}", n.point),
+            &format!(
+                "NVRAM for checkpoint {} not found in backup; using checkpoint {c}",
+                n.point
+            ),
         );
     }
     crate::host::nvram::install(&n.pick.source, &n.dest).map_err(|e| AppError::Io {
@@ -186,7 +210,11 @@ fn install_nvram(ctx: &Context<'_>, n: &NvramInstall) -> Result<(), AppError> {
     })?;
     ctx.log.info(
         "restore_nvram",
-        &format!("NVRAM copied: {} → {}", n.pick.source.display(), n.dest.display()),
+        &format!(
+            "NVRAM copied: {} → {}",
+            n.pick.source.display(),
+            n.dest.display()
+        ),
     );
     Ok(())
 }
@@ -194,7 +222,11 @@ fn install_nvram(ctx: &Context<'_>, n: &NvramInstall) -> Result<(), AppError> {
 /// The TPM state under the clone's UUID; recorded for removal when it was new.
 fn boot_tpm(ctx: &Context<'_>, ib: &InstantBoot, created: &mut Created) -> &'static str {
     let Some(t) = &ib.tpm else {
-        return if ctx.options.skip_tpm { "skipped" } else { "none" };
+        return if ctx.options.skip_tpm {
+            "skipped"
+        } else {
+            "none"
+        };
     };
     let dir = t.root.join(&ib.uuid);
     let existed = dir.exists();
@@ -333,4 +365,3 @@ fn report_pulls(ctx: &Context<'_>, outputs: &[PredictedOutput], jobs: &[Option<(
         }
     }
 }
-
