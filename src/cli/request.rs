@@ -5,8 +5,7 @@
 
 use std::path::{Path, PathBuf};
 
-pub use crate::cli::selection::{parse_nbd_targets, DiskSelection, NbdTargetSpec};
-use crate::restore::point::RestorePoint;
+pub use crate::cli::selection::{parse_nbd_targets, DiskSelection, NbdTargetSpec, RestorePoint};
 
 use crate::cli::{Args, Mode};
 use crate::error::AppError;

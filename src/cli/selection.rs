@@ -1,6 +1,49 @@
-//! `--disk` and `--nbd-target` values: which disks, and which NBD export each goes to.
+//! The values of `--restore-point`, `--disk` and `--nbd-target`: which point, which
+//! disks, and which NBD export each goes to.
 
 use crate::error::AppError;
+
+/// `--restore-point` as asked.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RestorePoint {
+    /// All checkpoints (default).
+    Latest,
+    /// `full`: checkpoint 0, passed as an explicit endpoint.
+    Full,
+    /// Checkpoints 0..=N (u64: any unsigned decimal is valid syntax; a number past
+    /// the chain, however large, is refused when resolved, with exit 5).
+    Number(u64),
+}
+
+impl RestorePoint {
+    /// Parses `latest`, `full` or an unsigned decimal (spec §1.2, acceptance 10).
+    pub fn parse(v: &str) -> Result<Self, AppError> {
+        match v {
+            "latest" => Ok(Self::Latest),
+            "full" => Ok(Self::Full),
+            _ if !v.is_empty() && v.bytes().all(|c| c.is_ascii_digit()) => {
+                Ok(Self::Number(v.parse().unwrap_or(u64::MAX)))
+            }
+            _ => Err(AppError::Usage(format!(
+                "Invalid restore point: {v} (use latest, full, or number)"
+            ))),
+        }
+    }
+
+    /// True for an explicit `full`/`N` (point-in-time).
+    pub fn is_explicit(self) -> bool {
+        self != Self::Latest
+    }
+
+    /// As typed (log header, catalogue, JSON).
+    pub fn label(self) -> String {
+        match self {
+            Self::Latest => "latest".into(),
+            Self::Full => "full".into(),
+            Self::Number(n) => n.to_string(),
+        }
+    }
+}
 
 /// `--disk`.
 #[derive(Debug, Clone, PartialEq, Eq)]

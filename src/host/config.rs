@@ -294,7 +294,7 @@ pub fn configured_roots(env: &ConfigEnv) -> Vec<PathBuf> {
 pub fn root_containing(path: &Path, roots: &[PathBuf]) -> Option<PathBuf> {
     roots
         .iter()
-        .find(|r| crate::restore::preflight::is_inside(path, r))
+        .find(|r| crate::host::paths::is_inside(path, r))
         .cloned()
 }
 

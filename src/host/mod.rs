@@ -7,5 +7,6 @@ pub mod env;
 pub mod lock;
 pub mod nvram;
 pub mod ownership;
+pub mod paths;
 pub mod tpm;
 pub mod tree;

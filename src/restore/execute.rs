@@ -5,31 +5,15 @@
 
 use std::path::{Path, PathBuf};
 
-use engine::ApplyOptions;
-
 use crate::error::{engine_error, AppError};
+use crate::restore::context::epoch;
 use crate::restore::outputs::{write_outputs, DiskJob};
 use crate::restore::plan::{
     Action, Definition, Effect, Identity, InPlace, NvramInstall, Report, RestorePlan, Summary,
 };
+use crate::restore::pool::refresh_pool;
 use crate::restore::{nbd, swap, tpm, Context, Outcome};
 use crate::ui::format::iec_size;
-
-/// Seconds since the epoch (for `.before-restore.<epoch>` names).
-pub fn epoch() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs())
-}
-
-/// Engine options for a restore.
-pub fn apply_options(ctx: &Context<'_>) -> ApplyOptions {
-    ApplyOptions {
-        cancel: ctx.cancel.clone(),
-        progress: ctx.progress.clone(),
-        ..ApplyOptions::default()
-    }
-}
 
 /// What the run learned while executing.
 #[derive(Debug, Default)]
@@ -143,7 +127,7 @@ fn write_images(
         _ => "Disk restore failed".to_owned(),
     };
     let (done, paths) =
-        write_outputs(jobs, replace, &apply_options(ctx)).map_err(|e| engine_error(e, &what))?;
+        write_outputs(jobs, replace, &ctx.apply_options()).map_err(|e| engine_error(e, &what))?;
     for d in &done.disks {
         let verified = d.checksums.iter().filter(|(_, s)| s.is_some()).count();
         ctx.log.info(
@@ -384,27 +368,6 @@ fn define(ctx: &Context<'_>, d: &Definition, run: &mut Run) -> Result<(), AppErr
         }
     }
     Ok(())
-}
-
-/// Spec §4.12: refreshes the active pool whose path is the longest component-wise
-/// prefix of `dir`; never fatal.
-pub(crate) fn refresh_pool(ctx: &Context<'_>, dir: &Path) {
-    let Ok(pools) = ctx.hv.active_pools() else {
-        return;
-    };
-    let dir = crate::restore::preflight::canonicalize_lenient(dir);
-    if let Some(p) = crate::hypervisor::pool_for(&pools, &dir) {
-        match ctx.hv.refresh_pool(&p.name) {
-            Ok(()) => ctx.log.info(
-                "refresh_storage_pool",
-                &format!("Refreshed storage pool '{}'", p.name),
-            ),
-            Err(_) => ctx.log.warn(
-                "refresh_storage_pool",
-                &format!("Failed to refresh storage pool '{}'", p.name),
-            ),
-        }
-    }
 }
 
 /// The outcome of a finished run: summary line and catalogue values.

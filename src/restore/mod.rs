@@ -8,19 +8,12 @@
 //!                                       └──execute()──▶ Outcome (+ Effects)
 //! ```
 
-use std::path::PathBuf;
-
-use engine::apply::ProgressFn;
-use engine::Cancel;
-use nbdfmt::BackupSet;
-
-use crate::cli::request::{RestoreKind, RestoreOptions};
+use crate::cli::request::RestoreKind;
 use crate::error::AppError;
-use crate::hypervisor::Hypervisor;
-use crate::ui::report::Reporter;
 
 pub mod checks;
 mod clone;
+mod context;
 mod disk;
 mod dr;
 pub mod execute;
@@ -29,69 +22,15 @@ mod nbd;
 pub mod outputs;
 pub mod plan;
 pub mod point;
+pub mod pool;
 pub mod preflight;
 pub mod serve;
 pub mod swap;
 mod tpm;
 
+pub use context::{Context, Outcome};
 pub use plan::{Action, Effect, RestorePlan};
 pub use point::RestorePoint;
-
-/// Everything a planner and the executor need, resolved by the caller (data dir,
-/// VM name, lock, connection).
-pub struct Context<'a> {
-    /// The VM name from the backup's XML (libvirt name).
-    pub vm: String,
-    /// The scanned data directory.
-    pub set: &'a BackupSet,
-    /// `--restore-point`.
-    pub point: RestorePoint,
-    /// The shared restore flags.
-    pub options: RestoreOptions,
-    /// The hypervisor connection (read-only for dry-run).
-    pub hv: &'a dyn Hypervisor,
-    /// Output lines.
-    pub log: &'a dyn Reporter,
-    /// Cancellation from SIGINT/SIGTERM/SIGHUP.
-    pub cancel: Cancel,
-    /// Progress lines for the engine.
-    pub progress: Option<ProgressFn>,
-    /// swtpm's state root (`/var/lib/libvirt/swtpm`).
-    pub swtpm_root: PathBuf,
-}
-
-impl std::fmt::Debug for Context<'_> {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Context")
-            .field("vm", &self.vm)
-            .field("dir", &self.set.dir)
-            .field("point", &self.point)
-            .finish_non_exhaustive()
-    }
-}
-
-/// What a finished restore reports (summary line, catalogue row, JSON).
-#[derive(Debug, Clone, Default)]
-pub struct Outcome {
-    /// The final summary line (spec §3.4).
-    pub summary: String,
-    /// Resolved endpoint checkpoint.
-    pub checkpoint: u32,
-    /// Devices restored or attempted.
-    pub disks: Vec<String>,
-    /// Target path column (restore path, the original disk paths, or URIs).
-    pub target_path: String,
-    /// `restored` | `failed` | `skipped` | `none`.
-    pub tpm_result: &'static str,
-    /// True when the summary carries `TPM ✗` or `UUID ✗`.
-    pub partial: bool,
-    /// Clone name.
-    pub target_name: Option<String>,
-    /// What was done (empty for a dry run).
-    pub effects: Vec<Effect>,
-    /// The plan as JSON (dry run).
-    pub plan: Option<serde_json::Value>,
-}
 
 /// Plans the restore `kind` asks for. In a real run the first failed check is the
 /// error; in a dry run failed checks are WARN lines and `plan.refusals`.

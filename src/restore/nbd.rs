@@ -13,7 +13,6 @@ use crate::cli::request::{DiskSelection, NbdTargetSpec};
 use crate::error::{engine_error, AppError};
 use crate::restore::disk::disk_not_found;
 use crate::restore::dr::endpoint;
-use crate::restore::execute::apply_options;
 use crate::restore::plan::{Action, NbdWrite, Report, RestorePlan, Summary};
 use crate::restore::point::disks_at;
 use crate::restore::Context;
@@ -117,7 +116,7 @@ pub(super) fn write(ctx: &Context<'_>, action: Action) -> Result<(), AppError> {
         targets.push(Box::new(connect(ctx, w)?));
     }
     let plans: Vec<engine::DiskPlan> = writes.into_iter().map(|w| w.plan).collect();
-    let report = engine::apply(&plans, targets, &apply_options(ctx)).map_err(|e| {
+    let report = engine::apply(&plans, targets, &ctx.apply_options()).map_err(|e| {
         ctx.log.error(
             COMPONENT,
             "The NBD export(s) now hold a partial restore — do not use them; rerun the restore",

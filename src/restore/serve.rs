@@ -7,51 +7,16 @@ use std::path::PathBuf;
 
 use engine::nbd::server::{Listen, ServeOptions, Server};
 use engine::DiskPlan;
-use serde_json::{json, Value};
 
 use crate::cli::request::DiskSelection;
 use crate::error::{engine_error, AppError};
 use crate::restore::disk::disk_not_found;
 use crate::restore::dr::endpoint;
+use crate::restore::plan::steps::listen_label;
+pub use crate::restore::plan::ServePlan;
 use crate::restore::plan::{Action, Report, RestorePlan, Summary};
 use crate::restore::point::disks_at;
 use crate::restore::Context;
-
-/// What will be served.
-#[derive(Debug)]
-pub struct ServePlan {
-    /// Where to listen.
-    pub listen: Listen,
-    /// The disks, in export order.
-    pub disks: Vec<String>,
-    /// Their engine plans.
-    pub plans: Vec<DiskPlan>,
-    /// The checkpoint served.
-    pub checkpoint: u32,
-}
-
-impl ServePlan {
-    /// Dry-run lines.
-    pub fn lines(&self) -> Vec<String> {
-        vec![format!(
-            "Would serve {} read-only over NBD on {}",
-            self.disks.join(", "),
-            listen_label(&self.listen)
-        )]
-    }
-
-    /// JSON form.
-    pub fn to_json(&self) -> Value {
-        json!({ "listen": listen_label(&self.listen), "disks": self.disks })
-    }
-}
-
-fn listen_label(l: &Listen) -> String {
-    match l {
-        Listen::Unix(p) => p.display().to_string(),
-        Listen::Tcp(a) => a.to_string(),
-    }
-}
 
 /// `host:port` → TCP; anything with a `/` → a Unix socket path.
 pub fn listen_from(v: &str) -> Result<Listen, AppError> {

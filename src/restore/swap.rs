@@ -10,7 +10,6 @@ use std::path::{Path, PathBuf};
 
 use crate::error::{engine_error, AppError};
 use crate::restore::checks::Preflight;
-use crate::restore::execute::apply_options;
 use crate::restore::outputs::{plan_outputs, write_staged};
 use crate::restore::plan::InPlace;
 use crate::restore::Context;
@@ -113,7 +112,7 @@ pub fn replace(ctx: &Context<'_>, r: &InPlace) -> Result<Option<PathBuf>, AppErr
     }
     remove_legacy_leftovers(&r.path);
     let (_, mut staged) =
-        write_staged(jobs, &apply_options(ctx)).map_err(|e| engine_error(e, &what))?;
+        write_staged(jobs, &ctx.apply_options()).map_err(|e| engine_error(e, &what))?;
     let staged = staged
         .pop()
         .ok_or_else(|| AppError::Internal("no staged output for the disk".into()))?;
@@ -149,7 +148,7 @@ fn replace_device(
         );
     }
     let target = engine::target::raw::RawTarget::open_block_device(&r.path)?;
-    engine::apply(&[job.plan], vec![Box::new(target)], &apply_options(ctx))?;
+    engine::apply(&[job.plan], vec![Box::new(target)], &ctx.apply_options())?;
     Ok(r.rollback.clone())
 }
 

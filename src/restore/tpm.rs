@@ -75,7 +75,7 @@ pub(super) fn restore_tpm(
         &t.material,
         &t.root,
         &uuid,
-        crate::restore::execute::epoch(),
+        crate::restore::context::epoch(),
     ) {
         Ok(r) => {
             if let Some(prev) = &r.saved_previous {

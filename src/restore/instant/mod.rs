@@ -14,17 +14,14 @@
 
 use std::path::{Path, PathBuf};
 
-use engine::DiskPlan;
-use serde_json::{json, Value};
-
 use crate::domain::rewrite::Rewrite;
 use crate::error::AppError;
 use crate::restore::checks::{log_predictions, safety_checks, Preflight};
 use crate::restore::clone::renamed;
 use crate::restore::dr::{config, disk_jobs, endpoint};
-use crate::restore::outputs::{predict_outputs, PredictedOutput};
+use crate::restore::outputs::predict_outputs;
 use crate::restore::plan::{
-    Action, NvramInstall, Report, RestorePlan, Summary, TpmRestore, TpmUuid,
+    Action, InstantBoot, NvramInstall, Report, RestorePlan, Summary, TpmRestore, TpmUuid,
 };
 use crate::restore::point::warn_disk_set_change;
 use crate::restore::Context;
@@ -191,76 +188,6 @@ pub(super) enum End {
     Independent,
     Pulled,
     PullFailed,
-}
-
-/// An instant boot, planned: the overlays, their exports, the clone's definition.
-#[derive(Debug)]
-pub struct InstantBoot {
-    /// The transient clone's name.
-    pub name: String,
-    /// `--pull`: make it permanent.
-    pub pull: bool,
-    /// Where the overlays go.
-    pub dir: PathBuf,
-    /// The overlays (one per disk).
-    pub overlays: Vec<PredictedOutput>,
-    /// The engine plans served for them.
-    pub plans: Vec<DiskPlan>,
-    /// The clone's UUID (chosen here so the TPM state can be placed first).
-    pub uuid: String,
-    /// The backup's domain XML.
-    pub source: PathBuf,
-    /// The rewrite of the domain XML, without the disks (their URIs are known once
-    /// the server listens).
-    pub rewrite: Rewrite,
-    /// The NVRAM copy for the clone.
-    pub nvram: Option<NvramInstall>,
-    /// The TPM state.
-    pub tpm: Option<TpmRestore>,
-}
-
-impl InstantBoot {
-    /// Dry-run lines.
-    pub fn lines(&self) -> Vec<String> {
-        let mut v: Vec<String> = self
-            .overlays
-            .iter()
-            .map(|o| {
-                format!(
-                    "Would serve {} over NBD on 127.0.0.1 and create overlay {}",
-                    o.disk,
-                    o.final_path.display()
-                )
-            })
-            .collect();
-        if let Some(n) = &self.nvram {
-            v.push(format!(
-                "Would copy NVRAM: {} → {}",
-                n.pick.source.display(),
-                n.dest.display()
-            ));
-        }
-        v.push(format!(
-            "Would start transient VM '{}' with new UUID and MACs",
-            self.name
-        ));
-        if self.pull {
-            v.push(format!(
-                "Would block-pull every disk of '{}' and define it persistently",
-                self.name
-            ));
-        }
-        v
-    }
-
-    /// JSON form.
-    pub fn to_json(&self) -> Value {
-        json!({
-            "name": self.name, "pull": self.pull, "uuid": self.uuid,
-            "overlays": self.overlays.iter().map(|o| json!({"disk": o.disk, "path": o.final_path})).collect::<Vec<_>>(),
-            "nvram": self.nvram.as_ref().map(|n| &n.dest),
-        })
-    }
 }
 
 /// Plans an instant boot of the restore point as `name`.

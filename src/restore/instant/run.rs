@@ -6,11 +6,12 @@ use std::time::{Duration, Instant};
 use engine::nbd::server::{Listen, ServeHandle, ServeOptions, Server};
 use engine::target::overlay::{create_overlay, OverlaySpec};
 
-use super::{backed_by_us, Created, End, InstantBoot, COMPONENT};
+use super::{backed_by_us, Created, End, COMPONENT};
 use crate::domain::rewrite::DiskRewrite;
 use crate::error::{engine_error, AppError};
 use crate::restore::dr::rewritten;
 use crate::restore::outputs::PredictedOutput;
+use crate::restore::plan::InstantBoot;
 use crate::restore::plan::NvramInstall;
 use crate::restore::Context;
 use crate::ui::format::iec_size;
@@ -79,7 +80,7 @@ fn ended(
                 disks.join(", ")
             ),
         );
-        crate::restore::execute::refresh_pool(ctx, &ib.dir);
+        crate::restore::pool::refresh_pool(ctx, &ib.dir);
         return Ok(format!(
             "Restore complete: {} — instant boot ✓ pulled ✓ defined ✓ new identity ✓ (running as '{name}')",
             ctx.vm

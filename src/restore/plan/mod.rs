@@ -9,9 +9,14 @@ use std::path::PathBuf;
 use engine::DiskPlan;
 use serde_json::{json, Value};
 
-use crate::host::nvram::NvramPick;
-use crate::host::tpm::TpmMaterial;
-use crate::restore::outputs::{DiskJob, ImageFormat, PredictedOutput};
+pub mod steps;
+
+pub use steps::{
+    Definition, Identity, InPlace, InstantBoot, NbdWrite, NvramInstall, ServePlan, TpmRestore,
+    TpmUuid,
+};
+
+use crate::restore::outputs::{DiskJob, ImageFormat};
 use crate::restore::point::RestorePoint;
 use crate::ui::format::iec_size;
 
@@ -108,109 +113,9 @@ pub enum Action {
         files: Vec<PathBuf>,
     },
     /// Serve the disks over NBD, boot a transient clone on overlays, wait.
-    InstantBoot(Box<super::instant::InstantBoot>),
+    InstantBoot(Box<InstantBoot>),
     /// Serve the disks read-only over NBD until interrupted.
-    Serve(super::serve::ServePlan),
-}
-
-/// One disk replaced in place. Its chain is planned when it is written, one disk
-/// after the other, so a damaged chain of the second disk leaves the first restored
-/// (spec acceptance 111).
-#[derive(Debug)]
-pub struct InPlace {
-    /// The disk, to be written to `path`.
-    pub output: PredictedOutput,
-    /// True for a block device (written in place; the rollback is an image file).
-    pub device: bool,
-    /// The checkpoint to restore.
-    pub checkpoint: u32,
-    /// The VM's disk path.
-    pub path: PathBuf,
-    /// Where the old content is kept (`None`: `--no-pre-restore`).
-    pub rollback: Option<PathBuf>,
-}
-
-/// One disk written into an NBD export.
-#[derive(Debug)]
-pub struct NbdWrite {
-    /// The disk.
-    pub disk: String,
-    /// The export.
-    pub uri: String,
-    /// The engine plan.
-    pub plan: DiskPlan,
-}
-
-/// An NVRAM copy to install.
-#[derive(Debug, Clone)]
-pub struct NvramInstall {
-    /// The copy in the backup.
-    pub pick: NvramPick,
-    /// Where it goes.
-    pub dest: PathBuf,
-    /// The restore point's checkpoint (an earlier copy is said to be used).
-    pub point: u32,
-    /// Keep what is at `dest` aside first (clone).
-    pub save_existing: bool,
-    /// A failure fails the restore (clone); otherwise a WARN (DR).
-    pub required: bool,
-}
-
-/// The domain to define.
-#[derive(Debug, Clone)]
-pub struct Definition {
-    /// Its name.
-    pub name: String,
-    /// The backup's domain XML it comes from.
-    pub source: PathBuf,
-    /// The rewritten domain XML.
-    pub xml: String,
-    /// Which identity it has.
-    pub identity: Identity,
-    /// Removed when the define fails (the clone's fresh NVRAM copy).
-    pub undo: Option<PathBuf>,
-}
-
-/// The identity of a defined domain.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Identity {
-    /// DR: the backup's UUID and MACs.
-    Original {
-        /// `<uuid>` of the backup, if any.
-        uuid: Option<String>,
-        /// The interface MACs.
-        macs: Vec<String>,
-    },
-    /// Clone: libvirt picks a new UUID and MACs.
-    New,
-}
-
-/// The TPM state to put in place.
-#[derive(Debug, Clone)]
-pub struct TpmRestore {
-    /// The domain it belongs to (log lines).
-    pub vm_label: String,
-    /// The backup's data directory.
-    pub data_dir: PathBuf,
-    /// What the backup has.
-    pub material: TpmMaterial,
-    /// Under which UUID.
-    pub uuid: TpmUuid,
-    /// The swtpm state root.
-    pub root: PathBuf,
-}
-
-/// Which UUID the TPM state is stored under.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum TpmUuid {
-    /// DR: the backup's TPM metadata, else the defined domain's UUID (`planned`: the
-    /// backup XML's UUID, which the define re-injects).
-    Original {
-        /// The UUID expected at plan time.
-        planned: Option<String>,
-    },
-    /// Clone: the UUID libvirt gives the new domain.
-    New,
+    Serve(ServePlan),
 }
 
 /// What one executed action did; the plan predicts the same list.
@@ -390,16 +295,6 @@ impl Action {
             o.extend(d);
         }
         v
-    }
-}
-
-impl TpmUuid {
-    /// The UUID as known at plan time.
-    pub fn planned_label(&self) -> String {
-        match self {
-            Self::Original { planned: Some(u) } => u.clone(),
-            Self::Original { planned: None } | Self::New => "<new UUID>".into(),
-        }
     }
 }
 

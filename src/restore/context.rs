@@ -1,0 +1,88 @@
+//! What a planner and the executor work with: the [`Context`] of one restore (the
+//! backup set, the flags, libvirt, where lines go) and the [`Outcome`] it reports.
+
+use std::path::PathBuf;
+
+use engine::apply::ProgressFn;
+use engine::{ApplyOptions, Cancel};
+use nbdfmt::BackupSet;
+
+use crate::cli::request::RestoreOptions;
+use crate::hypervisor::Hypervisor;
+use crate::restore::plan::Effect;
+use crate::restore::point::RestorePoint;
+use crate::ui::report::Reporter;
+
+/// Everything a planner and the executor need, resolved by the caller (data dir,
+/// VM name, lock, connection).
+pub struct Context<'a> {
+    /// The VM name from the backup's XML (libvirt name).
+    pub vm: String,
+    /// The scanned data directory.
+    pub set: &'a BackupSet,
+    /// `--restore-point`.
+    pub point: RestorePoint,
+    /// The shared restore flags.
+    pub options: RestoreOptions,
+    /// The hypervisor connection (read-only for dry-run).
+    pub hv: &'a dyn Hypervisor,
+    /// Output lines.
+    pub log: &'a dyn Reporter,
+    /// Cancellation from SIGINT/SIGTERM/SIGHUP.
+    pub cancel: Cancel,
+    /// Progress lines for the engine.
+    pub progress: Option<ProgressFn>,
+    /// swtpm's state root (`/var/lib/libvirt/swtpm`).
+    pub swtpm_root: PathBuf,
+}
+
+impl std::fmt::Debug for Context<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Context")
+            .field("vm", &self.vm)
+            .field("dir", &self.set.dir)
+            .field("point", &self.point)
+            .finish_non_exhaustive()
+    }
+}
+
+/// What a finished restore reports (summary line, catalogue row, JSON).
+#[derive(Debug, Clone, Default)]
+pub struct Outcome {
+    /// The final summary line (spec §3.4).
+    pub summary: String,
+    /// Resolved endpoint checkpoint.
+    pub checkpoint: u32,
+    /// Devices restored or attempted.
+    pub disks: Vec<String>,
+    /// Target path column (restore path, the original disk paths, or URIs).
+    pub target_path: String,
+    /// `restored` | `failed` | `skipped` | `none`.
+    pub tpm_result: &'static str,
+    /// True when the summary carries `TPM ✗` or `UUID ✗`.
+    pub partial: bool,
+    /// Clone name.
+    pub target_name: Option<String>,
+    /// What was done (empty for a dry run).
+    pub effects: Vec<Effect>,
+    /// The plan as JSON (dry run).
+    pub plan: Option<serde_json::Value>,
+}
+
+impl Context<'_> {
+    /// Engine options for this restore (cancellation, progress).
+    pub fn apply_options(&self) -> ApplyOptions {
+        ApplyOptions {
+            cancel: self.cancel.clone(),
+            progress: self.progress.clone(),
+            ..ApplyOptions::default()
+        }
+    }
+}
+
+/// Seconds since the epoch (for `.before-restore.<epoch>` names).
+pub fn epoch() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
