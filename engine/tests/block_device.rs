@@ -62,6 +62,7 @@ macro_rules! require {
 /// A loop device over a file; detached on drop.
 struct Loop {
     dev: PathBuf,
+    backing: PathBuf,
 }
 
 impl Loop {
@@ -71,7 +72,12 @@ impl Loop {
         // `--find` can race with other users of loop devices: retry
         for _ in 0..5 {
             match run("losetup", &["--find", "--show", b]) {
-                Ok(dev) => return Self { dev: dev.into() },
+                Ok(dev) => {
+                    return Self {
+                        dev: dev.into(),
+                        backing: backing.to_path_buf(),
+                    }
+                }
                 Err(e) => last = e,
             }
             std::thread::sleep(std::time::Duration::from_millis(200));
@@ -205,8 +211,14 @@ fn loop_device_restore_equals_file_restore() {
             want,
             "{dir} {n} file"
         );
-        // the whole device, read back through a fresh descriptor
+        // the whole device, read back through a fresh descriptor, and the file under
+        // it (the restore's sync pushed everything through the loop driver)
         assert_eq!(sha256_of(&lo.dev, size, 0), want, "{dir} {n} device");
+        assert_eq!(
+            sha256_of(&lo.backing, size, 0),
+            want,
+            "{dir} {n} backing file"
+        );
     }
 }
 
