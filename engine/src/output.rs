@@ -147,7 +147,8 @@ impl StagedPath {
     ///
     /// With `Some(keep)`: the existing final file ends up under `keep` and the new
     /// content under the final name. `keep` must not exist (refused, nothing changed)
-    /// and must be on the final file's filesystem; the final file must exist.
+    /// and must be on the final file's filesystem; the final file must exist and not be
+    /// a directory (a symlink is kept as the symlink itself).
     /// 1. `link(final, keep)`: the original gets its second name.
     /// 2. `rename(temp, final)`: the new content replaces it atomically.
     /// 3. `fsync` of the directories of `final` and `keep`.
@@ -190,8 +191,15 @@ impl StagedPath {
         if std::fs::symlink_metadata(keep).is_ok() {
             return Err(exists(keep));
         }
-        std::fs::symlink_metadata(&self.final_path)
+        let md = std::fs::symlink_metadata(&self.final_path)
             .map_err(|e| Error::target("keeping the original of", &self.final_path, e))?;
+        if md.is_dir() {
+            // an exchange would happily move a whole directory to `keep`
+            return Err(Error::Unsupported(format!(
+                "{} is a directory, not a disk image",
+                self.final_path.display()
+            )));
+        }
         let linked = match how {
             Keep::Auto => match std::fs::hard_link(&self.final_path, keep) {
                 Ok(()) => true,

@@ -496,6 +496,37 @@ fn device_held_exclusively_is_refused() {
     RawTarget::open_block_device(&lo.dev, MIB).expect("free again");
 }
 
+/// A running VM: QEMU does not open its disks with `O_EXCL` but takes OFD locks on a
+/// few bytes of them (here a shared lock on byte 100, like QEMU's permission locks).
+#[test]
+fn device_locked_like_qemu_is_refused() {
+    require!("losetup");
+    let tmp = tempfile::tempdir().expect("tmp");
+    let lo = patterned_loop(tmp.path(), "vm.img", 4 * MIB);
+    let qemu = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(&lo.dev)
+        .expect("open like qemu");
+    // SAFETY: a plain C struct of integers; all zero is valid.
+    let mut fl: libc::flock = unsafe { std::mem::zeroed() };
+    fl.l_type = libc::F_RDLCK as libc::c_short;
+    fl.l_whence = libc::SEEK_SET as libc::c_short;
+    fl.l_start = 100;
+    fl.l_len = 1;
+    nix::fcntl::fcntl(&qemu, nix::fcntl::FcntlArg::F_OFD_SETLK(&fl)).expect("lock");
+    let e = RawTarget::open_block_device(&lo.dev, MIB).expect_err("locked");
+    let msg = e.to_string();
+    assert!(msg.contains("in use") && msg.contains("byte 100"), "{msg}");
+    assert!(msg.contains(lo.dev.to_str().expect("utf8")), "{msg}");
+    let img = tmp.path().join("img.raw");
+    let e = save_device_image(&lo.dev, &img, &Cancel::new()).expect_err("locked");
+    assert!(e.to_string().contains("lock"), "{e}");
+    assert!(!img.exists());
+    drop(qemu);
+    RawTarget::open_block_device(&lo.dev, MIB).expect("free again");
+}
+
 /// Unmounts on drop.
 struct Mount(PathBuf);
 

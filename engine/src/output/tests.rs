@@ -174,6 +174,18 @@ fn keeping_needs_an_existing_final_file() {
         .expect_err("no original");
     assert!(e.to_string().contains("d.raw"), "{e}");
     assert!(names(d.path()).is_empty());
+    // nor a directory (the exchange fallback would move it)
+    std::fs::create_dir(&f).expect("mkdir");
+    for how in [Keep::Auto, Keep::Exchange] {
+        let s = StagedPath::new(&f);
+        std::fs::write(s.temp_path(), b"new").expect("write");
+        let e = s
+            .commit_replacing_with(Some(&d.path().join("k")), how, &mut |_| true)
+            .expect_err("directory");
+        assert_eq!(e.kind(), crate::ErrorKind::Unsupported, "{e}");
+    }
+    assert_eq!(names(d.path()), ["d.raw"]);
+    assert!(f.is_dir());
 }
 
 /// A kill between link and rename: final = original, rollback = the same inode. The

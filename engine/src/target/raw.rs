@@ -46,9 +46,14 @@ pub fn block_device_size(path: &Path) -> Result<u64> {
     device_size(&file, path)
 }
 
-/// Opens the block device at `path` exclusively (`O_EXCL`: the kernel refuses while it
-/// is mounted, an LVM/RAID member, or held exclusively by another program), read-only
-/// or for writing. Returns it with its size.
+/// Opens the block device at `path` exclusively, read-only or for writing, and returns
+/// it with its size. Refused (`Target`, `ResourceBusy`, naming `path`) when
+/// - `O_EXCL` fails: the device is mounted, an LVM/RAID member, or held exclusively by
+///   another program;
+/// - another program holds a `fcntl` lock on it. QEMU opens its disks without `O_EXCL`
+///   but locks them (OFD locks, `locking=auto`), so this is what catches a running VM
+///   using the device; a VM started with `locking=off` is not seen, the caller checks
+///   the domain's state.
 pub(crate) fn open_exclusive(path: &Path, write: bool) -> Result<(File, u64)> {
     require_block_device(path)?;
     let file = OpenOptions::new()
@@ -73,8 +78,36 @@ pub(crate) fn open_exclusive(path: &Path, write: bool) -> Result<(File, u64)> {
                 Error::target("opening exclusively", path, e)
             }
         })?;
+    refuse_if_locked(&file, path)?;
     let size = device_size(&file, path)?;
     Ok((file, size))
+}
+
+/// `Err` when any other open file description holds a `fcntl` lock (OFD or POSIX)
+/// anywhere on `file`: asks whether a write lock over all of it would conflict.
+fn refuse_if_locked(file: &File, path: &Path) -> Result<()> {
+    // SAFETY: `flock` is a plain C struct of integers, for which all zero bytes is a
+    // valid value.
+    let mut fl: libc::flock = unsafe { std::mem::zeroed() };
+    fl.l_type = libc::F_WRLCK as libc::c_short;
+    fl.l_whence = libc::SEEK_SET as libc::c_short;
+    nix::fcntl::fcntl(file, nix::fcntl::FcntlArg::F_OFD_GETLK(&mut fl))
+        .map_err(|e| Error::target("checking locks on", path, e.into()))?;
+    if fl.l_type == libc::F_UNLCK as libc::c_short {
+        return Ok(());
+    }
+    Err(Error::target(
+        "opening exclusively",
+        path,
+        io::Error::new(
+            io::ErrorKind::ResourceBusy,
+            format!(
+                "the device is in use: another program holds a lock on it at byte {} \
+                 (a running VM: QEMU locks the disks it uses)",
+                fl.l_start
+            ),
+        ),
+    ))
 }
 
 fn require_block_device(path: &Path) -> Result<()> {
