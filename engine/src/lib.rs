@@ -21,6 +21,7 @@ pub mod extent;
 pub mod nbd;
 pub mod output;
 pub mod plan;
+pub mod rollback;
 pub mod target;
 
 pub use apply::{apply, ApplyOptions, ApplyReport, DiskReport, Progress};
@@ -29,4 +30,5 @@ pub use error::{Error, ErrorKind, Result};
 pub use extent::{Extent, ExtentMap, Source};
 pub use output::StagedPath;
 pub use plan::{ChainFile, DiskPlan};
+pub use rollback::{save_device_image, DeviceImageReport};
 pub use target::BlockTarget;
