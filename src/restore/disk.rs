@@ -235,23 +235,26 @@ fn in_place_target(
         return Err(missing_in_vm(ctx, cfg, d));
     };
     let path = PathBuf::from(source);
+    let device = path.exists() && swap::is_block_device(&path);
+    let rollback =
+        (!ctx.options.no_pre_restore).then(|| swap::rollback_path(&ctx.vm, d, &path, device));
     if !path.exists() {
-        return Err(AppError::Storage(format!(
-            "Original disk path does not exist: {} — Use --restore-path to extract disks to a specific location instead.",
-            path.display()
-        )));
+        return Err(missing_original(
+            &path,
+            &swap::rollback_path(&ctx.vm, d, &path, false),
+        ));
     }
-    let device = swap::is_block_device(&path);
+    swap::refuse_interrupted_exchange(&path)?;
     if device {
         swap::check_device_unused(ctx, pf, &path)?;
     }
-    let rollback =
-        (!ctx.options.no_pre_restore).then(|| swap::rollback_path(&ctx.vm, d, &path, device));
-    if let Some(pre) = rollback.as_ref().filter(|p| p.symlink_metadata().is_ok()) {
-        return Err(AppError::Storage(format!(
-            "Pre-restore file already exists: {} — delete it first or use --no-pre-restore",
-            pre.display()
-        )));
+    if let Some(pre) = rollback.as_ref() {
+        if pre.symlink_metadata().is_ok() && !swap::is_unfinished_rollback(&path, pre) {
+            return Err(AppError::Storage(format!(
+                "Pre-restore file already exists: {} — delete it first or use --no-pre-restore",
+                pre.display()
+            )));
+        }
     }
     let name = path
         .file_name()
@@ -269,6 +272,25 @@ fn in_place_target(
         path,
         rollback,
     })
+}
+
+/// The VM's disk file is gone. When its `.pre-restore` copy exists, say so: an
+/// interrupted restore of an older version could leave only that.
+fn missing_original(path: &Path, pre: &Path) -> AppError {
+    let hint = if pre.symlink_metadata().is_ok() {
+        format!(
+            " Its previous content is in {} (left by an interrupted restore?): move it back with `mv {} {}`, or",
+            pre.display(),
+            pre.display(),
+            path.display()
+        )
+    } else {
+        String::new()
+    };
+    AppError::Storage(format!(
+        "Original disk path does not exist: {} —{hint} Use --restore-path to extract disks to a specific location instead.",
+        path.display()
+    ))
 }
 
 fn missing_in_vm(ctx: &Context<'_>, cfg: &DomainConfig, d: &str) -> AppError {

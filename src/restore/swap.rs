@@ -55,7 +55,7 @@ pub fn rollback_dir_of(t: &InPlace) -> PathBuf {
 /// Bytes the rollback copy of `path` takes (a file's size, a device's size).
 pub fn current_size(path: &Path) -> u64 {
     if is_block_device(path) {
-        return 0; // TEMP
+        return engine::target::raw::block_device_size(path).unwrap_or(0);
     }
     std::fs::metadata(path).map(|m| m.len()).unwrap_or(0)
 }
@@ -94,6 +94,36 @@ pub fn check_device_unused(
     pf.refuse(ctx, "restore_disk", AppError::Storage(msg.clone()), msg)
 }
 
+/// True when `pre` is a second name of `path` (same inode): what a kill between the
+/// two steps of [`engine::StagedPath::commit_replacing`] leaves. The original is
+/// intact; the executor drops that name before it starts.
+pub fn is_unfinished_rollback(path: &Path, pre: &Path) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    match (
+        std::fs::symlink_metadata(path),
+        std::fs::symlink_metadata(pre),
+    ) {
+        (Ok(a), Ok(b)) => a.dev() == b.dev() && a.ino() == b.ino(),
+        _ => false,
+    }
+}
+
+/// A killed exchange (filesystems without hard links) leaves a `.swap` file beside
+/// the disk holding either the original or the restored content; which one cannot
+/// be told, so the disk is not touched again until an administrator looks.
+pub fn refuse_interrupted_exchange(path: &Path) -> Result<(), AppError> {
+    let left = engine::StagedPath::interrupted_exchanges(path);
+    if left.is_empty() {
+        return Ok(());
+    }
+    let names: Vec<String> = left.iter().map(|p| p.display().to_string()).collect();
+    Err(AppError::Storage(format!(
+        "An interrupted restore left {} beside {}: one of the two holds the original disk, the other the restored one — compare them (qemu-img compare) and remove the wrong one before restoring again",
+        names.join(", "),
+        path.display()
+    )))
+}
+
 /// Writes disk `r` and puts it in place; returns the rollback copy, if kept.
 pub fn replace(ctx: &Context<'_>, r: &InPlace) -> Result<Option<PathBuf>, AppError> {
     let what = format!("Disk restore failed for {}", r.output.disk);
@@ -111,6 +141,19 @@ pub fn replace(ctx: &Context<'_>, r: &InPlace) -> Result<Option<PathBuf>, AppErr
         return replace_device(ctx, r, job).map_err(|e| engine_error(e, &what));
     }
     remove_legacy_leftovers(&r.path);
+    if let Some(pre) = &r.rollback {
+        if engine::StagedPath::discard_unfinished_rollback(&r.path, pre)
+            .map_err(|e| engine_error(e, &what))?
+        {
+            ctx.log.warn(
+                "restore_disk",
+                &format!(
+                    "Removed {}: a second name of the unchanged original left by an interrupted restore",
+                    pre.display()
+                ),
+            );
+        }
+    }
     let (_, mut staged) =
         write_staged(jobs, &ctx.apply_options()).map_err(|e| engine_error(e, &what))?;
     let staged = staged
@@ -136,7 +179,7 @@ fn replace_device(
         if let Some(dir) = rb.parent() {
             std::fs::create_dir_all(dir).map_err(|e| engine::Error::target("creating", dir, e))?;
         }
-        let bytes = 0; // TEMP
+        let bytes = engine::rollback::save_device_image(&r.path, rb, &ctx.cancel)?.data_bytes;
         ctx.log.info(
             "restore_disk",
             &format!(
@@ -147,7 +190,7 @@ fn replace_device(
             ),
         );
     }
-    let target = engine::target::raw::RawTarget::open_block_device(&r.path)?;
+    let target = engine::target::raw::RawTarget::open_block_device(&r.path, job.plan.virtual_size)?;
     engine::apply(&[job.plan], vec![Box::new(target)], &ctx.apply_options())?;
     Ok(r.rollback.clone())
 }

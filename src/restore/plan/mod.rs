@@ -321,10 +321,19 @@ fn job_json(j: &DiskJob) -> Value {
 fn in_place_lines(r: &InPlace) -> Vec<String> {
     let p = &r.path;
     let mut v = vec![format!("Disk restore: {}", r.output.disk)];
-    v.push(match &r.rollback {
-        Some(pre) => format!("Would rename: {} → {}", p.display(), pre.display()),
-        None => format!(
+    v.push(match (&r.rollback, r.device) {
+        (Some(pre), false) => format!("Would rename: {} → {}", p.display(), pre.display()),
+        (Some(pre), true) => format!(
+            "Would save the current content of block device {} to {}",
+            p.display(),
+            pre.display()
+        ),
+        (None, false) => format!(
             "Would remove existing disk (--no-pre-restore): {}",
+            p.display()
+        ),
+        (None, true) => format!(
+            "Would overwrite block device {} without a rollback image (--no-pre-restore)",
             p.display()
         ),
     });
