@@ -9,7 +9,7 @@
 
 use std::path::Path;
 
-use nbdfmt::{BackupSet, StreamContent};
+use nbdfmt::StreamContent;
 use serde_json::{json, Value};
 
 use crate::error::AppError;
@@ -28,8 +28,7 @@ pub struct Dump {
 
 /// Collects the meta objects of `data_dir`.
 pub fn collect(data_dir: &Path) -> Result<Dump, AppError> {
-    let set = BackupSet::scan(data_dir)
-        .map_err(|e| AppError::Internal(format!("reading {}: {e}", data_dir.display())))?;
+    let set = crate::host::tree::scan_set(data_dir)?;
     let mut dump = Dump {
         entries: Vec::new(),
         skipped: Vec::new(),

@@ -53,10 +53,7 @@ pub fn run(r: &RestoreRequest, env: &Env) -> Result<ExitStatus, AppError> {
     tracing::info!(target: "restore_vm", "Starting restore: {}", r.vm.label);
     let data_dir = tree::resolve_data_dir_logged(&r.root.path, &r.vm.label, r.period.as_deref())?;
     let vm = vm_name(r, &data_dir);
-    let set = BackupSet::scan(&data_dir).map_err(|e| AppError::Io {
-        context: format!("reading {}", data_dir.display()),
-        source: std::io::Error::other(e.to_string()),
-    })?;
+    let set = crate::host::tree::scan_set(&data_dir)?;
     tracing::info!(target: "restore_vm", "Data dir: {} (type: {})", data_dir.display(), set.kind.as_str());
     let s = Session {
         r,

@@ -79,8 +79,7 @@ pub fn check_file(path: &Path, cancel: &Cancel) -> Result<FileCheck, AppError> {
 /// Verifies every data file of `data_dir`. Logs one line per file; on success
 /// logs `Verification passed: backup checksums are valid`.
 pub fn run(data_dir: &Path, json_out: bool, cancel: &Cancel) -> Result<(), AppError> {
-    let set = BackupSet::scan(data_dir)
-        .map_err(|e| AppError::Internal(format!("reading {}: {e}", data_dir.display())))?;
+    let set = crate::host::tree::scan_set(data_dir)?;
     let mut results = Vec::new();
     for f in set.disks.values().flatten() {
         let name = f.file_name();

@@ -442,6 +442,16 @@ fn verrevcmp(s1: &[u8], s2: &[u8]) -> i32 {
     0
 }
 
+/// Scans the data directory `dir` (spec §2): one classification for every command —
+/// a directory that cannot be read is an I/O failure (exit 1) naming it; damaged
+/// files are problems of the restore points they affect, not errors here.
+pub fn scan_set(dir: &Path) -> Result<nbdfmt::BackupSet, AppError> {
+    nbdfmt::BackupSet::scan(dir).map_err(|e| AppError::Io {
+        context: format!("reading {}", dir.display()),
+        source: std::io::Error::other(e.to_string()),
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
