@@ -169,7 +169,7 @@ fn opts(inline: bool) -> ApplyOptions {
 /// Restores `dir` point `n` into the device; checks the report.
 fn restore_into_device(dev: &Path, dir: &str, n: u32, inline: bool) -> engine::DiskReport {
     let p = plan(dir, n);
-    let t = RawTarget::open_block_device(dev, p.virtual_size).expect("open device");
+    let t = RawTarget::open_block_device_for_disk(dev, p.virtual_size).expect("open device");
     let mut r = apply(&[p], vec![Box::new(t)], &opts(inline)).expect("apply");
     let d = r.disks.remove(0);
     assert!(d.readback_verified, "read-back ran on the device");
@@ -249,6 +249,36 @@ fn larger_device_reads_as_the_disk_then_zeroes() {
     assert!(tail.iter().all(|&b| b == 0), "tail not zeroed");
 }
 
+/// `open_block_device` (the device as a target of its own size) leaves the tail
+/// beyond a smaller disk as it was.
+#[test]
+fn whole_device_target_leaves_the_tail() {
+    require!("losetup");
+    let tmp = tempfile::tempdir().expect("tmp");
+    let p = plan(ACC, 3);
+    let size = p.virtual_size;
+    let dev_size = size + 2 * MIB;
+    let lo = patterned_loop(tmp.path(), "whole.img", dev_size);
+    let tail_before = {
+        let mut f = File::open(&lo.dev).expect("open");
+        std::io::Seek::seek(&mut f, std::io::SeekFrom::Start(size)).expect("seek");
+        let mut v = Vec::new();
+        f.read_to_end(&mut v).expect("read");
+        v
+    };
+    assert!(tail_before.contains(&0xEE));
+    let t = RawTarget::open_block_device(&lo.dev).expect("open");
+    assert_eq!(engine::BlockTarget::size(&t), dev_size);
+    apply(&[p], vec![Box::new(t)], &opts(false)).expect("apply");
+    let want = expected_sha(ACC, "virtnbdbackup.3", "vda");
+    assert_eq!(sha256_of(&lo.dev, size, 0), want);
+    let mut f = File::open(&lo.dev).expect("open");
+    std::io::Seek::seek(&mut f, std::io::SeekFrom::Start(size)).expect("seek");
+    let mut tail = Vec::new();
+    f.read_to_end(&mut tail).expect("read");
+    assert_eq!(tail, tail_before);
+}
+
 fn sha_with_zero_tail(dir: &str, n: u32, tmp: &Path, tail: u64) -> String {
     let p = plan(dir, n);
     let out = tmp.join(format!("tail-{n}.raw"));
@@ -266,7 +296,7 @@ fn smaller_device_is_refused_untouched() {
     let size = plan(ACC, 1).virtual_size;
     let lo = patterned_loop(tmp.path(), "small.img", size - MIB);
     let before = sha256_of(&lo.dev, size - MIB, 0);
-    let e = RawTarget::open_block_device(&lo.dev, size).expect_err("too small");
+    let e = RawTarget::open_block_device_for_disk(&lo.dev, size).expect_err("too small");
     assert_eq!(e.kind(), ErrorKind::Unsupported);
     assert!(
         e.to_string().contains(lo.dev.to_str().expect("utf8")),
@@ -478,7 +508,7 @@ fn device_held_exclusively_is_refused() {
         .custom_flags(libc::O_EXCL)
         .open(&lo.dev)
         .expect("hold");
-    let e = RawTarget::open_block_device(&lo.dev, MIB).expect_err("in use");
+    let e = RawTarget::open_block_device(&lo.dev).expect_err("in use");
     let msg = e.to_string();
     assert_eq!(e.kind(), ErrorKind::TargetIo);
     assert!(
@@ -493,7 +523,7 @@ fn device_held_exclusively_is_refused() {
     assert_eq!(block_device_size(&lo.dev).expect("size"), 4 * MIB);
     drop(holder);
     assert_eq!(sha256_of(&lo.dev, 4 * MIB, 0), before);
-    RawTarget::open_block_device(&lo.dev, MIB).expect("free again");
+    RawTarget::open_block_device(&lo.dev).expect("free again");
 }
 
 /// A running VM: QEMU does not open its disks with `O_EXCL` but takes OFD locks on a
@@ -515,7 +545,7 @@ fn device_locked_like_qemu_is_refused() {
     fl.l_start = 100;
     fl.l_len = 1;
     nix::fcntl::fcntl(&qemu, nix::fcntl::FcntlArg::F_OFD_SETLK(&fl)).expect("lock");
-    let e = RawTarget::open_block_device(&lo.dev, MIB).expect_err("locked");
+    let e = RawTarget::open_block_device(&lo.dev).expect_err("locked");
     let msg = e.to_string();
     assert!(msg.contains("in use") && msg.contains("byte 100"), "{msg}");
     assert!(msg.contains(lo.dev.to_str().expect("utf8")), "{msg}");
@@ -524,7 +554,7 @@ fn device_locked_like_qemu_is_refused() {
     assert!(e.to_string().contains("lock"), "{e}");
     assert!(!img.exists());
     drop(qemu);
-    RawTarget::open_block_device(&lo.dev, MIB).expect("free again");
+    RawTarget::open_block_device(&lo.dev).expect("free again");
 }
 
 /// Unmounts on drop.
@@ -552,13 +582,13 @@ fn mounted_device_is_refused() {
         return;
     }
     let m = Mount(mnt);
-    let e = RawTarget::open_block_device(&lo.dev, MIB).expect_err("mounted");
+    let e = RawTarget::open_block_device(&lo.dev).expect_err("mounted");
     assert!(e.to_string().contains("in use"), "{e}");
     let e =
         save_device_image(&lo.dev, &tmp.path().join("i.raw"), &Cancel::new()).expect_err("mounted");
     assert!(e.to_string().contains("in use"), "{e}");
     drop(m);
-    RawTarget::open_block_device(&lo.dev, MIB).expect("unmounted");
+    RawTarget::open_block_device(&lo.dev).expect("unmounted");
 }
 
 #[test]
@@ -566,7 +596,7 @@ fn a_file_is_not_a_block_device() {
     let tmp = tempfile::tempdir().expect("tmp");
     let f = tmp.path().join("plain.raw");
     std::fs::write(&f, b"x").expect("write");
-    let e = RawTarget::open_block_device(&f, 1).expect_err("file");
+    let e = RawTarget::open_block_device(&f).expect_err("file");
     assert_eq!(e.kind(), ErrorKind::Unsupported);
     assert!(e.to_string().contains("not a block device"), "{e}");
 }

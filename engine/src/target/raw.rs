@@ -155,16 +155,20 @@ impl RawTarget {
     /// Opens an existing block device to restore a disk of `disk_size` bytes into it.
     ///
     /// - Exclusively (`O_EXCL`): a device that is mounted, an LVM/RAID member or held
-    ///   open exclusively by another program is refused (`Target`, `ResourceBusy`).
+    ///   open exclusively by another program is refused, and so is one that another
+    ///   program holds a `fcntl` lock on (a running VM: QEMU locks its disks but does
+    ///   not use `O_EXCL`). The error is `Target` (`ResourceBusy`) naming `path`.
     /// - The device is not known to read as zero ([`starts_zeroed`] is false), so
     ///   [`apply`](crate::apply()) writes every hole with
     ///   [`write_zeroes`](BlockTarget::write_zeroes) (`BLKZEROOUT`, which guarantees
     ///   zeroes, unlike `BLKDISCARD`) and reads holes back in its verification.
     /// - A device larger than the disk: its tail `[disk_size, device size)` is zeroed
     ///   here, before anything else is written, so the whole device reads as the disk
-    ///   followed by zeroes and nothing of its old content (a stale partition table
-    ///   copy, RAID or LVM signatures at the end) survives. The target's
-    ///   [`size`](BlockTarget::size) is `disk_size`.
+    ///   followed by zeroes and nothing of its old content (a stale backup GPT header,
+    ///   RAID or LVM signatures at the end) survives. The target's
+    ///   [`size`](BlockTarget::size) is `disk_size`. (`BLKZEROOUT` cannot be
+    ///   interrupted: a huge tail on a device without a fast zeroing command takes as
+    ///   long as writing it.)
     ///
     /// Take any rollback image ([`save_device_image`](crate::rollback::save_device_image))
     /// before: this already overwrites the tail.
@@ -173,29 +177,47 @@ impl RawTarget {
     ///
     /// # Errors
     /// `Unsupported` when `path` is not a block device or is smaller than `disk_size`;
-    /// `Target` (naming `path`) when it cannot be opened, sized or its tail zeroed.
-    pub fn open_block_device(path: &Path, disk_size: u64) -> Result<Self> {
-        let (file, device_size) = open_exclusive(path, true)?;
+    /// `Target` (naming `path`) when it is in use or cannot be opened, sized or its
+    /// tail zeroed.
+    pub fn open_block_device_for_disk(path: &Path, disk_size: u64) -> Result<Self> {
+        let mut t = Self::open_block_device(path)?;
+        let device_size = t.size;
         if device_size < disk_size {
             return Err(Error::Unsupported(format!(
                 "{} holds {device_size} bytes, the disk needs {disk_size}",
                 path.display()
             )));
         }
+        t.write_zeroes(disk_size, device_size - disk_size)?;
+        t.size = disk_size;
+        Ok(t)
+    }
+
+    /// Opens an existing block device as a target of its own size, exclusively and not
+    /// known to read as zero, as [`open_block_device_for_disk`] does, but without
+    /// touching anything: restoring a disk smaller than the device this way leaves the
+    /// device's tail beyond the disk as it was. To restore a disk, use
+    /// [`open_block_device_for_disk`].
+    ///
+    /// [`open_block_device_for_disk`]: Self::open_block_device_for_disk
+    ///
+    /// # Errors
+    /// As [`open_block_device_for_disk`](Self::open_block_device_for_disk), but never
+    /// for the size.
+    pub fn open_block_device(path: &Path) -> Result<Self> {
+        let (file, size) = open_exclusive(path, true)?;
         let mut ssz: libc::c_int = 0;
         // SAFETY: BLKSSZGET writes one int into `ssz`, a valid, aligned c_int we own; the
         // descriptor is owned by `file`, alive for the call.
         unsafe { ioctl::blk_ssz_get(file.as_raw_fd(), &mut ssz) }
             .map_err(|e| Error::target("sizing", path, e.into()))?;
-        let mut t = Self {
+        Ok(Self {
             file,
             path: path.to_path_buf(),
-            size: disk_size,
+            size,
             fresh: false,
             block_size: u64::try_from(ssz).unwrap_or(512).max(512),
-        };
-        t.write_zeroes(disk_size, device_size - disk_size)?;
-        Ok(t)
+        })
     }
 
     /// The path written to.
