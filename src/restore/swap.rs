@@ -190,7 +190,8 @@ fn replace_device(
             ),
         );
     }
-    let target = engine::target::raw::RawTarget::open_block_device(&r.path, job.plan.virtual_size)?;
+    let target =
+        engine::target::raw::RawTarget::open_block_device_for_disk(&r.path, job.plan.virtual_size)?;
     engine::apply(&[job.plan], vec![Box::new(target)], &ctx.apply_options())?;
     Ok(r.rollback.clone())
 }
