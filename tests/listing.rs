@@ -4,7 +4,8 @@
 mod clisupport;
 
 use std::fs;
-use std::path::Path;
+use std::fs::File;
+use std::path::{Path, PathBuf};
 
 use clisupport::{
     assert_golden, mask_chain_sizes, mask_list_sizes, prepare_backups, run, tree_hash, Fixture,
@@ -331,7 +332,7 @@ fn points_of_an_archive_path() {
     assert_eq!(r.code, Some(0));
     assert!(
         r.stdout
-            .contains("  0               2026-01-26 02:00:00  COPY (offline)  vda\n"),
+            .contains("  0               2026-11-26 05:19:26  COPY (offline)  vda\n"),
         "{}",
         r.stdout
     ); // 46
@@ -343,11 +344,12 @@ fn points_rows() {
     let fx = Fixture::shared();
     let root = fx.root_str();
     let rule = format!("  {}", "─".repeat(70));
-    // 44, 45: row format and checkpoint-XML mtime (sim_time, TZ=UTC)
+    // 44, 45: row format; the date is the checkpoint's <creationTime> (the real backup
+    // time, TZ=UTC), not a file time (issue: dates survive copies that drop mtimes)
     let r = points(&root, "rc-wk-app", &[]);
     assert!(r
         .stdout
-        .contains("  0               2026-02-09 01:00:00  FULL (base)     vda\n"));
+        .contains("  0               2026-11-26 05:18:57  FULL (base)     vda\n"));
     // 43: periods newest first in version order
     let w07 = r.stdout.find("── 2026-W07 ──").expect("W07");
     let w06 = r.stdout.find("── 2026-W06 ──").expect("W06");
@@ -385,7 +387,7 @@ fn points_rows() {
     assert!(r.stdout.contains("  Type: full\n"));
     assert!(
         r.stdout
-            .contains("  0               2026-02-04 01:00:00  FULL (only)     vda\n"),
+            .contains("  0               2026-11-26 05:19:13  FULL (only)     vda\n"),
         "{}",
         r.stdout
     );
@@ -393,20 +395,20 @@ fn points_rows() {
     let r = points(&root, "rc-shrink", &[]);
     assert!(r
         .stdout
-        .contains("  2               2026-06-16 21:10:00  Incremental     sda, vda, vdb\n"));
+        .contains("  2               2026-11-26 06:05:12  Incremental     sda, vda, vdb\n"));
     assert!(r
         .stdout
-        .contains("  3               2026-06-23 21:10:00  Incremental     vda, vdb\n"));
+        .contains("  3               2026-11-26 06:05:17  Incremental     vda, vdb\n"));
     assert!(!r.stdout.contains("INCOMPLETE"));
     // 56: a missing incremental marks rows from that point on, plus the explanation line
     let r = points(&root, "rc-brk-inc", &[]);
     assert!(r.stdout.contains("  Type: incremental  ⚠ INCOMPLETE\n"));
     assert!(r
         .stdout
-        .contains("  1               2026-03-03 07:00:00  Incremental     vda\n"));
+        .contains("  1               2026-11-26 05:20:23  Incremental     vda\n"));
     assert!(
         r.stdout
-            .contains("  2               2026-03-04 07:00:00  Incremental       ⚠ INCOMPLETE\n"),
+            .contains("  2               2026-11-26 05:20:25  Incremental       ⚠ INCOMPLETE\n"),
         "{}",
         r.stdout
     );
@@ -450,13 +452,13 @@ fn points_synthetic_completeness() {
     let r = points(&rs, "rc-multi-sql", &[]);
     assert!(
         r.stdout
-            .contains("  2               2026-02-18 04:00:00  Incremental     sda, vda, vdb\n"),
+            .contains("  2               2026-11-26 05:19:55  Incremental     sda, vda, vdb\n"),
         "{}",
         r.stdout
     );
     assert!(
         r.stdout.contains(
-            "  3               2026-02-19 04:00:00  Incremental     sda, vda  ⚠ INCOMPLETE\n"
+            "  3               2026-11-26 05:19:57  Incremental     sda, vda  ⚠ INCOMPLETE\n"
         ),
         "{}",
         r.stdout
@@ -518,7 +520,8 @@ fn json_listings() {
     let sec = &v["sections"][0];
     assert_eq!(sec["incomplete"]["broken_at"], 2);
     assert_eq!(sec["restore_points"][3]["incomplete"], true);
-    assert_eq!(sec["restore_points"][0]["date"], "2026-03-02 07:00:00");
+    assert_eq!(sec["restore_points"][0]["date"], "2026-11-26 05:20:22");
+    assert_eq!(sec["restore_points"][0]["date_source"], "checkpoint");
 }
 
 // 41, 59: the listings create no file at all, not even SQLite's -wal/-shm beside the
@@ -544,4 +547,48 @@ fn listings_create_no_files() {
     assert_eq!(points(&rs, "rc-long", &[]).code, Some(0));
     assert_eq!((files(&root.join("_state")), tree_hash(&root)), before);
     assert!(s.logs().is_empty());
+}
+
+// Restore-point dates are backup times from the backup's own metadata: a copy of the
+// tree that did not keep file times (rsync without -t, a git checkout) shows the same
+// dates; a point with no recorded time shows a file time, marked with `*`.
+#[test]
+fn point_dates_survive_a_copy_without_mtimes() {
+    let s = Scratch::new();
+    let root = prepare_backups(s.dir.path());
+    let rs = root.display().to_string();
+    let before = points(&rs, "rc-acc-files", &[]).stdout;
+    let now = std::time::SystemTime::now();
+    let mut all = Vec::new();
+    walk_files(&root.join("rc-acc-files"), &mut all);
+    for f in &all {
+        File::open(f)
+            .and_then(|h| h.set_times(fs::FileTimes::new().set_modified(now)))
+            .expect("touch");
+    }
+    let after = points(&rs, "rc-acc-files", &[]).stdout;
+    assert_eq!(before, after, "dates moved with the file times");
+    assert!(!after.contains('*'), "{after}");
+    // a point whose checkpoint XML is gone keeps its place, dated from its stream
+    fs::remove_file(root.join("rc-acc-files/checkpoints/virtnbdbackup.4.xml")).expect("rm");
+    let r = points(&rs, "rc-acc-files", &[]);
+    assert!(r.stdout.contains("  Total: 5\n"), "{}", r.stdout);
+    assert!(
+        r.stdout.contains(
+            "  ⚠ Restore point 4: checkpoints/virtnbdbackup.4.xml missing (its data is present)"
+        ),
+        "{}",
+        r.stdout
+    );
+}
+
+fn walk_files(p: &Path, out: &mut Vec<PathBuf>) {
+    for e in fs::read_dir(p).expect("read_dir") {
+        let e = e.expect("entry");
+        if e.file_type().expect("type").is_dir() {
+            walk_files(&e.path(), out);
+        } else {
+            out.push(e.path());
+        }
+    }
 }

@@ -24,14 +24,43 @@ const INCOMPLETE: &str = "⚠ INCOMPLETE";
 pub struct Row {
     /// Checkpoint number.
     pub number: u32,
-    /// The date source's mtime (checkpoint XML, or the full/copy data file).
+    /// When the backup was taken (see [`DateSource`]).
     pub date: Option<SystemTime>,
+    /// Where the date comes from.
+    pub date_source: DateSource,
     /// `FULL (base)`, `Incremental`, `FULL (only)` or `COPY (offline)`.
     pub label: &'static str,
     /// Disks with a data file for this checkpoint.
     pub disks: Vec<String>,
     /// At or after the chain's first incomplete checkpoint.
     pub incomplete: bool,
+    /// Side files of this point that are missing although its data is there.
+    pub missing: Vec<String>,
+}
+
+/// Where a restore point's date comes from, most trustworthy first.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DateSource {
+    /// `<creationTime>` of the checkpoint XML: when libvirt took the checkpoint.
+    Checkpoint,
+    /// The `date` of the stream metadata: when virtnbdbackup wrote the stream.
+    Stream,
+    /// A file's modification time: a copy that did not keep times shows the copy's.
+    File,
+    /// Nothing known.
+    None,
+}
+
+impl DateSource {
+    /// JSON name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Checkpoint => "checkpoint",
+            Self::Stream => "stream",
+            Self::File => "file",
+            Self::None => "none",
+        }
+    }
 }
 
 /// The restore points of one data dir.
@@ -70,36 +99,21 @@ impl Chain {
                     .unwrap_or_default(),
             )
         });
-        let disks_at = |n: u32| {
-            set.point(n)
-                .map(|p| p.disks.iter().cloned().collect())
-                .unwrap_or_default()
-        };
-        let row = |number: u32, date: Option<SystemTime>, label: &'static str| Row {
-            number,
-            date,
-            label,
-            disks: disks_at(number),
-            incomplete: broken.as_ref().is_some_and(|(b, _)| number >= *b),
-        };
-        let first_base = |level: StreamLevel| {
-            set.disks
-                .values()
-                .flatten()
-                .find(|f| f.level == level)
-                .and_then(|f| f.mtime)
-        };
         let rows = match set.kind {
             SetKind::Incremental => set
-                .checkpoint_xmls
+                .points
                 .iter()
-                .map(|(&n, xml)| {
-                    let date = std::fs::metadata(xml).and_then(|m| m.modified()).ok();
-                    row(n, date, if n == 0 { "FULL (base)" } else { "Incremental" })
+                .map(|p| {
+                    let label = if p.checkpoint == 0 {
+                        "FULL (base)"
+                    } else {
+                        "Incremental"
+                    };
+                    row(&set, p.checkpoint, label, broken.as_ref())
                 })
                 .collect(),
-            SetKind::Full => vec![row(0, first_base(StreamLevel::Full), "FULL (only)")],
-            SetKind::Copy => vec![row(0, first_base(StreamLevel::Copy), "COPY (offline)")],
+            SetKind::Full => vec![row(&set, 0, "FULL (only)", broken.as_ref())],
+            SetKind::Copy => vec![row(&set, 0, "COPY (offline)", broken.as_ref())],
             SetKind::Unknown => Vec::new(),
         };
         Self {
@@ -109,6 +123,69 @@ impl Chain {
             broken,
             union: set.disks.keys().cloned().collect(),
         }
+    }
+}
+
+/// One restore point's row: its date from the best source there is, its disks, and
+/// the side files it lacks.
+fn row(set: &BackupSet, n: u32, label: &'static str, broken: Option<&(u32, String)>) -> Row {
+    let (date, date_source) = point_date(set, n);
+    let mut missing = Vec::new();
+    if set.kind == SetKind::Incremental && !set.checkpoint_xmls.contains_key(&n) {
+        missing.push(format!("checkpoints/virtnbdbackup.{n}.xml"));
+    }
+    Row {
+        number: n,
+        date,
+        date_source,
+        label,
+        disks: set
+            .point(n)
+            .map(|p| p.disks.iter().cloned().collect())
+            .unwrap_or_default(),
+        incomplete: broken.is_some_and(|(b, _)| n >= *b),
+        missing,
+    }
+}
+
+/// The files whose data makes restore point `n`.
+fn point_files(set: &BackupSet, n: u32) -> impl Iterator<Item = &nbdfmt::StreamFile> {
+    set.disks.values().flatten().filter(move |f| match f.level {
+        StreamLevel::Inc(i) => i == n,
+        StreamLevel::Full | StreamLevel::Copy => n == 0,
+        _ => false,
+    })
+}
+
+/// When restore point `n` was taken: the checkpoint's `<creationTime>`, else the
+/// stream metadata's date, else a file time (labelled as such).
+pub fn point_date(set: &BackupSet, n: u32) -> (Option<SystemTime>, DateSource) {
+    let created = set
+        .checkpoint_xmls
+        .get(&n)
+        .and_then(|p| std::fs::read_to_string(p).ok())
+        .and_then(|x| nbdfmt::CheckpointConfig::parse(&x).ok())
+        .and_then(|c| c.creation_time);
+    if let Some(t) = created {
+        return (
+            Some(SystemTime::UNIX_EPOCH + std::time::Duration::from_secs(t)),
+            DateSource::Checkpoint,
+        );
+    }
+    let streamed = point_files(set, n)
+        .filter_map(|f| f.meta())
+        .find_map(|m| format::stream_time(&m.date));
+    if let Some(t) = streamed {
+        return (Some(t), DateSource::Stream);
+    }
+    let file_time = set
+        .checkpoint_xmls
+        .get(&n)
+        .and_then(|p| std::fs::metadata(p).and_then(|m| m.modified()).ok())
+        .or_else(|| point_files(set, n).find_map(|f| f.mtime));
+    match file_time {
+        Some(t) => (Some(t), DateSource::File),
+        None => (None, DateSource::None),
     }
 }
 
@@ -217,9 +294,14 @@ fn table(out: &mut String, chain: &Chain) {
             .date
             .map(format::local_datetime)
             .unwrap_or_else(|| "-".into());
+        let mark = if r.date_source == DateSource::File {
+            "*"
+        } else {
+            " "
+        };
         let _ = write!(
             out,
-            "  {:<15} {:<19}  {:<15} {}",
+            "  {:<15} {:<19}{mark} {:<15} {}",
             r.number,
             date,
             r.label,
@@ -231,6 +313,20 @@ fn table(out: &mut String, chain: &Chain) {
         out.push('\n');
     }
     let _ = writeln!(out, "{rule}\n  Total: {}", chain.rows.len());
+    if chain.rows.iter().any(|r| r.date_source == DateSource::File) {
+        let _ = writeln!(
+            out,
+            "  * file modification time: no backup time is recorded for this point"
+        );
+    }
+    for r in chain.rows.iter().filter(|r| !r.missing.is_empty()) {
+        let _ = writeln!(
+            out,
+            "  ⚠ Restore point {}: {} missing (its data is present)",
+            r.number,
+            r.missing.join(", ")
+        );
+    }
     if let Some((b, reason)) = &chain.broken {
         match b.checked_sub(1) {
             Some(good) => {
@@ -299,7 +395,9 @@ fn chain_json(c: &Chain) -> Value {
             json!({
                 "restore_point": r.number,
                 "date": r.date.map(format::local_datetime),
+                "date_source": r.date_source.as_str(),
                 "mtime_epoch": r.date.and_then(|d| d.duration_since(SystemTime::UNIX_EPOCH).ok()).map(|d| d.as_secs()),
+                "missing": r.missing,
                 "type": r.label,
                 "disks": r.disks,
                 "incomplete": r.incomplete,
@@ -366,9 +464,11 @@ mod tests {
             rows: vec![Row {
                 number: 0,
                 date: None,
+                date_source: DateSource::None,
                 label: "FULL (base)",
                 disks: vec!["vda".into()],
                 incomplete: false,
+                missing: vec![],
             }],
             broken: None,
             union: vec!["vda".into()],

@@ -23,13 +23,10 @@ impl RestorePoint {
             }
             return Ok(0);
         }
-        let latest = set
-            .checkpoint_xmls
-            .keys()
-            .max()
-            .copied()
-            .or_else(|| set.latest())
-            .unwrap_or(0);
+        // the newest point any source knows (data files, vmconfigs, checkpoint XMLs,
+        // the .cpt list): a missing side file never makes "latest" step back
+        let latest = set.latest().unwrap_or(0);
+        warn_missing_sources(set, latest, log);
         let t = match self {
             Self::Latest => latest,
             Self::Full => 0,
@@ -45,6 +42,23 @@ impl RestorePoint {
             log.info("restore_vm", &format!("Point-in-time: virtnbdbackup.{t}"));
         }
         Ok(t)
+    }
+}
+
+/// A WARN for each side file of the latest point that is missing although its data
+/// is there (an interrupted backup, a partial copy of the tree).
+fn warn_missing_sources(set: &BackupSet, latest: u32, log: &dyn Reporter) {
+    if latest > 0 && !set.checkpoint_xmls.contains_key(&latest) {
+        log.warn(
+            "restore_vm",
+            &format!("Restore point {latest} has no checkpoints/virtnbdbackup.{latest}.xml in {} — restoring it from its data files", set.dir.display()),
+        );
+    }
+    if set.vmconfig(latest).is_none() && !set.vmconfigs.is_empty() {
+        log.warn(
+            "restore_vm",
+            &format!("Restore point {latest} has no vmconfig in {} — the newest earlier domain XML is used", set.dir.display()),
+        );
     }
 }
 

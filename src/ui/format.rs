@@ -54,6 +54,16 @@ pub fn local_datetime(t: SystemTime) -> String {
         .to_string()
 }
 
+/// A stream metadata date (`2026-03-02 03:00:01.123456` or ISO `T` form, the local
+/// time of the backup host, as virtnbdbackup writes it) as a time.
+pub fn stream_time(date: &str) -> Option<SystemTime> {
+    let d = nbdfmt::meta::parse_date(date)?;
+    let naive = chrono::NaiveDate::from_ymd_opt(i32::try_from(d.year).ok()?, d.month, d.day)?
+        .and_hms_micro_opt(d.hour, d.minute, d.second, d.micros)?;
+    let local = naive.and_local_timezone(chrono::Local).earliest()?;
+    Some(SystemTime::from(local))
+}
+
 /// The current local time as `YYYY-MM-DD HH:MM:SS`.
 pub fn now_local() -> String {
     local_datetime(SystemTime::now())
