@@ -112,21 +112,25 @@ pub fn check_space(ctx: &Context<'_>, t: u32, dir: &Path) -> Result<(), AppError
 }
 
 /// Spec §4.2: predicted outputs checked against every live disk. With `--force`
-/// only overridable findings are allowed.
+/// only overridable findings are allowed. `going`: domains the plan itself stops and
+/// removes before it writes (a leftover instant-boot clone); their disks are no
+/// collision.
 pub fn safety_checks(
     ctx: &Context<'_>,
     pf: &mut Preflight,
     finals: &[PathBuf],
     source_vm: &str,
+    going: &[&str],
 ) -> Result<(), AppError> {
     let dr = pf.prefix();
-    let live = ctx.hv.live_disks().unwrap_or_else(|e| {
+    let mut live = ctx.hv.live_disks().unwrap_or_else(|e| {
         ctx.log.warn(
             "preflight_disk_safety",
             &format!("Cannot list live disks ({e}) — collision check limited to existing files"),
         );
         Vec::new()
     });
+    live.retain(|l| !going.contains(&l.domain.as_str()));
     let state_of = |name: &str| ctx.hv.lookup(name).ok().flatten().map(|i| i.state);
     let mut blocked = false;
     for c in &collisions(finals, &live, source_vm, &state_of) {
@@ -186,7 +190,7 @@ pub fn check_outputs(
 ) -> Result<(), AppError> {
     log_predictions(ctx, outputs);
     let finals: Vec<PathBuf> = outputs.iter().map(|o| o.final_path.clone()).collect();
-    safety_checks(ctx, pf, &finals, &ctx.vm)
+    safety_checks(ctx, pf, &finals, &ctx.vm, &[])
 }
 
 /// DR step 1 / clone step 1: whether `name` is defined; defined without `--force`

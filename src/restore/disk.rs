@@ -117,7 +117,7 @@ pub(super) fn plan_extract(
     let outputs = outputs_for(ctx.set, t, &disks, dir);
     let finals: Vec<PathBuf> = outputs.iter().map(|o| o.final_path.clone()).collect();
     // §4.9 [INFER]: the §4.2 collision rules, with their --force and dry-run handling
-    safety_checks(ctx, pf, &finals, &ctx.vm)?;
+    safety_checks(ctx, pf, &finals, &ctx.vm, &[])?;
     let jobs = disk_jobs(ctx, t, &outputs)?;
     Ok(RestorePlan {
         vm: ctx.vm.clone(),

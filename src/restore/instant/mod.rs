@@ -231,8 +231,16 @@ pub(super) fn plan_instant(
         )));
     }
     let finals: Vec<PathBuf> = overlays.iter().map(|o| o.final_path.clone()).collect();
-    safety_checks(ctx, pf, &finals, &ctx.vm)?;
-    if let Some(p) = finals.iter().find(|p| p.symlink_metadata().is_ok()) {
+    // a leftover clone this plan stops first does not collide, nor do its files
+    let (going, removed): (Vec<&str>, Vec<PathBuf>) = match actions.first() {
+        Some(Action::ClearLeftover { name, files }) => (vec![name.as_str()], files.clone()),
+        _ => (Vec::new(), Vec::new()),
+    };
+    safety_checks(ctx, pf, &finals, &ctx.vm, &going)?;
+    if let Some(p) = finals
+        .iter()
+        .find(|p| p.symlink_metadata().is_ok() && !removed.contains(p))
+    {
         let msg = format!(
             "{} already exists — the overlays of an instant boot are new files (remove it or choose another --name)",
             p.display()
