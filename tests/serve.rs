@@ -19,10 +19,13 @@ fn serves_a_compressed_restore_point_over_nbd() {
     }
     let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/real-chains");
     let tmp = tempfile::tempdir().expect("tmp");
+    // a copy: serving takes the VM's lock under <backup root>/_state/locks
+    let backups = tmp.path().join("backups");
+    copy_dir(&root.join("backups/rc-lz4-plain"), &backups.join("rc-lz4-plain"));
     let sock = tmp.path().join("nbd.sock");
     let mut child = Command::new(env!("CARGO_BIN_EXE_vmrestore"))
         .args(["--vm", "rc-lz4-plain", "--backup-path"])
-        .arg(root.join("backups"))
+        .arg(&backups)
         .args(["--restore-point", "2", "--serve"])
         .arg(&sock)
         .env("LOG_DIR", tmp.path().join("logs"))
@@ -52,6 +55,21 @@ fn serves_a_compressed_restore_point_over_nbd() {
     )
     .expect("sha");
     assert_eq!(got, want.split_whitespace().next().expect("sha"));
+    // the VM is locked while served: a restore of it waits for no one (exit 3)
+    let locked = Command::new(env!("CARGO_BIN_EXE_vmrestore"))
+        .args(["--vm", "rc-lz4-plain", "--skip-config", "--backup-path"])
+        .arg(&backups)
+        .arg("--restore-path")
+        .arg(tmp.path().join("out"))
+        .env("LOG_DIR", tmp.path().join("logs"))
+        .output()
+        .expect("second run");
+    assert_eq!(
+        locked.status.code(),
+        Some(3),
+        "{}",
+        String::from_utf8_lossy(&locked.stderr)
+    );
     nix::sys::signal::kill(
         nix::unistd::Pid::from_raw(child.id() as i32),
         nix::sys::signal::Signal::SIGTERM,
@@ -60,4 +78,16 @@ fn serves_a_compressed_restore_point_over_nbd() {
     let status = child.wait().expect("wait");
     assert!(status.success(), "{status}");
     assert!(!sock.exists(), "socket removed");
+}
+
+fn copy_dir(src: &std::path::Path, dst: &std::path::Path) {
+    std::fs::create_dir_all(dst).expect("mkdir");
+    for e in std::fs::read_dir(src).expect("read_dir") {
+        let e = e.expect("entry");
+        if e.file_type().expect("type").is_dir() {
+            copy_dir(&e.path(), &dst.join(e.file_name()));
+        } else {
+            std::fs::copy(e.path(), dst.join(e.file_name())).expect("copy");
+        }
+    }
 }

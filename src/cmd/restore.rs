@@ -94,18 +94,23 @@ fn vm_name(r: &RestoreRequest, data_dir: &Path) -> String {
     }
 }
 
-/// A real restore writes a catalogue row and takes the VM lock; a dry run and a
-/// read-only serve do neither.
+/// A real restore writes a catalogue row; a dry run and a read-only serve do not.
 fn records(r: &RestoreRequest) -> bool {
     !r.options.dry_run && !matches!(r.kind, RestoreKind::Serve { .. })
+}
+
+/// Every real run holds the VM's lock, serving too: vmbackup must not rotate or
+/// delete the files being served, and a restore must not run beside it.
+fn locks(r: &RestoreRequest) -> bool {
+    !r.options.dry_run
 }
 
 /// The per-VM lock (exit 3 when a live backup or restore holds it). A dry run only
 /// says whether a real run would wait.
 fn take_lock(s: &Session<'_>) -> Result<Option<VmLock>, AppError> {
     let vm = &s.vm;
-    if !records(s.r) {
-        if let Some(pid) = lock::holder(&s.state_root, vm).filter(|_| s.r.options.dry_run) {
+    if !locks(s.r) {
+        if let Some(pid) = lock::holder(&s.state_root, vm) {
             tracing::warn!(target: "restore_vm", "[DRY RUN] VM '{vm}' is currently locked by PID {pid} — a real restore would exit 3");
         }
         return Ok(None);
@@ -123,7 +128,9 @@ fn take_lock(s: &Session<'_>) -> Result<Option<VmLock>, AppError> {
         }
         Err(held) => {
             let e = AppError::Lock(held.to_string());
-            record(s, &Err(AppError::Lock(held.to_string())));
+            if records(s.r) {
+                record(s, &Err(AppError::Lock(held.to_string())));
+            }
             Err(e)
         }
     }
