@@ -2962,3 +2962,35 @@ fn dry_run_plan_equals_executed_actions_in_every_mode() {
     assert_eq!(inplace[0]["action"], "replace");
     assert_eq!(inplace[0]["object"], paths[0].display().to_string());
 }
+
+// A hostile or broken catalogue never holds a finished restore: a trigger that runs an
+// endless recursive query on every insert costs one WARN; the restore exits with its
+// own code within seconds and the lock is released.
+#[test]
+fn hanging_catalogue_trigger_costs_one_warn() {
+    let w = World::new(&["rc-acc-files"]);
+    let db = w.b("_state/vmbackup.db");
+    let conn = rusqlite::Connection::open(&db).expect("db");
+    conn.execute_batch(
+        "CREATE TABLE IF NOT EXISTS restore_sessions (id INTEGER PRIMARY KEY, start_time TEXT NOT NULL,
+           vm_name TEXT NOT NULL, restore_mode TEXT NOT NULL, source_path TEXT NOT NULL,
+           outcome TEXT NOT NULL, exit_code INTEGER NOT NULL);
+         CREATE TRIGGER hang BEFORE INSERT ON restore_sessions BEGIN
+           SELECT count(*) FROM (WITH RECURSIVE c(x) AS (SELECT 1 UNION ALL SELECT x + 1 FROM c) SELECT x FROM c);
+         END;",
+    )
+    .expect("trigger");
+    drop(conn);
+    let started = std::time::Instant::now();
+    let r = w.run(&["--vm", "rc-acc-files", "--skip-config", "--restore-path", &w.s("out/c")]);
+    let took = started.elapsed();
+    assert_code(&r, 0);
+    assert!(took < std::time::Duration::from_secs(20), "took {took:?}");
+    assert_eq!(
+        r.stderr.matches("Catalogue unavailable").count(),
+        1,
+        "{}",
+        r.stderr
+    );
+    assert!(w.lock_files().iter().all(|l| !l.display().to_string().contains("rc-acc-files")), "{:?}", w.lock_files());
+}

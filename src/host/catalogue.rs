@@ -346,6 +346,25 @@ const RESTORE_SESSIONS_DDL: &str = "CREATE TABLE IF NOT EXISTS restore_sessions 
 CREATE INDEX IF NOT EXISTS idx_restore_sessions_vm ON restore_sessions(vm_name);
 CREATE INDEX IF NOT EXISTS idx_restore_sessions_start ON restore_sessions(start_time);";
 
+/// How long a catalogue write may take, waiting for vmbackup's lock included: the
+/// row is bookkeeping, and the restore (and the VM lock) must not wait on it.
+const WRITE_BUDGET: Duration = Duration::from_secs(3);
+
+/// Bounds every statement of `conn`: a busy catalogue waits at most
+/// [`WRITE_BUDGET`], and a statement that runs past it (a hostile trigger or view
+/// with an endless recursive query) or past a new signal is interrupted.
+fn bound(conn: &mut Connection) -> Result<(), String> {
+    conn.busy_timeout(WRITE_BUDGET).map_err(|e| e.to_string())?;
+    let deadline = std::time::Instant::now() + WRITE_BUDGET;
+    let signals = crate::signal::received();
+    // called every 10,000 SQLite VM steps (~1 ms): returning true interrupts
+    conn.progress_handler(
+        10_000,
+        Some(move || std::time::Instant::now() > deadline || crate::signal::received() != signals),
+    )
+    .map_err(|e| e.to_string())
+}
+
 /// Appends one `restore_sessions` row to an existing catalogue (never creates the
 /// database). The table is created if missing; only columns that exist are
 /// written, so a vmbackup-created variant of the table is tolerated. One
@@ -360,8 +379,7 @@ pub fn record_restore(state_root: &Path, row: &RestoreSession) -> Result<(), Str
         OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX,
     )
     .map_err(|e| e.to_string())?;
-    conn.busy_timeout(Duration::from_millis(5000))
-        .map_err(|e| e.to_string())?;
+    bound(&mut conn)?;
     let tx = conn.transaction().map_err(|e| e.to_string())?;
     tx.execute_batch(RESTORE_SESSIONS_DDL)
         .map_err(|e| e.to_string())?;

@@ -136,10 +136,16 @@ impl Hypervisor for Libvirt {
                 Undefined::Checkpoints,
             ),
             (sys::VIR_DOMAIN_UNDEFINE_NVRAM, Undefined::Nvram),
+            (0, Undefined::Plain),
         ];
-        for (flags, outcome) in tries {
-            if d.undefine_flags(flags).is_ok() {
-                return Ok(outcome);
+        // libvirt ≥ 8.9 deletes the swtpm state on undefine unless told to keep it
+        // (the executor moved it aside first; KEEP_TPM keeps libvirt off whatever is
+        // there). Older libvirt refuses the unknown flag: the same cascade without it.
+        for keep_tpm in [sys::VIR_DOMAIN_UNDEFINE_KEEP_TPM, 0] {
+            for (flags, outcome) in tries {
+                if d.undefine_flags(flags | keep_tpm).is_ok() {
+                    return Ok(outcome);
+                }
             }
         }
         d.undefine().map_err(err(format!("undefine {name}")))?;

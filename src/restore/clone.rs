@@ -93,6 +93,7 @@ fn clone_actions(
         replace: ctx.options.force,
     }];
     if defined {
+        actions.extend(crate::restore::dr::save_tpm(ctx, name));
         actions.push(Action::Undefine(name.to_owned()));
     }
     let undo = nvram.as_ref().map(|n| n.dest.clone());

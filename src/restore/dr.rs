@@ -149,6 +149,7 @@ fn dr_actions(
         actions.push(Action::SaveNvram(PathBuf::from(n)));
     }
     if defined {
+        actions.extend(save_tpm(ctx, &ctx.vm));
         actions.push(Action::Undefine(ctx.vm.clone()));
     }
     actions.push(Action::Define(Definition {
@@ -180,6 +181,14 @@ fn dr_actions(
         _ => {}
     }
     Ok(actions)
+}
+
+/// The TPM state of the defined domain `name`, when it has one: kept aside before
+/// the domain is undefined (libvirt deletes it with the domain).
+pub(super) fn save_tpm(ctx: &Context<'_>, name: &str) -> Option<Action> {
+    let info = ctx.hv.lookup(name).ok().flatten()?;
+    let dir = ctx.swtpm_root.join(&info.uuid);
+    dir.is_dir().then_some(Action::SaveTpm(dir))
 }
 
 /// DR `--force` over a running VM is refused: its disks are in use.

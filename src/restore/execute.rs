@@ -70,6 +70,7 @@ fn step(
         Action::ReplaceDisk(r) => replace_disk(ctx, in_place, r, run),
         a @ Action::WriteNbd(_) => nbd::write(ctx, a),
         Action::SaveNvram(p) => save_nvram(ctx, &p),
+        Action::SaveTpm(dir) => save_tpm(ctx, &dir),
         Action::Undefine(name) => {
             undefine(ctx, &name);
             Ok(())
@@ -256,6 +257,28 @@ fn save_nvram(ctx: &Context<'_>, n: &Path) -> Result<(), AppError> {
         }
     }
     Ok(())
+}
+
+/// The existing domain's TPM state, renamed out of libvirt's reach before the
+/// undefine (spec §4.11: `.pre-restore-<epoch>` beside it).
+fn save_tpm(ctx: &Context<'_>, dir: &Path) -> Result<(), AppError> {
+    let mut aside = dir.as_os_str().to_owned();
+    aside.push(format!(".pre-restore-{}", epoch()));
+    let aside = PathBuf::from(aside);
+    match std::fs::rename(dir, &aside) {
+        Ok(()) => {
+            ctx.log.warn(
+                "restore_tpm",
+                &format!("Backing up existing TPM to {}", aside.display()),
+            );
+            Ok(())
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(AppError::Io {
+            context: format!("moving the TPM state {} aside", dir.display()),
+            source: e,
+        }),
+    }
 }
 
 fn undefine(ctx: &Context<'_>, name: &str) {

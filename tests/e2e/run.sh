@@ -93,6 +93,17 @@ scenario_fixtures() {
     [ -d "$swtpm/$clone_uuid/tpm2" ] || die "clone TPM state not under the clone's UUID"
     [ -f /var/lib/libvirt/qemu/nvram/rc-uefi-tpm-clone_VARS.fd ] || die "clone NVRAM"
     ok "fixtures: rc-uefi-tpm NVRAM (checkpoint $n) and TPM state for DR and clone"
+    # DR --force over the defined VM: its TPM state is kept aside, never deleted with
+    # the undefine (libvirt removes swtpm state unless told to keep it)
+    local tpm=$swtpm/88551b77-adbf-56aa-950b-b773d24f7f3f
+    echo "state before --force" > "$tpm/tpm2/marker-before-force"
+    vmr --vm rc-uefi-tpm --backup-path "$fx" --restore-path "$WORK/fx-dr" --force
+    local kept; kept=$(ls -d "$tpm".pre-restore-* 2>/dev/null | tail -1)
+    [ -n "$kept" ] && [ -f "$kept/tpm2/marker-before-force" ] || die "DR --force did not keep the old TPM state aside"
+    [ -d "$tpm/tpm2" ] && [ ! -e "$tpm/tpm2/marker-before-force" ] || die "DR --force: TPM state not restored from the backup"
+    rm -rf "$tpm".pre-restore-*
+    starts rc-uefi-tpm
+    ok "fixtures: DR --force keeps the old TPM state aside ($kept)"
 }
 
 # msha CHAIN-DIR POINT DISK: expected sha256 of a fixture disk (tests/fixtures manifest)

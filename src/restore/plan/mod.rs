@@ -95,6 +95,9 @@ pub enum Action {
     WriteNbd(Vec<NbdWrite>),
     /// Move the existing NVRAM file aside (`.before-restore.<epoch>`).
     SaveNvram(PathBuf),
+    /// Move the existing domain's TPM state aside (`<uuid>.pre-restore-<epoch>`)
+    /// before it is undefined: libvirt would delete it.
+    SaveTpm(PathBuf),
     /// Undefine the existing domain of that name (`--force`).
     Undefine(String),
     /// Put the checkpoint's NVRAM copy in place.
@@ -195,6 +198,11 @@ impl Action {
                 })
                 .collect(),
             Self::SaveNvram(p) => vec![format!("Would save existing NVRAM {} aside", p.display())],
+            Self::SaveTpm(d) => vec![format!(
+                "Would keep the existing TPM state {} as {}.pre-restore-<time>",
+                d.display(),
+                d.display()
+            )],
             Self::Undefine(n) => vec![format!("Would undefine existing VM: {n}")],
             Self::InstallNvram(n) => vec![format!(
                 "Would restore NVRAM: {} → {}",
@@ -236,6 +244,7 @@ impl Action {
             Self::ReplaceDisk(r) => vec![Effect::new("replace", r.path.display().to_string())],
             Self::WriteNbd(w) => w.iter().map(|w| Effect::new("write-nbd", &w.uri)).collect(),
             Self::SaveNvram(p) => vec![Effect::new("save-nvram", p.display().to_string())],
+            Self::SaveTpm(d) => vec![Effect::new("save-tpm", d.display().to_string())],
             Self::Undefine(n) => vec![Effect::new("undefine", n)],
             Self::InstallNvram(n) => {
                 vec![Effect::new("install-nvram", n.dest.display().to_string())]
@@ -269,6 +278,7 @@ impl Action {
                 })).collect::<Vec<_>>() }),
             ),
             Self::SaveNvram(p) => ("save-nvram", json!({ "path": p })),
+            Self::SaveTpm(d) => ("save-tpm", json!({ "dir": d })),
             Self::Undefine(n) => ("undefine", json!({ "name": n })),
             Self::InstallNvram(n) => (
                 "install-nvram",
