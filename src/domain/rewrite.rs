@@ -1,21 +1,35 @@
-//! Domain XML rewriting for DR and clone: quick-xml locates the elements to change,
-//! and only those byte ranges are replaced, so everything else (namespaces,
-//! `<qemu:commandline>`, metadata, comments, quoting) stays byte-identical.
+//! Domain XML rewriting for DR, clone and instant boot. roxmltree (which reads domain
+//! XML everywhere else too) locates what to change, and only those byte ranges are
+//! replaced: an attribute value, an element's content, a whole element, or an
+//! insertion. Everything else (namespaces, `<qemu:commandline>`, metadata, comments,
+//! quoting, the other attributes of an edited tag) stays byte-identical.
+//!
+//! Elements and attributes are matched by their name as written (`disk`, not
+//! `x:disk`); attribute values are compared as parsed (references resolved,
+//! whitespace normalized, as XML defines them). New values are escaped for either
+//! quote. A byte-order mark stays (roxmltree's positions count it).
+//!
+//! What cannot be rewritten faithfully is an error, never changed silently: anything
+//! roxmltree rejects, which includes a DTD (its entities could hide or rename
+//! elements), an undefined entity, an undeclared namespace prefix, a document without
+//! exactly one root element.
 //!
 //! Pure `&str -> String`; no I/O, no libvirt.
 
+use std::ops::Range;
 use std::path::PathBuf;
 
-use quick_xml::events::{BytesStart, Event};
-use quick_xml::Reader;
+use roxmltree::{Attribute, Document, Node, TextPos};
 
 /// A rewrite failure (malformed XML), with the byte offset.
 #[derive(Debug, thiserror::Error)]
 #[error("domain XML is malformed at byte {offset}: {message}")]
 pub struct DomXmlError {
-    /// Byte offset in the input.
+    /// Byte offset in the input: the start of the tag (comment, CDATA section,
+    /// processing instruction, DOCTYPE) the parser stopped in, else where it stopped
+    /// in text, or the end of the input when it ended early.
     pub offset: u64,
-    /// Parser message.
+    /// Parser message (its `row:col`, if any, is the exact place).
     pub message: String,
 }
 
@@ -48,51 +62,176 @@ pub struct Rewrite {
     pub nvram: Option<String>,
 }
 
-/// One element: its byte range, and for start tags the range of the tag itself.
-#[derive(Debug, Clone, Copy, Default)]
-struct Span {
-    start: usize,
-    end: usize,
+/// Replace `[.0, .1)` of the input by `.2` (an empty range inserts).
+type Edit = (usize, usize, String);
+
+/// Applies `rw` to `xml`.
+pub fn rewrite(xml: &str, rw: &Rewrite) -> Result<String, DomXmlError> {
+    // Default options: a DTD is an error, so every node is real input text (no
+    // entity expansions) and its range can be edited.
+    let doc = Document::parse(xml).map_err(|e| parse_error(xml, &e))?;
+    let root = doc.root_element();
+    let mut edits = Vec::new();
+    if qname(xml, root) == "domain" {
+        domain_edits(xml, root, rw, &mut edits);
+    }
+    Ok(apply(xml, edits))
 }
 
-#[derive(Debug, Default)]
-struct Disk {
-    whole: Span,
-    tag: Span,
-    attrs: Vec<(String, String)>,
-    target: Option<String>,
-    sources: Vec<Span>,
-    drivers: Vec<(Span, Vec<(String, String)>)>,
-    backing: Vec<Span>,
-}
-
-/// The attributes of a tag that may be written again. Anything that would not come
-/// back the same (a malformed attribute, a key that is not an XML name, an entity
-/// other than the predefined ones) is an error at `offset`.
-fn attrs(e: &BytesStart<'_>, offset: usize) -> Result<Vec<(String, String)>, DomXmlError> {
-    let err = |message: String| DomXmlError {
-        offset: offset as u64,
-        message,
-    };
-    let is_name = |k: &str| {
-        k.chars()
-            .next()
-            .is_some_and(|c| !c.is_ascii_digit() && !"-.".contains(c))
-            && k.chars()
-                .all(|c| c.is_alphanumeric() || "_:-.".contains(c) || !c.is_ascii())
-    };
-    e.attributes()
-        .map(|a| {
-            let a = a.map_err(|e| err(e.to_string()))?;
-            let k = a.key.as_ref().to_owned();
-            if !is_name(&k) {
-                return Err(err(format!("attribute name {k:?}")));
+fn domain_edits(xml: &str, domain: Node<'_, '_>, rw: &Rewrite, edits: &mut Vec<Edit>) {
+    let mut uuid_seen = false;
+    // end of the last non-empty <name>
+    let mut name_end = None;
+    for child in elements(domain) {
+        match qname(xml, child) {
+            "name" => {
+                if let Some(inner) = content(xml, child) {
+                    name_end = Some(child.range().end);
+                    edits.extend(rw.name.as_ref().map(|n| replace(inner, n)));
+                }
             }
-            #[allow(deprecated)]
-            let v = a.unescape_value().map_err(|e| err(e.to_string()))?;
-            Ok((k, v.into_owned()))
-        })
-        .collect()
+            "uuid" => {
+                uuid_seen = true;
+                edits.extend(uuid_edit(xml, child, rw));
+            }
+            "os" => {
+                let nvram = elements(child).filter(|n| qname(xml, *n) == "nvram");
+                for inner in nvram.filter_map(|n| content(xml, n)) {
+                    edits.extend(rw.nvram.as_ref().map(|p| replace(inner.clone(), p)));
+                }
+            }
+            "devices" => device_edits(xml, child, rw, edits),
+            _ => {}
+        }
+    }
+    // A UUID to re-inject into a domain that had none goes right after <name>
+    // (instant boot places the TPM state under it before the domain starts).
+    if let (false, false, Some(u), Some(at)) = (uuid_seen, rw.drop_uuid, &rw.uuid, name_end) {
+        edits.push((at, at, format!("\n  <uuid>{}</uuid>", escape(u))));
+    }
+}
+
+/// Drops or replaces a domain `<uuid>`; an empty `<uuid/>` gets content.
+fn uuid_edit(xml: &str, uuid: Node<'_, '_>, rw: &Rewrite) -> Option<Edit> {
+    if rw.drop_uuid {
+        return Some(removal(xml, uuid.range()));
+    }
+    let u = rw.uuid.as_ref()?;
+    Some(match content(xml, uuid) {
+        Some(inner) => replace(inner, u),
+        None => {
+            let r = uuid.range();
+            (r.start, r.end, format!("<uuid>{}</uuid>", escape(u)))
+        }
+    })
+}
+
+fn device_edits(xml: &str, devices: Node<'_, '_>, rw: &Rewrite, edits: &mut Vec<Edit>) {
+    for device in elements(devices) {
+        match qname(xml, device) {
+            "disk" => edits.extend(disk_edits(xml, device, rw)),
+            "interface" if rw.drop_macs => {
+                let macs = elements(device).filter(|m| qname(xml, *m) == "mac");
+                edits.extend(macs.map(|m| removal(xml, m.range())));
+            }
+            _ => {}
+        }
+    }
+}
+
+fn disk_edits(xml: &str, disk: Node<'_, '_>, rw: &Rewrite) -> Vec<Edit> {
+    let device = attr(xml, disk, "device").map_or("disk", |a| a.value());
+    let kind = attr(xml, disk, "type");
+    let network = kind.is_some_and(|k| k.value() == "network");
+    // the last <target> counts
+    let target = children(xml, disk, "target")
+        .last()
+        .and_then(|t| attr(xml, t, "dev"));
+    let restored = target.and_then(|t| rw.disks.iter().find(|r| r.target == t.value()));
+    let Some(r) = restored.filter(|_| device == "disk" && !network) else {
+        // Optical drives, floppies, LUNs, network disks and disks without backup
+        // data cannot be restored: drop them (the VM boots without them).
+        return vec![removal(xml, disk.range())];
+    };
+    let mut edits: Vec<Edit> = kind
+        .and_then(|k| set_value(xml, k, "file"))
+        .into_iter()
+        .collect();
+    for driver in children(xml, disk, "driver") {
+        edits.extend(match attr(xml, driver, "type") {
+            Some(t) => set_value(xml, t, &r.format),
+            None => {
+                let at = attrs_end(xml, driver);
+                Some((at, at, format!(" type='{}'", escape(&r.format))))
+            }
+        });
+    }
+    let src = format!("<source file='{}'/>", escape(&r.path.to_string_lossy()));
+    // One <source>: the first is replaced, any other removed.
+    let mut sources = children(xml, disk, "source");
+    match sources.next() {
+        Some(s) => edits.push((s.range().start, s.range().end, src)),
+        None => {
+            let at = start_tag_end(xml, disk);
+            edits.push((at, at, src));
+        }
+    }
+    edits.extend(sources.map(|s| removal(xml, s.range())));
+    edits.extend(children(xml, disk, "backingStore").map(|b| removal(xml, b.range())));
+    edits
+}
+
+/// Applies `edits` (each once, in input order) to `xml`.
+fn apply(xml: &str, mut edits: Vec<Edit>) -> String {
+    // Insertions (empty ranges) before a replacement starting at the same byte.
+    edits.sort_by_key(|e| (e.0, e.1));
+    let mut out = String::with_capacity(xml.len());
+    let mut pos = 0;
+    for (s, e, r) in edits {
+        if s < pos {
+            continue; // inside a range already replaced (a removed disk)
+        }
+        out.push_str(&xml[pos..s]);
+        out.push_str(&r);
+        pos = e;
+    }
+    out.push_str(&xml[pos..]);
+    out
+}
+
+/// Removes `range` together with the indentation before it and its line break.
+fn removal(xml: &str, range: Range<usize>) -> Edit {
+    let before = &xml[..range.start];
+    let line_start = before.rfind('\n').map_or(0, |i| i + 1);
+    let s = if before[line_start..].chars().all(|c| c == ' ' || c == '\t') {
+        line_start
+    } else {
+        range.start
+    };
+    let e = if xml[range.end..].starts_with('\n') {
+        range.end + 1
+    } else {
+        range.end
+    };
+    (s, e, String::new())
+}
+
+/// Replaces an element's content.
+fn replace(inner: Range<usize>, value: &str) -> Edit {
+    (inner.start, inner.end, escape(value))
+}
+
+/// Sets an attribute's value (between its quotes), unless it already has it.
+fn set_value(xml: &str, a: Attribute<'_, '_>, value: &str) -> Option<Edit> {
+    if a.value() == value {
+        return None;
+    }
+    // Not `range_value()`: it saturates for over 255 spaces around the `=`. The
+    // name and the `=` contain no quote, so the value starts after the first one.
+    let r = a.range();
+    let quote = xml[..r.end].chars().next_back()?;
+    let start = r.start + xml[r.clone()].find(quote)? + 1;
+    Some((start, r.end - 1, escape(value)))
 }
 
 /// Escapes text and attribute values. Tab, CR and LF become character references:
@@ -108,260 +247,135 @@ fn escape(v: &str) -> String {
         .replace('\r', "&#13;")
 }
 
-fn tag(name: &str, attrs: &[(String, String)], empty: bool) -> String {
-    let mut s = format!("<{name}");
-    for (k, v) in attrs {
-        s.push_str(&format!(" {k}='{}'", escape(v)));
-    }
-    s.push_str(if empty { "/>" } else { ">" });
-    s
+/// The child elements of `n`.
+fn elements<'a, 'i>(n: Node<'a, 'i>) -> impl Iterator<Item = Node<'a, 'i>> {
+    n.children().filter(Node::is_element)
 }
 
-fn set_attr(attrs: &mut Vec<(String, String)>, key: &str, value: &str) {
-    match attrs.iter_mut().find(|(k, _)| k == key) {
-        Some(a) => a.1 = value.to_owned(),
-        None => attrs.push((key.to_owned(), value.to_owned())),
-    }
+/// The child elements of `n` named `name` as written.
+fn children<'a, 'i: 'a>(
+    xml: &'a str,
+    n: Node<'a, 'i>,
+    name: &'a str,
+) -> impl Iterator<Item = Node<'a, 'i>> + 'a {
+    elements(n).filter(move |c| qname(xml, *c) == name)
 }
 
-/// Applies `rw` to `xml`.
-pub fn rewrite(xml: &str, rw: &Rewrite) -> Result<String, DomXmlError> {
-    // quick-xml skips a byte-order mark without counting it in its positions.
-    if let Some(rest) = xml.strip_prefix('\u{feff}') {
-        let bom = xml.len() - rest.len();
-        return match rewrite(rest, rw) {
-            Ok(out) => Ok(format!("\u{feff}{out}")),
-            Err(e) => Err(DomXmlError {
-                offset: e.offset + bom as u64,
-                ..e
-            }),
-        };
+/// An element's name as written (`qemu:arg`), from its start tag.
+fn qname<'x>(xml: &'x str, n: Node<'_, '_>) -> &'x str {
+    let s = &xml[n.range().start + 1..];
+    let end = s
+        .find(|c: char| c.is_ascii_whitespace() || c == '/' || c == '>')
+        .unwrap_or(s.len());
+    &s[..end]
+}
+
+/// The attribute of `n` named `name` as written (`type`, not `x:type`; namespace
+/// declarations are not attributes for roxmltree and never match).
+fn attr<'a, 'i>(xml: &str, n: Node<'a, 'i>, name: &str) -> Option<Attribute<'a, 'i>> {
+    n.attributes().find(|a| {
+        let s = &xml[a.range()];
+        s.split(|c: char| c == '=' || c.is_ascii_whitespace())
+            .next()
+            == Some(name)
+    })
+}
+
+/// The end of an element's start tag (after its `>`).
+fn start_tag_end(xml: &str, n: Node<'_, '_>) -> usize {
+    let start = n.range().start;
+    // roxmltree accepted the tag, so it ends; the fallback is never taken
+    start + tag_len(&xml[start..]).unwrap_or(0)
+}
+
+/// Where an attribute appended to an element's start tag goes: after the last
+/// attribute or namespace declaration, before any space and `/>` or `>`.
+fn attrs_end(xml: &str, n: Node<'_, '_>) -> usize {
+    let tag = &xml[n.range().start..start_tag_end(xml, n)];
+    let body = tag.strip_suffix('>').unwrap_or(tag);
+    let body = body.strip_suffix('/').unwrap_or(body);
+    n.range().start + body.trim_end().len()
+}
+
+/// An element's content range; `None` for `<x/>`.
+fn content(xml: &str, n: Node<'_, '_>) -> Option<Range<usize>> {
+    let start = start_tag_end(xml, n);
+    if xml[..start].ends_with("/>") {
+        return None;
     }
-    let mut reader = Reader::from_str(xml);
-    // open elements: name, start of the start tag, start of the content
-    let mut stack: Vec<(String, usize, usize)> = Vec::new();
-    let mut edits: Vec<(usize, usize, String)> = Vec::new();
-    let mut disk: Option<Disk> = None;
-    // source/backingStore inside a disk, or an interface mac: name, start, depth
-    let mut open_child: Option<(String, usize, usize)> = None;
-    let mut uuid_seen = false;
-    let mut name_end: Option<usize> = None;
-    loop {
-        let start = reader.buffer_position() as usize;
-        let ev = reader.read_event().map_err(|e| DomXmlError {
-            offset: reader.error_position(),
-            message: e.to_string(),
-        })?;
-        let end = reader.buffer_position() as usize;
-        let path: Vec<&str> = stack.iter().map(|(n, _, _)| n.as_str()).collect();
-        match ev {
-            Event::Eof => break,
-            Event::Start(ref e) | Event::Empty(ref e) => {
-                let empty = matches!(ev, Event::Empty(_));
-                let name = e.name().as_ref().to_owned();
-                if let Some(d) = disk.as_mut() {
-                    if path.len() == 3 {
-                        match name.as_str() {
-                            "target" => {
-                                d.target = attrs(e, start)?
-                                    .into_iter()
-                                    .find(|(k, _)| k == "dev")
-                                    .map(|(_, v)| v)
-                            }
-                            "driver" => d.drivers.push((Span { start, end }, attrs(e, start)?)),
-                            "source" | "backingStore" => {
-                                if empty {
-                                    let s = Span { start, end };
-                                    if name == "source" {
-                                        d.sources.push(s)
-                                    } else {
-                                        d.backing.push(s)
-                                    }
-                                } else {
-                                    open_child = Some((name.clone(), start, stack.len()));
-                                }
-                            }
-                            _ => {}
-                        }
-                    }
-                } else if path == ["domain", "devices"] && name == "disk" {
-                    disk = Some(Disk {
-                        whole: Span { start, end },
-                        tag: Span { start, end },
-                        attrs: attrs(e, start)?,
-                        ..Disk::default()
-                    });
-                    if empty {
-                        // <disk/> without children: nothing to restore into, drop it.
-                        edits.push(removal(xml, start, end));
-                        disk = None;
-                    }
-                } else if path == ["domain", "devices", "interface"]
-                    && name == "mac"
-                    && rw.drop_macs
-                {
-                    if empty {
-                        edits.push(removal(xml, start, end));
-                    } else {
-                        open_child = Some(("mac".into(), start, stack.len()));
-                    }
-                } else if path == ["domain"] && name == "uuid" {
-                    uuid_seen = true;
-                    if empty && rw.drop_uuid {
-                        edits.push(removal(xml, start, end));
-                    } else if let (true, Some(u)) = (empty, &rw.uuid) {
-                        edits.push((start, end, format!("<uuid>{}</uuid>", escape(u))));
-                    }
-                }
-                if !empty {
-                    stack.push((name, start, end));
-                }
-            }
-            Event::End(ref e) => {
-                let name = e.name().as_ref().to_owned();
-                let Some((open, open_start, text_start)) = stack.pop() else {
-                    return Err(DomXmlError {
-                        offset: start as u64,
-                        message: format!("unexpected </{name}>"),
-                    });
-                };
-                let parent: Vec<&str> = stack.iter().map(|(n, _, _)| n.as_str()).collect();
-                // Closes the open child itself, not a same-named element inside it
-                // (a nested <backingStore> chain).
-                if let Some((child, cs, depth)) = open_child.take() {
-                    if stack.len() == depth {
-                        let s = Span { start: cs, end };
-                        match (child.as_str(), disk.as_mut()) {
-                            ("source", Some(d)) => d.sources.push(s),
-                            ("backingStore", Some(d)) => d.backing.push(s),
-                            ("mac", _) => edits.push(removal(xml, cs, end)),
-                            _ => {}
-                        }
-                    } else {
-                        open_child = Some((child, cs, depth));
-                    }
-                }
-                if open == "disk" && parent == ["domain", "devices"] {
-                    if let Some(mut d) = disk.take() {
-                        d.whole = Span {
-                            start: d.whole.start,
-                            end,
-                        };
-                        edits.extend(disk_edits(xml, &d, rw));
-                    }
-                } else if parent == ["domain"] && open == "name" {
-                    name_end = Some(end);
-                    if let Some(n) = &rw.name {
-                        edits.push((text_start, start, escape(n)));
-                    }
-                } else if parent == ["domain"] && open == "uuid" {
-                    if rw.drop_uuid {
-                        edits.push(removal(xml, open_start, end));
-                    } else if let Some(u) = &rw.uuid {
-                        edits.push((text_start, start, escape(u)));
-                    }
-                } else if parent == ["domain", "os"] && open == "nvram" {
-                    if let Some(n) = &rw.nvram {
-                        edits.push((text_start, start, escape(n)));
-                    }
-                }
-            }
+    // An end tag contains no `<`, so the last `</` of the element starts it.
+    let end = xml[..n.range().end].rfind("</")?;
+    Some(start..end)
+}
+
+/// The length of the tag starting `s`, up to and including its `>` (quoted
+/// attribute values skipped); `None` when it does not end.
+fn tag_len(s: &str) -> Option<usize> {
+    let mut quote = None;
+    for (i, b) in s.bytes().enumerate() {
+        match (quote, b) {
+            (None, b'>') => return Some(i + 1),
+            (None, b'\'' | b'"') => quote = Some(b),
+            (Some(q), _) if q == b => quote = None,
             _ => {}
         }
     }
-    if !stack.is_empty() {
-        return Err(DomXmlError {
-            offset: xml.len() as u64,
-            message: format!("<{}> is not closed", stack[stack.len() - 1].0),
-        });
-    }
-    // A UUID to re-inject into a domain that had none goes right after <name>
-    // (instant boot places the TPM state under it before the domain starts).
-    if let (false, false, Some(u), Some(at)) = (uuid_seen, rw.drop_uuid, &rw.uuid, name_end) {
-        edits.push((at, at, format!("\n  <uuid>{}</uuid>", escape(u))));
-    }
-    // Insertions (empty ranges) before a replacement starting at the same byte.
-    edits.sort_by_key(|e| (e.0, e.1));
-    let mut out = String::with_capacity(xml.len());
-    let mut pos = 0;
-    for (s, e, r) in edits {
-        if s < pos {
-            continue; // inside a range already replaced (a removed disk)
-        }
-        out.push_str(&xml[pos..s]);
-        out.push_str(&r);
-        pos = e;
-    }
-    out.push_str(&xml[pos..]);
-    Ok(out)
+    None
 }
 
-/// Removes `[start, end)` together with the indentation before it and its line break.
-fn removal(xml: &str, start: usize, end: usize) -> (usize, usize, String) {
-    let before = &xml[..start];
-    let line_start = before.rfind('\n').map_or(0, |i| i + 1);
-    let s = if before[line_start..].chars().all(|c| c == ' ' || c == '\t') {
-        line_start
-    } else {
-        start
-    };
-    let e = if xml[end..].starts_with('\n') {
-        end + 1
-    } else {
-        end
-    };
-    (s, e, String::new())
+/// The markup of `xml` (tags, comments, CDATA sections, processing instructions,
+/// DOCTYPE) in order, as `(start, end)`; `end` is `None` for markup left open, which
+/// ends the iteration.
+fn markup(xml: &str) -> impl Iterator<Item = (usize, Option<usize>)> + '_ {
+    const DELIMITED: [(&str, &str); 3] = [("<!--", "-->"), ("<![CDATA[", "]]>"), ("<?", "?>")];
+    let mut from = Some(0);
+    std::iter::from_fn(move || {
+        let start = from? + xml[from?..].find('<')?;
+        let rest = &xml[start..];
+        let len = match DELIMITED.iter().find(|(open, _)| rest.starts_with(open)) {
+            Some((open, close)) => rest[open.len()..]
+                .find(close)
+                .map(|i| open.len() + i + close.len()),
+            None => tag_len(rest),
+        };
+        from = len.map(|l| start + l);
+        Some((start, from))
+    })
 }
 
-fn disk_edits(xml: &str, d: &Disk, rw: &Rewrite) -> Vec<(usize, usize, String)> {
-    let device = d
-        .attrs
-        .iter()
-        .find(|(k, _)| k == "device")
-        .map_or("disk", |(_, v)| v.as_str());
-    let kind = d
-        .attrs
-        .iter()
-        .find(|(k, _)| k == "type")
-        .map_or("file", |(_, v)| v.as_str());
-    let restored = d
-        .target
-        .as_deref()
-        .and_then(|t| rw.disks.iter().find(|r| r.target == t));
-    let Some(r) = restored.filter(|_| device == "disk" && kind != "network") else {
-        // Optical drives, floppies, LUNs, network disks and disks without backup
-        // data cannot be restored: drop them (the VM boots without them).
-        return vec![removal(xml, d.whole.start, d.whole.end)];
-    };
-    let mut edits = Vec::new();
-    if kind != "file" {
-        let mut a = d.attrs.clone();
-        set_attr(&mut a, "type", "file");
-        edits.push((d.tag.start, d.tag.end, tag("disk", &a, false)));
-    }
-    for (span, attrs) in &d.drivers {
-        let mut a = attrs.clone();
-        set_attr(&mut a, "type", &r.format);
-        let empty = xml[span.start..span.end].ends_with("/>");
-        edits.push((span.start, span.end, tag("driver", &a, empty)));
-    }
-    let src = tag(
-        "source",
-        &[("file".to_owned(), r.path.to_string_lossy().into_owned())],
-        true,
-    );
-    // One <source>: the first is replaced, any other removed.
-    match d.sources.split_first() {
-        Some((s, rest)) => {
-            edits.push((s.start, s.end, src));
-            edits.extend(rest.iter().map(|r| removal(xml, r.start, r.end)));
+/// The error at the start of the markup the parser stopped in, like quick-xml (which
+/// this module used before) reported it: a tag with a bad attribute is reported at
+/// its `<`.
+fn parse_error(xml: &str, e: &roxmltree::Error) -> DomXmlError {
+    use roxmltree::Error as E;
+    let offset = match e {
+        // reported at 1:1
+        E::NoRootNode | E::UnclosedRootNode | E::UnexpectedEndOfStream => xml.len(),
+        E::DtdDetected => markup(xml)
+            .find(|(s, _)| xml[*s..].starts_with("<!DOCTYPE"))
+            .map_or(0, |(s, _)| s),
+        _ => {
+            let at = byte_offset(xml, e.pos());
+            markup(xml)
+                .take_while(|(s, _)| *s <= at)
+                .find(|(_, end)| end.is_none_or(|end| at < end))
+                .map_or(at, |(s, _)| s)
         }
-        None => edits.push((d.tag.end, d.tag.end, src)),
+    };
+    DomXmlError {
+        offset: offset as u64,
+        message: e.to_string(),
     }
-    for b in &d.backing {
-        edits.push(removal(xml, b.start, b.end));
-    }
-    edits
+}
+
+/// The byte offset of roxmltree's `row:col` (1-based; rows end at `\n`, columns
+/// count characters, a byte-order mark included).
+fn byte_offset(xml: &str, pos: TextPos) -> usize {
+    let rows = pos.row.saturating_sub(1) as usize;
+    let line: usize = xml.split_inclusive('\n').take(rows).map(str::len).sum();
+    let rest = &xml[line..];
+    let col = pos.col.saturating_sub(1) as usize;
+    line + rest.char_indices().nth(col).map_or(rest.len(), |(i, _)| i)
 }
 
 #[cfg(test)]
@@ -591,6 +605,78 @@ mod tests {
             );
             let e = rewrite(&xml, &Rewrite::default()).expect_err(bad);
             assert_eq!(e.offset, 17, "{e}");
+        }
+    }
+
+    // Only the changed bytes are replaced: the other attributes of an edited tag keep
+    // their quoting and spacing (quick-xml wrote the whole tag again), and a namespace
+    // declaration with a `>` in it does not end the tag.
+    #[test]
+    fn edits_keep_the_rest_of_a_tag() {
+        let xml = "<domain><devices>\n    <disk type=\"block\"  device='disk' xmlns:x='a>b'>\
+                   <driver name=\"qemu\"\tcache='none' /><driver type = \"raw\"/>\
+                   <target dev='vda'/></disk>\n  </devices></domain>";
+        let out = rewrite(
+            xml,
+            &Rewrite {
+                disks: disks(),
+                ..Rewrite::default()
+            },
+        )
+        .expect("ok");
+        assert_eq!(
+            out,
+            "<domain><devices>\n    <disk type=\"file\"  device='disk' xmlns:x='a>b'>\
+             <source file='/r/vm1-vda.qcow2'/>\
+             <driver name=\"qemu\"\tcache='none' type='qcow2' /><driver type = \"qcow2\"/>\
+             <target dev='vda'/></disk>\n  </devices></domain>"
+        );
+        // more than 255 spaces around `=` (roxmltree's `range_value` saturates there)
+        let pad = " ".repeat(300);
+        let xml = format!(
+            "<domain><devices><disk type{pad}={pad}'block'><target dev='vdb'/></disk></devices></domain>"
+        );
+        let out = rewrite(
+            &xml,
+            &Rewrite {
+                disks: disks(),
+                ..Rewrite::default()
+            },
+        )
+        .expect("ok");
+        assert_eq!(
+            out,
+            xml.replace("'block'>", "'file'><source file='/r/data'/>")
+        );
+    }
+
+    // roxmltree is stricter than quick-xml was. What it rejects is an error, never
+    // rewritten: a DTD (quick-xml skipped it, and an element hidden in an entity was
+    // left alone), an undefined entity or a bad character reference anywhere
+    // (quick-xml checked only the attributes it wrote again), an undeclared namespace
+    // prefix, a bad attribute on any tag, a second root, input without an element
+    // (quick-xml returned it unchanged). The offset is the start of the markup the
+    // parser stopped in, the place in text, or the end of the input.
+    #[test]
+    fn rejected_input_and_offsets() {
+        for (xml, offset) in [
+            (
+                "<!DOCTYPE domain [<!ENTITY d '<disk/>'>]>\n<domain>&d;</domain>",
+                0,
+            ),
+            ("<!-- <!DOCTYPE x> -->\n<!DOCTYPE domain>\n<domain/>", 22),
+            ("<domain>\n  <name>&unknown;</name>\n</domain>", 17),
+            ("<domain><name>&#0;</name></domain>", 14),
+            ("<domain><qemu:commandline/></domain>", 8),
+            ("<domain>\n  <é>ü</é><x a='1' a='2'/>\n</domain>", 22),
+            ("<domain>\n  <é>ü</é><!-- a -- b -->\n</domain>", 22),
+            ("<domain/>\n<domain/>", 10),
+            ("<domain><disk", 13),
+            ("", 0),
+            ("<!-- only -->", 13),
+        ] {
+            let e = rewrite(xml, &Rewrite::default()).expect_err(xml);
+            assert_eq!(e.offset, offset, "{xml:?}: {e}");
         }
     }
 }
