@@ -297,6 +297,7 @@ fn json_summary(s: &Session<'_>, result: &Result<Outcome, AppError>) {
         "log_file": log::current_path().map(|p| p.display().to_string()),
         "plan": o.and_then(|o| o.plan.clone()),
         "effects": o.filter(|_| !dry).map(|o| o.effects.clone()),
+        "warnings": log::warnings(),
     });
     crate::ui::write_stdout(&format!(
         "{}\n",

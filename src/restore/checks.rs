@@ -213,3 +213,45 @@ pub fn check_defined(ctx: &Context<'_>, pf: &mut Preflight, name: &str) -> Resul
     }
     Ok(defined)
 }
+
+/// Says what a restore of point `t` leaves out, so nothing goes missing silently:
+/// disks with backup data that this point's domain XML does not list (removed, or
+/// renamed in the XML), and devices the restored domain will not have (CD-ROMs,
+/// floppies, network disks: they have no backup data).
+pub fn warn_left_out(
+    ctx: &Context<'_>,
+    t: u32,
+    outputs: &[PredictedOutput],
+    cfg: Option<&nbdfmt::DomainConfig>,
+) {
+    for (disk, files) in &ctx.set.disks {
+        if outputs.iter().any(|o| &o.disk == disk) {
+            continue;
+        }
+        let last = files
+            .iter()
+            .filter_map(|f| f.level.checkpoint())
+            .filter(|n| *n <= t)
+            .max();
+        if let Some(last) = last {
+            ctx.log.warn(
+                "restore_vm",
+                &format!("{disk}: backed up (last at checkpoint {last}) but not in the domain XML of restore point {t} — not restored; to get it: --disk {disk} --restore-point {last} --restore-path <dir>"),
+            );
+        }
+    }
+    let Some(cfg) = cfg else { return };
+    for d in &cfg.disks {
+        if outputs.iter().any(|o| o.disk == d.target) {
+            continue;
+        }
+        let what = d.source.as_deref().unwrap_or("no source");
+        ctx.log.warn(
+            "restore_vm",
+            &format!(
+                "{} ({} {}, {what}) is left out of the defined domain: it has no backup data",
+                d.target, d.kind, d.device
+            ),
+        );
+    }
+}

@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 
 use crate::domain::rewrite::Rewrite;
 use crate::error::AppError;
-use crate::restore::checks::{check_defined, check_outputs, check_space, Preflight};
+use crate::restore::checks::{check_defined, check_outputs, check_space, warn_left_out, Preflight};
 use crate::restore::dr::{config, disk_jobs, disk_rewrites, endpoint, rewritten};
 use crate::restore::outputs::{predict_outputs, PredictedOutput};
 use crate::restore::plan::{
@@ -127,6 +127,7 @@ pub(super) fn plan_clone(
     let mut outputs = predict_outputs(ctx.set, t, dir);
     renamed(&mut outputs, name, dir, None);
     check_outputs(ctx, pf, &outputs)?;
+    warn_left_out(ctx, t, &outputs, Some(&cfg));
     let jobs = disk_jobs(ctx, t, &outputs)?;
     let mut actions = vec![Action::CreateDir(dir.to_path_buf())];
     actions.extend(clone_actions(ctx, t, name, defined, cfg_path, &cfg, jobs)?);

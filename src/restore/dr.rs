@@ -7,7 +7,7 @@ use nbdfmt::DomainConfig;
 
 use crate::domain::rewrite::{rewrite, DiskRewrite, Rewrite};
 use crate::error::AppError;
-use crate::restore::checks::{check_defined, check_outputs, check_space, Preflight};
+use crate::restore::checks::{check_defined, check_outputs, check_space, warn_left_out, Preflight};
 use crate::restore::outputs::{plan_outputs, predict_outputs, target_config, DiskJob, ImageFormat};
 use crate::restore::plan::{
     Action, Definition, Identity, NvramInstall, Report, RestorePlan, Summary, TpmUuid,
@@ -92,6 +92,7 @@ pub(super) fn plan_dr(
     let outputs = predict_outputs(ctx.set, t, dir);
     check_outputs(ctx, pf, &outputs)?;
     let (cfg_path, cfg) = config(ctx, t, "the VM")?;
+    warn_left_out(ctx, t, &outputs, Some(&cfg));
     if defined && ctx.options.force {
         refuse_running(ctx, pf)?;
     }
@@ -223,6 +224,7 @@ pub(super) fn plan_data_only(
     check_space(ctx, t, dir)?;
     let outputs = predict_outputs(ctx.set, t, dir);
     check_outputs(ctx, pf, &outputs)?;
+    warn_left_out(ctx, t, &outputs, None);
     let jobs = disk_jobs(ctx, t, &outputs)?;
     Ok(RestorePlan {
         vm: ctx.vm.clone(),

@@ -21,9 +21,16 @@ struct Run {
     effects: Vec<Effect>,
     defined_uuid: Option<String>,
     uuid_ok: bool,
+    /// The defined domain has interfaces (DR: their MACs are the backup's).
+    has_macs: bool,
+    /// The restore directory, when this run created it (removed again if the
+    /// run fails before anything is in it).
+    created_dir: Option<PathBuf>,
     tpm: Option<(&'static str, &'static str)>,
     in_place_done: Vec<String>,
     rollbacks: Vec<PathBuf>,
+    /// Per restored in-place disk, its rollback copy (for a partial failure).
+    rollbacks_by_disk: Vec<Option<PathBuf>>,
     summary: Option<String>,
 }
 
@@ -49,7 +56,10 @@ pub fn execute(ctx: &Context<'_>, plan: RestorePlan) -> Result<Outcome, AppError
     };
     for action in actions {
         let effects = action.effects();
-        step(ctx, &report, &in_place, action, &mut run)?;
+        if let Err(e) = step(ctx, &report, &in_place, action, &mut run) {
+            remove_if_empty(ctx, run.created_dir.as_deref());
+            return Err(e);
+        }
         run.effects.extend(effects);
     }
     Ok(finish(ctx, &vm, checkpoint, report, run))
@@ -98,6 +108,20 @@ fn step(
             run.summary = Some(crate::restore::serve::run(ctx, s)?);
             Ok(())
         }
+    }
+}
+
+/// A restore directory this run created and a failure left empty is removed: a
+/// failed restore leaves nothing behind.
+fn remove_if_empty(ctx: &Context<'_>, dir: Option<&Path>) {
+    let Some(dir) = dir else { return };
+    if std::fs::read_dir(dir).is_ok_and(|mut d| d.next().is_none())
+        && std::fs::remove_dir(dir).is_ok()
+    {
+        ctx.log.info(
+            "restore_vm",
+            &format!("Removed the empty restore directory {}", dir.display()),
+        );
     }
 }
 
@@ -196,6 +220,7 @@ fn replace_disk(
                     ),
                 ),
             }
+            run.rollbacks_by_disk.push(kept.clone());
             run.rollbacks.extend(kept);
             swap::set_owner(ctx, &r);
             ctx.log
@@ -225,6 +250,13 @@ fn partial_failure(
             run.in_place_done.join(", ")
         );
         ctx.log.error("restore_disk", &partial);
+        for (done, kept) in run.in_place_done.iter().zip(&run.rollbacks_by_disk) {
+            let line = match kept {
+                Some(k) => format!("  {done}: restored; its previous content is in {}", k.display()),
+                None => format!("  {done}: restored (--no-pre-restore: no previous content kept)"),
+            };
+            ctx.log.error("restore_disk", &line);
+        }
         for s in in_place.iter().skip(run.in_place_done.len() + 1) {
             ctx.log.error("restore_disk", &format!("Skipped: {s}"));
         }
@@ -363,6 +395,7 @@ fn define(ctx: &Context<'_>, d: &Definition, run: &mut Run) -> Result<(), AppErr
             for mac in macs {
                 ctx.log.info("define_vm", &format!("MAC preserved: {mac}"));
             }
+            run.has_macs = !macs.is_empty();
             run.defined_uuid = Some(info.uuid);
         }
         Identity::New => {
@@ -398,8 +431,10 @@ fn finish(ctx: &Context<'_>, vm: &str, checkpoint: u32, report: Report, run: Run
     let (tok, tpm_result) = run.tpm.unwrap_or(("", report.tpm_result));
     let summary = match report.summary {
         Summary::Dr => format!(
-            "Restore complete: {vm} — disk ✓ defined ✓ UUID {} MACs ✓{tok}",
-            if run.uuid_ok { "✓" } else { "✗" }
+            "Restore complete: {vm} — disk ✓ defined ✓ UUID {}{}{tok}",
+            if run.uuid_ok { "✓" } else { "✗" },
+            // a VM without a network interface has no MACs to keep
+            if run.has_macs { " MACs ✓" } else { " (no network interface)" }
         ),
         Summary::Clone => format!("Restore complete: {vm} — disk ✓ defined ✓ new identity ✓{tok}"),
         Summary::DataOnly => {

@@ -118,25 +118,23 @@ pub fn warn_disk_set_change(set: &BackupSet, point: RestorePoint, t: u32, log: &
     let (Some(at), Some(last)) = (set.point(t), set.point(latest)) else {
         return;
     };
-    if at.disks == last.disks {
+    // the disk *configuration* is what each point's domain XML expects; the data
+    // files of an interrupted latest backup (a `.partial`) say nothing about it
+    if at.expected == last.expected {
         return;
     }
     let fmt = |d: &BTreeSet<String>| d.iter().cloned().collect::<Vec<_>>().join(", ");
     log.warn("restore_vm", &format!("Disk configuration changed between checkpoint {t} and the latest checkpoint ({latest})."));
     log.warn(
         "restore_vm",
-        &format!(
-            "  Checkpoint {t}: {} ({} disks)",
-            fmt(&at.disks),
-            at.disks.len()
-        ),
+        &format!("  Checkpoint {t}: {} ({} disks)", fmt(&at.expected), at.expected.len()),
     );
     log.warn(
         "restore_vm",
         &format!(
             "  Latest (CP {latest}): {} ({} disks)",
-            fmt(&last.disks),
-            last.disks.len()
+            fmt(&last.expected),
+            last.expected.len()
         ),
     );
     log.warn(

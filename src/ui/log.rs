@@ -28,6 +28,18 @@ use crate::ui::format;
 /// The open run log, shared by the subscriber's writer and [`finish`].
 static RUN_LOG: Mutex<Option<OpenLog>> = Mutex::new(None);
 
+/// Every WARN line of this run (messages only), for the `--json` document: what a
+/// script is told must match what a person reads.
+static WARNINGS: Mutex<Vec<String>> = Mutex::new(Vec::new());
+
+/// The WARN messages logged so far.
+pub fn warnings() -> Vec<String> {
+    WARNINGS
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+        .clone()
+}
+
 #[derive(Debug)]
 struct OpenLog {
     file: File,
@@ -102,6 +114,12 @@ impl Drop for TeeWriter {
     fn drop(&mut self) {
         // Diagnostics must never abort the run: a failing stderr or log write is ignored.
         let _ = std::io::stderr().lock().write_all(&self.buf);
+        if let Some((_, msg)) = String::from_utf8_lossy(&self.buf).split_once("] WARN: ") {
+            WARNINGS
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .push(msg.trim_end().to_owned());
+        }
         with_log(|log| {
             if let Some(l) = log {
                 let _ = l.file.write_all(&self.buf);
