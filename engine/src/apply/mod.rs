@@ -168,7 +168,7 @@ pub fn apply(
     opts: &ApplyOptions,
 ) -> Result<ApplyReport> {
     if plans.len() != targets.len() {
-        return Err(Error::Unsupported(format!(
+        return Err(Error::Internal(format!(
             "{} plans but {} targets",
             plans.len(),
             targets.len()
@@ -190,7 +190,7 @@ pub fn apply(
             let target = targets
                 .into_iter()
                 .next()
-                .ok_or_else(|| Error::Unsupported("internal: one plan but no target".into()))?;
+                .ok_or_else(|| Error::internal("internal: one plan but no target"))?;
             let disks = apply_inline(plan, jobs, target, opts)?;
             return Ok(ApplyReport {
                 disks,
@@ -205,7 +205,7 @@ pub fn apply(
         .max_blocking_threads(opts.readers.max(1) + plans.len() + 2)
         .thread_name("vmrestore-apply")
         .build()
-        .map_err(|e| Error::Unsupported(format!("cannot start the I/O runtime: {e}")))?;
+        .map_err(|e| Error::Internal(format!("cannot start the I/O runtime: {e}")))?;
     let started = Instant::now();
     let disks = rt.block_on(run(plans, targets, opts))?;
     Ok(ApplyReport {
@@ -349,17 +349,14 @@ async fn run(
             let abort2 = abort.clone();
             let pool2 = pool.clone();
             reader_handles.push(tokio::spawn(async move {
-                let _permit = slots
-                    .acquire_owned()
-                    .await
-                    .map_err(|_| Error::Cancelled(-1))?;
+                let _permit = slots.acquire_owned().await.map_err(|_| Error::Aborted)?;
                 tokio::task::spawn_blocking(move || {
                     let mut emit = |offset: u64, data: Vec<u8>| -> Result<()> {
                         if abort2.is_cancelled() {
-                            return Err(Error::Cancelled(-1));
+                            return Err(Error::Aborted);
                         }
                         tx.blocking_send(Chunk { offset, data })
-                            .map_err(|_| Error::Cancelled(-1))
+                            .map_err(|_| Error::Aborted)
                     };
                     let status = scan::scan_file(&job, verify, chunk, &pool2, &cancel, &mut emit)?;
                     Ok::<_, Error>((
@@ -369,7 +366,7 @@ async fn run(
                     ))
                 })
                 .await
-                .map_err(|e| Error::Unsupported(format!("reader task failed: {e}")))?
+                .map_err(|e| Error::Internal(format!("reader task failed: {e}")))?
             }));
         }
         drop(tx);
@@ -379,10 +376,10 @@ async fn run(
     // each chunk and stop quickly, and nothing outlives this function.
     let mut first_err: Option<Error> = None;
     let mut note = |e: Error, abort: &Cancel| {
-        abort.trigger(-1);
+        abort.abort();
         if first_err
             .as_ref()
-            .is_none_or(|f| matches!(f, Error::Cancelled(-1)))
+            .is_none_or(|f| matches!(f, Error::Aborted))
         {
             first_err = Some(e);
         }
@@ -391,7 +388,7 @@ async fn run(
     for h in reader_handles {
         match h
             .await
-            .map_err(|e| Error::Unsupported(format!("reader task failed: {e}")))
+            .map_err(|e| Error::Internal(format!("reader task failed: {e}")))
             .and_then(|x| x)
         {
             Ok((p, s, read)) => {
@@ -404,16 +401,14 @@ async fn run(
     for h in writer_handles {
         match h
             .await
-            .map_err(|e| Error::Unsupported(format!("writer task failed: {e}")))
+            .map_err(|e| Error::Internal(format!("writer task failed: {e}")))
             .and_then(|x| x)
         {
             Ok(r) => reports.push(r),
             Err(e) => note(e, &abort),
         }
     }
-    if let Some(sig) = opts.cancel.signal() {
-        return Err(Error::Cancelled(sig));
-    }
+    opts.cancel.check()?;
     if let Some(e) = first_err {
         return Err(e);
     }
@@ -575,7 +570,7 @@ impl Rolling {
             Some((tx, h)) => {
                 drop(tx);
                 h.join()
-                    .map_err(|_| Error::Unsupported("read-back thread panicked".into()))?
+                    .map_err(|_| Error::internal("read-back thread panicked"))?
             }
         }
     }
@@ -599,7 +594,7 @@ fn readback_thread(
         }
         for (w, phys) in b.checks {
             if abort.is_cancelled() {
-                return Err(Error::Cancelled(-1));
+                return Err(Error::Aborted);
             }
             cancel.check()?;
             let n = usize::try_from(w.len).unwrap_or(usize::MAX);
@@ -642,7 +637,7 @@ fn readback_thread(
     };
     while let Ok(b) = rx.recv() {
         if let Err(e) = run(&mut buf, b) {
-            abort.trigger(-1);
+            abort.abort();
             return Err(e);
         }
     }
@@ -781,7 +776,7 @@ impl<'a> DiskWriter<'a> {
             None => None,
             Some((tx, Ok(h))) => Some((tx, h)),
             Some((_, Err(e))) => {
-                return Err(Error::Unsupported(format!(
+                return Err(Error::Internal(format!(
                     "cannot start the read-back thread: {e}"
                 )))
             }
@@ -870,7 +865,7 @@ impl<'a> DiskWriter<'a> {
         if self.abort.is_cancelled() {
             // Maybe the read-back thread stopped everything: its error is the one to report.
             self.rolling.join()?;
-            return Err(Error::Cancelled(-1));
+            return Err(Error::Aborted);
         }
         self.rolling
             .settle(&mut *self.target, 0, false, &self.disk, opts)?;

@@ -130,7 +130,7 @@ impl Scan {
     /// Advances to `off`: reading (and hashing) when verifying, else seeking.
     fn skip_to(&mut self, off: u64) -> Result<()> {
         if off < self.pos {
-            return Err(Error::Unsupported(format!(
+            return Err(Error::Internal(format!(
                 "internal: backward skip in {}",
                 self.path.display()
             )));
@@ -167,8 +167,8 @@ impl Scan {
                 left -= n as u64;
             }
         } else if off != self.pos {
-            let delta = i64::try_from(off - self.pos)
-                .map_err(|_| Error::Unsupported("seek too far".into()))?;
+            let delta =
+                i64::try_from(off - self.pos).map_err(|_| Error::internal("seek too far"))?;
             self.inner.seek_relative(delta).map_err(|e| self.io(e))?;
             self.pos = off;
         }
@@ -268,7 +268,7 @@ fn scan_plain(
         for l in live {
             let off = fr.payload_offset + (l.disk_start - fr.start);
             if off < pos {
-                return Err(Error::Unsupported(format!(
+                return Err(Error::Internal(format!(
                     "internal: backward skip in {}",
                     path.display()
                 )));

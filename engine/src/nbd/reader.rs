@@ -523,7 +523,7 @@ impl ChainReader {
         let src = &self.files[file as usize];
         let fr = &src.frames[frame as usize];
         let Some(f) = &src.file else {
-            return Err(Error::Unsupported(format!(
+            return Err(Error::Internal(format!(
                 "internal: {} is not open",
                 src.path.display()
             )));
@@ -681,7 +681,7 @@ impl ChainReader {
         let src = &self.files[file as usize];
         let fr = &src.frames[frame as usize];
         let Some(f) = &src.file else {
-            return Err(Error::Unsupported(format!(
+            return Err(Error::Internal(format!(
                 "internal: {} is not open",
                 src.path.display()
             )));

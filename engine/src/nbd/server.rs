@@ -320,7 +320,7 @@ impl Server {
             .enable_io()
             .enable_time()
             .build()
-            .map_err(|e| Error::Unsupported(format!("cannot start the I/O runtime: {e}")))?;
+            .map_err(|e| Error::Internal(format!("cannot start the I/O runtime: {e}")))?;
         let bound = rt.block_on(async {
             let mut out = Vec::new();
             for l in listen {
@@ -420,7 +420,7 @@ impl Server {
         let thread = std::thread::Builder::new()
             .name("vmrestore-nbd-server".into())
             .spawn(move || self.run(c))
-            .map_err(|e| Error::Unsupported(format!("cannot start the server thread: {e}")))?;
+            .map_err(|e| Error::Internal(format!("cannot start the server thread: {e}")))?;
         Ok(ServeHandle {
             uris,
             tcp,
@@ -457,7 +457,7 @@ impl ServeHandle {
 
     /// Stops the server and waits for it.
     pub fn stop(mut self) -> Result<ServeStats> {
-        self.cancel.trigger(0);
+        self.cancel.abort();
         self.join_inner()
     }
 
@@ -471,7 +471,7 @@ impl ServeHandle {
             None => Ok(ServeStats::default()),
             Some(t) => t
                 .join()
-                .map_err(|_| Error::Unsupported("the NBD server thread panicked".into()))?,
+                .map_err(|_| Error::internal("the NBD server thread panicked"))?,
         }
     }
 }
@@ -479,7 +479,7 @@ impl ServeHandle {
 impl Drop for ServeHandle {
     fn drop(&mut self) {
         if self.thread.is_some() {
-            self.cancel.trigger(0);
+            self.cancel.abort();
             let _ = self.join_inner();
         }
     }

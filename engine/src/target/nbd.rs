@@ -530,10 +530,7 @@ impl NbdTarget {
             return Err(self.failure_error(f));
         }
         if self.finished {
-            return Err(Error::Unsupported(format!(
-                "{}: already finished",
-                self.uri
-            )));
+            return Err(Error::Internal(format!("{}: already finished", self.uri)));
         }
         Ok(())
     }
@@ -856,7 +853,7 @@ impl NbdTarget {
             "zeroing"
         };
         self.make_room(op, offset, len, payload.len())?;
-        let l32 = u32::try_from(len).map_err(|_| Error::Unsupported("request too long".into()))?;
+        let l32 = u32::try_from(len).map_err(|_| Error::internal("request too long"))?;
         match self.send_request(kind, 0, offset, l32, payload) {
             Ok(h) => {
                 self.pending.insert(h, Pending::Write { offset, len, op });
