@@ -3,14 +3,18 @@
 //! feeds every byte of the file — superseded data included — through adler32, so
 //! the checksum costs no second read.
 
+use std::collections::BTreeMap;
 use std::fs::File;
 use std::io::{self, BufRead, BufReader, Read, Seek, SeekFrom};
 
 use nbdfmt::lz4::Lz4FrameReader;
 use nbdfmt::{Error as FmtError, ErrorKind as FmtKind};
 
+use super::options::ApplyOptions;
 use crate::cancel::Cancel;
 use crate::error::{Error, Result};
+use crate::extent::Source;
+use crate::plan::DiskPlan;
 
 /// Chunk buffers handed back by the writers for the readers to fill again, so no
 /// chunk costs a fresh allocation (1 MiB allocations from several threads made glibc
@@ -78,9 +82,40 @@ pub(crate) struct FileJob {
 impl FileJob {
     /// True when the scan passes the whole file through adler32 (checksums asked for
     /// and the file has a `.chksum`).
-    pub fn hashed(&self, opts: &super::ApplyOptions) -> bool {
+    pub fn hashed(&self, opts: &ApplyOptions) -> bool {
         opts.verify_checksums && self.stored_checksum.is_some()
     }
+}
+
+/// Splits a disk's extent map into one owned reader job per chain file.
+pub(crate) fn jobs(plan: &DiskPlan) -> Vec<FileJob> {
+    let mut per_file: Vec<BTreeMap<u32, Vec<Live>>> =
+        (0..plan.files.len()).map(|_| BTreeMap::new()).collect();
+    for e in plan.map.iter() {
+        if let Source::Data { file, frame } = e.source {
+            per_file[file as usize]
+                .entry(frame)
+                .or_default()
+                .push(Live {
+                    disk_start: e.start,
+                    len: e.len,
+                });
+        }
+    }
+    per_file
+        .into_iter()
+        .zip(&plan.files)
+        .map(|(m, f)| FileJob {
+            path: f.path.clone(),
+            file_size: f.index.file_size,
+            stored_checksum: f.stored_checksum,
+            compressed: f.compressed(),
+            frames: m
+                .into_iter()
+                .map(|(i, live)| (f.index.frames[i as usize].clone(), live))
+                .collect(),
+        })
+        .collect()
 }
 
 /// File reader that hashes what passes through when asked to.
