@@ -337,19 +337,7 @@ fn read_chunk(
                 covered,
                 ..
             },
-        ) => {
-            if plen < 8 {
-                return Err(proto_err("short OFFSET_DATA chunk"));
-            }
-            let at = read_u64(rd)?;
-            let n = u64::from(plen - 8);
-            if at < *offset || at + n > *offset + *len {
-                return Err(proto_err("OFFSET_DATA outside the request"));
-            }
-            let s = *buf_off + (at - *offset) as usize;
-            rd.read_exact(&mut buf[s..s + n as usize])?;
-            *covered += n;
-        }
+        ) => *covered += read_data_chunk(rd, plen, (*offset, *len, *buf_off), buf)?,
         (
             REPLY_TYPE_OFFSET_HOLE,
             Pending::Read {
@@ -359,19 +347,7 @@ fn read_chunk(
                 covered,
                 ..
             },
-        ) => {
-            if plen != 12 {
-                return Err(proto_err("bad OFFSET_HOLE chunk"));
-            }
-            let at = read_u64(rd)?;
-            let n = u64::from(read_u32(rd)?);
-            if at < *offset || at + n > *offset + *len {
-                return Err(proto_err("OFFSET_HOLE outside the request"));
-            }
-            let s = *buf_off + (at - *offset) as usize;
-            buf[s..s + n as usize].fill(0);
-            *covered += n;
-        }
+        ) => *covered += read_hole_chunk(rd, plen, (*offset, *len, *buf_off), buf)?,
         (REPLY_TYPE_BLOCK_STATUS, Pending::Status { extents, .. }) => {
             if plen < 12 || (plen - 4) % 8 != 0 {
                 return Err(proto_err("bad BLOCK_STATUS chunk"));
@@ -398,4 +374,48 @@ fn read_chunk(
         }
     }
     Ok(())
+}
+
+/// A read request as its chunks see it: disk offset, length, and where in the caller's
+/// buffer its bytes go.
+type ReadSpan = (u64, u64, usize);
+
+/// An `OFFSET_DATA` chunk of the read `span`: its bytes into `buf`; how many.
+fn read_data_chunk(
+    rd: &mut impl Read,
+    plen: u32,
+    (offset, len, buf_off): ReadSpan,
+    buf: &mut [u8],
+) -> io::Result<u64> {
+    if plen < 8 {
+        return Err(proto_err("short OFFSET_DATA chunk"));
+    }
+    let at = read_u64(rd)?;
+    let n = u64::from(plen - 8);
+    if at < offset || at + n > offset + len {
+        return Err(proto_err("OFFSET_DATA outside the request"));
+    }
+    let s = buf_off + (at - offset) as usize;
+    rd.read_exact(&mut buf[s..s + n as usize])?;
+    Ok(n)
+}
+
+/// An `OFFSET_HOLE` chunk of the read `span`: zeroes into `buf`; how many.
+fn read_hole_chunk(
+    rd: &mut impl Read,
+    plen: u32,
+    (offset, len, buf_off): ReadSpan,
+    buf: &mut [u8],
+) -> io::Result<u64> {
+    if plen != 12 {
+        return Err(proto_err("bad OFFSET_HOLE chunk"));
+    }
+    let at = read_u64(rd)?;
+    let n = u64::from(read_u32(rd)?);
+    if at < offset || at + n > offset + len {
+        return Err(proto_err("OFFSET_HOLE outside the request"));
+    }
+    let s = buf_off + (at - offset) as usize;
+    buf[s..s + n as usize].fill(0);
+    Ok(n)
 }
