@@ -41,7 +41,7 @@ pub fn apply(
     opts: &ApplyOptions,
 ) -> Result<ApplyReport> {
     if plans.len() != targets.len() {
-        return Err(Error::Internal(format!(
+        return Err(Error::internal(format!(
             "{} plans but {} targets",
             plans.len(),
             targets.len()
@@ -78,7 +78,7 @@ pub fn apply(
         .max_blocking_threads(opts.readers.max(1) + plans.len() + 2)
         .thread_name("vmrestore-apply")
         .build()
-        .map_err(|e| Error::Internal(format!("cannot start the I/O runtime: {e}")))?;
+        .map_err(|e| Error::internal(format!("cannot start the I/O runtime: {e}")))?;
     let started = Instant::now();
     let disks = rt.block_on(pipeline::run(plans, targets, opts))?;
     Ok(ApplyReport {

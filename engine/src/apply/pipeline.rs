@@ -84,7 +84,7 @@ pub(super) async fn run(
     for h in reader_handles {
         match h
             .await
-            .map_err(|e| Error::Internal(format!("reader task failed: {e}")))
+            .map_err(|e| Error::internal(format!("reader task failed: {e}")))
             .and_then(|x| x)
         {
             Ok((p, s, read)) => {
@@ -97,7 +97,7 @@ pub(super) async fn run(
     for h in writer_handles {
         match h
             .await
-            .map_err(|e| Error::Internal(format!("writer task failed: {e}")))
+            .map_err(|e| Error::internal(format!("writer task failed: {e}")))
             .and_then(|x| x)
         {
             Ok(r) => reports.push(r),
@@ -174,7 +174,7 @@ fn spawn_reader(
             ))
         })
         .await
-        .map_err(|e| Error::Internal(format!("reader task failed: {e}")))?
+        .map_err(|e| Error::internal(format!("reader task failed: {e}")))?
     })
 }
 

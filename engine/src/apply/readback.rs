@@ -115,7 +115,7 @@ impl Rolling {
             None => None,
             Some((tx, Ok(h))) => Some((tx, h)),
             Some((_, Err(e))) => {
-                return Err(Error::Internal(format!(
+                return Err(Error::internal(format!(
                     "cannot start the read-back thread: {e}"
                 )))
             }

@@ -139,7 +139,7 @@ fn truncated(path: &Path, offset: u64, expected: u64, got: u64) -> Error {
 
 /// The error for a skip backwards, which the file order of the jobs rules out.
 fn backward_skip(path: &Path) -> Error {
-    Error::Internal(format!("internal: backward skip in {}", path.display()))
+    Error::internal(format!("internal: backward skip in {}", path.display()))
 }
 
 /// File reader that hashes what passes through when asked to.

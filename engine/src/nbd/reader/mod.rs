@@ -121,7 +121,7 @@ impl ChainSource {
     /// The open file (every file an extent needs is open).
     fn open_file(&self) -> Result<&File> {
         self.file.as_ref().ok_or_else(|| {
-            Error::Internal(format!("internal: {} is not open", self.path.display()))
+            Error::internal(format!("internal: {} is not open", self.path.display()))
         })
     }
 }

@@ -198,7 +198,7 @@ impl Server {
             .enable_io()
             .enable_time()
             .build()
-            .map_err(|e| Error::Internal(format!("cannot start the I/O runtime: {e}")))?;
+            .map_err(|e| Error::internal(format!("cannot start the I/O runtime: {e}")))?;
         let bound = rt.block_on(bind_all(listen))?;
         Ok(Self {
             rt,
@@ -282,7 +282,7 @@ impl Server {
         let thread = std::thread::Builder::new()
             .name("vmrestore-nbd-server".into())
             .spawn(move || self.run(c))
-            .map_err(|e| Error::Internal(format!("cannot start the server thread: {e}")))?;
+            .map_err(|e| Error::internal(format!("cannot start the server thread: {e}")))?;
         Ok(ServeHandle {
             uris,
             tcp,

@@ -188,7 +188,7 @@ impl NbdTarget {
             return Err(self.failure_error(f));
         }
         if self.finished {
-            return Err(Error::Internal(format!("{}: already finished", self.uri)));
+            return Err(Error::internal(format!("{}: already finished", self.uri)));
         }
         Ok(())
     }
