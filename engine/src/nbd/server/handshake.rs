@@ -95,16 +95,7 @@ where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,
 {
-    wr.write_all(&NBDMAGIC.to_be_bytes()).await?;
-    wr.write_all(&IHAVEOPT.to_be_bytes()).await?;
-    wr.write_all(&(FLAG_FIXED_NEWSTYLE | FLAG_NO_ZEROES).to_be_bytes())
-        .await?;
-    wr.flush().await?;
-    let cflags = rd.read_u32().await?;
-    if cflags & !(FLAG_C_FIXED_NEWSTYLE | FLAG_C_NO_ZEROES) != 0 {
-        return Err(invalid(format!("unknown client flags {cflags:#x}")));
-    }
-    let no_zeroes = cflags & FLAG_C_NO_ZEROES != 0;
+    let no_zeroes = greet(rd, wr).await?;
     let mut asked = Asked::default();
     loop {
         if rd.read_u64().await? != IHAVEOPT {
@@ -164,6 +155,25 @@ where
             }
         }
     }
+}
+
+/// Our greeting (fixed newstyle, no zeroes) and the client's flags: whether it
+/// asked for no zeroes.
+async fn greet<R, W>(rd: &mut R, wr: &mut W) -> std::io::Result<bool>
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
+    wr.write_all(&NBDMAGIC.to_be_bytes()).await?;
+    wr.write_all(&IHAVEOPT.to_be_bytes()).await?;
+    wr.write_all(&(FLAG_FIXED_NEWSTYLE | FLAG_NO_ZEROES).to_be_bytes())
+        .await?;
+    wr.flush().await?;
+    let cflags = rd.read_u32().await?;
+    if cflags & !(FLAG_C_FIXED_NEWSTYLE | FLAG_C_NO_ZEROES) != 0 {
+        return Err(invalid(format!("unknown client flags {cflags:#x}")));
+    }
+    Ok(cflags & FLAG_C_NO_ZEROES != 0)
 }
 
 /// `NBD_OPT_EXPORT_NAME`: into transmission, or (no such export) a hard disconnect.
