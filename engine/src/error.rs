@@ -9,7 +9,7 @@ pub enum ErrorKind {
     CorruptBackup,
     /// The chain is incomplete or its links are broken.
     BrokenChain,
-    /// The target ran out of space.
+    /// The target ran out of space (ENOSPC), or its owner out of quota (EDQUOT).
     NoSpace,
     /// Writing, reading back or syncing the target failed.
     TargetIo,
