@@ -6,9 +6,14 @@ use std::sync::Arc;
 
 use tokio::sync::Notify;
 
+use crate::error::{Error, Result};
+
+/// What a cancel without a signal stores (and [`Cancel::signal`] reports).
+const NO_SIGNAL: i32 = -1;
+
 #[derive(Debug, Default)]
 struct Inner {
-    /// 0 = not cancelled; otherwise the signal number (or -1 for a plain cancel).
+    /// 0 = not cancelled; otherwise the signal number (or [`NO_SIGNAL`]).
     signal: AtomicI32,
     notify: Notify,
 }
@@ -25,8 +30,9 @@ impl Cancel {
 
     /// Cancels, remembering which signal asked for it (first one wins).
     /// Async-signal-safe apart from the notify, which only touches atomics.
+    /// `0` cancels without a signal, like [`abort`](Self::abort).
     pub fn trigger(&self, signal: i32) {
-        let sig = if signal == 0 { -1 } else { signal };
+        let sig = if signal == 0 { NO_SIGNAL } else { signal };
         if self
             .0
             .signal
@@ -35,6 +41,12 @@ impl Cancel {
         {
             self.0.notify.notify_waiters();
         }
+    }
+
+    /// Cancels without a signal (a caller stopping a server, a worker stopping the
+    /// others after a failure); [`check`](Self::check) then fails with [`Error::Aborted`].
+    pub fn abort(&self) {
+        self.trigger(0);
     }
 
     /// True once cancelled.
@@ -61,11 +73,12 @@ impl Cancel {
         }
     }
 
-    /// `Err(Cancelled)` when cancelled.
-    pub fn check(&self) -> crate::Result<()> {
+    /// `Err` when cancelled: [`Error::Cancelled`] with the signal, or [`Error::Aborted`]
+    /// for a cancel without one.
+    pub fn check(&self) -> Result<()> {
         match self.signal() {
             None => Ok(()),
-            Some(s) => Err(crate::Error::Cancelled(s)),
+            Some(s) => Err(Error::cancelled(s)),
         }
     }
 }

@@ -9,7 +9,7 @@ pub enum ErrorKind {
     CorruptBackup,
     /// The chain is incomplete or its links are broken.
     BrokenChain,
-    /// The target ran out of space.
+    /// The target ran out of space (ENOSPC), or its owner out of quota (EDQUOT).
     NoSpace,
     /// Writing, reading back or syncing the target failed.
     TargetIo,
@@ -17,8 +17,15 @@ pub enum ErrorKind {
     Unsupported,
     /// The restored content read back differs from the plan.
     VerifyFailed,
-    /// Cancelled (by a signal); carries the signal number.
+    /// Cancelled by a signal; carries the signal number (positive).
     Cancelled(i32),
+    /// Stopped without a signal: the caller cancelled without naming one
+    /// ([`Cancel::abort`](crate::cancel::Cancel::abort)), or a worker stopped because
+    /// another part of the same run failed (that failure is the one reported then).
+    Aborted,
+    /// A condition that should not happen: an engine bug, or a worker thread or runtime
+    /// that could not start or panicked. Nothing about the backup or the target.
+    Internal,
 }
 
 /// An engine failure.
@@ -46,9 +53,12 @@ pub enum Error {
         #[source]
         source: std::io::Error,
     },
-    /// An option the target cannot honour.
+    /// An option or request the engine or the target cannot honour.
     #[error("{0}")]
     Unsupported(String),
+    /// See [`ErrorKind::Internal`].
+    #[error("{0}")]
+    Internal(String),
     /// Read-back verification found different content.
     #[error("verification of {path} failed: {message}")]
     Verify {
@@ -57,9 +67,12 @@ pub enum Error {
         /// Where and how it differs.
         message: String,
     },
-    /// The restore was cancelled.
+    /// The restore was cancelled by a signal.
     #[error("cancelled by signal {0}")]
     Cancelled(i32),
+    /// See [`ErrorKind::Aborted`].
+    #[error("aborted")]
+    Aborted,
 }
 
 impl Error {
@@ -69,6 +82,21 @@ impl Error {
             op,
             path: path.to_path_buf(),
             source,
+        }
+    }
+
+    /// An [`Error::Internal`] with this message.
+    pub(crate) fn internal(message: impl Into<String>) -> Self {
+        Self::Internal(message.into())
+    }
+
+    /// The error for a cancel that stored `signal`: [`Error::Cancelled`] for a signal,
+    /// [`Error::Aborted`] for a cancel without one (stored as a value `<= 0`).
+    pub(crate) fn cancelled(signal: i32) -> Self {
+        if signal > 0 {
+            Self::Cancelled(signal)
+        } else {
+            Self::Aborted
         }
     }
 
@@ -87,14 +115,48 @@ impl Error {
             }
             Self::Backup(_) => ErrorKind::CorruptBackup,
             Self::Chain { .. } => ErrorKind::BrokenChain,
-            Self::Target { source, .. } if source.raw_os_error() == Some(28) => ErrorKind::NoSpace,
+            Self::Target { source, .. } if is_no_space(source) => ErrorKind::NoSpace,
             Self::Target { .. } => ErrorKind::TargetIo,
             Self::Unsupported(_) => ErrorKind::Unsupported,
+            Self::Internal(_) => ErrorKind::Internal,
             Self::Verify { .. } => ErrorKind::VerifyFailed,
             Self::Cancelled(s) => ErrorKind::Cancelled(*s),
+            Self::Aborted => ErrorKind::Aborted,
         }
     }
 }
 
+/// ENOSPC (`StorageFull`) and EDQUOT (`QuotaExceeded`): either way the target has no
+/// room for the restore, and the remedy (free space or quota) is the caller's.
+fn is_no_space(e: &std::io::Error) -> bool {
+    matches!(
+        e.kind(),
+        std::io::ErrorKind::StorageFull | std::io::ErrorKind::QuotaExceeded
+    )
+}
+
 /// `Result` with [`Error`].
 pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn target_error(errno: i32) -> Error {
+        Error::target(
+            "writing",
+            Path::new("/t"),
+            std::io::Error::from_raw_os_error(errno),
+        )
+    }
+
+    #[test]
+    fn kinds_of_os_errors_and_cancels() {
+        assert_eq!(target_error(libc::ENOSPC).kind(), ErrorKind::NoSpace);
+        assert_eq!(target_error(libc::EDQUOT).kind(), ErrorKind::NoSpace);
+        assert_eq!(target_error(libc::EIO).kind(), ErrorKind::TargetIo);
+        assert_eq!(Error::cancelled(15).kind(), ErrorKind::Cancelled(15));
+        assert_eq!(Error::cancelled(-1).kind(), ErrorKind::Aborted);
+        assert_eq!(Error::internal("x").kind(), ErrorKind::Internal);
+    }
+}
