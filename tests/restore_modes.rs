@@ -2982,7 +2982,13 @@ fn hanging_catalogue_trigger_costs_one_warn() {
     .expect("trigger");
     drop(conn);
     let started = std::time::Instant::now();
-    let r = w.run(&["--vm", "rc-acc-files", "--skip-config", "--restore-path", &w.s("out/c")]);
+    let r = w.run(&[
+        "--vm",
+        "rc-acc-files",
+        "--skip-config",
+        "--restore-path",
+        &w.s("out/c"),
+    ]);
     let took = started.elapsed();
     assert_code(&r, 0);
     assert!(took < std::time::Duration::from_secs(20), "took {took:?}");
@@ -2992,5 +2998,11 @@ fn hanging_catalogue_trigger_costs_one_warn() {
         "{}",
         r.stderr
     );
-    assert!(w.lock_files().iter().all(|l| !l.display().to_string().contains("rc-acc-files")), "{:?}", w.lock_files());
+    assert!(
+        w.lock_files()
+            .iter()
+            .all(|l| !l.display().to_string().contains("rc-acc-files")),
+        "{:?}",
+        w.lock_files()
+    );
 }

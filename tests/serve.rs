@@ -21,7 +21,10 @@ fn serves_a_compressed_restore_point_over_nbd() {
     let tmp = tempfile::tempdir().expect("tmp");
     // a copy: serving takes the VM's lock under <backup root>/_state/locks
     let backups = tmp.path().join("backups");
-    copy_dir(&root.join("backups/rc-lz4-plain"), &backups.join("rc-lz4-plain"));
+    copy_dir(
+        &root.join("backups/rc-lz4-plain"),
+        &backups.join("rc-lz4-plain"),
+    );
     let sock = tmp.path().join("nbd.sock");
     let mut child = Command::new(env!("CARGO_BIN_EXE_vmrestore"))
         .args(["--vm", "rc-lz4-plain", "--backup-path"])

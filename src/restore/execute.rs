@@ -252,7 +252,10 @@ fn partial_failure(
         ctx.log.error("restore_disk", &partial);
         for (done, kept) in run.in_place_done.iter().zip(&run.rollbacks_by_disk) {
             let line = match kept {
-                Some(k) => format!("  {done}: restored; its previous content is in {}", k.display()),
+                Some(k) => format!(
+                    "  {done}: restored; its previous content is in {}",
+                    k.display()
+                ),
                 None => format!("  {done}: restored (--no-pre-restore: no previous content kept)"),
             };
             ctx.log.error("restore_disk", &line);
@@ -434,7 +437,11 @@ fn finish(ctx: &Context<'_>, vm: &str, checkpoint: u32, report: Report, run: Run
             "Restore complete: {vm} — disk ✓ defined ✓ UUID {}{}{tok}",
             if run.uuid_ok { "✓" } else { "✗" },
             // a VM without a network interface has no MACs to keep
-            if run.has_macs { " MACs ✓" } else { " (no network interface)" }
+            if run.has_macs {
+                " MACs ✓"
+            } else {
+                " (no network interface)"
+            }
         ),
         Summary::Clone => format!("Restore complete: {vm} — disk ✓ defined ✓ new identity ✓{tok}"),
         Summary::DataOnly => {

@@ -127,7 +127,11 @@ pub fn warn_disk_set_change(set: &BackupSet, point: RestorePoint, t: u32, log: &
     log.warn("restore_vm", &format!("Disk configuration changed between checkpoint {t} and the latest checkpoint ({latest})."));
     log.warn(
         "restore_vm",
-        &format!("  Checkpoint {t}: {} ({} disks)", fmt(&at.expected), at.expected.len()),
+        &format!(
+            "  Checkpoint {t}: {} ({} disks)",
+            fmt(&at.expected),
+            at.expected.len()
+        ),
     );
     log.warn(
         "restore_vm",

@@ -297,11 +297,9 @@ fn serve_until_done(
 
 /// A signal, or the clone gone or shut off.
 fn clone_ended(ctx: &Context<'_>, name: &str) -> Option<End> {
+    // a cancel without a signal (Cancel::abort) reads as Some(-1): an end like Ctrl-C
     if let Some(sig) = ctx.cancel.signal() {
         return Some(End::Signal(sig));
-    }
-    if ctx.cancel.is_cancelled() {
-        return Some(End::Signal(0));
     }
     match ctx.hv.lookup(name) {
         Ok(None) => Some(End::Gone),
