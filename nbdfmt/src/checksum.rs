@@ -12,9 +12,11 @@ pub fn parse_chksum(text: &[u8]) -> Result<u32> {
     let t = t.strip_suffix(b"\r").unwrap_or(t);
     let bad = || {
         Error::new(ErrorKind::BadChecksumFile {
+            // described, never quoted: the file may be a link to anything
             reason: format!(
-                "{:?} is not a decimal adler32",
-                String::from_utf8_lossy(text)
+                "{} bytes that are not a decimal adler32 ({} non-digit)",
+                text.len(),
+                t.iter().filter(|b| !b.is_ascii_digit()).count()
             ),
         })
     };

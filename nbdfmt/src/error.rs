@@ -43,23 +43,26 @@ pub enum ErrorKind {
         /// `stop` or `comp`.
         expected: &'static str,
     },
-    /// The 40 bytes are not `kind SP hex16 SP hex16 CRLF`.
-    #[error("invalid frame header at byte {offset} ({reason}): {found:?}")]
+    /// The 40 bytes are not `kind SP hex16 SP hex16 CRLF`. The message describes the
+    /// bytes (how many are printable) and never shows them: a "stream" can be a link
+    /// to any file (`/etc/shadow`), and errors reach logs and the catalogue.
+    #[error(
+        "invalid frame header at byte {offset} ({reason}; {printable} of 40 bytes printable ASCII)"
+    )]
     BadHeader {
         /// Header position.
         offset: u64,
         /// Which rule was broken.
         reason: &'static str,
-        /// The header bytes, lossily decoded.
-        found: String,
+        /// How many of the 40 bytes are printable ASCII.
+        printable: usize,
     },
-    /// A well-formed header with a kind we do not know.
-    #[error("unknown frame kind {kind:?} at byte {offset}")]
+    /// A well-formed header with a kind we do not know (the kind bytes are not shown,
+    /// see [`ErrorKind::BadHeader`]).
+    #[error("unknown frame kind at byte {offset} (not data, zero, meta, stop or comp)")]
     UnknownKind {
         /// Header position.
         offset: u64,
-        /// The four kind bytes.
-        kind: String,
     },
     /// A frame that may not appear at this place (e.g. `meta` in the body).
     #[error("unexpected {kind} frame at byte {offset}: {reason}")]

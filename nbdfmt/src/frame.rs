@@ -100,7 +100,7 @@ impl FrameHeader {
             ErrorKind::BadHeader {
                 offset,
                 reason,
-                found: String::from_utf8_lossy(buf).into_owned(),
+                printable: printable(buf),
             }
             .into()
         };
@@ -114,11 +114,7 @@ impl FrameHeader {
         let length = parse_hex16(&buf[22..38]).ok_or_else(|| bad("length is not 16 hex digits"))?;
         let kind = FrameKind::from_bytes(&buf[0..4]).ok_or_else(|| -> Error {
             if buf[0..4].iter().all(u8::is_ascii_graphic) {
-                ErrorKind::UnknownKind {
-                    offset,
-                    kind: String::from_utf8_lossy(&buf[0..4]).into_owned(),
-                }
-                .into()
+                ErrorKind::UnknownKind { offset }.into()
             } else {
                 bad("kind is not ASCII")
             }
@@ -172,6 +168,13 @@ fn write_hex16(out: &mut [u8], v: u64) {
         let shift = (15 - i) * 4;
         *slot = DIGITS[((v >> shift) & 0xf) as usize];
     }
+}
+
+/// How many bytes of `buf` are printable ASCII (error messages describe, never quote).
+pub(crate) fn printable(buf: &[u8]) -> usize {
+    buf.iter()
+        .filter(|b| b.is_ascii_graphic() || **b == b' ')
+        .count()
 }
 
 #[cfg(test)]

@@ -328,7 +328,7 @@ impl<R: Read + Seek> StreamReader<R> {
                     return Err(ErrorKind::BadHeader {
                         offset,
                         reason: "stop frame with non-zero fields",
-                        found: String::from_utf8_lossy(&h.encode()).into_owned(),
+                        printable: crate::frame::printable(&h.encode()),
                     }
                     .into());
                 }

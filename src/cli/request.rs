@@ -299,6 +299,7 @@ pub fn build(args: Args, root: BackupRoot, facts: &Facts) -> Result<Request, App
         path_aware: args.path_aware,
     });
     let need_vm = |msg: &str| vm.clone().ok_or_else(|| AppError::Usage(msg.to_owned()));
+    check_names(&args)?;
     Ok(match mode {
         Mode::List => Request::List(ListRequest {
             root,
@@ -358,6 +359,48 @@ pub fn build(args: Args, root: BackupRoot, facts: &Facts) -> Result<Request, App
             })
         }
     })
+}
+
+/// Every typed value that becomes a path component is one safe component (exit 7
+/// naming the flag): `--vm`'s name, `--name`, `--period`, `--disk` and the disks of
+/// `--nbd-target`.
+fn check_names(args: &Args) -> Result<(), AppError> {
+    use crate::host::names::check_flag;
+    if let Some(label) = &args.vm {
+        check_flag(
+            if args.path_aware {
+                "--vm (last path component)"
+            } else {
+                "--vm"
+            },
+            label,
+        )?;
+    }
+    if let Some(n) = &args.name {
+        check_flag("--name", n)?;
+    }
+    if let Some(p) = &args.period {
+        check_flag("--period", p)?;
+    }
+    if let Some(DiskSelection::List(disks)) =
+        args.disk.as_deref().map(DiskSelection::parse).transpose()?
+    {
+        for d in &disks {
+            check_flag("--disk", d)?;
+        }
+    }
+    for t in args
+        .nbd_target
+        .as_deref()
+        .map(parse_nbd_targets)
+        .transpose()?
+        .unwrap_or_default()
+    {
+        if let Some(d) = &t.disk {
+            check_flag("--nbd-target", d)?;
+        }
+    }
+    Ok(())
 }
 
 /// Which restore the flags ask for (spec §4.0), carrying each mode's own data.

@@ -52,7 +52,7 @@ pub fn run(r: &RestoreRequest, env: &Env) -> Result<ExitStatus, AppError> {
     let start_time = utc_now();
     tracing::info!(target: "restore_vm", "Starting restore: {}", r.vm.label);
     let data_dir = tree::resolve_data_dir_logged(&r.root.path, &r.vm.label, r.period.as_deref())?;
-    let vm = vm_name(r, &data_dir);
+    let vm = vm_name(r, &data_dir)?;
     let set = crate::host::tree::scan_set(&data_dir)?;
     tracing::info!(target: "restore_vm", "Data dir: {} (type: {})", data_dir.display(), set.kind.as_str());
     let s = Session {
@@ -82,16 +82,24 @@ pub fn run(r: &RestoreRequest, env: &Env) -> Result<ExitStatus, AppError> {
     Ok(ExitStatus::Ok)
 }
 
-/// The libvirt name from the backup's domain XML, else the label typed.
-fn vm_name(r: &RestoreRequest, data_dir: &Path) -> String {
-    match tree::resolve_vm_name(data_dir) {
-        Some(n) if n != r.vm.label => {
-            tracing::info!(target: "restore_vm", "Resolved VM name from backup config: {} → {n}", r.vm.label);
-            n
-        }
-        Some(n) => n,
-        None => r.vm.label.clone(),
+/// The libvirt name from the backup's domain XML, else the label typed. The XML is
+/// backup data, possibly crafted: a name that is not one safe path component (it
+/// becomes the lock file, NVRAM and image names) is refused with exit 5.
+fn vm_name(r: &RestoreRequest, data_dir: &Path) -> Result<String, AppError> {
+    let Some((n, file)) = tree::vm_name_with_source(data_dir) else {
+        return Ok(r.vm.label.clone());
+    };
+    if let Some(why) = crate::host::names::unsafe_component(&n) {
+        return Err(AppError::Vm(format!(
+            "{}: the domain <name> {} cannot be used as a VM name — it {why}",
+            file.display(),
+            crate::host::names::shown(&n)
+        )));
     }
+    if n != r.vm.label {
+        tracing::info!(target: "restore_vm", "Resolved VM name from backup config: {} → {n}", r.vm.label);
+    }
+    Ok(n)
 }
 
 /// A real restore writes a catalogue row; a dry run and a read-only serve do not.

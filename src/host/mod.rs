@@ -5,6 +5,7 @@ pub mod catalogue;
 pub mod config;
 pub mod env;
 pub mod lock;
+pub mod names;
 pub mod nvram;
 pub mod ownership;
 pub mod paths;

@@ -307,9 +307,14 @@ pub fn vm_config_candidates(data_dir: &Path) -> Vec<PathBuf> {
 
 /// §2.6: the domain `<name>` from the first config XML found that has one.
 pub fn resolve_vm_name(data_dir: &Path) -> Option<String> {
+    vm_name_with_source(data_dir).map(|(n, _)| n)
+}
+
+/// [`resolve_vm_name`] and the file it came from.
+pub fn vm_name_with_source(data_dir: &Path) -> Option<(String, PathBuf)> {
     vm_config_candidates(data_dir)
-        .iter()
-        .find_map(|p| read_domain_config(p).ok()?.name)
+        .into_iter()
+        .find_map(|p| Some((read_domain_config(&p).ok()?.name?, p)))
 }
 
 /// §5.1: the backup root for the lock and catalogue. Name-based: the effective

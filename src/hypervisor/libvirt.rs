@@ -88,6 +88,19 @@ impl Libvirt {
     }
 }
 
+/// The block node of the running domain whose image file is `path`, from QMP
+/// `query-block` (libvirt names nodes itself: `libvirt-3-format`).
+fn node_of(query_block: &str, path: &std::path::Path) -> Option<String> {
+    let v: serde_json::Value = serde_json::from_str(query_block).ok()?;
+    let want = path.to_str()?;
+    v["return"].as_array()?.iter().find_map(|dev| {
+        let ins = &dev["inserted"];
+        (ins["file"].as_str() == Some(want) || ins["image"]["filename"].as_str() == Some(want))
+            .then(|| ins["node-name"].as_str().map(str::to_owned))
+            .flatten()
+    })
+}
+
 impl Hypervisor for Libvirt {
     fn uri(&self) -> &str {
         &self.uri
@@ -171,6 +184,38 @@ impl Hypervisor for Libvirt {
         self.domain(name)?
             .destroy()
             .map_err(err(format!("destroy {name}")))
+    }
+
+    fn flush_image(&self, name: &str, path: &std::path::Path) -> HvResult<()> {
+        let d = self.domain(name)?;
+        let op = format!("flush {name} {}", path.display());
+        let q = d
+            .qemu_monitor_command(r#"{"execute":"query-block"}"#, 0)
+            .map_err(err(op.clone()))?;
+        let node = node_of(&q, path).ok_or_else(|| HvError {
+            op: op.clone(),
+            message: "no block node of the domain has this image".into(),
+        })?;
+        // HMP qemu-io flush: bdrv_flush of the node, through the qcow2 layer (its
+        // metadata caches) to the file; QMP has no plain flush command
+        let cmd = serde_json::json!({
+            "execute": "human-monitor-command",
+            "arguments": { "command-line": format!("qemu-io {node} \"flush\"") },
+        });
+        let out = d
+            .qemu_monitor_command(&cmd.to_string(), 0)
+            .map_err(err(op.clone()))?;
+        let said = serde_json::from_str::<serde_json::Value>(&out)
+            .ok()
+            .and_then(|v| v["return"].as_str().map(str::to_owned))
+            .unwrap_or_default();
+        if said.to_ascii_lowercase().contains("error") {
+            return Err(HvError {
+                op,
+                message: said.trim().to_owned(),
+            });
+        }
+        Ok(())
     }
 
     fn live_disks(&self) -> HvResult<Vec<LiveDisk>> {

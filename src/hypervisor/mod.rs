@@ -140,6 +140,10 @@ pub trait Hypervisor {
     fn block_pull(&self, name: &str, disk: &str) -> HvResult<()>;
     /// The running block job of `disk`: `Some((done, total))`, `None` when there is none.
     fn block_job(&self, name: &str, disk: &str) -> HvResult<Option<(u64, u64)>>;
+    /// Makes QEMU write everything it holds for the image `path` of the running
+    /// domain (data and qcow2 metadata caches) to the file: after it, the file alone
+    /// is the disk.
+    fn flush_image(&self, name: &str, path: &std::path::Path) -> HvResult<()>;
 }
 
 /// The pool whose path is the longest component-wise prefix of `dir` (spec §4.12).
@@ -255,5 +259,8 @@ impl Hypervisor for Offline {
     }
     fn block_job(&self, name: &str, disk: &str) -> HvResult<Option<(u64, u64)>> {
         Err(self.no(&format!("blockjob {name} {disk}")))
+    }
+    fn flush_image(&self, name: &str, path: &std::path::Path) -> HvResult<()> {
+        Err(self.no(&format!("flush {name} {}", path.display())))
     }
 }

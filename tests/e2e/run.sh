@@ -200,6 +200,14 @@ scenario_instant() {
     local uuid; uuid=$(uuid_of "$name")
     [ -d "/var/lib/libvirt/swtpm/$uuid/tpm2" ] || die "$name: TPM state not under its UUID"
     [ -f "/var/lib/libvirt/qemu/nvram/${name}_VARS.fd" ] || die "$name: NVRAM"
+    # durable when the command returns: the files alone are the disks, read while
+    # the clone still runs (QEMU flushed its caches, the files were fsynced)
+    for d in vda vdb; do
+        local ov=$dir/$name-$d.qcow2
+        [[ $(qemu-img info -U "$ov") == *"backing file"* ]] && die "$ov still names a backing file when --pull returned"
+        [ "$(raw_sha "$ov")" = "$(msha backups/rc-uefi-tpm/2026-W26 0 $d)" ] || die "$name/$d: not point 0 on disk when --pull returned"
+    done
+    grep -q "pulled data flushed and synced" "$LOG_DIR"/rc-uefi-tpm-*.log || die "--pull did not flush"
     "${VIRSH[@]}" destroy "$name" >/dev/null
     for d in vda vdb; do
         local ov=$dir/$name-$d.qcow2

@@ -1,0 +1,187 @@
+//! Issue "treat every name and path as hostile": names and files from a crafted
+//! backup tree or crafted flags never reach outside the restore path or the tree,
+//! and errors never quote file content. Every fixture is built by the test from a
+//! copy of the real chains.
+
+mod clisupport;
+
+use std::fs;
+use std::path::{Path, PathBuf};
+
+use clisupport::{prepare_backups, tree_hash, Run, Scratch};
+
+/// A private copy of the backups, and a directory outside it standing for "the rest
+/// of the machine".
+struct Tree {
+    s: Scratch,
+    root: PathBuf,
+    outside: PathBuf,
+}
+
+impl Tree {
+    fn new() -> Self {
+        let s = Scratch::new();
+        let root = prepare_backups(s.dir.path());
+        let outside = s.dir.path().join("outside");
+        fs::create_dir_all(outside.join("some/dir")).expect("mkdir");
+        fs::write(outside.join("some/dir/own.lock"), "important data\n").expect("w");
+        Self { s, root, outside }
+    }
+
+    fn run(&self, args: &[&str]) -> Run {
+        let root = self.root.display().to_string();
+        let mut all = vec![
+            "--backup-path",
+            root.as_str(),
+            "--connect",
+            "test:///default",
+        ];
+        all.extend_from_slice(args);
+        let swtpm = self.s.dir.path().join("swtpm").display().to_string();
+        self.s
+            .run_env(&all, &[("VMRESTORE_SWTPM_ROOT", swtpm.as_str())])
+    }
+
+    fn out(&self, rel: &str) -> String {
+        self.s.dir.path().join(rel).display().to_string()
+    }
+}
+
+fn hash_all(p: &Path) -> String {
+    tree_hash(p)
+}
+
+// 1: a crafted `<name>` in the backup's domain XML is refused (exit 5, naming the
+// file); nothing outside the tree is read, removed or created.
+#[test]
+fn crafted_vm_name_in_vmconfig_is_refused() {
+    let t = Tree::new();
+    for f in fs::read_dir(t.root.join("rc-acc-files")).expect("ls") {
+        let p = f.expect("entry").path();
+        let name = p.file_name().expect("name").to_string_lossy().into_owned();
+        if name.starts_with("vmconfig.") {
+            let x = fs::read_to_string(&p).expect("xml");
+            let crafted = x.replacen(
+                "<name>rc-acc-files</name>",
+                "<name>x/../../../../outside/some/dir/own</name>",
+                1,
+            );
+            fs::write(&p, crafted).expect("w");
+        }
+    }
+    let before = (hash_all(&t.root), hash_all(&t.outside));
+    let r = t.run(&[
+        "--vm",
+        "rc-acc-files",
+        "--skip-config",
+        "--restore-path",
+        &t.out("r"),
+    ]);
+    assert_eq!(r.code, Some(5), "{}", r.stderr);
+    assert!(
+        r.stderr.contains("cannot be used as a VM name"),
+        "{}",
+        r.stderr
+    );
+    assert!(
+        r.stderr.contains("vmconfig."),
+        "names the file: {}",
+        r.stderr
+    );
+    assert!(!r.stderr.contains("important data"), "{}", r.stderr);
+    assert_eq!((hash_all(&t.root), hash_all(&t.outside)), before);
+    assert!(!Path::new(&t.out("r")).exists());
+}
+
+// 2, 3: names from flags that would leave their directory are usage errors (exit 7)
+// before anything is read or written.
+#[test]
+fn escaping_flag_names_are_refused() {
+    let t = Tree::new();
+    let before = hash_all(&t.root);
+    let r = t.run(&[
+        "--vm",
+        "rc-acc-files",
+        "--name",
+        "../../backups/rc-acc-files/planted",
+        "--restore-path",
+        &t.out("r"),
+    ]);
+    assert_eq!(r.code, Some(7), "{}", r.stderr);
+    assert!(r.stderr.contains("--name"), "{}", r.stderr);
+    for period in ["../rc-multi-sql/2026-W08", "/etc", ".."] {
+        let r = t.run(&[
+            "--vm",
+            "rc-acc-files",
+            "--period",
+            period,
+            "--skip-config",
+            "--restore-path",
+            &t.out("r"),
+        ]);
+        assert_eq!(r.code, Some(7), "{period}: {}", r.stderr);
+        assert!(r.stderr.contains("--period"), "{}", r.stderr);
+    }
+    for disk in ["../x", ".."] {
+        let r = t.run(&[
+            "--vm",
+            "rc-acc-files",
+            "--disk",
+            disk,
+            "--restore-path",
+            &t.out("r"),
+        ]);
+        assert_eq!(r.code, Some(7), "{disk}: {}", r.stderr);
+    }
+    let r = t.run(&["--vm", "..", "--skip-config", "--restore-path", &t.out("r")]);
+    assert_eq!(r.code, Some(7), "{}", r.stderr);
+    assert_eq!(hash_all(&t.root), before);
+    assert!(!Path::new(&t.out("r")).exists());
+    assert!(!t.root.join("rc-acc-files/planted.qcow2").exists());
+}
+
+// 7: a "stream" that is a hard link to a secret file, and a `.chksum` that is one:
+// the errors describe the bytes, never quote them — not on stderr, not in the log.
+#[test]
+fn errors_never_quote_file_content() {
+    let t = Tree::new();
+    let secret = t.outside.join("shadow");
+    fs::write(
+        &secret,
+        "root:$6$SECRETSALT$SECRETHASHSECRETHASHSECRETHASH:19000:0:99999:7:::\n",
+    )
+    .expect("w");
+    let data = t.root.join("rc-acc-files/vda.inc.virtnbdbackup.1.data");
+    fs::remove_file(&data).expect("rm");
+    fs::hard_link(&secret, &data).expect("link");
+    let chk = t
+        .root
+        .join("rc-acc-files/vda.inc.virtnbdbackup.2.data.chksum");
+    if chk.exists() {
+        fs::remove_file(&chk).expect("rm");
+        fs::hard_link(&secret, &chk).expect("link");
+    }
+    let r = t.run(&[
+        "--vm",
+        "rc-acc-files",
+        "--skip-config",
+        "--restore-path",
+        &t.out("r"),
+    ]);
+    assert_ne!(r.code, Some(0), "{}", r.stderr);
+    let logs: String =
+        t.s.logs()
+            .iter()
+            .map(|l| fs::read_to_string(l).unwrap_or_default())
+            .collect();
+    for text in [&r.stderr, &r.stdout, &logs] {
+        assert!(!text.contains("SECRET"), "file content leaked:\n{text}");
+        assert!(!text.contains("root:$6"), "file content leaked:\n{text}");
+    }
+    let v = t.run(&["--verify", "rc-acc-files"]);
+    assert!(
+        !v.stderr.contains("SECRET") && !v.stdout.contains("SECRET"),
+        "{}",
+        v.stderr
+    );
+}
