@@ -93,6 +93,12 @@ pub(super) fn plan_dr(
     check_outputs(ctx, pf, &outputs)?;
     let (cfg_path, cfg) = config(ctx, t, "the VM")?;
     warn_left_out(ctx, t, &outputs, Some(&cfg));
+    if cfg.macs.is_empty() {
+        ctx.log.warn(
+            "define_vm",
+            "The domain has no network interface: there is no MAC address to preserve ('MACs ✓' below says nothing was changed)",
+        );
+    }
     if defined && ctx.options.force {
         refuse_running(ctx, pf)?;
     }
