@@ -9,13 +9,18 @@ use vmrestore::error::ExitStatus;
 use vmrestore::ui::log;
 
 fn main() -> ExitCode {
-    // Arguments that are not UTF-8 are taken lossily (VM names and paths written
-    // by vmbackup are ASCII; see §2.1 name sanitising).
-    let argv: Vec<String> = std::env::args_os()
-        .skip(1)
-        .map(|a| a.to_string_lossy().into_owned())
-        .collect();
     log::init();
+    // An argument that is not UTF-8 is refused, never converted lossily: a lossy
+    // `--restore-path n\xffu` would write into `n\u{FFFD}u`, a directory nobody named.
+    let argv = match utf8_args() {
+        Ok(a) => a,
+        Err(e) => {
+            app::report(&e);
+            let status = e.exit_status();
+            log::finish(status);
+            return finish(status);
+        }
+    };
     let env = Env::from_process();
     let status = match app::run(&argv, &env) {
         Ok(status) => status,
@@ -26,6 +31,22 @@ fn main() -> ExitCode {
     };
     log::finish(status);
     finish(status)
+}
+
+fn utf8_args() -> Result<Vec<String>, vmrestore::error::AppError> {
+    std::env::args_os()
+        .skip(1)
+        .enumerate()
+        .map(|(i, a)| {
+            a.into_string().map_err(|raw| {
+                vmrestore::error::AppError::Usage(format!(
+                    "argument {} ({}) is not valid UTF-8: vmrestore takes UTF-8 names and paths",
+                    i + 1,
+                    std::os::unix::ffi::OsStrExt::as_bytes(raw.as_os_str()).escape_ascii()
+                ))
+            })
+        })
+        .collect()
 }
 
 fn finish(status: ExitStatus) -> ExitCode {

@@ -185,3 +185,106 @@ fn errors_never_quote_file_content() {
         v.stderr
     );
 }
+
+// 8: a name or path that is not UTF-8 is refused (exit 7) — never converted lossily
+// into a directory nobody named; a VM directory with such a name is named in a WARN.
+#[test]
+fn non_utf8_arguments_are_refused() {
+    use std::os::unix::ffi::OsStrExt;
+    let t = Tree::new();
+    let bad = std::ffi::OsStr::from_bytes(b"n\xffu");
+    let out =
+        t.s.command(&[
+            "--backup-path",
+            &t.root.display().to_string(),
+            "--vm",
+            "rc-acc-files",
+        ])
+        .arg("--restore-path")
+        .arg(t.s.dir.path().join(bad))
+        .arg("--skip-config")
+        .output()
+        .expect("run");
+    assert_eq!(out.status.code(), Some(7));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("not valid UTF-8") && err.contains("n\\xffu"),
+        "{err}"
+    );
+    assert_eq!(
+        fs::read_dir(t.s.dir.path())
+            .expect("ls")
+            .filter(|e| {
+                e.as_ref()
+                    .is_ok_and(|e| e.file_name().to_string_lossy().starts_with('n'))
+            })
+            .count(),
+        0,
+        "no directory was created"
+    );
+    fs::create_dir_all(t.root.join(std::ffi::OsStr::from_bytes(b"vm\xfe"))).expect("mkdir");
+    let r =
+        t.s.run(&["--backup-path", &t.root.display().to_string(), "--list"]);
+    assert_eq!(r.code, Some(0), "{}", r.stderr);
+    assert!(r.stderr.contains("is not UTF-8"), "{}", r.stderr);
+}
+
+// 9: --serve listens on loopback or a Unix socket unless --serve-public says
+// otherwise, and then WARNs that the disks are readable without authentication.
+#[test]
+fn serving_beyond_loopback_needs_an_opt_in() {
+    let t = Tree::new();
+    let r = t.run(&["--vm", "rc-lz4-plain", "--serve", "0.0.0.0:0"]);
+    assert_eq!(r.code, Some(7), "{}", r.stderr);
+    assert!(r.stderr.contains("--serve-public"), "{}", r.stderr);
+    let r = t.run(&[
+        "--vm",
+        "rc-lz4-plain",
+        "--serve",
+        "0.0.0.0:0",
+        "--serve-public",
+        "--dry-run",
+    ]);
+    assert_eq!(r.code, Some(0), "{}", r.stderr);
+    assert!(r.stderr.contains("WITHOUT authentication"), "{}", r.stderr);
+    let r = t.run(&[
+        "--vm",
+        "rc-lz4-plain",
+        "--serve-public",
+        "--skip-config",
+        "--restore-path",
+        &t.out("r"),
+    ]);
+    assert_eq!(r.code, Some(7), "{}", r.stderr);
+}
+
+// 10: a hypervisor on another host is never given a domain whose disks, NVRAM and
+// TPM state this host wrote (exit 7 before anything is read).
+#[test]
+fn remote_hypervisor_gets_no_local_definition() {
+    let t = Tree::new();
+    let root = t.root.display().to_string();
+    for mode in [
+        vec!["--restore-path", "/nonexistent/r"],
+        vec!["--name", "c", "--restore-path", "/nonexistent/r"],
+        vec!["--disk", "vda"],
+    ] {
+        let mut args = vec![
+            "--backup-path",
+            root.as_str(),
+            "--connect",
+            "qemu+ssh://root@kvm9.invalid/system",
+            "--vm",
+            "rc-acc-files",
+        ];
+        args.extend(mode.iter().copied());
+        let r = t.s.run(&args);
+        assert_eq!(r.code, Some(7), "{mode:?}: {}", r.stderr);
+        assert!(
+            r.stderr.contains("run vmrestore on kvm9.invalid"),
+            "{}",
+            r.stderr
+        );
+    }
+    assert!(!Path::new("/nonexistent/r").exists());
+}

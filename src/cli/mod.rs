@@ -70,6 +70,8 @@ pub struct Args {
     pub instant_boot: bool,
     /// `--pull`.
     pub pull: bool,
+    /// `--serve-public`.
+    pub serve_public: bool,
     /// `--nbd-target`, unparsed.
     pub nbd_target: Option<String>,
     /// `--force`.
@@ -197,6 +199,7 @@ impl Args {
             FlagId::Serve => self.serve = value,
             FlagId::InstantBoot => self.instant_boot = true,
             FlagId::Pull => self.pull = true,
+            FlagId::ServePublic => self.serve_public = true,
             FlagId::NbdTarget => self.nbd_target = value,
             FlagId::Force => self.force = true,
             FlagId::DryRun => self.dry_run = true,

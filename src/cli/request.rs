@@ -102,6 +102,8 @@ pub enum RestoreKind {
         listen: String,
         /// `--disk`, if given.
         disks: Option<DiskSelection>,
+        /// `--serve-public`: a non-loopback address is allowed.
+        public: bool,
     },
     /// `--vm --instant-boot --restore-path P`: boot a transient clone from overlays
     /// over NBD exports of the restore point.
@@ -419,6 +421,7 @@ fn restore_kind(
         (disks, _) if args.serve.is_some() => RestoreKind::Serve {
             listen: args.serve.clone().unwrap_or_default(),
             disks,
+            public: args.serve_public,
         },
         (_, _) if args.instant_boot => RestoreKind::InstantBoot {
             dir: need_dir()?,
@@ -463,6 +466,9 @@ fn check_new_modes(
     }
     if args.pull && !args.instant_boot {
         return usage("--pull requires --instant-boot");
+    }
+    if args.serve_public && args.serve.is_none() {
+        return usage("--serve-public requires --serve");
     }
     if args.instant_boot {
         if disks.is_some() {

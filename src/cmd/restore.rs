@@ -172,6 +172,7 @@ fn connect(r: &RestoreRequest) -> Result<Box<dyn Hypervisor>, AppError> {
 
 fn restore(s: &Session<'_>, set: &BackupSet, cancel: Cancel) -> Result<Outcome, AppError> {
     let r = s.r;
+    crate::restore::refuse_remote(&r.uri, &r.kind)?;
     let hv = connect(r)?;
     let progress = if records(r) {
         crate::ui::progress::for_restore(Arc::new(TracingReporter))

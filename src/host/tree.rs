@@ -34,13 +34,22 @@ fn is_dir(p: &Path) -> bool {
 }
 
 /// Names of the sub-directories of `dir` (following symlinks, like a shell glob).
+/// A name that is not UTF-8 cannot be a libvirt name or be typed back: it is left
+/// out with a WARN naming it (escaped), never silently.
 fn sub_dirs(dir: &Path) -> Vec<String> {
     let Ok(rd) = fs::read_dir(dir) else {
         return Vec::new();
     };
     rd.filter_map(Result::ok)
         .filter(|e| is_dir(&e.path()))
-        .filter_map(|e| e.file_name().to_str().map(str::to_owned))
+        .filter_map(|e| {
+            let name = e.file_name();
+            let utf8 = name.to_str().map(str::to_owned);
+            if utf8.is_none() {
+                tracing::warn!(target: "main", "Skipping {}: the directory name is not UTF-8", e.path().display());
+            }
+            utf8
+        })
         .collect()
 }
 

@@ -146,6 +146,21 @@ pub trait Hypervisor {
     fn flush_image(&self, name: &str, path: &std::path::Path) -> HvResult<()>;
 }
 
+/// The host part of a libvirt URI (`qemu+ssh://host/system` → `host`), if any.
+pub fn uri_host(uri: &str) -> Option<&str> {
+    let rest = uri.split_once("://")?.1;
+    let authority = rest.split(['/', '?']).next().unwrap_or_default();
+    let host = authority.rsplit_once('@').map_or(authority, |(_, h)| h);
+    let host = host.split(':').next().unwrap_or_default();
+    (!host.is_empty()).then_some(host)
+}
+
+/// The host of `uri` when it is another machine (`qemu+ssh://kvm2/system`); `None`
+/// for this host (`qemu:///system`, `test:///…`, `localhost`).
+pub fn remote_host(uri: &str) -> Option<&str> {
+    uri_host(uri).filter(|h| !matches!(*h, "localhost" | "127.0.0.1" | "::1" | "[::1]"))
+}
+
 /// The pool whose path is the longest component-wise prefix of `dir` (spec §4.12).
 pub fn pool_for(pools: &[Pool], dir: &std::path::Path) -> Option<Pool> {
     pools
@@ -158,6 +173,16 @@ pub fn pool_for(pools: &[Pool], dir: &std::path::Path) -> Option<Pool> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn remote_uris_have_a_host() {
+        assert_eq!(uri_host("qemu:///system"), None);
+        assert_eq!(uri_host("test:///default"), None);
+        assert_eq!(uri_host("qemu+ssh://root@kvm2/system"), Some("kvm2"));
+        assert_eq!(uri_host("qemu+tcp://kvm3:16509/system"), Some("kvm3"));
+        assert_eq!(uri_host("qemu://localhost/system?x=1"), Some("localhost"));
+        assert_eq!(uri_host(""), None);
+    }
 
     #[test]
     fn longest_component_prefix_wins() {

@@ -35,6 +35,7 @@ pub use point::RestorePoint;
 /// Plans the restore `kind` asks for. In a real run the first failed check is the
 /// error; in a dry run failed checks are WARN lines and `plan.refusals`.
 pub fn plan(ctx: &Context<'_>, kind: &RestoreKind) -> Result<RestorePlan, AppError> {
+    refuse_remote(ctx.hv.uri(), kind)?;
     let mut pf = checks::Preflight::new(ctx.options.dry_run);
     let mut plan = match kind {
         RestoreKind::Dr { dir } => dr::plan_dr(ctx, dir, &mut pf)?,
@@ -57,10 +58,34 @@ pub fn plan(ctx: &Context<'_>, kind: &RestoreKind) -> Result<RestorePlan, AppErr
             instant::plan_instant(ctx, dir, &name, *pull, &mut pf)?
         }
         RestoreKind::Nbd { targets, disks } => nbd::plan_nbd(ctx, targets, disks.as_ref())?,
-        RestoreKind::Serve { listen, disks } => serve::plan_serve(ctx, listen, disks.as_ref())?,
+        RestoreKind::Serve {
+            listen,
+            disks,
+            public,
+        } => serve::plan_serve(ctx, listen, disks.as_ref(), *public)?,
     };
     plan.refusals = pf.into_notes();
     Ok(plan)
+}
+
+/// The modes that define a domain or write its disks, NVRAM or TPM state on this
+/// host cannot target a hypervisor on another one: its domain would point at files
+/// that are not there (and the NBD exports of an instant boot listen on loopback).
+pub fn refuse_remote(uri: &str, kind: &RestoreKind) -> Result<(), AppError> {
+    let local_only = matches!(
+        kind,
+        RestoreKind::Dr { .. }
+            | RestoreKind::Clone { .. }
+            | RestoreKind::DiskInPlace { .. }
+            | RestoreKind::InstantBoot { .. }
+    );
+    match crate::hypervisor::remote_host(uri).filter(|_| local_only) {
+        Some(host) => Err(AppError::Usage(format!(
+            "--connect {uri}: a {} restore writes disks, NVRAM and TPM state on this host, and the domain on {host} would point at files it does not have — run vmrestore on {host}, or restore the disks with --skip-config / --disk … --restore-path and copy them there",
+            kind.as_str()
+        ))),
+        None => Ok(()),
+    }
 }
 
 /// Plans, then prints the plan (dry run) or executes it.

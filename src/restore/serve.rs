@@ -27,13 +27,56 @@ pub fn listen_from(v: &str) -> Result<Listen, AppError> {
     }
 }
 
+/// Loopback and Unix sockets by default: the server has no authentication, so any
+/// other address exposes whole disks to every host that reaches it and needs
+/// `--serve-public` (then a WARN says so).
+fn check_exposure(
+    ctx: &Context<'_>,
+    typed: &str,
+    listen: &Listen,
+    public: bool,
+) -> Result<(), AppError> {
+    let Listen::Tcp(addr) = listen else {
+        return Ok(());
+    };
+    if addr.ip().is_loopback() {
+        return Ok(());
+    }
+    if !public {
+        return Err(AppError::Usage(format!(
+            "--serve {typed}: not a loopback address — the NBD server has no authentication, so every host that reaches {addr} could read the disks; add --serve-public to allow it, or serve on 127.0.0.1 / a Unix socket and tunnel (ssh -L)"
+        )));
+    }
+    ctx.log.warn(
+        "serve",
+        &format!("Serving on {addr} WITHOUT authentication or encryption: every host that reaches this port can read the disks of {}", ctx.vm),
+    );
+    Ok(())
+}
+
+/// An NBD URI a client can use: a wildcard listen address (`0.0.0.0`, `[::]`) is
+/// replaced by this host's name.
+fn usable_uri(uri: &str) -> String {
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_owned())
+        .unwrap_or_default();
+    if host.is_empty() {
+        return uri.to_owned();
+    }
+    uri.replacen("//0.0.0.0:", &format!("//{host}:"), 1)
+        .replacen("//[::]:", &format!("//{host}:"), 1)
+}
+
 /// Plans serving the restore point (the disks of `disk_flag`, else all).
 pub(super) fn plan_serve(
     ctx: &Context<'_>,
     listen: &str,
     disk_flag: Option<&DiskSelection>,
+    public: bool,
 ) -> Result<RestorePlan, AppError> {
+    let typed = listen;
     let listen = listen_from(listen)?;
+    check_exposure(ctx, typed, &listen, public)?;
     let t = endpoint(ctx)?;
     let mut disks = disks_at(ctx.set, t);
     if let Some(DiskSelection::List(want)) = disk_flag {
@@ -86,7 +129,7 @@ pub(super) fn run(ctx: &Context<'_>, s: ServePlan) -> Result<String, AppError> {
         ),
     );
     let mut out = String::new();
-    for u in server.uris() {
+    for u in server.uris().iter().map(|u| usable_uri(u)) {
         ctx.log.info("serve", &format!("  {u}"));
         out.push_str(&u);
         out.push('\n');

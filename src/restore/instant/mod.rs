@@ -48,15 +48,6 @@ fn new_uuid() -> Result<String, AppError> {
         })
 }
 
-/// The host part of a libvirt URI (`qemu+ssh://host/system` → `host`), if any.
-fn uri_host(uri: &str) -> Option<&str> {
-    let rest = uri.split_once("://")?.1;
-    let authority = rest.split(['/', '?']).next().unwrap_or_default();
-    let host = authority.rsplit_once('@').map_or(authority, |(_, h)| h);
-    let host = host.split(':').next().unwrap_or_default();
-    (!host.is_empty()).then_some(host)
-}
-
 /// A domain called `name` exists. If it is what an interrupted instant boot leaves
 /// behind (transient, disks backed by NBD on the loopback interface, overlays inside
 /// `dir`), `--force` plans to stop it and remove its overlays and NVRAM copy (the
@@ -207,7 +198,6 @@ pub(super) fn plan_instant(
         ),
     );
     warn_disk_set_change(ctx.set, ctx.point, t, ctx.log);
-    refuse_remote(ctx)?;
     let mut actions = Vec::new();
     if ctx
         .hv
@@ -306,20 +296,6 @@ fn identity(ctx: &Context<'_>, mut boot: InstantBoot) -> InstantBoot {
     boot
 }
 
-/// The exports listen on the loopback interface of this host: a remote hypervisor
-/// could not reach them.
-fn refuse_remote(ctx: &Context<'_>) -> Result<(), AppError> {
-    match uri_host(ctx.hv.uri())
-        .filter(|h| !matches!(*h, "localhost" | "127.0.0.1" | "::1" | "[::1]"))
-    {
-        Some(h) => Err(AppError::Usage(format!(
-            "--instant-boot needs the hypervisor of this host (the NBD exports listen on 127.0.0.1); {} is on {h}",
-            ctx.hv.uri()
-        ))),
-        None => Ok(()),
-    }
-}
-
 /// The checkpoint's NVRAM copy under the clone's name, as a clone restore does.
 fn instant_nvram(
     ctx: &Context<'_>,
@@ -344,7 +320,6 @@ fn instant_nvram(
 
 #[cfg(test)]
 mod tests {
-    use super::uri_host;
 
     #[test]
     fn nbd_sources_of_a_live_disk() {
@@ -357,15 +332,5 @@ mod tests {
             vec![("127.0.0.1".to_owned(), Some(40001))]
         );
         assert!(super::nbd_sources("<domain/>").is_empty());
-    }
-
-    #[test]
-    fn remote_uris_have_a_host() {
-        assert_eq!(uri_host("qemu:///system"), None);
-        assert_eq!(uri_host("test:///default"), None);
-        assert_eq!(uri_host("qemu+ssh://root@kvm2/system"), Some("kvm2"));
-        assert_eq!(uri_host("qemu+tcp://kvm3:16509/system"), Some("kvm3"));
-        assert_eq!(uri_host("qemu://localhost/system?x=1"), Some("localhost"));
-        assert_eq!(uri_host(""), None);
     }
 }
