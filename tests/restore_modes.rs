@@ -216,6 +216,8 @@ struct Dom {
     uuid: Option<String>,
     running: bool,
     disks: Vec<(String, PathBuf)>,
+    /// `<driver type>` of every disk, when set.
+    driver: Option<String>,
 }
 
 impl Dom {
@@ -228,6 +230,7 @@ impl Dom {
                 .iter()
                 .map(|(d, p)| ((*d).to_owned(), p.to_path_buf()))
                 .collect(),
+            driver: None,
         }
     }
 
@@ -241,8 +244,13 @@ impl Dom {
         }
         x.push_str("  <memory>131072</memory>\n  <os><type>hvm</type></os>\n  <devices>\n");
         for (dev, path) in &self.disks {
+            let driver = self
+                .driver
+                .as_ref()
+                .map(|t| format!("<driver name='qemu' type='{t}'/>"))
+                .unwrap_or_default();
             x.push_str(&format!(
-                "    <disk type='file' device='disk'><source file='{}'/><target dev='{dev}'/></disk>\n",
+                "    <disk type='file' device='disk'>{driver}<source file='{}'/><target dev='{dev}'/></disk>\n",
                 path.display()
             ));
         }
@@ -3016,4 +3024,51 @@ fn hanging_catalogue_trigger_costs_one_warn() {
         "{:?}",
         w.lock_files()
     );
+}
+
+// In place: a file that another running domain also uses is refused (exit 4), in a
+// dry run too; replacing it would pull it from under that VM.
+#[test]
+fn in_place_refuses_a_disk_another_running_vm_uses() {
+    let w = World::new(&["rc-acc-files"]);
+    let disk = w.p("vm/shared.qcow2");
+    fake_disk(&disk, "shared");
+    let uri = w.node(
+        &[
+            Dom::new("rc-acc-files", false, &[("vda", &disk)]),
+            Dom::new("other-vm", true, &[("vdb", &disk)]),
+        ],
+        &[],
+    );
+    for extra in [&[][..], &["--dry-run"][..]] {
+        let r = w.run_uri(
+            &uri,
+            &[&["--vm", "rc-acc-files", "--disk", "vda"][..], extra].concat(),
+        );
+        assert_has(&r, "is in use by running VM(s) other-vm");
+        if extra.is_empty() {
+            assert_code(&r, 4);
+        }
+    }
+    assert_eq!(
+        fs::read_to_string(&disk).expect("disk"),
+        "original disk shared\n"
+    );
+    assert!(!pre_restore(&disk).exists());
+}
+
+// In place: the image keeps the format its domain declares (<driver type>), not the
+// one its file name suggests.
+#[test]
+fn in_place_keeps_the_domain_disk_format() {
+    let w = World::new(&["rc-acc-files"]);
+    let disk = w.p("vm/disk.img");
+    fake_disk(&disk, "img");
+    let mut dom = Dom::new("rc-acc-files", false, &[("vda", &disk)]);
+    dom.driver = Some("qcow2".into());
+    let uri = w.node(&[dom], &[]);
+    let r = w.run_uri(&uri, &["--vm", "rc-acc-files", "--disk", "vda"]);
+    assert_code(&r, 0);
+    let magic = fs::read(&disk).expect("disk");
+    assert_eq!(&magic[..4], b"QFI\xfb", "a qcow2 image under a .img name");
 }

@@ -210,6 +210,13 @@ fn replace_disk(
                     "restore_disk",
                     &format!("Backed up existing: {}", pre.display()),
                 ),
+                None if r.device => ctx.log.warn(
+                    "restore_disk",
+                    &format!(
+                        "Overwrote block device {} without a rollback image (--no-pre-restore)",
+                        r.path.display()
+                    ),
+                ),
                 None => ctx.log.warn(
                     "restore_disk",
                     &format!(

@@ -113,6 +113,15 @@ pub fn dry_run(ctx: &Context<'_>, plan: &RestorePlan) -> Outcome {
         )
     };
     let summary = match plan.report.summary {
+        plan::Summary::Serve | plan::Summary::InstantBoot if plan.refusals.is_empty() => format!(
+            "Dry run: {} would be {} — nothing started",
+            plan.vm,
+            if plan.report.summary == plan::Summary::Serve {
+                "served"
+            } else {
+                "booted"
+            }
+        ),
         plan::Summary::DiskInPlace | plan::Summary::DiskExtract if plan.refusals.is_empty() => {
             format!(
                 "Disk restore complete: {}/{} [DRY RUN — no changes made]",

@@ -34,6 +34,9 @@ pub struct PredictedOutput {
     pub file_name: String,
     /// `<restore path>/<file_name>`.
     pub final_path: PathBuf,
+    /// The format the image must have (a disk replaced in place keeps its domain's
+    /// `<driver type>`); `None`: chosen from the backup and the file name.
+    pub format: Option<ImageFormat>,
 }
 
 /// The domain XML for restore point `point`: the checkpoint's own vmconfig, else the
@@ -79,6 +82,7 @@ pub fn predict_outputs(set: &BackupSet, point: u32, restore_path: &Path) -> Vec<
                 source,
                 final_path: restore_path.join(&file_name),
                 file_name,
+                format: None,
             }
         })
         .collect()
@@ -127,11 +131,11 @@ pub fn plan_outputs(
             let raw_name = Path::new(&o.file_name)
                 .extension()
                 .is_some_and(|e| e == "raw" || e == "img");
-            let format = if raw_source || raw_name {
+            let format = o.format.unwrap_or(if raw_source || raw_name {
                 ImageFormat::Raw
             } else {
                 ImageFormat::Qcow2
-            };
+            });
             let (qcow2, default_options) = match &plan.qcow {
                 Some(info) => {
                     // name the side file the refused option came from

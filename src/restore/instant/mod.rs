@@ -292,6 +292,7 @@ fn identity(ctx: &Context<'_>, mut boot: InstantBoot) -> InstantBoot {
         drop_macs: true,
         disks: Vec::new(),
         nvram: boot.nvram.as_ref().map(|n| n.dest.display().to_string()),
+        ..Rewrite::default()
     };
     boot
 }

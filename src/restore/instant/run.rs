@@ -81,10 +81,20 @@ fn ended(
             ),
         );
         crate::restore::pool::refresh_pool(ctx, &ib.dir);
-        return Ok(format!(
-            "Restore complete: {} — instant boot ✓ pulled ✓ defined ✓ new identity ✓ (running as '{name}')",
-            ctx.vm
-        ));
+        return match (end, ib.pull) {
+            (End::Pulled, _) => Ok(format!(
+                "Restore complete: {} — instant boot ✓ pulled ✓ defined ✓ new identity ✓ (running as '{name}')",
+                ctx.vm
+            )),
+            (_, false) => Ok(format!(
+                "Instant boot ended: {} — the disks of '{name}' were pulled outside vmrestore; it keeps running as a transient domain (virsh dumpxml {name} > {name}.xml && virsh define {name}.xml keeps it)",
+                ctx.vm
+            )),
+            (_, true) => Err(AppError::Vm(format!(
+                "Instant boot of {}: the disks of '{name}' were pulled, but it is NOT defined persistently (see above) — run `virsh dumpxml {name} > {name}.xml && virsh define {name}.xml` before it stops",
+                ctx.vm
+            ))),
+        };
     }
     if end == End::Gone {
         ctx.log.info(COMPONENT, &format!("'{name}' has stopped"));
