@@ -72,6 +72,14 @@ pub struct Args {
     pub pull: bool,
     /// `--serve-public`.
     pub serve_public: bool,
+    /// `--test-boot`.
+    pub test_boot: bool,
+    /// `--test-boot-timeout`, unparsed.
+    pub test_boot_timeout: Option<String>,
+    /// `--test-boot-expect`.
+    pub test_boot_expect: Option<String>,
+    /// `--report`.
+    pub report: Option<String>,
     /// `--nbd-target`, unparsed.
     pub nbd_target: Option<String>,
     /// `--force`.
@@ -200,6 +208,10 @@ impl Args {
             FlagId::InstantBoot => self.instant_boot = true,
             FlagId::Pull => self.pull = true,
             FlagId::ServePublic => self.serve_public = true,
+            FlagId::TestBoot => self.test_boot = true,
+            FlagId::TestBootTimeout => self.test_boot_timeout = value,
+            FlagId::TestBootExpect => self.test_boot_expect = value,
+            FlagId::Report => self.report = value,
             FlagId::NbdTarget => self.nbd_target = value,
             FlagId::Force => self.force = true,
             FlagId::DryRun => self.dry_run = true,

@@ -66,6 +66,19 @@ pub fn run(r: &RestoreRequest, env: &Env) -> Result<ExitStatus, AppError> {
     // From here on every exit of a real restore writes one catalogue row.
     let _lock = take_lock(&s)?;
     let result = restore(&s, &set, cancel.clone());
+    // a run whose actions all ran but whose purpose failed (a test boot without a
+    // sign of life) is a failure with its evidence kept for the JSON document
+    let extra = result.as_ref().ok().and_then(|o| o.extra.clone());
+    let result = match result {
+        Ok(o) => match &o.failure {
+            Some(f) => {
+                tracing::info!(target: "restore_vm", "{}", o.summary);
+                Err(AppError::Vm(f.clone()))
+            }
+            None => Ok(o),
+        },
+        Err(e) => Err(e),
+    };
     let result = match (result, cancel.signal()) {
         (Err(_), Some(sig)) if sig > 0 => Err(AppError::Interrupted(sig)),
         (other, _) => other,
@@ -74,7 +87,7 @@ pub fn run(r: &RestoreRequest, env: &Env) -> Result<ExitStatus, AppError> {
         record(&s, &result);
     }
     if r.json {
-        json_summary(&s, &result);
+        json_summary(&s, &result, extra);
     }
     let outcome = result?;
     tracing::info!(target: "restore_vm", "{}", outcome.summary);
@@ -282,7 +295,11 @@ fn invoked_by() -> Option<String> {
 }
 
 /// `--json`: one `vmrestore.restore/1` document on stdout (docs/json-output.md).
-fn json_summary(s: &Session<'_>, result: &Result<Outcome, AppError>) {
+fn json_summary(
+    s: &Session<'_>,
+    result: &Result<Outcome, AppError>,
+    extra: Option<serde_json::Value>,
+) {
     let r = s.r;
     let o = result.as_ref().ok();
     let dry = r.options.dry_run && o.is_some();
@@ -307,6 +324,7 @@ fn json_summary(s: &Session<'_>, result: &Result<Outcome, AppError>) {
         "plan": o.and_then(|o| o.plan.clone()),
         "effects": o.filter(|_| !dry).map(|o| o.effects.clone()),
         "warnings": log::warnings(),
+        "test_boot": extra,
     });
     crate::ui::write_stdout(&format!(
         "{}\n",

@@ -67,6 +67,11 @@ pub struct Outcome {
     pub effects: Vec<Effect>,
     /// The plan as JSON (dry run).
     pub plan: Option<serde_json::Value>,
+    /// Mode-specific results for the JSON document (`test_boot`).
+    pub extra: Option<serde_json::Value>,
+    /// Set when the run finished its actions but the mode failed its purpose (a test
+    /// boot without a sign of life): the command exits with this (exit 5).
+    pub failure: Option<String>,
 }
 
 impl Context<'_> {

@@ -27,6 +27,8 @@ struct Run {
     tpm: Option<(&'static str, &'static str)>,
     in_place_done: Vec<String>,
     rollbacks: Vec<PathBuf>,
+    /// A test boot's result.
+    test: Option<crate::restore::testboot::TestResult>,
     /// Per restored in-place disk, its rollback copy (for a partial failure).
     rollbacks_by_disk: Vec<Option<PathBuf>>,
     summary: Option<String>,
@@ -97,9 +99,10 @@ fn step(
             crate::restore::instant::clear_leftover(ctx, &name, &files)
         }
         Action::InstantBoot(b) => {
-            let (summary, tpm) = crate::restore::instant::run(ctx, *b)?;
-            run.summary = Some(summary);
-            run.tpm = Some(("", tpm));
+            let booted = crate::restore::instant::run(ctx, *b)?;
+            run.summary = Some(booted.summary);
+            run.tpm = Some(("", booted.tpm));
+            run.test = booted.test;
             Ok(())
         }
         Action::Serve(s) => {
@@ -437,6 +440,10 @@ fn define(ctx: &Context<'_>, d: &Definition, run: &mut Run) -> Result<(), AppErr
 /// The outcome of a finished run: summary line and catalogue values.
 fn finish(ctx: &Context<'_>, vm: &str, checkpoint: u32, report: Report, run: Run) -> Outcome {
     let (tok, tpm_result) = run.tpm.unwrap_or(("", report.tpm_result));
+    let failure = run
+        .test
+        .as_ref()
+        .and_then(|t| t.failure(report.target_name.as_deref().unwrap_or("the test clone")));
     let summary = match report.summary {
         // the spec's fixed line (acceptance 82); a VM without interfaces was told
         // by a WARN when its definition was planned
@@ -471,7 +478,9 @@ fn finish(ctx: &Context<'_>, vm: &str, checkpoint: u32, report: Report, run: Run
             report.target_path
         ),
         Summary::Nbd => format!("Restore complete: {vm} — disk ✓ NBD export(s) written"),
-        Summary::InstantBoot | Summary::Serve => run.summary.clone().unwrap_or_default(),
+        Summary::InstantBoot | Summary::Serve | Summary::TestBoot => {
+            run.summary.clone().unwrap_or_default()
+        }
     };
     Outcome {
         summary,
@@ -483,5 +492,7 @@ fn finish(ctx: &Context<'_>, vm: &str, checkpoint: u32, report: Report, run: Run
         target_name: report.target_name,
         effects: run.effects,
         plan: None,
+        extra: run.test.as_ref().map(|t| t.to_json()),
+        failure,
     }
 }

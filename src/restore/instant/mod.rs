@@ -259,6 +259,7 @@ pub(super) fn plan_instant(
         rewrite: Rewrite::default(),
         nvram: instant_nvram(ctx, &cfg, name, t),
         tpm: None,
+        test: None,
     };
     actions.push(Action::InstantBoot(Box::new(identity(ctx, boot))));
     Ok(RestorePlan {

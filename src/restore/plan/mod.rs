@@ -12,8 +12,8 @@ use serde_json::{json, Value};
 pub mod steps;
 
 pub use steps::{
-    Definition, Identity, InPlace, InstantBoot, NbdWrite, NvramInstall, ServePlan, TpmRestore,
-    TpmUuid,
+    Definition, Identity, InPlace, InstantBoot, NbdWrite, NvramInstall, ServePlan, TestBootSpec,
+    TpmRestore, TpmUuid,
 };
 
 use crate::restore::outputs::{DiskJob, ImageFormat};
@@ -72,6 +72,8 @@ pub enum Summary {
     Nbd,
     /// Set by the instant-boot runtime.
     InstantBoot,
+    /// Set by the test-boot runtime.
+    TestBoot,
     /// Set by the server.
     Serve,
 }
