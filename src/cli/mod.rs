@@ -35,6 +35,8 @@ pub enum Mode {
     Verify,
     /// `--dump`.
     Dump,
+    /// `--all`: every VM of the backup root.
+    All,
 }
 
 /// What was typed, after the token loop (ripgrep's "low-level args").
@@ -80,6 +82,16 @@ pub struct Args {
     pub test_boot_expect: Option<String>,
     /// `--report`.
     pub report: Option<String>,
+    /// `--only`, unparsed.
+    pub only: Option<String>,
+    /// `--exclude`, unparsed.
+    pub exclude: Option<String>,
+    /// `--jobs`, unparsed.
+    pub jobs: Option<String>,
+    /// `--name-prefix`.
+    pub name_prefix: Option<String>,
+    /// `--name-suffix`.
+    pub name_suffix: Option<String>,
     /// `--nbd-target`, unparsed.
     pub nbd_target: Option<String>,
     /// `--force`.
@@ -212,6 +224,12 @@ impl Args {
             FlagId::TestBootTimeout => self.test_boot_timeout = value,
             FlagId::TestBootExpect => self.test_boot_expect = value,
             FlagId::Report => self.report = value,
+            FlagId::All => self.mode = Some(Mode::All),
+            FlagId::Only => self.only = value,
+            FlagId::Exclude => self.exclude = value,
+            FlagId::Jobs => self.jobs = value,
+            FlagId::NamePrefix => self.name_prefix = value,
+            FlagId::NameSuffix => self.name_suffix = value,
             FlagId::NbdTarget => self.nbd_target = value,
             FlagId::Force => self.force = true,
             FlagId::DryRun => self.dry_run = true,

@@ -20,7 +20,7 @@ use crate::hypervisor::{Hypervisor, Offline};
 use crate::restore::{Context, Outcome};
 use crate::ui::header::restore_header_fields;
 use crate::ui::log::{self, RunLog};
-use crate::ui::report::TracingReporter;
+use crate::ui::report::{Reporter, TracingReporter};
 
 fn utc_now() -> String {
     chrono::Utc::now().format("%Y-%m-%d %H:%M:%S").to_string()
@@ -36,6 +36,17 @@ struct Session<'a> {
     started: Instant,
 }
 
+/// One VM's finished restore (for a whole-host run's table).
+#[derive(Debug)]
+pub struct VmRun {
+    /// The VM name.
+    pub vm: String,
+    /// How it ended.
+    pub result: Result<Outcome, AppError>,
+    /// How long it took.
+    pub seconds: f64,
+}
+
 /// Runs a validated restore request.
 pub fn run(r: &RestoreRequest, env: &Env) -> Result<ExitStatus, AppError> {
     let cancel = Cancel::new();
@@ -48,13 +59,36 @@ pub fn run(r: &RestoreRequest, env: &Env) -> Result<ExitStatus, AppError> {
         &restore_header_fields(r),
     );
     tracing::info!(target: "main", "====== vmrestore v{} ======", env!("CARGO_PKG_VERSION"));
+    let done = restore_vm(r, &cancel, &TracingReporter, true)?;
+    let outcome = done.result?;
+    tracing::info!(target: "restore_vm", "{}", outcome.summary);
+    tracing::info!(target: "main", "====== vmrestore completed ======");
+    Ok(ExitStatus::Ok)
+}
+
+/// One VM, inside an open run log: data dir, VM name, lock, plan → print or
+/// execute, one catalogue row, the `--json` document. `Err` only for failures
+/// before the VM's session starts (data dir, name); those write no row.
+pub fn restore_vm(
+    r: &RestoreRequest,
+    cancel: &Cancel,
+    log: &dyn Reporter,
+    progress: bool,
+) -> Result<VmRun, AppError> {
     let started = Instant::now();
     let start_time = utc_now();
-    tracing::info!(target: "restore_vm", "Starting restore: {}", r.vm.label);
+    log.info("restore_vm", &format!("Starting restore: {}", r.vm.label));
     let data_dir = tree::resolve_data_dir_logged(&r.root.path, &r.vm.label, r.period.as_deref())?;
     let vm = vm_name(r, &data_dir)?;
     let set = crate::host::tree::scan_set(&data_dir)?;
-    tracing::info!(target: "restore_vm", "Data dir: {} (type: {})", data_dir.display(), set.kind.as_str());
+    log.info(
+        "restore_vm",
+        &format!(
+            "Data dir: {} (type: {})",
+            data_dir.display(),
+            set.kind.as_str()
+        ),
+    );
     let s = Session {
         r,
         state_root: tree::state_root(&data_dir, r.vm.path_aware, &r.root.path),
@@ -65,14 +99,14 @@ pub fn run(r: &RestoreRequest, env: &Env) -> Result<ExitStatus, AppError> {
     };
     // From here on every exit of a real restore writes one catalogue row.
     let _lock = take_lock(&s)?;
-    let result = restore(&s, &set, cancel.clone());
+    let result = restore(&s, &set, cancel.clone(), log, progress);
     // a run whose actions all ran but whose purpose failed (a test boot without a
     // sign of life) is a failure with its evidence kept for the JSON document
     let extra = result.as_ref().ok().and_then(|o| o.extra.clone());
     let result = match result {
         Ok(o) => match &o.failure {
             Some(f) => {
-                tracing::info!(target: "restore_vm", "{}", o.summary);
+                log.info("restore_vm", &o.summary);
                 Err(AppError::Vm(f.clone()))
             }
             None => Ok(o),
@@ -89,10 +123,11 @@ pub fn run(r: &RestoreRequest, env: &Env) -> Result<ExitStatus, AppError> {
     if r.json {
         json_summary(&s, &result, extra);
     }
-    let outcome = result?;
-    tracing::info!(target: "restore_vm", "{}", outcome.summary);
-    tracing::info!(target: "main", "====== vmrestore completed ======");
-    Ok(ExitStatus::Ok)
+    Ok(VmRun {
+        vm: s.vm.clone(),
+        result,
+        seconds: started.elapsed().as_secs_f64(),
+    })
 }
 
 /// The libvirt name from the backup's domain XML, else the label typed. The XML is
@@ -183,11 +218,17 @@ fn connect(r: &RestoreRequest) -> Result<Box<dyn Hypervisor>, AppError> {
     }
 }
 
-fn restore(s: &Session<'_>, set: &BackupSet, cancel: Cancel) -> Result<Outcome, AppError> {
+fn restore(
+    s: &Session<'_>,
+    set: &BackupSet,
+    cancel: Cancel,
+    log: &dyn Reporter,
+    progress: bool,
+) -> Result<Outcome, AppError> {
     let r = s.r;
     crate::restore::refuse_remote(&r.uri, &r.kind)?;
     let hv = connect(r)?;
-    let progress = if records(r) {
+    let progress = if records(r) && progress {
         crate::ui::progress::for_restore(Arc::new(TracingReporter))
     } else {
         None
@@ -198,7 +239,7 @@ fn restore(s: &Session<'_>, set: &BackupSet, cancel: Cancel) -> Result<Outcome, 
         point: r.point,
         options: r.options,
         hv: hv.as_ref(),
-        log: &TracingReporter,
+        log,
         cancel,
         progress,
         swtpm_root: crate::host::tpm::swtpm_root(),
