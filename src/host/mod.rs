@@ -8,5 +8,6 @@ pub mod lock;
 pub mod nvram;
 pub mod ownership;
 pub mod paths;
+pub mod state;
 pub mod tpm;
 pub mod tree;
