@@ -493,7 +493,11 @@ fn issue18_5_a_planted_tmp_log_symlink_is_not_followed() {
         "the log was written through the planted symlink"
     );
     let used = used.expect("the final line names the log");
-    assert_eq!(ours, [used.clone()], "exactly one new log file in /tmp");
+    assert_eq!(
+        ours,
+        std::slice::from_ref(&used),
+        "exactly one new log file in /tmp"
+    );
     assert!(used.starts_with("/tmp"), "{}", used.display());
     assert_eq!(
         warns(&r, "is a symbolic link (not followed): logging to "),

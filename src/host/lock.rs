@@ -25,7 +25,7 @@ use std::thread::sleep;
 use std::time::{Duration, Instant, SystemTime};
 
 use nix::errno::Errno;
-use nix::fcntl::{openat, renameat, AtFlags, Flock, FlockArg, OFlag};
+use nix::fcntl::{openat, renameat, AtFlags, FlockArg, OFlag};
 use nix::sys::stat::{fstatat, Mode};
 use nix::unistd::{linkat, unlinkat, UnlinkatFlags};
 
@@ -57,39 +57,44 @@ pub struct VmLock {
     pid: u32,
 }
 
-/// An open lock file, with its `flock` when the filesystem has one.
+/// An open lock file. Its `flock`, when taken, belongs to the open file and is let
+/// go when the file is closed (dropped). nix's `Flock` guard is not used: its drop
+/// panics when an unlock fails (an NFS unlock interrupted by a signal can), and a
+/// lock file must never abort a restore's cleanup.
 #[derive(Debug)]
-enum Handle {
-    Locked(Flock<File>),
-    Plain(File),
+struct Handle {
+    file: File,
+}
+
+/// `flock(LOCK_EX|LOCK_NB)` on `file`.
+#[allow(deprecated)] // the plain call, for the reason given at `Handle`
+fn try_flock(file: &File) -> Result<(), Errno> {
+    use std::os::fd::AsRawFd;
+    nix::fcntl::flock(file.as_raw_fd(), FlockArg::LockExclusiveNonblock)
 }
 
 impl Handle {
     fn file(&self) -> &File {
-        match self {
-            Self::Locked(l) => l,
-            Self::Plain(f) => f,
-        }
+        &self.file
     }
 
-    /// Takes the `flock` without waiting: `Err` carries the file back and whether
-    /// someone else holds it (rather than the filesystem having no `flock`).
+    /// Tries the `flock` of `file` without waiting: `Err` carries
+    /// the file back (unlocked) and whether someone else holds the `flock` (rather
+    /// than the filesystem having none).
     fn lock(file: File) -> Result<Handle, (File, bool)> {
-        match Flock::lock(file, FlockArg::LockExclusiveNonblock) {
-            Ok(l) => Ok(Self::Locked(l)),
-            Err((f, e)) => Err((f, e == Errno::EWOULDBLOCK)),
+        match try_flock(&file) {
+            Ok(()) => Ok(Handle { file }),
+            Err(e) => Err((file, e == Errno::EWOULDBLOCK)),
         }
     }
 
-    fn release(self) {
-        if let Self::Locked(l) = self {
-            if let Err((l, _)) = l.unlock() {
-                // `Flock`'s own drop would panic on this error; closing the file (at
-                // exit) releases the lock all the same
-                std::mem::forget(l);
-            }
-        }
+    /// A handle without a `flock` (the filesystem has none): the PID protects it.
+    fn plain(file: File) -> Handle {
+        Handle { file }
     }
+
+    /// Closes the file, letting go of its `flock`.
+    fn release(self) {}
 }
 
 /// What happened when taking the lock.
@@ -256,7 +261,7 @@ fn inspect(dir: &Dir, name: &str, empty_since: &mut Option<Instant>) -> Result<F
     let (handle, held_elsewhere) = match Handle::lock(file) {
         Ok(h) => (h, false),
         // held: by whom is told by the PID; no flock on this filesystem: PIDs only
-        Err((f, held)) => (Handle::Plain(f), held),
+        Err((f, held)) => (Handle::plain(f), held),
     };
     // a flock granted on a file that was removed meanwhile says nothing about the name
     if handle.file().metadata().map_err(io)?.nlink() == 0 {
@@ -292,6 +297,17 @@ fn inspect(dir: &Dir, name: &str, empty_since: &mut Option<Instant>) -> Result<F
 fn nonce() -> u64 {
     use std::hash::{BuildHasher, RandomState};
     RandomState::new().hash_one((std::process::id(), Instant::now()))
+}
+
+/// True when `name` in `dir` is the inode of `file`.
+fn still_names(dir: &Dir, name: &str, file: &File) -> bool {
+    match (
+        file.metadata(),
+        fstatat(dir, name, AtFlags::AT_SYMLINK_NOFOLLOW),
+    ) {
+        (Ok(md), Ok(st)) => (md.dev(), md.ino()) == (st.st_dev, st.st_ino),
+        _ => false,
+    }
 }
 
 /// What [`remove_if_same`] did.
@@ -359,7 +375,7 @@ fn create(dir: &Dir, name: &str, pid: u32) -> std::io::Result<Handle> {
                 sleep(POLL);
             }
             // no flock here, or never let go: the PID protects it as it does vmbackup's
-            Err((f, _)) => return Ok(Handle::Plain(f)),
+            Err((f, _)) => return Ok(Handle::plain(f)),
         }
     }
 }
@@ -407,6 +423,9 @@ pub fn acquire(state_root: &Path, vm: &str) -> Result<Acquired, LockError> {
     let mut last_pid = None;
     while started.elapsed() < TAKEOVER_WAIT {
         match create(&dir, &name, pid) {
+            // judged stale and removed by someone whose PID check does not know us
+            // (a renamed binary): the name is not ours, look again
+            Ok(handle) if !still_names(&dir, &name, handle.file()) => handle.release(),
             Ok(handle) => {
                 return Ok(Acquired::Held {
                     lock: VmLock {
