@@ -329,7 +329,9 @@ enum Removal {
 /// back under `name` (`link` fails rather than replace).
 fn remove_if_same(dir: &Dir, name: &str, file: &File) -> std::io::Result<Removal> {
     let md = file.metadata()?;
-    let aside = format!(".{name}.{}-{:016x}.stale", std::process::id(), nonce());
+    // a fixed-length name (a long lock name must not make it too long): hidden, and
+    // no `vmbackup-*.lock` for anyone globbing the directory
+    let aside = format!(".vmrestore-stale-{}-{:016x}", std::process::id(), nonce());
     match renameat(dir, name, dir, aside.as_str()) {
         Ok(()) => {}
         Err(Errno::ENOENT) => return Ok(Removal::Gone),
@@ -619,7 +621,19 @@ mod tests {
             e.to_string(),
             r#"VM name "../x" cannot name a lock file: it contains '/'"#
         );
-        for good in ["vm", "..vm", "vm..", "my vm", "x".repeat(241).as_str()] {
+        // the longest name whose lock file the filesystem takes: held and released
+        let longest = "x".repeat(241);
+        {
+            let (lock, _) = ok(acquire(root.path(), &longest));
+            assert!(lock.path().exists());
+            fs::write(lock.path(), "999999999\n").expect("a stale one");
+        }
+        let (lock, stale) = ok(acquire(root.path(), &longest));
+        assert_eq!(stale.as_deref(), Some("999999999"));
+        drop(lock);
+        assert!(names(&locks_dir(root.path())).is_empty(), "released");
+        fs::remove_dir_all(root.path().join("_state")).expect("rm");
+        for good in ["vm", "..vm", "vm..", "my vm", longest.as_str()] {
             assert_eq!(
                 path(root.path(), good),
                 root.path()

@@ -89,6 +89,11 @@ impl Dir {
     /// `<state root>/_state`; `create` makes it (mode 0755 less the umask) when it is
     /// missing, as vmbackup's `mkdir -p` does.
     pub fn state(state_root: &Path, create: bool) -> Result<Dir, Refusal> {
+        let state_root = if state_root.as_os_str().is_empty() {
+            Path::new(".")
+        } else {
+            state_root
+        };
         // the root is trusted (typed or configured) and may be a symlink itself
         let fd = openat(AT_FDCWD, state_root, DIR_FLAGS, Mode::empty()).map_err(
             |errno| match errno {
