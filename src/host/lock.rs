@@ -230,13 +230,16 @@ fn inspect(dir: &Dir, name: &str, empty_since: &mut Option<Instant>) -> Result<F
         return Err(dir.wrong(name, "regular file"));
     }
     // O_NONBLOCK|O_NOFOLLOW: a FIFO or symlink swapped in since the lstat neither
-    // blocks nor leads anywhere
-    let flags = OFlag::O_RDONLY
-        | OFlag::O_NOFOLLOW
-        | OFlag::O_NONBLOCK
-        | OFlag::O_NOCTTY
-        | OFlag::O_CLOEXEC;
-    let file = match openat(dir, name, flags, Mode::empty()) {
+    // blocks nor leads anywhere. Read-write when allowed (nothing is written): NFS
+    // emulates flock with POSIX locks, and an exclusive one needs a writable file.
+    let flags = OFlag::O_NOFOLLOW | OFlag::O_NONBLOCK | OFlag::O_NOCTTY | OFlag::O_CLOEXEC;
+    let opened = match openat(dir, name, flags | OFlag::O_RDWR, Mode::empty()) {
+        Err(Errno::EACCES | Errno::EROFS | Errno::EPERM) => {
+            openat(dir, name, flags | OFlag::O_RDONLY, Mode::empty())
+        }
+        other => other,
+    };
+    let file = match opened {
         Ok(fd) => File::from(fd),
         Err(Errno::ENOENT) => return Ok(Found::Gone),
         Err(Errno::ELOOP) => return Err(dir.wrong(name, "regular file")),
