@@ -13,7 +13,7 @@ use crate::cli::request::{RestoreKind, RestoreRequest};
 use crate::error::{AppError, ExitStatus};
 use crate::host::catalogue::{self, RestoreSession};
 use crate::host::env::Env;
-use crate::host::lock::{self, Acquired, VmLock};
+use crate::host::lock::{self, Acquired, LockError, VmLock};
 use crate::host::tree;
 use crate::hypervisor::libvirt::Libvirt;
 use crate::hypervisor::{Hypervisor, Offline};
@@ -182,12 +182,16 @@ fn take_lock(s: &Session<'_>) -> Result<Option<VmLock>, AppError> {
             tracing::warn!(target: "restore_vm", "Cannot create lock {} ({reason}) — continuing without lock", path.display());
             Ok(None)
         }
-        Err(held) => {
-            let e = AppError::Lock(held.to_string());
+        Err(e) => {
+            // a name that is no single path component is the backup's fault (exit 5)
+            let err = || match &e {
+                LockError::Held(held) => AppError::Lock(held.to_string()),
+                LockError::BadName(bad) => AppError::Vm(bad.to_string()),
+            };
             if records(s.r) {
-                record(s, &Err(AppError::Lock(held.to_string())));
+                record(s, &Err(err()));
             }
-            Err(e)
+            Err(err())
         }
     }
 }

@@ -9,5 +9,6 @@ pub mod names;
 pub mod nvram;
 pub mod ownership;
 pub mod paths;
+pub mod state;
 pub mod tpm;
 pub mod tree;
