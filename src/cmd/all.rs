@@ -197,6 +197,7 @@ fn refused_or_planned(p: &Planned) -> Result<VmRun, AppError> {
                 ..Default::default()
             }),
             seconds: 0.0,
+            source: std::path::PathBuf::new(),
         }),
     }
 }
@@ -318,6 +319,7 @@ struct Row {
     seconds: f64,
     outcome: String,
     exit: u8,
+    source: String,
 }
 
 impl Row {
@@ -357,6 +359,10 @@ impl Row {
                 e.exit_status().code(),
             ),
         };
+        let source = match r {
+            Ok(v) => v.source.display().to_string(),
+            Err(_) => String::new(),
+        };
         Self {
             vm: vm.to_owned(),
             point,
@@ -365,12 +371,13 @@ impl Row {
             seconds,
             outcome,
             exit,
+            source,
         }
     }
 
     fn to_json(&self) -> Value {
         json!({
-            "vm": self.vm, "checkpoint": self.point, "disks": self.disks, "bytes": self.size,
+            "vm": self.vm, "source": self.source, "checkpoint": self.point, "disks": self.disks, "bytes": self.size,
             "seconds": (self.seconds * 10.0).round() / 10.0, "outcome": self.outcome, "exit_code": self.exit,
         })
     }

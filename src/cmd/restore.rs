@@ -45,6 +45,8 @@ pub struct VmRun {
     pub result: Result<Outcome, AppError>,
     /// How long it took.
     pub seconds: f64,
+    /// The data directory restored from.
+    pub source: PathBuf,
 }
 
 /// Runs a validated restore request.
@@ -127,6 +129,7 @@ pub fn restore_vm(
         vm: s.vm.clone(),
         result,
         seconds: started.elapsed().as_secs_f64(),
+        source: s.data_dir.clone(),
     })
 }
 
