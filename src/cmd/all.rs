@@ -274,7 +274,15 @@ fn finish(
 ) -> Result<ExitStatus, AppError> {
     let rows: Vec<Row> = runs.iter().map(|(vm, r)| Row::of(vm, r, plan)).collect();
     let rule = "─".repeat(96);
-    crate::ui::write_stdout(&table(&rows, &rule));
+    // with --json, stdout is the one JSON document; the table goes to the log
+    let text = table(&rows, &rule);
+    if a.template.json {
+        for l in text.lines().filter(|l| !l.trim().is_empty()) {
+            tracing::info!(target: "restore_vm", "{l}");
+        }
+    } else {
+        crate::ui::write_stdout(&text);
+    }
     let worst = rows
         .iter()
         .map(|r| r.exit)
