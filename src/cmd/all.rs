@@ -104,7 +104,7 @@ fn plan_one(a: &AllRequest, vm: &str, cancel: &Cancel) -> Planned {
     let req = request_for(a, vm);
     let mut dry = req.clone();
     dry.options.dry_run = true;
-    let quiet = Quiet::default();
+    let quiet = Quiet;
     let (refused, plan) = match restore_vm(&dry, cancel, &quiet, false) {
         Ok(VmRun { result: Ok(o), .. }) => {
             let p = o.plan.unwrap_or(Value::Null);
@@ -210,7 +210,7 @@ fn jobs(a: &AllRequest) -> usize {
             .template
             .kind
             .dir()
-            .and_then(|d| crate::ui::format::rotational(d))
+            .and_then(crate::ui::format::rotational)
             .unwrap_or(false);
         if rotating {
             1
