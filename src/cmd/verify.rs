@@ -111,7 +111,11 @@ pub struct Verdict {
 impl Verdict {
     /// Judges `files` and `points`; `read(f)` says whether a restore point reads `f`
     /// (damage elsewhere still fails the verification).
-    pub fn new(files: &[FileCheck], points: &[PointCheck], read: impl Fn(&FileCheck) -> bool) -> Self {
+    pub fn new(
+        files: &[FileCheck],
+        points: &[PointCheck],
+        read: impl Fn(&FileCheck) -> bool,
+    ) -> Self {
         let mut groups: Vec<(Vec<u32>, String)> = Vec::new();
         for p in points.iter().filter(|p| !p.restorable) {
             let reason = p.reason.clone().unwrap_or_default();
@@ -130,7 +134,10 @@ impl Verdict {
         let all: Vec<u32> = points.iter().map(|p| p.checkpoint).collect();
         let unread_damage = files.iter().find(|f| f.damaged() && !read(f));
         let (passed, summary) = if all.is_empty() {
-            (false, "Verification FAILED: no restore point found".to_owned())
+            (
+                false,
+                "Verification FAILED: no restore point found".to_owned(),
+            )
         } else if let Some((_, reason)) = groups.first() {
             let bad_all: Vec<u32> = groups.iter().flat_map(|(ns, _)| ns.clone()).collect();
             let good_part = if good.is_empty() {

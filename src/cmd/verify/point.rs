@@ -30,8 +30,7 @@ pub struct PointCheck {
 /// The restore points of `set` (a full or copy set has one: 0), each judged from
 /// `files` (the checks of every data file of `set`).
 pub fn judge(set: &BackupSet, files: &[FileCheck]) -> Vec<PointCheck> {
-    let by_path: HashMap<&Path, &FileCheck> =
-        files.iter().map(|f| (f.path.as_path(), f)).collect();
+    let by_path: HashMap<&Path, &FileCheck> = files.iter().map(|f| (f.path.as_path(), f)).collect();
     let mut qcow = QcowCache::default();
     let latest = set.latest();
     let points = match set.kind {
@@ -46,7 +45,9 @@ pub fn judge(set: &BackupSet, files: &[FileCheck]) -> Vec<PointCheck> {
             let data = data_of(set, n, newest, &p.expected, &by_path, &mut qcow);
             let broken = set.broken_at().filter(|b| b.checkpoint <= n);
             // the restore refuses an incomplete chain before it reads any file
-            let refusal = broken.and_then(|b| b.problems.first()).map(ToString::to_string);
+            let refusal = broken
+                .and_then(|b| b.problems.first())
+                .map(ToString::to_string);
             let side_files_only = refusal.is_some()
                 && data.reason.is_none()
                 && set.points[..=n as usize].iter().all(|q| {

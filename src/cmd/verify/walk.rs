@@ -113,12 +113,12 @@ pub fn check(f: &StreamFile, cancel: &Cancel) -> Result<FileCheck, AppError> {
     let chain_file = match &f.content {
         // scan-time damage (truncated file, bad meta, not a regular file): as found
         StreamContent::Unreadable(e) => Err(damage(e)),
-        StreamContent::RawImage => ChainFile::raw_image(&f.path, &f.disk).map_err(|e| {
-            Structure::Damaged {
+        StreamContent::RawImage => {
+            ChainFile::raw_image(&f.path, &f.disk).map_err(|e| Structure::Damaged {
                 offset: None,
                 reason: e.to_string(),
-            }
-        }),
+            })
+        }
         StreamContent::Stream(_) => index(&f.path, stored),
     };
     let outcome = match chain_file {
