@@ -374,6 +374,104 @@ fn orphan_checksums(dir: &Path, set: &BackupSet) -> Vec<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use nbdfmt::StreamLevel;
+
+    fn file(n: u32, compressed: bool, checksum: Checksum) -> FileCheck {
+        FileCheck {
+            path: format!("/b/vda.inc.virtnbdbackup.{n}.data").into(),
+            name: format!("vda.inc.virtnbdbackup.{n}.data"),
+            disk: "vda".into(),
+            level: StreamLevel::Inc(n),
+            compressed,
+            structure: Structure::Ok,
+            checksum,
+        }
+    }
+
+    fn point(n: u32, reason: Option<&str>) -> PointCheck {
+        PointCheck {
+            checkpoint: n,
+            restorable: reason.is_none(),
+            checksum_verified: false,
+            reason: reason.map(str::to_owned),
+            side_files_only: false,
+        }
+    }
+
+    fn pass(files: &[FileCheck]) -> String {
+        let points = [point(0, None), point(1, None)];
+        let v = Verdict::new(files, &points, |_| true);
+        assert!(v.passed, "{}", v.summary);
+        v.summary
+    }
+
+    #[test]
+    fn a_pass_says_what_the_checksums_proved() {
+        let ok = |n| file(n, false, Checksum::Ok(7));
+        let plain = |n| file(n, false, Checksum::NotRecorded);
+        let lz4 = |n| file(n, true, Checksum::NotRecorded);
+        let head = "Verification passed: every restore point is restorable (0..1)";
+        assert_eq!(
+            pass(&[ok(0), ok(1)]),
+            format!("{head}; 2 checksums verified")
+        );
+        assert_eq!(pass(&[ok(0)]), format!("{head}; 1 checksum verified"));
+        assert_eq!(
+            pass(&[plain(0), plain(1)]),
+            format!("{head}, structure verified; no checksums recorded — payload bit rot cannot be detected")
+        );
+        assert_eq!(
+            pass(&[lz4(0), lz4(1)]),
+            format!("{head}, structure verified; no checksums recorded — only the LZ4 frame checksums guard the payloads")
+        );
+        assert_eq!(
+            pass(&[plain(0), lz4(1), lz4(2)]),
+            format!("{head}, structure verified; no checksums recorded — payload bit rot cannot be detected in the 1 uncompressed one; only LZ4 frame checksums guard the other 2")
+        );
+        assert_eq!(
+            pass(&[ok(0), plain(1)]),
+            format!("{head}, structure verified; 1 checksum verified, 1 of 2 files has no recorded checksum — payload bit rot in it cannot be detected")
+        );
+        assert_eq!(
+            pass(&[ok(0), lz4(1), lz4(2)]),
+            format!("{head}, structure verified; 1 checksum verified, 2 of 3 files have no recorded checksum — only LZ4 frame checksums guard their payloads")
+        );
+    }
+
+    #[test]
+    fn a_failure_names_the_bad_and_the_good_points() {
+        let files = [file(0, false, Checksum::Ok(1))];
+        let points = [
+            point(0, None),
+            point(1, None),
+            point(2, Some("missing x")),
+            point(3, Some("missing x")),
+            point(4, Some("y: LZ4 error in payload at byte 9: z")),
+        ];
+        let v = Verdict::new(&files, &points, |_| true);
+        assert!(!v.passed);
+        assert_eq!(v.summary, "Verification FAILED: restore points 2..4 are not restorable: missing x (first of 2 reasons, see above); restore points 0..1 are restorable");
+        assert_eq!(v.groups.len(), 2);
+        let v = Verdict::new(&files, &[point(0, Some("r"))], |_| true);
+        assert_eq!(
+            v.summary,
+            "Verification FAILED: restore point 0 is not restorable: r; no restore point is restorable"
+        );
+        let v = Verdict::new(&files, &[], |_| true);
+        assert!(!v.passed);
+    }
+
+    #[test]
+    fn damage_no_point_reads_fails_too() {
+        let mut bad = file(5, true, Checksum::NotRecorded);
+        bad.structure = Structure::Damaged {
+            offset: Some(40),
+            reason: "invalid frame header at byte 40".into(),
+        };
+        let v = Verdict::new(&[bad], &[point(0, None)], |_| false);
+        assert!(!v.passed);
+        assert_eq!(v.summary, "Verification FAILED: vda.inc.virtnbdbackup.5.data: invalid frame header at byte 40 — every restore point is restorable (0), but this file is damaged");
+    }
 
     #[test]
     fn ranges_collapse_runs() {

@@ -197,7 +197,11 @@ fn walk(cf: ChainFile, disk: &str, cancel: &Cancel) -> Result<Walk, AppError> {
                 .flat_map(|d| &d.checksums)
                 .find_map(|(_, s)| *s),
         )),
-        Err(e) => walk_error(e, &name),
+        Err(e) => match cancel.signal() {
+            // a signal can surface as a failed read or a closed channel first
+            Some(sig) => Err(AppError::Interrupted(sig)),
+            None => walk_error(e, &name),
+        },
     }
 }
 
