@@ -122,7 +122,7 @@ pub const FLAGS: &[Flag] = &[
     Flag { id: FlagId::ListRestorePoints, long: "--list-restore-points", short: None, value_name: "<name|path>", takes: Takes::OptionalValue, section: Section::Inspection,
         help: "List the restore points of a VM (all periods, or --period),\nincluding archived chains and INCOMPLETE markings" },
     Flag { id: FlagId::Verify, long: "--verify", short: None, value_name: "<name|path>", takes: Takes::Value("--verify requires a VM name"), section: Section::Inspection,
-        help: "Check the adler32 checksums (.chksum) of every data file of a chain" },
+        help: "Check that every restore point of a chain will restore: each data file is\nread as a restore reads it (frames, LZ4 checksums, .chksum) and the chain\nchecked for gaps; exit 6 names the damaged file and byte offset" },
     Flag { id: FlagId::Dump, long: "--dump", short: None, value_name: "<name|path>", takes: Takes::Value("--dump requires a VM name"), section: Section::Inspection,
         help: "Print the stream metadata of every data file of a chain as JSON" },
     Flag { id: FlagId::ConfigInstance, long: "--config-instance", short: None, value_name: "<name>", takes: Takes::Value("--config-instance requires an instance name"), section: Section::Inspection,
