@@ -303,7 +303,12 @@ fn finish(
         ));
     }
     let failed = rows.iter().filter(|r| r.exit != 0).count();
-    tracing::info!(target: "restore_vm", "Whole-host restore: {} of {} VM(s) {}", rows.len() - failed, rows.len(), if a.template.options.dry_run { "would be restored [DRY RUN — no changes made]" } else { "restored" });
+    let what = match (&a.template.kind, a.template.options.dry_run) {
+        (_, true) => "would be restored [DRY RUN — no changes made]",
+        (RestoreKind::TestBoot { .. }, false) => "showed a sign of life in a test boot",
+        _ => "restored",
+    };
+    tracing::info!(target: "restore_vm", "Whole-host run: {} of {} VM(s) {what}", rows.len() - failed, rows.len());
     tracing::info!(target: "main", "====== vmrestore completed ======");
     Ok(ExitStatus::from_code(worst))
 }
