@@ -16,6 +16,7 @@
 //! would be allowed, but no 0.6.0 script can depend on it and rejecting it keeps
 //! statement 5 true.
 
+pub mod all;
 pub mod flags;
 pub mod request;
 pub mod selection;

@@ -5,6 +5,7 @@
 
 use std::path::{Path, PathBuf};
 
+pub use crate::cli::all::AllRequest;
 pub use crate::cli::selection::{parse_nbd_targets, DiskSelection, NbdTargetSpec, RestorePoint};
 
 use crate::cli::{Args, Mode};
@@ -261,21 +262,6 @@ pub enum Request {
     All(AllRequest),
 }
 
-/// `--all`: the same restore for every VM of the backup root.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct AllRequest {
-    /// The restore each VM gets; its `vm` is filled per VM (a clone's name too).
-    pub template: RestoreRequest,
-    /// `--only`.
-    pub only: Vec<String>,
-    /// `--exclude`.
-    pub exclude: Vec<String>,
-    /// `--jobs`.
-    pub jobs: Option<usize>,
-    /// `--name-prefix` / `--name-suffix` (clones).
-    pub clone_affixes: Option<(String, String)>,
-}
-
 /// Facts computed by the caller (with I/O) that validation needs.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Facts {
@@ -335,7 +321,7 @@ pub fn build(args: Args, root: BackupRoot, facts: &Facts) -> Result<Request, App
     let need_vm = |msg: &str| vm.clone().ok_or_else(|| AppError::Usage(msg.to_owned()));
     check_names(&args)?;
     Ok(match mode {
-        Mode::All => Request::All(all_request(args, root, point, facts)?),
+        Mode::All => Request::All(crate::cli::all::all_request(args, root, point, facts)?),
         Mode::List => Request::List(ListRequest {
             root,
             json: args.json,
@@ -438,101 +424,8 @@ fn check_names(args: &Args) -> Result<(), AppError> {
     Ok(())
 }
 
-/// `--all`: the template restore and the VM selection.
-fn all_request(
-    args: Args,
-    root: BackupRoot,
-    point: RestorePoint,
-    facts: &Facts,
-) -> Result<AllRequest, AppError> {
-    let usage = |m: &str| Err(AppError::Usage(m.to_owned()));
-    if args.disk.is_some()
-        || args.serve.is_some()
-        || args.instant_boot
-        || args.nbd_target.is_some()
-        || args.name.is_some()
-    {
-        return usage("--all restores whole VMs: --disk, --serve, --instant-boot, --nbd-target and --name cannot be used with it (clones: --name-prefix/--name-suffix)");
-    }
-    if args.restore_path.is_none() && !args.test_boot {
-        return usage("--all requires --restore-path (unless --test-boot)");
-    }
-    check_test_boot(&args, &None)?;
-    let list = |v: &Option<String>, flag: &str| -> Result<Vec<String>, AppError> {
-        let items: Vec<String> = v
-            .as_deref()
-            .unwrap_or_default()
-            .split(',')
-            .map(str::trim)
-            .filter(|s| !s.is_empty())
-            .map(str::to_owned)
-            .collect();
-        for i in &items {
-            crate::host::names::check_flag(flag, i)?;
-        }
-        Ok(items)
-    };
-    let jobs = match &args.jobs {
-        None => None,
-        Some(j) => Some(
-            j.parse::<usize>()
-                .ok()
-                .filter(|n| (1..=64).contains(n))
-                .ok_or_else(|| {
-                    AppError::Usage(format!("--jobs {j}: a whole number from 1 to 64"))
-                })?,
-        ),
-    };
-    let clone_affixes = (args.name_prefix.is_some() || args.name_suffix.is_some()).then(|| {
-        (
-            args.name_prefix.clone().unwrap_or_default(),
-            args.name_suffix.clone().unwrap_or_default(),
-        )
-    });
-    let (only, exclude) = (
-        list(&args.only, "--only")?,
-        list(&args.exclude, "--exclude")?,
-    );
-    let mut a = args;
-    // the template is a restore of a placeholder VM; each VM's is made from it
-    a.vm = Some("all".into());
-    a.name = clone_affixes.as_ref().map(|_| "all".to_owned());
-    let kind = restore_kind(&a, None, Vec::new())?;
-    Ok(AllRequest {
-        template: RestoreRequest {
-            root,
-            vm: VmTarget {
-                label: "all".into(),
-                typed: "--all".into(),
-                path_aware: false,
-            },
-            kind,
-            period: a.period,
-            point,
-            options: RestoreOptions {
-                force: a.force,
-                dry_run: a.dry_run,
-                skip_tpm: a.skip_tpm,
-                skip_config: a.skip_config,
-                no_pre_restore: a.no_pre_restore,
-                include_incomplete: a.include_incomplete,
-            },
-            uri: a
-                .connect
-                .or_else(|| facts.default_uri.clone())
-                .unwrap_or_else(|| DEFAULT_URI.into()),
-            json: a.json,
-            invocation: a.invocation,
-        },
-        only,
-        exclude,
-        jobs,
-        clone_affixes,
-    })
-}
-
 /// Which restore the flags ask for (spec §4.0), carrying each mode's own data.
-fn restore_kind(
+pub(crate) fn restore_kind(
     args: &Args,
     disks: Option<DiskSelection>,
     targets: Vec<NbdTargetSpec>,
@@ -581,7 +474,7 @@ fn restore_kind(
 }
 
 /// `--test-boot` boots every disk under a name of its own; its options need it.
-fn check_test_boot(args: &Args, disks: &Option<DiskSelection>) -> Result<(), AppError> {
+pub(crate) fn check_test_boot(args: &Args, disks: &Option<DiskSelection>) -> Result<(), AppError> {
     let usage = |m: &str| Err(AppError::Usage(m.to_owned()));
     let needs = args.test_boot_timeout.is_some()
         || args.test_boot_expect.is_some()
