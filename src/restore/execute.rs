@@ -152,8 +152,22 @@ fn write_images(
         Summary::DiskExtract => format!("Disk restore failed for {}", report.disks.join(", ")),
         _ => "Disk restore failed".to_owned(),
     };
+    let replaced: Vec<PathBuf> = jobs
+        .iter()
+        .map(|j| j.output.final_path.clone())
+        .filter(|p| replace && p.symlink_metadata().is_ok())
+        .collect();
     let (done, paths) =
         write_outputs(jobs, replace, &ctx.apply_options()).map_err(|e| engine_error(e, &what))?;
+    if report.summary == Summary::Dr {
+        // the guide's line, said once the new image took the old one's place
+        for p in &replaced {
+            ctx.log.info(
+                "restore_disk",
+                &format!("Removed existing file for DR overwrite: {}", p.display()),
+            );
+        }
+    }
     for d in &done.disks {
         let verified = d.checksums.iter().filter(|(_, s)| s.is_some()).count();
         ctx.log.info(
