@@ -90,9 +90,13 @@ pub fn run(r: &RestoreRequest, env: &Env) -> Result<ExitStatus, AppError> {
         json_summary(&s, &result, extra);
     }
     let outcome = result?;
-    tracing::info!(target: "restore_vm", "{}", outcome.summary);
+    if outcome.salvaged.is_empty() {
+        tracing::info!(target: "restore_vm", "{}", outcome.summary);
+    } else {
+        tracing::warn!(target: "restore_vm", "{}", outcome.summary);
+    }
     tracing::info!(target: "main", "====== vmrestore completed ======");
-    Ok(ExitStatus::Ok)
+    Ok(outcome.exit_status())
 }
 
 /// The libvirt name from the backup's domain XML, else the label typed. The XML is
@@ -226,7 +230,10 @@ fn outcome_word(result: &Result<Outcome, AppError>) -> &'static str {
 }
 
 fn exit_code(result: &Result<Outcome, AppError>) -> u8 {
-    result.as_ref().err().map_or(0, |e| e.exit_status().code())
+    match result {
+        Ok(o) => o.exit_status().code(),
+        Err(e) => e.exit_status().code(),
+    }
 }
 
 /// Writes the run's catalogue row; a missing or broken catalogue is one WARN.
@@ -273,7 +280,12 @@ fn session_row(s: &Session<'_>, result: &Result<Outcome, AppError>) -> RestoreSe
         tpm_result: o.map(|o| o.tpm_result.to_owned()).filter(|t| !t.is_empty()),
         outcome: outcome_word(result).into(),
         exit_code: i64::from(exit_code(result)),
-        error_message: result.as_ref().err().map(ToString::to_string),
+        // a partial salvage is not an error, but what it lacks belongs to the row
+        error_message: match result {
+            Ok(o) if !o.salvaged.is_empty() => Some(o.summary.clone()),
+            Ok(_) => None,
+            Err(e) => Some(e.to_string()),
+        },
         log_file: log::current_path().map(|p| p.display().to_string()),
         hostname: std::fs::read_to_string("/proc/sys/kernel/hostname")
             .ok()
@@ -323,6 +335,7 @@ fn json_summary(
         "log_file": log::current_path().map(|p| p.display().to_string()),
         "plan": o.and_then(|o| o.plan.clone()),
         "effects": o.filter(|_| !dry).map(|o| o.effects.clone()),
+        "salvage": o.filter(|o| !o.salvaged.is_empty()).map(|o| o.salvaged.clone()),
         "warnings": log::warnings(),
         "test_boot": extra,
     });

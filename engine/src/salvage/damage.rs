@@ -140,8 +140,8 @@ pub(crate) fn ranges(layers: &[Layer], used: &ExtentMap, size: u64) -> Vec<Damag
                     l.unknown_why
                 );
                 let missing = format!(
-                    "missing: what {} held here cannot be known ({} {}); zeros written",
-                    l.name, l.name, l.unknown_why
+                    "missing: {} {}; what it held from here on cannot be known; zeros written",
+                    l.name, l.unknown_why
                 );
                 split(&mut out, used, start, len, (&stale, &missing), &l.name);
             }

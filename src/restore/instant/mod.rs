@@ -237,7 +237,9 @@ pub(super) fn plan_instant(
         );
         pf.refuse(ctx, COMPONENT, AppError::Storage(msg.clone()), msg)?;
     }
-    let plans = disk_jobs(ctx, t, &overlays)?
+    let jobs = disk_jobs(ctx, t, &overlays)?;
+    crate::restore::salvage::refuse_damaged(&jobs, "an instant boot")?;
+    let plans = jobs
         .into_iter()
         .map(|j| j.plan)
         .collect();
