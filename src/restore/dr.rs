@@ -37,7 +37,7 @@ pub(super) fn disk_jobs(
     outputs: &[crate::restore::outputs::PredictedOutput],
 ) -> Result<Vec<DiskJob>, AppError> {
     if ctx.options.include_incomplete {
-        return crate::restore::salvage::plan_outputs(ctx, t, outputs);
+        return crate::restore::salvage::plan_outputs(ctx, t, outputs, ctx.options.force);
     }
     plan_outputs(ctx.set, t, outputs, !ctx.point.is_explicit())
         .map_err(|e| crate::error::engine_error(e, "Disk restore failed"))

@@ -27,11 +27,14 @@ pub fn map_path(final_path: &Path) -> PathBuf {
 }
 
 /// Salvage plans of `outputs` at `t`: each disk's chain read completely, its
-/// damage logged; a damaged disk's job carries its [`DamageReport`].
+/// damage logged; a damaged disk's job carries its [`DamageReport`]. Without
+/// `replace`, a file already at a damaged disk's map name is refused (exit 4)
+/// before anything is written.
 pub fn plan_outputs(
     ctx: &Context<'_>,
     t: u32,
     outputs: &[PredictedOutput],
+    replace: bool,
 ) -> Result<Vec<DiskJob>, AppError> {
     let point = if ctx.set.kind == SetKind::Copy { 0 } else { t };
     let newest = !ctx.point.is_explicit();
@@ -50,6 +53,13 @@ pub fn plan_outputs(
         let mut job = job_for(ctx.set, point, o, s.plan)
             .map_err(|e| engine_error(e, "Salvage restore failed"))?;
         job.damage = (!s.damage.is_clean()).then_some(s.damage);
+        let map = map_path(&o.final_path);
+        if job.damage.is_some() && !replace && std::fs::symlink_metadata(&map).is_ok() {
+            return Err(AppError::Storage(format!(
+                "{} already exists — the damage map of this salvage restore goes there (remove it, or use --force to replace it)",
+                map.display()
+            )));
+        }
         jobs.push(job);
     }
     Ok(jobs)
@@ -67,7 +77,11 @@ fn log_damage(ctx: &Context<'_>, d: &DamageReport, final_path: &Path) {
         );
         return;
     }
-    for f in d.files.iter().filter(|f| f.status != engine::salvage::FileStatus::Ok) {
+    for f in d
+        .files
+        .iter()
+        .filter(|f| f.status != engine::salvage::FileStatus::Ok)
+    {
         let at = f
             .at_offset
             .map(|o| format!(" at byte {o}"))
@@ -150,7 +164,9 @@ pub fn stage_map(d: &DamageReport, disk_path: &Path) -> engine::Result<StagedPat
 /// salvage restore no longer describes it, and goes.
 pub fn remove_stale_map(final_path: &Path) {
     let m = map_path(final_path);
-    if std::fs::symlink_metadata(&m).is_ok_and(|md| md.is_file()) && std::fs::remove_file(&m).is_ok() {
+    if std::fs::symlink_metadata(&m).is_ok_and(|md| md.is_file())
+        && std::fs::remove_file(&m).is_ok()
+    {
         tracing::warn!(target: "restore_disk", "Removed {}: it described an earlier salvage restore of {}", m.display(), final_path.display());
     }
 }
@@ -242,5 +258,60 @@ pub fn refuse_damaged(jobs: &[DiskJob], what: &str) -> Result<(), AppError> {
             "{}: the chain is damaged and {what} cannot carry a damage map — salvage it into files instead (--include-incomplete with --restore-path)",
             d.disk
         ))),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::restore::outputs::commit_with_map;
+
+    fn staged(final_path: &Path, text: &str) -> StagedPath {
+        let s = StagedPath::new(final_path);
+        std::fs::write(s.temp_path(), text).expect("temp");
+        s
+    }
+
+    #[test]
+    fn the_map_goes_first_and_leaves_with_a_disk_that_cannot_follow() {
+        let d = tempfile::tempdir().expect("tmp");
+        let disk = d.path().join("vm-vda.qcow2");
+        let map = map_path(&disk);
+        // the disk's final name is taken: the map committed first is taken back
+        std::fs::write(&disk, "someone else's").expect("disk");
+        let e = commit_with_map(staged(&disk, "new"), Some(staged(&map, "{}")), false);
+        assert!(e.is_err());
+        assert!(!map.exists(), "a map without its disk");
+        assert_eq!(std::fs::read(&disk).expect("disk"), b"someone else's");
+        let left: Vec<_> = std::fs::read_dir(d.path()).expect("ls").collect();
+        assert_eq!(left.len(), 1, "temporary files left");
+        // both go in: map and disk under their final names
+        std::fs::remove_file(&disk).expect("rm");
+        commit_with_map(staged(&disk, "new"), Some(staged(&map, "{}")), false).expect("commit");
+        assert_eq!(std::fs::read(&map).expect("map"), b"{}");
+        // a clean disk written over it later takes the map away
+        commit_with_map(staged(&disk, "clean"), None, true).expect("commit");
+        assert!(!map.exists());
+        assert_eq!(std::fs::read(&disk).expect("disk"), b"clean");
+    }
+
+    #[test]
+    fn summary_names_every_damaged_disk() {
+        let s = Salvaged {
+            disk: "vda".into(),
+            map: PathBuf::from("/r/vm-vda.qcow2.damage.json"),
+            missing_bytes: 10,
+            stale_bytes: 20,
+            unverified_bytes: 0,
+        };
+        let t = Salvaged {
+            disk: "vdb".into(),
+            unverified_bytes: 5,
+            ..s.clone()
+        };
+        assert_eq!(
+            summary(&[s, t]),
+            "Salvage restore: vda restored PARTIALLY — 10 bytes missing, 20 bytes possibly stale, see /r/vm-vda.qcow2.damage.json; vdb restored PARTIALLY — 10 bytes missing, 20 bytes possibly stale, 5 bytes unverified, see /r/vm-vda.qcow2.damage.json"
+        );
     }
 }

@@ -11,8 +11,8 @@ use std::path::{Path, PathBuf};
 use crate::error::{engine_error, AppError};
 use crate::restore::checks::Preflight;
 use crate::restore::outputs::{commit_with_map, plan_outputs, write_staged};
-use crate::restore::salvage::{self, Salvaged};
 use crate::restore::plan::InPlace;
+use crate::restore::salvage::{self, Salvaged};
 use crate::restore::Context;
 use crate::ui::format::iec_size;
 
@@ -214,7 +214,7 @@ pub fn replace(
 ) -> Result<(Option<PathBuf>, Option<Salvaged>), AppError> {
     let what = format!("Disk restore failed for {}", r.output.disk);
     let mut jobs = if ctx.options.include_incomplete {
-        salvage::plan_outputs(ctx, r.checkpoint, std::slice::from_ref(&r.output))?
+        salvage::plan_outputs(ctx, r.checkpoint, std::slice::from_ref(&r.output), true)?
     } else {
         plan_outputs(
             ctx.set,

@@ -361,7 +361,9 @@ fn member(
     if let Some(from) = w.unknown_from {
         layer.claims.push((from, u64::MAX - from, Claim::Unknown));
         layer.unknown_why = match (partial, w.faults.first()) {
-            (true, Some(f)) => format!("is an interrupted backup, readable up to byte {}", f.offset),
+            (true, Some(f)) => {
+                format!("is an interrupted backup, readable up to byte {}", f.offset)
+            }
             _ => unknown_why(&file),
         };
     }

@@ -243,9 +243,11 @@ impl Action {
             Self::WriteImages { jobs, .. } => jobs
                 .iter()
                 .map(|j| Effect::new("write", j.output.final_path.display().to_string()))
-                .chain(jobs.iter().filter_map(crate::restore::salvage::Salvaged::of).map(
-                    |s| Effect::new("write-damage-map", s.map.display().to_string()),
-                ))
+                .chain(
+                    jobs.iter()
+                        .filter_map(crate::restore::salvage::Salvaged::of)
+                        .map(|s| Effect::new("write-damage-map", s.map.display().to_string())),
+                )
                 .collect(),
             Self::ReplaceDisk(r) => vec![Effect::new("replace", r.path.display().to_string())],
             Self::WriteNbd(w) => w.iter().map(|w| Effect::new("write-nbd", &w.uri)).collect(),
