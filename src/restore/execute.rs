@@ -495,7 +495,16 @@ fn finish(ctx: &Context<'_>, vm: &str, checkpoint: u32, report: Report, run: Run
     let summary = if run.salvaged.is_empty() {
         summary
     } else {
-        crate::restore::salvage::summary(&run.salvaged)
+        let defined = match (report.summary, &report.target_name) {
+            (Summary::Dr, _) => Some(vm),
+            (Summary::Clone, Some(name)) => Some(name.as_str()),
+            _ => None,
+        };
+        let mut s = crate::restore::salvage::summary(&run.salvaged);
+        if let Some(name) = defined.filter(|_| run.defined_uuid.is_some()) {
+            s.push_str(&format!(" (VM '{name}' defined)"));
+        }
+        s
     };
     Outcome {
         summary,
