@@ -16,7 +16,8 @@
 //! | damage | used | map |
 //! |---|---|---|
 //! | truncated file | frames before the cut | the cut frame's extent exactly; everything after it unknown |
-//! | corrupt header / LZ4 frame | frames before it; after it too when its stored length is trusted | the frame's extent; unknown tail when the pass stopped |
+//! | corrupt LZ4 payload | frames before it; after it too when its stored length is trusted | the frame's extent; unknown tail when the pass stopped |
+//! | corrupt header | frames before it; in an LZ4 stream also after it | unknown tail; in an LZ4 stream the span between its neighbours |
 //! | `.chksum` mismatch | the whole file | every range still taken from it: unverified |
 //! | missing incremental | — | the whole disk "possibly stale" except what newer members rewrote |
 //! | broken link / unreadable meta | — | as missing |
@@ -357,6 +358,10 @@ fn member(
         layer
             .claims
             .push((l.start, l.len, Claim::Lost(l.why.clone())));
+    }
+    for &(s, e) in &w.unknown {
+        layer.claims.push((s, e.saturating_sub(s), Claim::Unknown));
+        layer.unknown_why = unknown_why(&file);
     }
     if let Some(from) = w.unknown_from {
         layer.claims.push((from, u64::MAX - from, Claim::Unknown));

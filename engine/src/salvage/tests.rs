@@ -311,3 +311,38 @@ fn broken_link_is_treated_as_missing() {
     );
     assert_eq!(got, exact(1, false));
 }
+
+#[test]
+fn lz4_stream_is_followed_past_a_damaged_header() {
+    let d = tempfile::tempdir().expect("tmp");
+    let files = chain(d.path(), true, false);
+    let zero_header = |b: &[u8], n: usize| -> usize {
+        b.windows(5)
+            .enumerate()
+            .filter(|(_, w)| w == b"zero ")
+            .map(|(i, _)| i)
+            .nth(n)
+            .expect("zero header")
+    };
+    // a zero frame's header (zero K+K): the next header follows it directly
+    let mut b = files[0].clone();
+    let z = zero_header(&b, 0);
+    b[z + 7] = b'x';
+    fs::write(d.path().join("vda.full.data"), &b).expect("write");
+    let (got, dmg) = salvage(d.path(), 0);
+    assert_eq!(statuses(&dmg), ["corrupt"]);
+    assert_eq!(rows(&dmg), [(K, K, "missing", "vda.full.data")]);
+    check_outside(&got, &exact(0, true), &dmg);
+    // a data frame's header (data 2K+2K): the trailer says how long its payload is
+    let mut b = files[0].clone();
+    let at = data_header(&b, 1);
+    b[at + 30] = b'g';
+    fs::write(d.path().join("vda.full.data"), &b).expect("write");
+    let (got, dmg) = salvage(d.path(), 2);
+    assert_eq!(statuses(&dmg), ["corrupt", "ok", "ok"]);
+    assert_eq!(dmg.files[0].at_offset, Some(at as u64));
+    // what the frame covered lies between the frames around it (2K..4K); inc 2
+    // rewrote 3K..4K
+    assert_eq!(rows(&dmg), [(2 * K, K, "missing", "vda.full.data")]);
+    check_outside(&got, &exact(2, true), &dmg);
+}

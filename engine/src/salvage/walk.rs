@@ -67,6 +67,9 @@ pub(crate) struct Walk {
     pub lost: Vec<LostFrame>,
     /// Disk offset from which the file's frames are unknown (the pass stopped there).
     pub unknown_from: Option<u64>,
+    /// Disk ranges `[start, end)` a frame with an untrusted header may have covered
+    /// (the pass went on after it).
+    pub unknown: Vec<(u64, u64)>,
     /// Damage, first found first.
     pub faults: Vec<Fault>,
     /// Why the frames that passed cannot be trusted either (a header lies).
@@ -115,6 +118,7 @@ pub(crate) fn walk(path: &Path, cancel: &Cancel) -> Result<Walk> {
         frames: Vec::new(),
         lost: Vec::new(),
         unknown_from: None,
+        unknown: Vec::new(),
         faults: Vec::new(),
         suspect: None,
         checksum: Checksum::None,
@@ -288,31 +292,57 @@ impl Walker<'_> {
                 break;
             }
             let h = match self.header(pos) {
+                Ok(h)
+                    if matches!(h.kind, FrameKind::Data | FrameKind::Zero)
+                        && (h.start < prev_end
+                            || h.start
+                                .checked_add(h.length)
+                                .is_none_or(|e| e > meta.virtual_size)) =>
+                {
+                    Err((
+                        Harm::Corrupt,
+                        format!(
+                            "frame header for disk bytes {}+{} is out of order or past the disk's end ({})",
+                            h.start, h.length, meta.virtual_size
+                        ),
+                    ))
+                }
+                other => other,
+            };
+            let h = match h {
                 Ok(h) => h,
                 Err((harm, reason)) => {
                     self.out.fault(harm, pos, reason);
-                    self.out.unknown_from = Some(prev_end);
-                    break;
+                    // a compressed stream can be followed past a header it cannot
+                    // trust: what that frame covered lies before the next one
+                    let stored = trailer
+                        .as_ref()
+                        .filter(|_| trailer_agrees)
+                        .and_then(|t| t.1.get(data_frames))
+                        .map(nbdfmt::TrailerEntry::stored_len);
+                    let step = (harm == Harm::Corrupt && compressed)
+                        .then(|| self.step_over(pos, prev_end, stored, body_end))
+                        .flatten();
+                    match step {
+                        Some((next, nh, data)) => {
+                            let end = match nh.kind {
+                                FrameKind::Stop => meta.virtual_size,
+                                _ => nh.start,
+                            };
+                            self.out.unknown.push((prev_end, end));
+                            data_frames += usize::from(data);
+                            pos = next;
+                            continue;
+                        }
+                        None => {
+                            self.out.unknown_from = Some(prev_end);
+                            break;
+                        }
+                    }
                 }
             };
             match h.kind {
                 FrameKind::Data | FrameKind::Zero => {
-                    if h.start < prev_end
-                        || h.start
-                            .checked_add(h.length)
-                            .is_none_or(|e| e > meta.virtual_size)
-                    {
-                        self.out.fault(
-                            Harm::Corrupt,
-                            pos,
-                            format!(
-                                "frame header for disk bytes {}+{} is out of order or past the disk's end ({})",
-                                h.start, h.length, meta.virtual_size
-                            ),
-                        );
-                        self.out.unknown_from = Some(prev_end);
-                        break;
-                    }
                     prev_end = h.end();
                     if h.kind == FrameKind::Zero {
                         self.out.frames.push(Frame {
@@ -374,7 +404,9 @@ impl Walker<'_> {
                             let next = stored
                                 .filter(|_| !f.truncated)
                                 .and_then(|s| payload.checked_add(s)?.checked_add(2))
-                                .filter(|&n| self.plausible_header(n, prev_end, body_end));
+                                .filter(|&n| {
+                                    self.header_after(n, prev_end, body_end, true).is_some()
+                                });
                             match next {
                                 Some(n) => pos = n,
                                 None => {
@@ -435,7 +467,7 @@ impl Walker<'_> {
             self.out
                 .fault(Harm::Corrupt, pos, "stop frame with non-zero fields");
         }
-        if self.out.lost.is_empty() && data_sum != meta.data_size {
+        if self.out.lost.is_empty() && self.out.unknown.is_empty() && data_sum != meta.data_size {
             let reason = format!(
                 "the data frames add up to {data_sum} bytes, the meta's dataSize says {}",
                 meta.data_size
@@ -494,25 +526,50 @@ impl Walker<'_> {
         }
     }
 
-    /// True when `next - 2` holds CR LF and `next` a header that may follow a frame
-    /// ending at disk offset `prev_end`.
-    fn plausible_header(&mut self, next: u64, prev_end: u64, body_end: u64) -> bool {
+    /// The header at `next`, when it is one that may follow a frame ending at disk
+    /// offset `prev_end` (and, with `crlf_before`, a payload's CR LF precedes it).
+    fn header_after(
+        &mut self,
+        next: u64,
+        prev_end: u64,
+        body_end: u64,
+        crlf_before: bool,
+    ) -> Option<FrameHeader> {
         let mut b = [0u8; HEADER_LEN + 2];
         if next >= body_end || next < 2 {
-            return false;
+            return None;
         }
         match self.read_at(next - 2, &mut b) {
-            Ok(n) if n == b.len() && &b[..2] == b"\r\n" => {}
-            _ => return false,
+            Ok(n) if n == b.len() && (!crlf_before || &b[..2] == b"\r\n") => {}
+            _ => return None,
         }
-        match FrameHeader::parse(&b[2..], next) {
-            Ok(h) => match h.kind {
-                FrameKind::Data | FrameKind::Zero => h.start >= prev_end,
-                FrameKind::Stop => true,
-                FrameKind::Meta | FrameKind::Comp => false,
-            },
-            Err(_) => false,
+        let h = FrameHeader::parse(&b[2..], next).ok()?;
+        match h.kind {
+            FrameKind::Data | FrameKind::Zero if h.start >= prev_end => Some(h),
+            FrameKind::Stop => Some(h),
+            _ => None,
         }
+    }
+
+    /// Past a header that cannot be trusted at `pos`, in a compressed stream: an LZ4
+    /// payload starts with its magic, never with a header, so the next header is right
+    /// after it (the damaged frame was a zero frame) or after a payload of the
+    /// trailer's `stored` size (it was a data frame). The next header's offset, the
+    /// header, and whether a data frame was stepped over.
+    fn step_over(
+        &mut self,
+        pos: u64,
+        prev_end: u64,
+        stored: Option<u64>,
+        body_end: u64,
+    ) -> Option<(u64, FrameHeader, bool)> {
+        let zero = pos + HEADER_LEN as u64;
+        if let Some(h) = self.header_after(zero, prev_end, body_end, false) {
+            return Some((zero, h, false));
+        }
+        let data = zero.checked_add(stored?)?.checked_add(2)?;
+        self.header_after(data, prev_end, body_end, true)
+            .map(|h| (data, h, true))
     }
 
     /// An uncompressed payload of `len` bytes at `payload`: read (an unreadable one is
