@@ -609,8 +609,9 @@ fn truncated_stream_is_refused() {
             "at byte",
         ],
     );
-    // the real truncated full of rc-damage/20260513, with --include-incomplete: the
-    // engine refuses while planning (exit 6), naming file and offset
+    // the real truncated full of rc-damage/20260513; with --include-incomplete it is
+    // salvaged (exit 6, naming file and offset, the disk and its damage map written:
+    // tests/salvage.rs checks the content)
     let mut c = Case::new(&["rc-damage"]);
     c.refused(
         "truncated stream (real, 20260513)",
@@ -619,13 +620,37 @@ fn truncated_stream_is_refused() {
         5,
         &["vda.full.data", "at byte 59661"],
     );
-    c.refused(
+    salvaged(
+        &mut c,
         "truncated stream + --include-incomplete",
-        "rc-damage",
         &["--period", "20260513", "--include-incomplete"],
-        6,
-        &["vda.full.data", "truncated stream", "at byte 59661"],
+        &["vda.full.data TRUNCATED at byte 1711"],
     );
+}
+
+/// A salvage restore (`--include-incomplete`) of rc-damage: exit 6, the messages,
+/// the disk and its damage map in the restore path, the lock released.
+fn salvaged(c: &mut Case, class: &str, extra: &[&str], needles: &[&str]) {
+    let r = c.restore("rc-damage", extra);
+    table(class, &r, &c.root);
+    assert_eq!(r.code, Some(6), "{class}: exit code\n{}", r.stderr);
+    for n in needles
+        .iter()
+        .chain(&["Salvage restore: vda restored PARTIALLY"])
+    {
+        assert!(
+            r.stderr.contains(n),
+            "{class}: stderr lacks {n:?}\n{}",
+            r.stderr
+        );
+    }
+    assert_eq!(
+        entries(&c.out),
+        ["rc-damage-vda.qcow2", "rc-damage-vda.qcow2.damage.json"],
+        "{class}"
+    );
+    assert!(!c.lock("rc-damage").exists(), "{class}: lock not released");
+    fs::remove_dir_all(&c.out).expect("rm out");
 }
 
 #[test]
@@ -756,13 +781,20 @@ fn wrong_parent_checkpoint_is_refused() {
             "\"virtnbdbackup.7\"",
         ],
     );
-    c.refused(
+    // salvaged: the file that does not link is not used (as if missing)
+    let r = c.restore("rc-acc-files", &["--include-incomplete"]);
+    table(
         "wrong parent checkpoint + --include-incomplete",
-        "rc-acc-files",
-        &["--include-incomplete"],
-        6,
-        &["vda.inc.virtnbdbackup.3.data", "parent checkpoint"],
+        &r,
+        &c.root,
     );
+    assert_eq!(r.code, Some(6), "{}", r.stderr);
+    assert!(
+        r.stderr.contains("vda.inc.virtnbdbackup.3.data CORRUPT at byte 40: broken chain: its parent checkpoint is \"virtnbdbackup.7\""),
+        "{}",
+        r.stderr
+    );
+    assert!(c.out.join("rc-acc-files-vda.qcow2.damage.json").exists());
 }
 
 #[test]
@@ -878,12 +910,11 @@ fn partial_leftover_is_refused() {
             "vda.inc.virtnbdbackup.2.data.partial",
         ],
     );
-    c.refused(
+    salvaged(
+        &mut c,
         ".partial leftover + --include-incomplete",
-        "rc-damage",
         &["--period", "20260516", "--include-incomplete"],
-        6,
-        &["vda.inc.virtnbdbackup.2.data.partial"],
+        &["vda.inc.virtnbdbackup.2.data.partial PARTIAL"],
     );
     let r = c.restore(
         "rc-damage",

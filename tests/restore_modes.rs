@@ -735,37 +735,64 @@ fn s075_other_vms_live_disk_is_never_overwritten() {
 }
 
 // 77/101 (native): a restore whose data cannot be applied exits 6 "Disk restore
-// failed" and leaves nothing in the restore path — a truncated full (forced past the
-// completeness check) in DR and data-only mode, and a checksum mismatch.
+// failed" and leaves nothing in the restore path — a checksum mismatch in DR and
+// data-only mode. With --include-incomplete the same damage (and a truncated full) is
+// salvaged instead: exit 6 too, but the disk and its damage map are written, the
+// summary says PARTIALLY and the catalogue says partial (issue 17 item 8).
 #[test]
 fn s077_s101_engine_failure_exits_6_and_leaves_nothing() {
     let w = World::new(&["rc-damage"]);
-    for (period, extra) in [
-        ("20260513", &["--include-incomplete"][..]),
-        ("20260513", &["--include-incomplete", "--skip-config"][..]),
-        ("20260515", &["--skip-config"][..]),
-    ] {
+    for (period, extra) in [("20260515", &[][..]), ("20260515", &["--skip-config"][..])] {
+        let period_out = format!("{period}{}", extra.len());
         let mut args = vec!["--vm", "rc-damage", "--period", period, "--restore-path"];
-        let out = w.s(&format!("out/{period}"));
+        let out = w.s(&format!("out/{period_out}"));
         args.push(&out);
         args.extend_from_slice(extra);
         let r = w.run(&args);
         assert_code(&r, 6);
         assert_has(&r, "Disk restore failed");
         assert!(
-            w.ls(&format!("out/{period}")).is_empty(),
+            w.ls(&format!("out/{period_out}")).is_empty(),
             "{:?}",
-            w.ls(&format!("out/{period}"))
+            w.ls(&format!("out/{period_out}"))
         );
         assert_lacks(&r, "Defining VM");
     }
     let rows = w.rows();
-    assert_eq!(rows.len(), 3);
+    assert_eq!(rows.len(), 2);
     assert!(
         rows.iter()
             .all(|r| r.outcome == "failed" && r.exit_code == 6),
         "{rows:?}"
     );
+    assert!(w.lock_files().is_empty(), "lock released after exit 6");
+    for (period, extra) in [
+        ("20260513", &["--include-incomplete"][..]),
+        ("20260513", &["--include-incomplete", "--skip-config"][..]),
+        ("20260515", &["--include-incomplete", "--skip-config"][..]),
+    ] {
+        let out = format!("salvage/{period}{}", extra.len());
+        let o = w.s(&out);
+        let mut args = vec![
+            "--vm",
+            "rc-damage",
+            "--period",
+            period,
+            "--restore-path",
+            &o,
+        ];
+        args.extend_from_slice(extra);
+        let r = w.run(&args);
+        assert_code(&r, 6);
+        assert_has(&r, "Salvage restore: vda restored PARTIALLY");
+        assert_lacks(&r, "Restore complete");
+        assert_eq!(
+            w.ls(&out),
+            ["rc-damage-vda.qcow2", "rc-damage-vda.qcow2.damage.json"]
+        );
+        let row = w.rows().last().cloned().expect("row");
+        assert_eq!((row.outcome.as_str(), row.exit_code), ("partial", 6));
+    }
     assert!(w.lock_files().is_empty(), "lock released after exit 6");
 }
 
@@ -1084,9 +1111,10 @@ fn s087_refreshes_the_longest_prefix_pool_only() {
 }
 
 // 89: an incomplete chain refuses `latest` (exit 5), restores the last good point,
-// and with --include-incomplete proceeds with the forensic WARN (the missing
-// incremental then fails the apply: exit 6, nothing written). Same for a chain whose
-// newest backup was interrupted (.partial).
+// and with --include-incomplete proceeds with the forensic WARN and salvages (the
+// missing incremental's possible changes are mapped stale: exit 6, the disk and its
+// damage map written). A chain whose newest backup was interrupted (.partial) is
+// refused the same way.
 #[test]
 fn s089_incomplete_chains() {
     let w = World::new(&["rc-brk-inc", "rc-damage"]);
@@ -1133,8 +1161,16 @@ fn s089_incomplete_chains() {
     ]);
     assert_has(&r, "Restoring from an INCOMPLETE chain (--include-incomplete): restored data may be inconsistent");
     assert_code(&r, 6);
-    assert!(w.ls("out/d").is_empty());
+    assert_has(&r, "Salvage restore: vda restored PARTIALLY");
+    assert_eq!(
+        w.ls("out/d"),
+        ["rc-brk-inc-vda.qcow2", "rc-brk-inc-vda.qcow2.damage.json"]
+    );
     assert_eq!(w.rows().last().map(|r| r.include_incomplete), Some(1));
+    assert_eq!(
+        w.rows().last().map(|r| r.outcome.clone()).as_deref(),
+        Some("partial")
+    );
 
     let r = w.run(&[
         "--vm",
@@ -1901,20 +1937,13 @@ fn s109_s110_s114_s115_two_disks_in_place() {
 fn s111_s142_partial_disk_failure() {
     let w = World::new(&["rc-multi-sql"]);
     let (uri, paths) = multi_sql_domain(&w, false);
+    // a damaged frame header (`data` → `deta`) in the middle of vdb's inc 3: the
+    // chain looks complete (its end is intact) until vdb's turn comes
     let bad = w.b("rc-multi-sql/2026-W08/vdb.inc.virtnbdbackup.3.data");
-    let f = fs::OpenOptions::new().write(true).open(&bad).expect("open");
-    f.set_len(1000).expect("truncate");
-    drop(f);
-    let r = w.run_uri(
-        &uri,
-        &[
-            "--vm",
-            "rc-multi-sql",
-            "--disk",
-            "vda,vdb,sda",
-            "--include-incomplete",
-        ],
-    );
+    let mut b = fs::read(&bad).expect("read");
+    b[378 + 1] ^= 0x01;
+    fs::write(&bad, b).expect("write");
+    let r = w.run_uri(&uri, &["--vm", "rc-multi-sql", "--disk", "vda,vdb,sda"]);
     assert_code(&r, 6);
     assert_has(&r, "Partial restore: vda succeeded, vdb FAILED");
     assert_has(&r, "Skipped: sda");

@@ -116,7 +116,7 @@ pub const FLAGS: &[Flag] = &[
     Flag { id: FlagId::NoPreRestore, long: "--no-pre-restore", short: None, value_name: "", takes: Takes::Nothing, section: Section::Control,
         help: "Disk in-place restore: do not keep <disk>.pre-restore" },
     Flag { id: FlagId::IncludeIncomplete, long: "--include-incomplete", short: None, value_name: "", takes: Takes::Nothing, section: Section::Control,
-        help: "Allow restoring from an INCOMPLETE chain (forensic use only)" },
+        help: "Salvage restore of a damaged or INCOMPLETE chain: every readable byte up to\nthe restore point (missing files, truncated or corrupt frames, .chksum\nmismatches, .partial leftovers). Each damaged disk gets <disk>.damage.json\n(missing/stale/unverified ranges); the run exits 6 and says PARTIALLY" },
     Flag { id: FlagId::List, long: "--list", short: None, value_name: "", takes: Takes::Nothing, section: Section::Inspection,
         help: "List the VMs of the backup root" },
     Flag { id: FlagId::ListRestorePoints, long: "--list-restore-points", short: None, value_name: "<name|path>", takes: Takes::OptionalValue, section: Section::Inspection,

@@ -351,7 +351,8 @@ impl Row {
                 o.disks.join(","),
                 *seconds,
                 o.summary.clone(),
-                0,
+                // a salvage restore counts as its category (6), not as success
+                o.exit_status().code(),
             ),
             Ok(VmRun {
                 result: Err(e),

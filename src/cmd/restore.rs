@@ -63,9 +63,15 @@ pub fn run(r: &RestoreRequest, env: &Env) -> Result<ExitStatus, AppError> {
     tracing::info!(target: "main", "====== vmrestore v{} ======", env!("CARGO_PKG_VERSION"));
     let done = restore_vm(r, &cancel, &TracingReporter, true)?;
     let outcome = done.result?;
-    tracing::info!(target: "restore_vm", "{}", outcome.summary);
+    // a salvage restore finished its writes but restored PARTIALLY: said as a WARN,
+    // and its own exit status (6)
+    if outcome.salvaged.is_empty() {
+        tracing::info!(target: "restore_vm", "{}", outcome.summary);
+    } else {
+        tracing::warn!(target: "restore_vm", "{}", outcome.summary);
+    }
     tracing::info!(target: "main", "====== vmrestore completed ======");
-    Ok(ExitStatus::Ok)
+    Ok(outcome.exit_status())
 }
 
 /// One VM, inside an open run log: data dir, VM name, lock, plan → print or
@@ -274,7 +280,10 @@ fn outcome_word(result: &Result<Outcome, AppError>) -> &'static str {
 }
 
 fn exit_code(result: &Result<Outcome, AppError>) -> u8 {
-    result.as_ref().err().map_or(0, |e| e.exit_status().code())
+    match result {
+        Ok(o) => o.exit_status().code(),
+        Err(e) => e.exit_status().code(),
+    }
 }
 
 /// Writes the run's catalogue row; a missing or broken catalogue is one WARN.
@@ -321,7 +330,12 @@ fn session_row(s: &Session<'_>, result: &Result<Outcome, AppError>) -> RestoreSe
         tpm_result: o.map(|o| o.tpm_result.to_owned()).filter(|t| !t.is_empty()),
         outcome: outcome_word(result).into(),
         exit_code: i64::from(exit_code(result)),
-        error_message: result.as_ref().err().map(ToString::to_string),
+        // a partial salvage is not an error, but what it lacks belongs to the row
+        error_message: match result {
+            Ok(o) if !o.salvaged.is_empty() => Some(o.summary.clone()),
+            Ok(_) => None,
+            Err(e) => Some(e.to_string()),
+        },
         log_file: log::current_path().map(|p| p.display().to_string()),
         hostname: std::fs::read_to_string("/proc/sys/kernel/hostname")
             .ok()
@@ -371,6 +385,7 @@ fn json_summary(
         "log_file": log::current_path().map(|p| p.display().to_string()),
         "plan": o.and_then(|o| o.plan.clone()),
         "effects": o.filter(|_| !dry).map(|o| o.effects.clone()),
+        "salvage": o.filter(|o| !o.salvaged.is_empty()).map(|o| o.salvaged.clone()),
         "warnings": log::warnings(),
         "test_boot": extra,
     });

@@ -72,6 +72,20 @@ pub struct Outcome {
     /// Set when the run finished its actions but the mode failed its purpose (a test
     /// boot without a sign of life): the command exits with this (exit 5).
     pub failure: Option<String>,
+    /// Disks a salvage restore wrote partially (`--include-incomplete`): the run
+    /// exits 6 and is recorded as `partial`.
+    pub salvaged: Vec<crate::restore::salvage::Salvaged>,
+}
+
+impl Outcome {
+    /// The process status of this finished run: 6 after a partial salvage.
+    pub fn exit_status(&self) -> crate::error::ExitStatus {
+        if self.salvaged.is_empty() {
+            crate::error::ExitStatus::Ok
+        } else {
+            crate::error::ExitStatus::Engine
+        }
+    }
 }
 
 impl Context<'_> {

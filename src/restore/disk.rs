@@ -41,7 +41,14 @@ fn select_disks(
     }
     let at: Vec<String> = set
         .point(t)
-        .map(|p| p.disks.iter().cloned().collect())
+        .map(|p| {
+            let mut at = p.disks.clone();
+            if ctx.options.include_incomplete {
+                // a salvage restores a disk whose file at `t` is missing or partial
+                at.extend(p.expected.iter().cloned());
+            }
+            at.into_iter().collect()
+        })
         .unwrap_or_default();
     let wanted = match requested {
         DiskSelection::All => at.clone(),

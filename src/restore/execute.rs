@@ -12,6 +12,7 @@ use crate::restore::plan::{
     Action, Definition, Effect, Identity, InPlace, NvramInstall, Report, RestorePlan, Summary,
 };
 use crate::restore::pool::refresh_pool;
+use crate::restore::salvage::Salvaged;
 use crate::restore::{nbd, swap, tpm, Context, Outcome};
 use crate::ui::format::iec_size;
 
@@ -32,6 +33,8 @@ struct Run {
     /// Per restored in-place disk, its rollback copy (for a partial failure).
     rollbacks_by_disk: Vec<Option<PathBuf>>,
     summary: Option<String>,
+    /// Disks a salvage restore wrote partially.
+    salvaged: Vec<Salvaged>,
 }
 
 /// Runs every action of `plan`, in order.
@@ -76,7 +79,12 @@ fn step(
         Action::CreateDir(d) => {
             std::fs::create_dir_all(&d).map_err(AppError::io(format!("creating {}", d.display())))
         }
-        Action::WriteImages { jobs, replace } => write_images(ctx, report, jobs, replace),
+        Action::WriteImages { jobs, replace } => {
+            let salvaged: Vec<Salvaged> = jobs.iter().filter_map(Salvaged::of).collect();
+            write_images(ctx, report, jobs, replace)?;
+            run.salvaged.extend(salvaged);
+            Ok(())
+        }
         Action::ReplaceDisk(r) => replace_disk(ctx, in_place, r, run),
         a @ Action::WriteNbd(_) => nbd::write(ctx, a),
         Action::SaveNvram(p) => save_nvram(ctx, &p),
@@ -221,7 +229,8 @@ fn replace_disk(
         &format!("── Restoring {d} [{}/{}] ──", i + 1, in_place.len()),
     );
     match swap::replace(ctx, &r) {
-        Ok(kept) => {
+        Ok((kept, salvaged)) => {
+            run.salvaged.extend(salvaged);
             match &kept {
                 Some(pre) => ctx.log.info(
                     "restore_disk",
@@ -496,17 +505,33 @@ fn finish(ctx: &Context<'_>, vm: &str, checkpoint: u32, report: Report, run: Run
             run.summary.clone().unwrap_or_default()
         }
     };
+    // a salvage restore is never "complete": its summary says what it lacks
+    let summary = if run.salvaged.is_empty() {
+        summary
+    } else {
+        let defined = match (report.summary, &report.target_name) {
+            (Summary::Dr, _) => Some(vm),
+            (Summary::Clone, Some(name)) => Some(name.as_str()),
+            _ => None,
+        };
+        let mut s = crate::restore::salvage::summary(&run.salvaged);
+        if let Some(name) = defined.filter(|_| run.defined_uuid.is_some()) {
+            s.push_str(&format!(" (VM '{name}' defined)"));
+        }
+        s
+    };
     Outcome {
         summary,
         checkpoint,
         disks: report.disks,
         target_path: report.target_path,
         tpm_result,
-        partial: tpm_result == "failed" || !run.uuid_ok,
+        partial: tpm_result == "failed" || !run.uuid_ok || !run.salvaged.is_empty(),
         target_name: report.target_name,
         effects: run.effects,
         plan: None,
         extra: run.test.as_ref().map(|t| t.to_json()),
         failure,
+        salvaged: run.salvaged,
     }
 }

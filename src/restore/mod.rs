@@ -24,6 +24,7 @@ pub mod plan;
 pub mod point;
 pub mod pool;
 pub mod preflight;
+pub mod salvage;
 pub mod serve;
 pub mod swap;
 pub mod testboot;
@@ -127,7 +128,11 @@ pub fn dry_run(ctx: &Context<'_>, plan: &RestorePlan) -> Outcome {
             plan.refusals.len()
         )
     };
+    let salvaged = plan.salvaged();
     let summary = match plan.report.summary {
+        _ if plan.refusals.is_empty() && !salvaged.is_empty() => {
+            salvage::dry_run_summary(&plan.vm, &salvaged)
+        }
         plan::Summary::Serve | plan::Summary::InstantBoot | plan::Summary::TestBoot
             if plan.refusals.is_empty() =>
         {
@@ -162,5 +167,6 @@ pub fn dry_run(ctx: &Context<'_>, plan: &RestorePlan) -> Outcome {
         plan: Some(plan.to_json()),
         extra: None,
         failure: None,
+        salvaged: Vec::new(),
     }
 }

@@ -10,8 +10,9 @@ use std::path::{Path, PathBuf};
 
 use crate::error::{engine_error, AppError};
 use crate::restore::checks::Preflight;
-use crate::restore::outputs::{plan_outputs, write_staged};
+use crate::restore::outputs::{commit_with_map, plan_outputs, write_staged};
 use crate::restore::plan::InPlace;
+use crate::restore::salvage::{self, Salvaged};
 use crate::restore::Context;
 use crate::ui::format::iec_size;
 
@@ -205,21 +206,32 @@ pub fn refuse_interrupted_exchange(path: &Path) -> Result<(), AppError> {
     )))
 }
 
-/// Writes disk `r` and puts it in place; returns the rollback copy, if kept.
-pub fn replace(ctx: &Context<'_>, r: &InPlace) -> Result<Option<PathBuf>, AppError> {
+/// Writes disk `r` and puts it in place; returns the rollback copy, if kept, and
+/// what a salvage restore (`--include-incomplete`) could not restore.
+pub fn replace(
+    ctx: &Context<'_>,
+    r: &InPlace,
+) -> Result<(Option<PathBuf>, Option<Salvaged>), AppError> {
     let what = format!("Disk restore failed for {}", r.output.disk);
-    let mut jobs = plan_outputs(
-        ctx.set,
-        r.checkpoint,
-        std::slice::from_ref(&r.output),
-        !ctx.point.is_explicit(),
-    )
-    .map_err(|e| engine_error(e, &what))?;
+    let mut jobs = if ctx.options.include_incomplete {
+        salvage::plan_outputs(ctx, r.checkpoint, std::slice::from_ref(&r.output), true)?
+    } else {
+        plan_outputs(
+            ctx.set,
+            r.checkpoint,
+            std::slice::from_ref(&r.output),
+            !ctx.point.is_explicit(),
+        )
+        .map_err(|e| engine_error(e, &what))?
+    };
+    let salvaged = jobs.first().and_then(Salvaged::of);
+    let damage = jobs.first().and_then(|j| j.damage.clone());
     if r.device {
+        salvage::refuse_damaged(&jobs, "a block device restored in place")?;
         let job = jobs
             .pop()
             .ok_or_else(|| AppError::Internal("no plan for the disk".into()))?;
-        return replace_device(ctx, r, job);
+        return replace_device(ctx, r, job).map(|kept| (kept, None));
     }
     remove_legacy_leftovers(&r.path);
     if let Some(pre) = &r.rollback {
@@ -240,13 +252,17 @@ pub fn replace(ctx: &Context<'_>, r: &InPlace) -> Result<Option<PathBuf>, AppErr
     let staged = staged
         .pop()
         .ok_or_else(|| AppError::Internal("no staged output for the disk".into()))?;
+    let map = damage
+        .map(|d| salvage::stage_map(&d, &r.path))
+        .transpose()
+        .map_err(|e| engine_error(e, &what))?;
     // TEMP until engine's commit with rollback lands
     if let Some(rb) = &r.rollback {
         std::fs::hard_link(&r.path, rb)
             .map_err(AppError::io(format!("linking {}", rb.display())))?;
     }
-    staged.commit(true).map_err(|e| engine_error(e, &what))?;
-    Ok(r.rollback.clone())
+    commit_with_map(staged, map, true).map_err(|e| engine_error(e, &what))?;
+    Ok((r.rollback.clone(), salvaged))
 }
 
 /// A block device: the rollback image first (its whole current content), then the

@@ -221,10 +221,9 @@ pub(super) fn plan_instant(
         )));
     }
     check_overlays(ctx, pf, &overlays, actions.first())?;
-    let plans = disk_jobs(ctx, t, &overlays)?
-        .into_iter()
-        .map(|j| j.plan)
-        .collect();
+    let jobs = disk_jobs(ctx, t, &overlays)?;
+    crate::restore::salvage::refuse_damaged(&jobs, "an instant boot")?;
+    let plans = jobs.into_iter().map(|j| j.plan).collect();
     let report = Report {
         disks: overlays.iter().map(|o| o.disk.clone()).collect(),
         target_path: dir.display().to_string(),
