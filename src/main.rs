@@ -9,6 +9,10 @@ use vmrestore::error::ExitStatus;
 use vmrestore::ui::log;
 
 fn main() -> ExitCode {
+    // before anything else (threads, logging): no signal may kill the run unhandled
+    if vmrestore::signal::init().is_ok() {
+        vmrestore::signal::started();
+    }
     log::init();
     // An argument that is not UTF-8 is refused, never converted lossily: a lossy
     // `--restore-path n\xffu` would write into `n\u{FFFD}u`, a directory nobody named.
@@ -28,6 +32,11 @@ fn main() -> ExitCode {
             app::report(&e);
             e.exit_status()
         }
+    };
+    // a signal that no command took (a listing, --help) still ends as one
+    let status = match (status, vmrestore::signal::pending()) {
+        (ExitStatus::Ok, Some(sig)) => ExitStatus::Signal(sig),
+        (s, _) => s,
     };
     log::finish(status);
     finish(status)
