@@ -9,22 +9,6 @@ use std::path::Path;
 use std::process::Command;
 
 use clisupport::{expected_sha256, prepare_backups, Scratch};
-use sha2::{Digest, Sha256};
-
-fn raw_sha(img: &Path) -> String {
-    let raw = img.with_extension("raw-check");
-    assert!(Command::new("qemu-img")
-        .args(["convert", "-O", "raw"])
-        .arg(img)
-        .arg(&raw)
-        .status()
-        .expect("qemu-img")
-        .success());
-    let mut h = Sha256::new();
-    std::io::copy(&mut std::fs::File::open(&raw).expect("raw"), &mut h).expect("hash");
-    std::fs::remove_file(&raw).expect("rm");
-    h.finalize().iter().map(|b| format!("{b:02x}")).collect()
-}
 
 #[test]
 fn whole_host_restore_of_the_corpus() {
@@ -110,7 +94,7 @@ fn whole_host_restore_of_the_corpus() {
                 })
                 .unwrap_or_else(|| panic!("{vm}/{d} not in {}", out.display()));
             assert_eq!(
-                raw_sha(&img),
+                clisupport::guest_sha(&img),
                 expected_sha256(vm, &chain, &point, d),
                 "{vm} {chain} {point} {d}"
             );

@@ -23,6 +23,7 @@ use std::process::{Child, Command, Stdio};
 use std::sync::OnceLock;
 use std::time::{Duration, Instant, SystemTime};
 
+use clisupport::guest_sha;
 use clisupport::{fixture_src, tree_hash, Run, Scratch};
 use sha2::{Digest, Sha256};
 
@@ -305,21 +306,6 @@ fn qemu_img() -> bool {
         .arg("--version")
         .output()
         .is_ok_and(|o| o.status.success())
-}
-
-/// sha256 of the guest-visible content (`qemu-img convert -O raw`).
-fn guest_sha(img: &Path) -> String {
-    let raw = img.with_extension("raw-check");
-    let st = Command::new("qemu-img")
-        .args(["convert", "-O", "raw"])
-        .arg(img)
-        .arg(&raw)
-        .status()
-        .expect("qemu-img");
-    assert!(st.success(), "qemu-img convert {}", img.display());
-    let s = file_sha(&raw);
-    fs::remove_file(&raw).expect("rm raw");
-    s
 }
 
 fn manifest() -> &'static serde_json::Value {

@@ -18,6 +18,7 @@ use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
+use clisupport::guest_sha;
 use clisupport::{tree_hash, Fixture, Run, Scratch};
 use sha2::{Digest, Sha256};
 
@@ -329,26 +330,6 @@ fn qemu_img() -> bool {
         .arg("--version")
         .output()
         .is_ok_and(|o| o.status.success())
-}
-
-/// sha256 of the guest-visible content of an image (`qemu-img convert -O raw`).
-fn guest_sha(img: &Path) -> String {
-    let raw = img.with_file_name(format!(
-        "{}.raw-check",
-        img.file_name().expect("name").to_string_lossy()
-    ));
-    let st = Command::new("qemu-img")
-        .args(["convert", "-O", "raw"])
-        .arg(img)
-        .arg(&raw)
-        .stderr(Stdio::inherit())
-        .status()
-        .expect("qemu-img");
-    assert!(st.success(), "qemu-img convert {}", img.display());
-    let mut h = Sha256::new();
-    std::io::copy(&mut File::open(&raw).expect("raw"), &mut h).expect("hash");
-    fs::remove_file(&raw).expect("rm");
-    format!("{:x}", h.finalize())
 }
 
 fn file_sha(p: &Path) -> String {
