@@ -24,6 +24,14 @@
 //!   (full 128 MiB), each with 5 incrementals of 1/8 of its full at random places; every
 //!   checkpoint covers the three disks.
 //!
+//! - `f1m`, `f4m`: one full stream of 1,000,000 / 4,000,000 one-byte data frames, one
+//!   every other byte (a legal, hostile stream: 4 MiB of data in 4M frames, 172 MB file).
+//! - `x16m`: a 16,777,216-extent chain: a 16 MiB full in one data frame, then two
+//!   incrementals of 4,194,304 one-byte frames each, at offsets 4i and 4i + 2, so the
+//!   final map alternates inc1, full, inc2, full byte by byte.
+//! - `s100k`: a 6.1 GiB disk whose full holds 100,000 extents of 4 KiB, 64 KiB apart
+//!   (391 MiB of data; zero frames between them, as a full has).
+//!
 //! `--fill mixed` (default): each 4 KiB block is half pseudo-random, half text (LZ4 ratio
 //! about 2, like guest data); `random`: incompressible. Uncompressed and compressed
 //! variants of a case hold the same disk content.
@@ -52,7 +60,7 @@ struct Args {
 
 fn usage() -> ! {
     eprintln!(
-        "usage: genchain <a|b|c|c1|d|e> <dir> [--compress] [--level L] [--fill mixed|random] [--no-chksum] [--seed S]"
+        "usage: genchain <a|b|c|c1|d|e|f1m|f4m|x16m|s100k> <dir> [--compress] [--level L] [--fill mixed|random] [--no-chksum] [--seed S]"
     );
     std::process::exit(2)
 }
@@ -314,6 +322,9 @@ fn set_mtime(path: &Path, n: u32) -> std::io::Result<()> {
 fn main() -> std::io::Result<()> {
     let a = parse_args();
     let started = Instant::now();
+    if let Some(t) = tiny::layout(&a.case) {
+        return tiny::write(&a, &t, started);
+    }
     let vm = layouts(&a.case, a.seed);
     let sizes: Vec<(&str, u64)> = vm.iter().map(|(name, l)| (*name, l.disk)).collect();
     fs::create_dir_all(a.dir.join("checkpoints"))?;
@@ -423,4 +434,194 @@ fn main() -> std::io::Result<()> {
         started.elapsed().as_secs_f64()
     );
     Ok(())
+}
+
+/// Cases whose frames are not made of 64 KiB granules (`f1m`, `f4m`, `x16m`, `s100k`):
+/// each stream is written frame by frame, with the same side files as the other cases.
+mod tiny {
+    use super::*;
+    use common::{fill, mix};
+    use nbdfmt::writer::StreamWriter;
+    use std::io::{BufWriter, Write};
+
+    /// One stream's frames, produced on the fly (millions of them).
+    pub enum Step {
+        /// `count` data frames of `len` bytes at `first + i * stride`, with zero frames
+        /// between them when `zeroes` (a full's layout).
+        Frames {
+            first: u64,
+            count: u64,
+            len: u64,
+            stride: u64,
+            zeroes: bool,
+        },
+    }
+
+    pub struct Tiny {
+        pub disk: u64,
+        pub steps: Vec<Step>,
+    }
+
+    pub fn layout(case: &str) -> Option<Tiny> {
+        let frames = |count: u64| Step::Frames {
+            first: 0,
+            count,
+            len: 1,
+            stride: 2,
+            zeroes: false,
+        };
+        Some(match case {
+            "f1m" => Tiny {
+                disk: 2_000_384,
+                steps: vec![frames(1_000_000)],
+            },
+            "f4m" => Tiny {
+                disk: 8_000_000,
+                steps: vec![frames(4_000_000)],
+            },
+            "x16m" => {
+                let n = 1u64 << 22;
+                let inc = |first| Step::Frames {
+                    first,
+                    count: n,
+                    len: 1,
+                    stride: 4,
+                    zeroes: false,
+                };
+                Tiny {
+                    disk: 4 * n,
+                    steps: vec![
+                        Step::Frames {
+                            first: 0,
+                            count: 1,
+                            len: 4 * n,
+                            stride: 4 * n,
+                            zeroes: false,
+                        },
+                        inc(0),
+                        inc(2),
+                    ],
+                }
+            }
+            "s100k" => Tiny {
+                disk: 100_000 * GRANULE,
+                steps: vec![Step::Frames {
+                    first: 0,
+                    count: 100_000,
+                    len: 4096,
+                    stride: GRANULE,
+                    zeroes: true,
+                }],
+            },
+            _ => return None,
+        })
+    }
+
+    /// The content step `id` writes at `[start, start + len)`: the granule cases' fill
+    /// where 4 KiB aligned, else one pseudo-random non-zero byte per offset.
+    fn content(buf: &mut Vec<u8>, id: u64, start: u64, len: u64, how: Fill) {
+        buf.resize(len as usize, 0);
+        if start % 4096 == 0 && len % 4096 == 0 {
+            fill(buf, id, start, how);
+        } else {
+            for (i, b) in buf.iter_mut().enumerate() {
+                *b = (mix(id << 48 ^ (start + i as u64)) as u8) | 1;
+            }
+        }
+    }
+
+    fn write_step(
+        path: &Path,
+        opts: &StreamOptions,
+        step: &Step,
+        id: u64,
+        a: &Args,
+    ) -> std::io::Result<(u64, u64)> {
+        let Step::Frames {
+            first,
+            count,
+            len,
+            stride,
+            zeroes,
+        } = *step;
+        let mut o = opts.clone();
+        o.data_size = count * len;
+        let out = BufWriter::with_capacity(1 << 20, File::create(path)?);
+        let mut w = StreamWriter::new(out, &o)?;
+        let mut buf = Vec::new();
+        for i in 0..count {
+            let s = first + i * stride;
+            content(&mut buf, id, s, len, a.fill);
+            w.data(s, &buf)?;
+            let gap_end = if i + 1 < count { s + stride } else { o.virtual_size };
+            if zeroes && gap_end > s + len {
+                w.zero(s + len, gap_end - s - len)?;
+            }
+        }
+        let (out, adler, size) = w.finish()?;
+        drop(out.into_inner().map_err(|e| e.into_error())?);
+        if a.chksum {
+            let mut c = path.as_os_str().to_owned();
+            c.push(".chksum");
+            fs::write(c, adler.to_string())?;
+        }
+        Ok((size, o.data_size))
+    }
+
+    pub fn write(a: &Args, t: &Tiny, started: Instant) -> std::io::Result<()> {
+        fs::create_dir_all(a.dir.join("checkpoints"))?;
+        if fs::read_dir(&a.dir)?.count() > 1 {
+            eprintln!("genchain: {} is not empty", a.dir.display());
+            std::process::exit(1);
+        }
+        let sizes = [("vda", t.disk)];
+        let mut total = (0u64, 0u64);
+        for (i, step) in t.steps.iter().enumerate() {
+            let n = i as u32;
+            let (path, opts) = if i == 0 {
+                (a.dir.join("vda.full.data"), StreamOptions::full("vda", t.disk, 0))
+            } else {
+                (
+                    a.dir.join(format!("vda.inc.virtnbdbackup.{n}.data")),
+                    StreamOptions::inc("vda", n, t.disk, 0),
+                )
+            };
+            let opts = match a.level {
+                Some(l) => opts.compressed(l),
+                None => opts,
+            };
+            let (size, data) = write_step(&path, &opts, step, u64::from(n) + 1, a)?;
+            total.0 += size;
+            total.1 += data;
+            let qj = a.dir.join(format!("vda.virtnbdbackup.{n}.qcow.json"));
+            fs::write(&qj, qcow_json("vda", t.disk, total.1))?;
+            let vmx = a.dir.join(format!("vmconfig.virtnbdbackup.{n}.xml"));
+            fs::write(&vmx, domain_xml("", &sizes))?;
+            let cp = a.dir.join(format!("checkpoints/virtnbdbackup.{n}.xml"));
+            fs::write(&cp, checkpoint_xml(n, &sizes))?;
+            let mut cs = path.as_os_str().to_owned();
+            cs.push(".chksum");
+            for p in [path, qj, vmx, cp, PathBuf::from(cs)] {
+                if p.exists() {
+                    set_mtime(&p, n)?;
+                }
+            }
+        }
+        let cpt: Vec<String> = (0..t.steps.len())
+            .map(|n| format!("\"virtnbdbackup.{n}\""))
+            .collect();
+        fs::write(a.dir.join("bench.cpt"), format!("[{}]", cpt.join(", ")))?;
+        let mut so = std::io::stdout().lock();
+        writeln!(
+            so,
+            "genchain {}: 1 disk, {} files, disk {} bytes, {} MiB of stream files, {} bytes of data frames, {} in {:.1}s",
+            a.case,
+            t.steps.len(),
+            t.disk,
+            total.0 / MIB,
+            total.1,
+            if a.level.is_some() { "lz4" } else { "uncompressed" },
+            started.elapsed().as_secs_f64()
+        )
+    }
 }
