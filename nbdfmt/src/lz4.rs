@@ -124,6 +124,8 @@ pub struct Lz4FrameReader<R: Read> {
     out_start: usize,
     out_end: usize,
     content: Option<XxHash32>,
+    /// Decoded bytes buffered besides the window ([`OUT_TARGET`] unless set).
+    out_target: usize,
 }
 
 /// Decode buffers carried from one [`Lz4FrameReader`] to the next.
@@ -189,7 +191,18 @@ impl<R: Read> Lz4FrameReader<R> {
             out_start: 0,
             out_end: 0,
             content: None,
+            out_target: OUT_TARGET,
         }
+    }
+
+    /// Buffers about `bytes` of decoded data (at least one block) besides the window,
+    /// instead of 1 MiB: for a decoder that is kept while others run (a chain's files
+    /// read side by side), where memory matters more than moving the window less often.
+    /// Only the checksum-skipping path uses it.
+    #[must_use]
+    pub fn out_target(mut self, bytes: usize) -> Self {
+        self.out_target = bytes;
+        self
     }
 
     /// Whether to check the frame's xxh32 block and content checksums (default: yes).
@@ -384,7 +397,7 @@ impl<R: Read> Lz4FrameReader<R> {
         };
         // Room for the window and several blocks, but never more than the frame can
         // decode to.
-        let k = (OUT_TARGET / h.max_block).max(1);
+        let k = (self.out_target / h.max_block).max(1);
         let mut cap = h.max_block * k + if h.independent { 0 } else { WINDOW };
         let limit = h.content_size.unwrap_or(u64::MAX).min(self.max_decoded);
         if let Ok(l) = usize::try_from(limit.saturating_add(1)) {

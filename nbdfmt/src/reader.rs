@@ -14,7 +14,7 @@ use crate::error::{io_at, Error, ErrorKind, Result};
 use crate::frame::{FrameHeader, FrameKind, HEADER_LEN};
 use crate::lz4::Lz4FrameReader;
 use crate::meta::{StreamMeta, MAX_META_LEN};
-use crate::trailer::{parse_trailer, TrailerEntry, MAX_TRAILER_LEN};
+use crate::trailer::{parse_trailer, TrailerCursor, TrailerEntry, MAX_TRAILER_LEN};
 
 const CRLF: &[u8; 2] = b"\r\n";
 
@@ -60,6 +60,17 @@ struct Payload {
     decoded: u64,
 }
 
+/// The compression trailer of an open stream: validated and counted at open, then read
+/// one entry per data frame (no memory per frame).
+#[derive(Debug)]
+struct Trailer {
+    /// File offset of the JSON.
+    json_off: u64,
+    /// Entries in the trailer.
+    count: usize,
+    cursor: TrailerCursor,
+}
+
 /// Reads one stream file frame by frame. See the module docs for what it checks.
 pub struct StreamReader<R: Read + Seek> {
     src: Option<R>,
@@ -68,7 +79,7 @@ pub struct StreamReader<R: Read + Seek> {
     meta_len: u64,
     file_size: u64,
     body_end: u64,
-    trailer: Option<Vec<TrailerEntry>>,
+    trailer: Option<Trailer>,
     next_header: u64,
     crlf_before_header: bool,
     payload: Option<Payload>,
@@ -148,8 +159,17 @@ impl<R: Read + Seek> StreamReader<R> {
         let body_start = json_off + h.length + 2;
 
         let (body_end, trailer) = if meta.is_compressed() {
-            let (end, t) = read_trailer(&mut src, file_size, body_start)?;
-            (end, Some(t))
+            let (json_off, len) = trailer_extent(&mut src, file_size, body_start)?;
+            let mut check = TrailerCursor::new(json_off, len);
+            let mut read = |at: u64, buf: &mut [u8]| read_at(&mut src, json_off + at, buf);
+            while check.next_entry(&mut read)?.is_some() {}
+            let count = check.entries();
+            let t = Trailer {
+                json_off,
+                count,
+                cursor: TrailerCursor::new(json_off, len),
+            };
+            (json_off, Some(t))
         } else {
             (file_size, None)
         };
@@ -186,9 +206,10 @@ impl<R: Read + Seek> StreamReader<R> {
         self.file_size
     }
 
-    /// The compression trailer, for compressed streams.
-    pub fn trailer(&self) -> Option<&[TrailerEntry]> {
-        self.trailer.as_deref()
+    /// The number of compression trailer entries, for compressed streams (the entries
+    /// themselves come with the frames: [`Frame::lz4_frames`]).
+    pub fn trailer_entries(&self) -> Option<usize> {
+        self.trailer.as_ref().map(|t| t.count)
     }
 
     /// True once the `stop` frame was read and the stream validated to its end.
@@ -272,19 +293,17 @@ impl<R: Read + Seek> StreamReader<R> {
                         lz4_frames: Vec::new(),
                     }));
                 }
-                let (stored_len, lz4_frames) = match &self.trailer {
+                let (stored_len, lz4_frames) = match self.next_trailer_entry()? {
                     None => (h.length, Vec::new()),
-                    Some(t) => {
-                        let Some(entry) = t.get(self.data_frames) else {
-                            return Err(ErrorKind::TrailerCountMismatch {
-                                offset,
-                                entries: t.len(),
-                                data_frames: self.data_frames + 1,
-                            }
-                            .into());
-                        };
-                        (entry.stored_len(), entry.frames.clone())
+                    Some(Err(entries)) => {
+                        return Err(ErrorKind::TrailerCountMismatch {
+                            offset,
+                            entries,
+                            data_frames: self.data_frames + 1,
+                        }
+                        .into());
                     }
+                    Some(Ok(entry)) => (entry.stored_len(), entry.frames),
                 };
                 let room = self.body_end.saturating_sub(payload_offset);
                 if stored_len.checked_add(2).is_none_or(|n| n > room) {
@@ -341,10 +360,10 @@ impl<R: Read + Seek> StreamReader<R> {
                     .into());
                 }
                 if let Some(t) = &self.trailer {
-                    if t.len() != self.data_frames {
+                    if t.count != self.data_frames {
                         return Err(ErrorKind::TrailerCountMismatch {
                             offset,
-                            entries: t.len(),
+                            entries: t.count,
                             data_frames: self.data_frames,
                         }
                         .into());
@@ -367,6 +386,25 @@ impl<R: Read + Seek> StreamReader<R> {
                 reason: "only data, zero or stop frames may follow the meta frame",
             }
             .into()),
+        }
+    }
+
+    /// The trailer entry of the next data frame: `None` for an uncompressed stream,
+    /// `Some(Err(count))` when the trailer has no more entries.
+    fn next_trailer_entry(&mut self) -> Result<Option<std::result::Result<TrailerEntry, usize>>> {
+        // Takes the source back from an abandoned decoder first.
+        self.src();
+        let (Some(t), Some(src)) = (self.trailer.as_mut(), self.src.as_mut()) else {
+            return Ok(None);
+        };
+        if self.data_frames >= t.count {
+            return Ok(Some(Err(t.count)));
+        }
+        let json_off = t.json_off;
+        let mut read = |at: u64, buf: &mut [u8]| read_at(src, json_off + at, buf);
+        match t.cursor.next_entry(&mut read)? {
+            Some(e) => Ok(Some(Ok(e))),
+            None => Ok(Some(Err(t.count))),
         }
     }
 
@@ -479,12 +517,24 @@ impl<R: Read + Seek> StreamReader<R> {
 
 /// Reads the compression trailer of a stream file of `file_size` bytes whose body
 /// starts at `body_start`: the file offset where the trailer JSON starts (the end of
-/// the frame body) and its entries. For a reader that walks a damaged stream itself.
+/// the frame body) and its entries (all in memory). For a reader that walks a damaged
+/// stream itself.
 pub fn read_trailer<R: Read + Seek>(
     src: &mut R,
     file_size: u64,
     body_start: u64,
 ) -> Result<(u64, Vec<TrailerEntry>)> {
+    let (json_off, len) = trailer_extent(src, file_size, body_start)?;
+    // length is capped by trailer_extent, so this fits in memory
+    let mut json = vec![0u8; len as usize];
+    read_at(src, json_off, &mut json)?;
+    let entries = parse_trailer(&json, json_off)?;
+    Ok((json_off, entries))
+}
+
+/// Finds the compression trailer from the `comp` header at the end of the file: the
+/// file offset and length of its JSON (checked to be followed by CR LF).
+fn trailer_extent<R: Read + Seek>(src: &mut R, file_size: u64, body_start: u64) -> Result<(u64, u64)> {
     // Smallest compressed stream: body_start + stop(40) + "[]"(2) + CRLF(2) + comp(40).
     let min = body_start + HEADER_LEN as u64 + 2 + 2 + HEADER_LEN as u64;
     let comp_off = file_size.saturating_sub(HEADER_LEN as u64);
@@ -520,16 +570,15 @@ pub fn read_trailer<R: Read + Seek>(
         .into());
     }
     let json_off = comp_off - 2 - h.length;
-    let mut json = vec![0u8; h.length as usize + 2];
-    read_at(src, json_off, &mut json)?;
-    if &json[h.length as usize..] != CRLF {
+    let mut crlf = [0u8; 2];
+    let got = read_at(src, comp_off - 2, &mut crlf)?;
+    if got < 2 || &crlf != CRLF {
         return Err(ErrorKind::MissingCrlf {
             offset: comp_off - 2,
         }
         .into());
     }
-    let entries = parse_trailer(&json[..h.length as usize], json_off)?;
-    Ok((json_off, entries))
+    Ok((json_off, h.length))
 }
 
 /// Read-ahead window of [`StreamIndex::read_file`].

@@ -89,9 +89,9 @@ fn check(data: &[u8]) {
         "accepted stream yields {sum} bytes, meta says {}",
         meta.data_size
     );
-    if let Some(t) = r.trailer() {
+    if let Some(entries) = r.trailer_entries() {
         assert_eq!(
-            t.len(),
+            entries,
             frames.iter().filter(|f| f.kind == FrameKind::Data).count()
         );
     }
