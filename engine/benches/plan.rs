@@ -77,7 +77,7 @@ fn bench_plan(c: &mut Criterion) {
     eprintln!(
         "plan_365: {} files, {} extents, {} live data bytes",
         plan.files.len(),
-        plan.map.iter().count(),
+        plan.stats.extents,
         plan.data_bytes()
     );
     let mut g = c.benchmark_group("plan_365");

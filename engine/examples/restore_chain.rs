@@ -172,7 +172,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
                 "qcow2"
             },
             plan.file_bytes(),
-            plan.map.iter().count(),
+            plan.stats.extents,
             plan.data_bytes(),
         );
         println!(

@@ -1,58 +1,105 @@
-//! Planning: fold a disk's chain (base + incrementals up to the restore point) into
-//! one [`ExtentMap`]. Reads frame headers and trailers only; cost grows with the
-//! number of frames, memory with the number of extents.
+//! Planning: a disk's chain (base + incrementals up to the restore point), validated
+//! and counted. Reads frame headers and trailers only, and keeps none of them: the
+//! final content is the k-way merge of the files ([`crate::merge`]), walked again by
+//! the apply, so memory grows with the number of files, never with frames or extents.
 
 use std::fs::File;
 use std::path::{Path, PathBuf};
 
-use nbdfmt::{BackupSet, FrameKind, QcowInfo, StreamContent, StreamFile, StreamIndex};
+use nbdfmt::{
+    BackupSet, Frame, FrameKind, QcowInfo, StreamContent, StreamFile, StreamIndex, StreamMeta,
+};
 
 use crate::error::{Error, Result};
-use crate::extent::{ExtentMap, Source};
+use crate::extent::ExtentMap;
+use crate::merge::{self, MergeStats};
 
-/// One file of a disk's chain, indexed.
-#[derive(Debug)]
+/// Where a chain file's frames are.
+#[derive(Debug, Clone)]
+pub enum Frames {
+    /// In memory: a raw image's one frame, or the frames a tolerant walk kept
+    /// (salvage). Memory per frame, for those files only.
+    Memory(Vec<Frame>),
+    /// In the file: walked and validated when the plan was made, walked again (one
+    /// frame at a time) when needed.
+    File {
+        /// Data and zero frames in the file.
+        count: u64,
+    },
+}
+
+/// One file of a disk's chain, validated.
+#[derive(Debug, Clone)]
 pub struct ChainFile {
     /// Path of the `.data` file.
     pub path: PathBuf,
-    /// Its frames (headers and trailer only).
-    pub index: StreamIndex,
+    /// The stream metadata.
+    pub meta: StreamMeta,
+    /// File size.
+    pub file_size: u64,
+    /// Its frames.
+    pub frames: Frames,
     /// Stored adler32 from `.chksum`, when present.
     pub stored_checksum: Option<u32>,
     /// True for a plain raw image (raw-format disk copy), not a stream.
     pub raw_image: bool,
 }
 
+fn open_error(path: &Path, e: std::io::Error) -> nbdfmt::Error {
+    nbdfmt::Error::from(nbdfmt::ErrorKind::Io {
+        offset: 0,
+        source: e,
+    })
+    .in_file(path)
+}
+
 impl ChainFile {
-    /// Indexes a stream file (validating its structure) and reads its `.chksum`.
+    /// Validates a stream file (every frame header and the trailer, nothing kept) and
+    /// reads its `.chksum`.
     pub fn open(path: &Path) -> Result<Self> {
-        let f = File::open(path).map_err(|e| {
-            nbdfmt::Error::from(nbdfmt::ErrorKind::Io {
-                offset: 0,
-                source: e,
-            })
-            .in_file(path)
-        })?;
-        let index = StreamIndex::read_file(f).map_err(|e| e.in_file(path))?;
         let stored_checksum = nbdfmt::checksum::stored_checksum(path)?;
+        Ok(Self::walk(path, stored_checksum)?)
+    }
+
+    /// Validates a stream file whose stored checksum is known: every frame header and
+    /// the trailer, read once; nothing per frame is kept.
+    pub fn walk(path: &Path, stored_checksum: Option<u32>) -> nbdfmt::Result<Self> {
+        let f = File::open(path).map_err(|e| open_error(path, e))?;
+        let mut r = nbdfmt::StreamReader::open(nbdfmt::PreadBuf::new(
+            f,
+            nbdfmt::reader::INDEX_READAHEAD,
+        ))
+        .map_err(|e| e.in_file(path))?;
+        let mut count = 0u64;
+        while r.next_frame().map_err(|e| e.in_file(path))?.is_some() {
+            count += 1;
+        }
         Ok(Self {
             path: path.to_path_buf(),
-            index,
+            meta: r.meta().clone(),
+            file_size: r.file_size(),
+            frames: Frames::File { count },
             stored_checksum,
             raw_image: false,
         })
     }
 
+    /// A stream file whose frames are already in memory (validated by whoever read them).
+    pub fn from_index(path: &Path, index: StreamIndex, stored_checksum: Option<u32>) -> Self {
+        Self {
+            path: path.to_path_buf(),
+            meta: index.meta,
+            file_size: index.file_size,
+            frames: Frames::Memory(index.frames),
+            stored_checksum,
+            raw_image: false,
+        }
+    }
+
     /// A raw image file: one data "frame" covering the whole file.
     pub fn raw_image(path: &Path, disk: &str) -> Result<Self> {
         let size = std::fs::metadata(path)
-            .map_err(|e| {
-                nbdfmt::Error::from(nbdfmt::ErrorKind::Io {
-                    offset: 0,
-                    source: e,
-                })
-                .in_file(path)
-            })?
+            .map_err(|e| open_error(path, e))?
             .len();
         let meta = nbdfmt::StreamMeta {
             virtual_size: size,
@@ -78,11 +125,9 @@ impl ChainFile {
         };
         Ok(Self {
             path: path.to_path_buf(),
-            index: StreamIndex {
-                meta,
-                frames: vec![frame],
-                file_size: size,
-            },
+            meta,
+            file_size: size,
+            frames: Frames::Memory(vec![frame]),
             stored_checksum: None,
             raw_image: true,
         })
@@ -90,7 +135,33 @@ impl ChainFile {
 
     /// True when payloads are LZ4.
     pub fn compressed(&self) -> bool {
-        self.index.meta.is_compressed()
+        self.meta.is_compressed()
+    }
+
+    /// Data and zero frames in the file.
+    pub fn frame_count(&self) -> u64 {
+        match &self.frames {
+            Frames::Memory(v) => v.len() as u64,
+            Frames::File { count } => *count,
+        }
+    }
+
+    /// Opens the file for reading.
+    pub fn open_file(&self) -> Result<File> {
+        File::open(&self.path).map_err(|e| Error::Backup(open_error(&self.path, e)))
+    }
+
+    /// Every frame, in memory (read from the file again when it is not there): memory
+    /// per frame, for random access ([`crate::nbd`]) and tests.
+    pub fn load_frames(&self) -> Result<Vec<Frame>> {
+        match &self.frames {
+            Frames::Memory(v) => Ok(v.clone()),
+            Frames::File { .. } => {
+                let index = StreamIndex::read_file(self.open_file()?)
+                    .map_err(|e| e.in_file(&self.path))?;
+                Ok(index.frames)
+            }
+        }
     }
 }
 
@@ -98,7 +169,7 @@ fn serde_json_free_map() -> nbdfmt::meta::JsonMap {
     nbdfmt::meta::JsonMap::new()
 }
 
-/// The plan for one disk: its chain and the final extent map.
+/// The plan for one disk: its chain, validated, and what its final content holds.
 #[derive(Debug)]
 pub struct DiskPlan {
     /// Disk target (`vda`).
@@ -107,14 +178,15 @@ pub struct DiskPlan {
     pub virtual_size: u64,
     /// Chain files in apply order (base first).
     pub files: Vec<ChainFile>,
-    /// Final content.
-    pub map: ExtentMap,
+    /// The final content, counted (the content itself is the merge of `files`).
+    pub stats: MergeStats,
     /// Image options from the newest `qcow.json` at the restore point, if any.
     pub qcow: Option<QcowInfo>,
 }
 
 impl DiskPlan {
-    /// Folds already indexed chain files (base first) into the final map.
+    /// Plans `disk` from validated chain files (base first): counts the final content
+    /// with one merge over their frame headers.
     pub fn from_chain(disk: &str, files: Vec<ChainFile>, qcow: Option<QcowInfo>) -> Result<Self> {
         let Some(last) = files.last() else {
             return Err(Error::Chain {
@@ -122,33 +194,14 @@ impl DiskPlan {
                 message: "no backup files".into(),
             });
         };
-        let virtual_size = last.index.meta.virtual_size;
-        let mut map = ExtentMap::new();
-        for (i, f) in files.iter().enumerate() {
-            for (j, fr) in f.index.frames.iter().enumerate() {
-                // Frames past the final size (a disk that shrank) are cut off.
-                let end = fr.end().min(virtual_size);
-                if fr.start >= end {
-                    continue;
-                }
-                let source = match fr.kind {
-                    FrameKind::Data => Source::Data {
-                        file: u32::try_from(i)
-                            .map_err(|_| Error::Unsupported("chain too long".into()))?,
-                        frame: u32::try_from(j)
-                            .map_err(|_| Error::Unsupported("too many frames".into()))?,
-                    },
-                    // A zero frame means zero, also when a fallback full lands on older data.
-                    _ => Source::Zero,
-                };
-                map.insert(fr.start, end - fr.start, source);
-            }
-        }
+        let virtual_size = last.meta.virtual_size;
+        u32::try_from(files.len()).map_err(|_| Error::Unsupported("chain too long".into()))?;
+        let stats = merge::stats(&files, virtual_size)?;
         Ok(Self {
             disk: disk.to_owned(),
             virtual_size,
             files,
-            map,
+            stats,
             qcow,
         })
     }
@@ -208,11 +261,17 @@ impl DiskPlan {
 
     /// Live data bytes (what will be written).
     pub fn data_bytes(&self) -> u64 {
-        self.map.data_bytes()
+        self.stats.data_bytes
     }
 
     /// Bytes of backup files that will be read (all of them when checksums are verified).
     pub fn file_bytes(&self) -> u64 {
-        self.files.iter().map(|f| f.index.file_size).sum()
+        self.files.iter().map(|f| f.file_size).sum()
+    }
+
+    /// The final content as an in-memory [`ExtentMap`] (one more pass over the frame
+    /// headers; memory per extent): for random access and tests, never for a restore.
+    pub fn extent_map(&self) -> Result<ExtentMap> {
+        merge::extent_map(&self.files, self.virtual_size)
     }
 }

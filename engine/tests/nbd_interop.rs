@@ -110,7 +110,7 @@ fn restore_raw(plan: &DiskPlan, out: &Path) {
 /// Merged data ranges of a plan.
 fn plan_data_ranges(plan: &DiskPlan) -> Vec<(u64, u64)> {
     let mut out: Vec<(u64, u64)> = Vec::new();
-    for e in plan.map.iter() {
+    for e in plan.extent_map().expect("map").iter() {
         if let Source::Data { .. } = e.source {
             match out.last_mut() {
                 Some(l) if l.0 + l.1 == e.start => l.1 += e.len,
@@ -621,7 +621,7 @@ fn reader_streams_big_frames_and_counts_frames_without_content_size() {
     std::fs::create_dir_all(p.parent().expect("dir")).expect("mkdir");
     stream_without_content_sizes(&p, &data, MIB as usize);
     let plan = DiskPlan::from_paths("vda", std::slice::from_ref(&p), None).expect("plan");
-    assert_eq!(plan.files[0].index.frames[0].lz4_frames.len(), 6);
+    assert_eq!(plan.files[0].load_frames().expect("frames")[0].lz4_frames.len(), 6);
     let reader = ChainReader::new(plan).expect("reader");
     for (off, len) in [
         (0u64, 100u64),
@@ -951,8 +951,8 @@ fn damaged_lz4_payload_is_eio_and_the_server_survives() {
     // Damage the middle of the full's first LZ4 frame (disk 0..32 MiB).
     let plan = gen_plan(&lz4, "vda");
     let fr = plan.files[0]
-        .index
-        .frames
+        .load_frames()
+        .expect("frames")
         .iter()
         .find(|f| f.kind == nbdfmt::FrameKind::Data)
         .expect("data frame")

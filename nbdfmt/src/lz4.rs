@@ -285,6 +285,17 @@ impl<R: Read> Lz4FrameReader<R> {
         (self.finish(), bufs)
     }
 
+    /// Like [`finish_into_inner`](Self::finish_into_inner), and hands the decode
+    /// buffers on to the next frame's reader ([`with_buffers`](Self::with_buffers)).
+    pub fn finish_into_parts(mut self) -> (R, Result<u64>, Lz4Buffers) {
+        let bufs = Lz4Buffers {
+            out: std::mem::take(&mut self.out),
+            cbuf: std::mem::take(&mut self.cbuf),
+        };
+        let (r, res) = self.finish_into_inner();
+        (r, res, bufs)
+    }
+
     /// Bytes decoded so far.
     pub fn decoded(&self) -> u64 {
         self.decoded

@@ -12,6 +12,7 @@
 use std::fs::File;
 use std::io::{self, Read, Seek, SeekFrom};
 use std::os::unix::fs::FileExt;
+use std::sync::Arc;
 
 /// Read-ahead after a far jump.
 const SMALL_FILL: usize = 4096;
@@ -19,7 +20,7 @@ const SMALL_FILL: usize = 4096;
 /// Buffered positioned reads on a [`File`]. See the module docs.
 #[derive(Debug)]
 pub struct PreadBuf {
-    file: File,
+    file: Arc<File>,
     pos: u64,
     buf: Vec<u8>,
     /// File offset of `buf[0]`.
@@ -31,6 +32,12 @@ pub struct PreadBuf {
 impl PreadBuf {
     /// Wraps `file` (reads start at offset 0) with a read-ahead window of `cap` bytes.
     pub fn new(file: File, cap: usize) -> Self {
+        Self::shared(Arc::new(file), cap)
+    }
+
+    /// Like [`new`](Self::new) on a file that other readers use too (positioned reads
+    /// never move a shared offset).
+    pub fn shared(file: Arc<File>, cap: usize) -> Self {
         Self {
             file,
             pos: 0,
@@ -40,9 +47,9 @@ impl PreadBuf {
         }
     }
 
-    /// The file back.
-    pub fn into_inner(self) -> File {
-        self.file
+    /// The file.
+    pub fn file(&self) -> &Arc<File> {
+        &self.file
     }
 
     fn pread(&self, at: u64, dst: &mut [u8]) -> io::Result<usize> {

@@ -1,27 +1,33 @@
 //! Apply: write a [`DiskPlan`] per disk to targets, each live block once.
 //!
 //! ```text
-//!  chain files ──(reader jobs: sequential scan, LZ4 decode, adler32)──┐
-//!                                                                      ├─ bounded channel per disk ─▶ writer per disk ─▶ BlockTarget
-//!  (all disks in parallel, at most `readers` files at once) ───────────┘      (zero detection, progress, read-back verify)
+//!  chain files ──(reader per disk: merge in disk order, LZ4 decode, adler32)──┐
+//!   side by side                                                               ├─ bounded channel per disk ─▶ writer per disk ─▶ BlockTarget
+//!  (all disks in parallel, at most `readers` disks read at once) ──────────────┘      (zero detection, progress, read-back verify)
 //! ```
 //! A tokio runtime owned by [`apply`] drives the pipeline; disk I/O itself runs on
 //! blocking threads (`pread`/`pwrite` through the targets), never through `tokio::fs`.
-//! Memory is bounded by the channel capacities (`memory_cap`) plus one chunk per worker.
-//! A single small disk ([`ApplyOptions::inline_max_bytes`]) skips the pipeline: its files
-//! are scanned on the calling thread and each piece goes straight to the same
-//! `DiskWriter` (same zero handling, read-back and final check).
+//! Memory is bounded by design: the channel capacities (`memory_cap`) plus one chunk
+//! per worker, and per chain file a few small windows — never per frame or extent
+//! (a list of what was written, for the final check, moves to a temporary file when
+//! long). The disk is written in disk order, so neighbouring pieces from different
+//! files become one write. A single small disk ([`ApplyOptions::inline_max_bytes`])
+//! skips the pipeline: it is read on the calling thread and each chunk goes straight
+//! to the same `DiskWriter` (same zero handling, read-back and final check).
 //!
-//! Files: `options` and `report` (the public types), `scan` (reader side: one pass over
-//! one chain file), `writer` (`DiskWriter`: writer side of one disk), `readback`
-//! (read-back verification), `pipeline` (threads and channels), `inline` (small chains).
+//! Files: `options` and `report` (the public types), `source` (reader side: a disk's
+//! content in disk order, from its chain files side by side), `stored` (one chain
+//! file's bytes: read window, adler32), `writer` (`DiskWriter`: writer side of one
+//! disk), `readback` (read-back verification), `pipeline` (threads and channels),
+//! `inline` (small chains).
 
 mod inline;
 mod options;
 mod pipeline;
 mod readback;
 mod report;
-mod scan;
+mod source;
+mod stored;
 mod writer;
 
 use std::time::Instant;
@@ -58,13 +64,13 @@ pub fn apply(
         }
     }
     if let ([plan], [_]) = (plans, &targets[..]) {
-        if let Some(jobs) = inline::small_jobs(plan, opts) {
+        if inline::small(plan, opts) {
             let started = Instant::now();
             let target = targets
                 .into_iter()
                 .next()
                 .ok_or_else(|| Error::internal("internal: one plan but no target"))?;
-            let disks = inline::apply_inline(plan, jobs, target, opts)?;
+            let disks = inline::apply_inline(plan, target, opts)?;
             return Ok(ApplyReport {
                 disks,
                 duration: started.elapsed(),

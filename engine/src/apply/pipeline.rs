@@ -1,32 +1,29 @@
-//! The pipeline: per disk, reader jobs (one per chain file, at most
-//! [`ApplyOptions::readers`] at once) send live pieces over a bounded channel to one
-//! writer ([`DiskWriter`]). Every task runs on a blocking thread; the async side only
-//! hands out reader slots and collects results. The first failure anywhere stops every
-//! task (`abort`), and every task is awaited before [`run`] returns.
+//! The pipeline: per disk, one reader (the disk's content in disk order, from all its
+//! chain files side by side: [`source::read_disk`]; at most [`ApplyOptions::readers`]
+//! disks read at once) sends chunks over a bounded channel to one writer
+//! ([`DiskWriter`]). Every task runs on a blocking thread; the async side only hands
+//! out reader slots and collects results. The first failure anywhere stops every task
+//! (`abort`), and every task is awaited before [`run`] returns.
 
-use std::path::PathBuf;
 use std::sync::Arc;
 
-use nbdfmt::checksum::ChecksumStatus;
 use tokio::sync::{mpsc, Semaphore};
 use tokio::task::JoinHandle;
 
 use super::options::ApplyOptions;
 use super::report::{attach_checksums, DiskReport, FileStatuses};
-use super::scan::{self, BufPool, FileJob};
+use super::source::BufPool;
+use super::source::{self, FileOutcome};
 use super::writer::{Chunk, DiskWriter};
 use crate::cancel::Cancel;
 use crate::error::{Error, Result};
-use crate::plan::DiskPlan;
+use crate::plan::{ChainFile, DiskPlan};
 use crate::target::BlockTarget;
-
-/// A reader's outcome: the file, its checksum outcome and the bytes read for it.
-type ReaderOutcome = (PathBuf, Option<ChecksumStatus>, u64);
 
 /// What every reader task of one run holds.
 #[derive(Clone)]
 struct Readers {
-    /// At most [`ApplyOptions::readers`] files are read at once.
+    /// At most [`ApplyOptions::readers`] disks are read at once.
     slots: Arc<Semaphore>,
     /// The caller's cancel (signals).
     cancel: Cancel,
@@ -62,10 +59,7 @@ pub(super) async fn run(
     for (plan, target) in plans.iter().zip(targets) {
         let (tx, rx) = mpsc::channel::<Chunk>(per_disk_slots);
         writer_handles.push(spawn_writer(plan, target, rx, opts, &abort, &readers.pool));
-        for job in scan::jobs(plan) {
-            reader_handles.push(spawn_reader(job, &tx, opts, &readers));
-        }
-        drop(tx);
+        reader_handles.push(spawn_reader(plan, tx, opts, &readers));
     }
 
     // Every task is awaited, also after a failure: workers see `abort`/`cancel` at
@@ -87,8 +81,10 @@ pub(super) async fn run(
             .map_err(|e| Error::internal(format!("reader task failed: {e}")))
             .and_then(|x| x)
         {
-            Ok((p, s, read)) => {
-                statuses.insert(p, (s, read));
+            Ok(files) => {
+                for (p, s, read) in files {
+                    statuses.insert(p, (s, read));
+                }
             }
             Err(e) => note(e, &abort),
         }
@@ -123,55 +119,39 @@ fn spawn_writer(
 ) -> JoinHandle<Result<DiskReport>> {
     let disk = plan.disk.clone();
     let total = plan.data_bytes();
-    let zero_ranges = plan.map.zero_ranges(plan.virtual_size);
+    let size = plan.virtual_size;
     let opts2 = opts.clone();
     let abort2 = abort.clone();
     let pool2 = pool.clone();
     tokio::task::spawn_blocking(move || {
-        write_disk(
-            disk,
-            target,
-            rx,
-            total,
-            &zero_ranges,
-            &opts2,
-            &abort2,
-            &pool2,
-        )
+        write_disk(disk, target, rx, total, size, &opts2, &abort2, &pool2)
     })
 }
 
-/// The reader task of one chain file: waits for a reader slot, then scans the file on
-/// a blocking thread, sending its live pieces to the disk's writer. A file with no
-/// live data and no checksum to verify is not opened at all.
+/// The reader task of one disk: waits for a reader slot, then reads the disk's content
+/// in disk order on a blocking thread ([`source::read_disk`]), sending it to the
+/// disk's writer.
 fn spawn_reader(
-    job: FileJob,
-    tx: &mpsc::Sender<Chunk>,
+    plan: &DiskPlan,
+    tx: mpsc::Sender<Chunk>,
     opts: &ApplyOptions,
     readers: &Readers,
-) -> JoinHandle<Result<ReaderOutcome>> {
-    let verify = job.hashed(opts);
-    if job.frames.is_empty() && !verify {
-        return tokio::spawn(async move { Ok::<_, Error>((job.path, None, 0u64)) });
-    }
-    let tx = tx.clone();
+) -> JoinHandle<Result<Vec<FileOutcome>>> {
+    // Owned copies for the thread: paths and sizes (frames stay in the files).
+    let files: Vec<ChainFile> = plan.files.to_vec();
+    let size = plan.virtual_size;
+    let verify = opts.verify_checksums;
     let r = readers.clone();
     tokio::spawn(async move {
         let _permit = r.slots.acquire_owned().await.map_err(|_| Error::Aborted)?;
         tokio::task::spawn_blocking(move || {
-            let mut emit = |offset: u64, data: Vec<u8>| -> Result<()> {
+            let mut emit = |c: Chunk| -> Result<()> {
                 if r.abort.is_cancelled() {
                     return Err(Error::Aborted);
                 }
-                tx.blocking_send(Chunk { offset, data })
-                    .map_err(|_| Error::Aborted)
+                tx.blocking_send(c).map_err(|_| Error::Aborted)
             };
-            let status = scan::scan_file(&job, verify, r.chunk, &r.pool, &r.cancel, &mut emit)?;
-            Ok::<_, Error>((
-                job.path.clone(),
-                status,
-                if verify { job.file_size } else { 0 },
-            ))
+            source::read_disk(&files, size, verify, r.chunk, &r.pool, &r.cancel, &mut emit)
         })
         .await
         .map_err(|e| Error::internal(format!("reader task failed: {e}")))?
@@ -186,12 +166,12 @@ fn write_disk(
     target: Box<dyn BlockTarget>,
     mut rx: mpsc::Receiver<Chunk>,
     total: u64,
-    zero_ranges: &[(u64, u64)],
+    size: u64,
     opts: &ApplyOptions,
     abort: &Cancel,
     pool: &BufPool,
 ) -> Result<DiskReport> {
-    let mut w = DiskWriter::new(disk, target, total, zero_ranges, opts, abort, pool, true)?;
+    let mut w = DiskWriter::new(disk, target, total, size, opts, abort, pool, true)?;
     while let Some(c) = rx.blocking_recv() {
         if abort.is_cancelled() || opts.cancel.is_cancelled() {
             break;

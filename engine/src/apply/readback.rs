@@ -2,8 +2,9 @@
 //! rolling read-back while the restore runs ([`Rolling`], on a thread of its own for
 //! targets with a storage file) and the final check after the flush.
 
-use std::collections::VecDeque;
+use std::collections::{BTreeMap, VecDeque};
 use std::fs::File;
+use std::io::{BufReader, BufWriter, Read, Seek, SeekFrom, Write};
 use std::path::PathBuf;
 use std::sync::mpsc::{Receiver, SyncSender};
 use std::thread::JoinHandle;
@@ -18,26 +19,35 @@ use crate::target::BlockTarget;
 /// cache released, every [`WRITEBACK_STEP`](super::writer::WRITEBACK_STEP).
 pub(super) const READBACK_LAG: u64 = 64 << 20;
 
-/// One piece handed to the target: disk range, xxh3 of its bytes (0 for zeroes), zero,
-/// and (once read back) a digest of where the target stored it.
-#[derive(Debug, Clone, Copy)]
+/// Pieces written and not yet read back, at most (many tiny pieces far apart: the
+/// read-back then runs by count, not by bytes).
+pub(super) const PENDING_MAX: usize = 32 << 10;
+
+/// Pieces read back kept in memory for the final check; more go to a temporary file.
+const DONE_IN_MEMORY: usize = 64 << 10;
+
+/// Release ranges at most this far apart are released as one (see [`Rolling::settle`]).
+const RELEASE_GAP: u64 = 4 << 20;
+
+/// One piece handed to the target: disk range, xxh3 of its bytes and (once read back)
+/// a digest of where the target stored it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(super) struct Written {
     pub offset: u64,
     pub len: u64,
     pub hash: u64,
-    pub zero: bool,
     pub placed: u64,
 }
 
 impl Written {
+    fn end(&self) -> u64 {
+        self.offset + self.len
+    }
+
     /// True when `bytes` (read back from where this piece was written) are what was
     /// written.
     fn matches(&self, bytes: &[u8]) -> bool {
-        if self.zero {
-            is_zero(bytes)
-        } else {
-            xxhash_rust::xxh3::xxh3_64(bytes) == self.hash
-        }
+        xxhash_rust::xxh3::xxh3_64(bytes) == self.hash
     }
 
     /// The error for content that differs from this piece.
@@ -81,13 +91,80 @@ struct Batch {
     release: Vec<(u64, u64)>,
 }
 
+/// The pieces read back, in write (= disk) order, for the final check: in memory up
+/// to [`DONE_IN_MEMORY`], older ones in an unnamed temporary file (32 bytes each), so a
+/// disk of millions of separate pieces needs no memory per piece.
+#[derive(Debug, Default)]
+struct DoneLog {
+    mem: Vec<Written>,
+    file: Option<BufWriter<File>>,
+    spilled: u64,
+}
+
+impl DoneLog {
+    fn push(&mut self, w: Written) -> Result<()> {
+        if self.mem.len() >= DONE_IN_MEMORY {
+            self.spill()?;
+        }
+        self.mem.push(w);
+        Ok(())
+    }
+
+    fn spill(&mut self) -> Result<()> {
+        let err = |e| Error::internal(format!("cannot keep the read-back list in a temporary file: {e}"));
+        if self.file.is_none() {
+            self.file = Some(BufWriter::with_capacity(64 << 10, tempfile::tempfile().map_err(err)?));
+        }
+        if let Some(f) = self.file.as_mut() {
+            for w in self.mem.drain(..) {
+                let mut rec = [0u8; 32];
+                for (i, v) in [w.offset, w.len, w.hash, w.placed].into_iter().enumerate() {
+                    rec[i * 8..i * 8 + 8].copy_from_slice(&v.to_le_bytes());
+                }
+                f.write_all(&rec).map_err(err)?;
+                self.spilled += 1;
+            }
+        }
+        Ok(())
+    }
+
+    /// Calls `f` for every piece, in order.
+    fn for_each(&mut self, mut f: impl FnMut(Written) -> Result<()>) -> Result<()> {
+        let err = |e| Error::internal(format!("cannot read the read-back list back: {e}"));
+        if let Some(w) = self.file.take() {
+            let mut file = w.into_inner().map_err(|e| err(e.into_error()))?;
+            file.seek(SeekFrom::Start(0)).map_err(err)?;
+            let mut r = BufReader::with_capacity(64 << 10, file);
+            let mut rec = [0u8; 32];
+            for _ in 0..self.spilled {
+                r.read_exact(&mut rec).map_err(err)?;
+                let v = |i: usize| {
+                    let mut b = [0u8; 8];
+                    b.copy_from_slice(&rec[i * 8..i * 8 + 8]);
+                    u64::from_le_bytes(b)
+                };
+                f(Written {
+                    offset: v(0),
+                    len: v(1),
+                    hash: v(2),
+                    placed: v(3),
+                })?;
+            }
+        }
+        for w in self.mem.drain(..) {
+            f(w)?;
+        }
+        Ok(())
+    }
+}
+
 /// The rolling read-back (see [`DiskWriter`](super::writer::DiskWriter)).
 pub(super) struct Rolling {
     /// Written, not yet read back, in write order.
     pending: VecDeque<Written>,
     pending_bytes: u64,
     /// Read back (or released unverified), for the final mapping check.
-    done: Vec<Written>,
+    done: DoneLog,
     buf: Vec<u8>,
     verify: bool,
     /// The read-back thread, for targets with a storage file.
@@ -123,16 +200,30 @@ impl Rolling {
         Ok(Self {
             pending: VecDeque::new(),
             pending_bytes: 0,
-            done: Vec::new(),
+            done: DoneLog::default(),
             buf: Vec::new(),
             verify: opts.verify_readback,
             bg,
         })
     }
 
-    pub(super) fn push(&mut self, w: Written) {
+    pub(super) fn push(&mut self, w: Written) -> Result<()> {
+        if let Some(last) = self.pending.back() {
+            if w.offset < last.end() {
+                return Err(Error::internal(format!(
+                    "internal: disk offset {} written out of order",
+                    w.offset
+                )));
+            }
+        }
         self.pending_bytes += w.len;
         self.pending.push_back(w);
+        Ok(())
+    }
+
+    /// Pieces not yet read back.
+    pub(super) fn pending_len(&self) -> usize {
+        self.pending.len()
     }
 
     /// Hands everything but the newest `keep` bytes to the read-back (a thread reading
@@ -140,7 +231,12 @@ impl Rolling {
     /// call (`keep` 0) releases nothing: waiting for the write-out of the last pieces
     /// range by range would only delay the final sync, which writes them anyway.
     /// With `kick`, the write-out of everything written so far is started too (on the
-    /// read-back thread when there is one).
+    /// read-back thread when there is one). Storage ranges to release that lie close
+    /// together are released as one range (one wait and one cache drop instead of one
+    /// per piece: 4 KiB pieces 64 KiB apart were a `sync_file_range` each): what lies
+    /// between them was written earlier too (the disk is written in order and a fresh
+    /// image allocates in order), or is image metadata, which a release only writes
+    /// out early.
     pub(super) fn settle(
         &mut self,
         target: &mut dyn BlockTarget,
@@ -154,7 +250,7 @@ impl Rolling {
         }
         let mut batch = Vec::new();
         let mut release: Vec<(u64, u64)> = Vec::new();
-        while self.pending_bytes > keep {
+        while self.pending_bytes > keep || (keep > 0 && self.pending.len() > PENDING_MAX / 2) {
             let Some(mut w) = self.pending.pop_front() else {
                 break;
             };
@@ -163,31 +259,25 @@ impl Rolling {
                 if self.verify {
                     opts.cancel.check()?;
                     check_piece(target, &mut self.buf, &w, disk)?;
-                    if !w.zero {
-                        w.placed = placement_of(target.host_extents(w.offset, w.len)?.as_deref());
-                    }
+                    w.placed = placement_of(target.host_extents(w.offset, w.len)?.as_deref());
                 }
-                self.done.push(w);
+                self.done.push(w)?;
                 continue;
             }
             let ext = target.host_extents(w.offset, w.len)?;
-            if self.verify && !w.zero {
+            if self.verify {
                 w.placed = placement_of(ext.as_deref());
             }
             let phys = ext.unwrap_or_else(|| vec![(w.offset, w.len)]);
-            if !w.zero && keep > 0 {
-                for &(h, l) in phys.iter().filter(|&&(h, _)| h != u64::MAX) {
-                    match release.last_mut() {
-                        Some((o, ol)) if *o + *ol == h => *ol += l,
-                        _ => release.push((h, l)),
-                    }
-                }
+            if keep > 0 {
+                release.extend(phys.iter().filter(|&&(h, _)| h != u64::MAX));
             }
             if self.verify {
                 batch.push((w, phys));
             }
-            self.done.push(w);
+            self.done.push(w)?;
         }
+        let release = merge_ranges(release, RELEASE_GAP);
         if batch.is_empty() && release.is_empty() && !kick {
             return Ok(());
         }
@@ -225,20 +315,37 @@ impl Rolling {
     /// restore ran; this proves none of them was overwritten afterwards: they do not
     /// overlap on the disk, and where the target stores data through a mapping (qcow2
     /// clusters, [`BlockTarget::host_extents`]) each piece is still stored where it was
-    /// read back from, and no two pieces share storage. Then every hole must read as zero.
+    /// read back from, and no two pieces share storage. Then everything of the first
+    /// `size` bytes no piece wrote (gaps, zero frames, zero blocks) must read as zero.
+    /// One pass over the pieces, in disk order.
     pub(super) fn final_check(
         &mut self,
         target: &mut dyn BlockTarget,
-        zero_ranges: &[(u64, u64)],
+        size: u64,
         disk: &str,
         opts: &ApplyOptions,
     ) -> Result<()> {
-        self.done.sort_unstable_by_key(|w| w.offset);
         if self.buf.is_empty() {
             self.buf.resize(opts.chunk_size.max(4096), 0);
         }
-        check_placement(target, &self.done, disk, opts)?;
-        check_holes(target, &mut self.buf, zero_ranges, disk, opts)
+        let mut buf = std::mem::take(&mut self.buf);
+        let mut shared = SharedCheck::new(target.host_granule());
+        let mut prev_end = 0u64;
+        let r = self.done.for_each(|w| {
+            opts.cancel.check()?;
+            if w.offset < prev_end {
+                return Err(verify_failed(
+                    disk,
+                    format!("disk offset {} was written twice", w.offset),
+                ));
+            }
+            check_holes(target, &mut buf, prev_end, w.offset, disk, opts)?;
+            prev_end = w.end();
+            check_placement(target, &w, &mut shared, disk)
+        });
+        let r = r.and_then(|()| check_holes(target, &mut buf, prev_end.min(size), size, disk, opts));
+        self.buf = buf;
+        r
     }
 }
 
@@ -341,84 +448,206 @@ pub(super) fn is_zero(b: &[u8]) -> bool {
         && chunks.remainder().iter().all(|&x| x == 0)
 }
 
-/// The pieces (sorted by disk offset) do not overlap, each is still stored where it
-/// was read back from, and no two share storage (see [`Rolling::final_check`]).
+/// Merges sorted-or-not storage ranges into sorted ranges, joining those less than
+/// `gap` apart.
+fn merge_ranges(mut v: Vec<(u64, u64)>, gap: u64) -> Vec<(u64, u64)> {
+    v.sort_unstable();
+    let mut out: Vec<(u64, u64)> = Vec::with_capacity(v.len().min(64));
+    for (h, l) in v {
+        match out.last_mut() {
+            Some((o, ol)) if h <= *o + *ol + gap => *ol = (*ol).max(h + l - *o),
+            _ => out.push((h, l)),
+        }
+    }
+    out
+}
+
+/// "No two pieces share storage", checked one piece at a time in disk order: with a
+/// mapping granule (a qcow2 cluster), a host granule may hold data of one guest
+/// granule only, and pieces come in guest order, so it suffices to remember which
+/// host granules earlier guest granules used — as runs, which a fresh image allocated
+/// in order keeps few. Without a granule, host byte ranges are kept as runs.
+struct SharedCheck {
+    granule: u64,
+    /// Host units (granules, or bytes) used so far: start -> end.
+    used: BTreeMap<u64, u64>,
+    /// The last (host, guest) granule pair seen.
+    last: Option<(u64, u64)>,
+}
+
+impl SharedCheck {
+    fn new(granule: Option<u64>) -> Self {
+        Self {
+            granule: granule.filter(|&g| g > 0).unwrap_or(1),
+            used: BTreeMap::new(),
+            last: None,
+        }
+    }
+
+    /// Records host units `[s, e)`; false when any was recorded before.
+    fn claim(&mut self, s: u64, e: u64) -> bool {
+        if let Some((_, &pe)) = self.used.range(..e).next_back() {
+            if pe > s {
+                return false;
+            }
+        }
+        let (mut s2, mut e2) = (s, e);
+        if let Some((&ps, &pe)) = self.used.range(..=s).next_back() {
+            if pe == s {
+                s2 = ps;
+                self.used.remove(&ps);
+            }
+        }
+        if let Some(&ne) = self.used.get(&e) {
+            e2 = ne;
+            self.used.remove(&e);
+        }
+        self.used.insert(s2, e2);
+        true
+    }
+
+    /// Host range `[h, h + l)` holds guest bytes from `guest`; the disk offset of the
+    /// other piece when it was used before.
+    fn check(&mut self, h: u64, l: u64, guest: u64) -> bool {
+        let g = self.granule;
+        if g == 1 {
+            return self.claim(h, h + l);
+        }
+        let mut hg = h / g;
+        let last_hg = (h + l - 1) / g;
+        let mut gg = guest / g;
+        while hg <= last_hg {
+            if self.last != Some((hg, gg)) {
+                if !self.claim(hg, hg + 1) {
+                    return false;
+                }
+                self.last = Some((hg, gg));
+            }
+            hg += 1;
+            gg += 1;
+        }
+        true
+    }
+}
+
+/// The piece is still stored where it was read back from, in storage no other piece
+/// uses (see [`Rolling::final_check`]).
 fn check_placement(
     target: &mut dyn BlockTarget,
-    done: &[Written],
+    w: &Written,
+    shared: &mut SharedCheck,
+    disk: &str,
+) -> Result<()> {
+    let Some(v) = target.host_extents(w.offset, w.len)? else {
+        return Ok(());
+    };
+    if placement_of(Some(&v)) != w.placed {
+        return Err(verify_failed(
+            disk,
+            format!(
+                "content at disk offset {} (+{}) moved after it was read back",
+                w.offset, w.len
+            ),
+        ));
+    }
+    let mut guest = w.offset;
+    for (h, l) in v {
+        if h != u64::MAX && !shared.check(h, l, guest) {
+            return Err(verify_failed(
+                disk,
+                format!("disk offset {guest} shares storage at image offset {h} with other data"),
+            ));
+        }
+        guest += l;
+    }
+    Ok(())
+}
+
+/// `[from, to)` reads as zero (where the target may hold data at all).
+fn check_holes(
+    target: &mut dyn BlockTarget,
+    buf: &mut [u8],
+    from: u64,
+    to: u64,
     disk: &str,
     opts: &ApplyOptions,
 ) -> Result<()> {
-    let mut host: Vec<(u64, u64, u64)> = Vec::new();
-    let mut prev_end = 0u64;
-    for w in done {
-        opts.cancel.check()?;
-        if w.offset < prev_end {
-            return Err(verify_failed(
-                disk,
-                format!("disk offset {} was written twice", w.offset),
-            ));
-        }
-        prev_end = w.offset + w.len;
-        if w.zero {
-            continue;
-        }
-        if let Some(v) = target.host_extents(w.offset, w.len)? {
-            if placement_of(Some(&v)) != w.placed {
+    if from >= to {
+        return Ok(());
+    }
+    for (ds, dl) in target.data_ranges(from, to - from)? {
+        let mut pos = ds;
+        while pos < ds + dl {
+            opts.cancel.check()?;
+            let n = usize::try_from(ds + dl - pos)
+                .unwrap_or(usize::MAX)
+                .min(buf.len());
+            target.read_at(pos, &mut buf[..n])?;
+            if !is_zero(&buf[..n]) {
                 return Err(verify_failed(
                     disk,
-                    format!(
-                        "content at disk offset {} (+{}) moved after it was read back",
-                        w.offset, w.len
-                    ),
+                    format!("disk offset {pos} should read as zero"),
                 ));
             }
-            host.extend(
-                v.into_iter()
-                    .filter(|&(h, _)| h != u64::MAX)
-                    .map(|(h, l)| (h, l, w.offset)),
-            );
-        }
-    }
-    host.sort_unstable();
-    for pair in host.windows(2) {
-        let ((h0, l0, d0), (h1, _, d1)) = (pair[0], pair[1]);
-        if h0 + l0 > h1 {
-            return Err(verify_failed(
-                disk,
-                format!("disk offsets {d0} and {d1} share storage at image offset {h1}"),
-            ));
+            pos += n as u64;
         }
     }
     Ok(())
 }
 
-/// Every hole reads as zero (where the target may hold data at all).
-fn check_holes(
-    target: &mut dyn BlockTarget,
-    buf: &mut [u8],
-    zero_ranges: &[(u64, u64)],
-    disk: &str,
-    opts: &ApplyOptions,
-) -> Result<()> {
-    for &(s, l) in zero_ranges {
-        for (ds, dl) in target.data_ranges(s, l)? {
-            let mut pos = ds;
-            while pos < ds + dl {
-                opts.cancel.check()?;
-                let n = usize::try_from(ds + dl - pos)
-                    .unwrap_or(usize::MAX)
-                    .min(buf.len());
-                target.read_at(pos, &mut buf[..n])?;
-                if !is_zero(&buf[..n]) {
-                    return Err(verify_failed(
-                        disk,
-                        format!("disk offset {pos} should read as zero"),
-                    ));
-                }
-                pos += n as u64;
-            }
-        }
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn release_ranges_merge_across_small_gaps() {
+        assert_eq!(
+            merge_ranges(vec![(100, 4), (0, 4), (8 << 20, 1)], RELEASE_GAP),
+            vec![(0, 104), (8 << 20, 1)]
+        );
+        assert_eq!(merge_ranges(vec![(0, 10), (2, 3)], 0), vec![(0, 10)]);
     }
-    Ok(())
+
+    #[test]
+    fn shared_storage_is_found_across_runs() {
+        let mut c = SharedCheck::new(Some(65536));
+        // two pieces of one guest cluster share its host cluster
+        assert!(c.check(0, 4096, 0));
+        assert!(c.check(8192, 4096, 8192));
+        // the next guest clusters, host clusters in order (joined into one run)
+        assert!(c.check(65536, 65536 * 3, 65536));
+        assert_eq!(c.used.len(), 1);
+        // a later guest cluster mapped onto host cluster 2 again
+        assert!(!c.check(2 * 65536 + 100, 10, 9 * 65536));
+        let mut b = SharedCheck::new(None);
+        assert!(b.check(10, 10, 0));
+        assert!(b.check(20, 5, 100));
+        assert!(!b.check(15, 1, 200));
+        assert_eq!(b.used.len(), 1);
+    }
+
+    #[test]
+    fn done_log_spills_and_reads_back_in_order() {
+        let mut log = DoneLog::default();
+        let n = DONE_IN_MEMORY as u64 * 2 + 7;
+        for i in 0..n {
+            log.push(Written {
+                offset: i * 10,
+                len: 5,
+                hash: i ^ 0xabc,
+                placed: i,
+            })
+            .expect("push");
+        }
+        assert!(log.spilled > 0);
+        let mut next = 0u64;
+        log.for_each(|w| {
+            assert_eq!(w.offset, next * 10);
+            assert_eq!(w.hash, next ^ 0xabc);
+            next += 1;
+            Ok(())
+        })
+        .expect("read back");
+        assert_eq!(next, n);
+    }
 }

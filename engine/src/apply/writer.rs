@@ -1,21 +1,64 @@
-//! The writer side of one disk: [`DiskWriter`] takes the live pieces (from the
-//! pipeline's channel or straight from the scan of a small chain), writes them to the
-//! target, reports progress and hands every piece to the read-back.
+//! The writer side of one disk: [`DiskWriter`] takes the disk's content in disk order
+//! (chunks from the pipeline's channel, or straight from the reader for a small chain),
+//! writes it to the target, reports progress and hands every write to the read-back.
 
 use std::time::{Duration, Instant};
 
 use super::options::{ApplyOptions, Progress};
-use super::readback::{is_zero, Rolling, Written, READBACK_LAG};
+use super::readback::{is_zero, Rolling, Written, PENDING_MAX, READBACK_LAG};
 use super::report::DiskReport;
-use super::scan::BufPool;
+use super::source::BufPool;
 use crate::cancel::Cancel;
 use crate::error::{Error, Result};
 use crate::target::BlockTarget;
 
-/// A live piece on its way from a reader to the writer: its disk offset and bytes.
-pub(super) struct Chunk {
+/// A run of the disk in a [`Chunk`]: data (its bytes are the chunk's next `len`
+/// bytes) or a hole (reads as zero: a gap or a zero frame).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) struct Seg {
     pub offset: u64,
+    pub len: u64,
+    pub data: bool,
+}
+
+/// Part of a disk's content on its way from the reader to the writer: segments in
+/// disk order and the bytes of the data segments, back to back.
+#[derive(Debug)]
+pub(super) struct Chunk {
     pub data: Vec<u8>,
+    pub segs: Vec<Seg>,
+    /// Bytes of the data segments that are live data (the rest are zeroes filling
+    /// small gaps), for progress.
+    pub live: u64,
+}
+
+/// Granularity of zero detection: an aligned block of this size that is all zero is
+/// not written on a fresh target (a host block that stays unallocated).
+const ZERO_BLOCK: u64 = 4096;
+
+/// Runs of `bytes` (at disk offset `at`) that are all zero or not, split at
+/// [`ZERO_BLOCK`] boundaries: `(offset, len, zero)`.
+fn zero_runs(at: u64, bytes: &[u8], mut out: impl FnMut(u64, usize, usize, bool) -> Result<()>) -> Result<()> {
+    let mut run: Option<(usize, bool)> = None;
+    let mut i = 0usize;
+    while i < bytes.len() {
+        let next = ((at + i as u64) / ZERO_BLOCK + 1) * ZERO_BLOCK - at;
+        let e = usize::try_from(next).unwrap_or(usize::MAX).min(bytes.len());
+        let z = is_zero(&bytes[i..e]);
+        match run {
+            Some((_, rz)) if rz == z => {}
+            Some((s, rz)) => {
+                out(at + s as u64, s, i, rz)?;
+                run = Some((i, z));
+            }
+            None => run = Some((i, z)),
+        }
+        i = e;
+    }
+    if let Some((s, z)) = run {
+        out(at + s as u64, s, bytes.len(), z)?;
+    }
+    Ok(())
 }
 
 /// Data written between two [`BlockTarget::start_writeback`] calls. Without them the
@@ -37,7 +80,8 @@ pub(super) const WRITEBACK_STEP: u64 = 32 << 20;
 pub(super) struct DiskWriter<'a> {
     disk: String,
     target: Box<dyn BlockTarget>,
-    zero_ranges: &'a [(u64, u64)],
+    /// Disk size (the holes the final check reads end there).
+    size: u64,
     opts: &'a ApplyOptions,
     abort: &'a Cancel,
     pool: &'a BufPool,
@@ -53,34 +97,25 @@ pub(super) struct DiskWriter<'a> {
 }
 
 impl<'a> DiskWriter<'a> {
-    /// Zeroes the holes of a target that does not start zeroed and, with `background`
-    /// and a storage file, starts the read-back thread (else pieces are read back
-    /// through the target on the writing thread).
+    /// With `background` and a storage file, starts the read-back thread (else
+    /// pieces are read back through the target on the writing thread).
     #[allow(clippy::too_many_arguments)]
     pub(super) fn new(
         disk: String,
-        mut target: Box<dyn BlockTarget>,
+        target: Box<dyn BlockTarget>,
         total: u64,
-        zero_ranges: &'a [(u64, u64)],
+        size: u64,
         opts: &'a ApplyOptions,
         abort: &'a Cancel,
         pool: &'a BufPool,
         background: bool,
     ) -> Result<Self> {
         let started = Instant::now();
-        let mut rep = DiskReport {
+        let rep = DiskReport {
             disk: disk.clone(),
             ..DiskReport::default()
         };
         let fresh = target.starts_zeroed();
-        if !fresh {
-            // A device or reused file: holes must be written as zeroes.
-            for &(s, l) in zero_ranges {
-                opts.cancel.check()?;
-                target.write_zeroes(s, l)?;
-                rep.bytes_zeroed += l;
-            }
-        }
         let storage = if background {
             target.storage_file()
         } else {
@@ -90,7 +125,7 @@ impl<'a> DiskWriter<'a> {
         Ok(Self {
             disk,
             target,
-            zero_ranges,
+            size,
             opts,
             abort,
             pool,
@@ -106,44 +141,68 @@ impl<'a> DiskWriter<'a> {
         })
     }
 
-    /// Writes one chunk (or skips it: all zero on a fresh target) and hands its
+    /// Writes one chunk: data runs (all-zero blocks skipped on a fresh target, zeroed
+    /// on another), holes (zeroed where the target did not start zeroed); hands its
     /// buffer back to the pool.
     pub(super) fn accept(&mut self, c: Chunk) -> Result<()> {
-        let len = c.data.len() as u64;
-        let zero = is_zero(&c.data);
-        if zero {
-            if self.fresh {
-                self.rep.bytes_zero_skipped += len;
-            } else {
-                self.target.write_zeroes(c.offset, len)?;
-                self.rep.bytes_zeroed += len;
+        let mut at = 0usize;
+        for seg in &c.segs {
+            if !seg.data {
+                if !self.fresh {
+                    self.target.write_zeroes(seg.offset, seg.len)?;
+                    self.rep.bytes_zeroed += seg.len;
+                }
+                continue;
             }
-        } else {
-            self.target.write_at(c.offset, &c.data)?;
-            self.rep.bytes_written += len;
-            self.since_writeback += len;
+            let n = usize::try_from(seg.len).unwrap_or(usize::MAX);
+            let bytes = c.data.get(at..at + n).ok_or_else(|| {
+                Error::internal("internal: a chunk holds fewer bytes than its segments")
+            })?;
+            at += n;
+            if self.fresh {
+                zero_runs(seg.offset, bytes, |off, s, e, zero| {
+                    if zero {
+                        self.rep.bytes_zero_skipped += (e - s) as u64;
+                        Ok(())
+                    } else {
+                        self.write(off, &bytes[s..e])
+                    }
+                })?;
+            } else if is_zero(bytes) {
+                self.target.write_zeroes(seg.offset, seg.len)?;
+                self.rep.bytes_zeroed += seg.len;
+            } else {
+                self.write(seg.offset, bytes)?;
+            }
         }
-        let hash = if zero || !self.opts.verify_readback {
-            0
-        } else {
-            xxhash_rust::xxh3::xxh3_64(&c.data)
-        };
         self.pool.put(c.data);
-        self.rolling.push(Written {
-            offset: c.offset,
-            len,
-            hash,
-            zero,
-            placed: 0,
-        });
-        if self.since_writeback >= WRITEBACK_STEP {
+        if self.since_writeback >= WRITEBACK_STEP || self.rolling.pending_len() >= PENDING_MAX {
             self.rolling
                 .settle(&mut *self.target, READBACK_LAG, true, &self.disk, self.opts)?;
             self.since_writeback = 0;
         }
-        self.done += len;
+        self.done += c.live;
         self.report_progress();
         Ok(())
+    }
+
+    /// Writes data and hands it to the read-back.
+    fn write(&mut self, offset: u64, bytes: &[u8]) -> Result<()> {
+        self.target.write_at(offset, bytes)?;
+        let len = bytes.len() as u64;
+        self.rep.bytes_written += len;
+        self.since_writeback += len;
+        let hash = if self.opts.verify_readback {
+            xxhash_rust::xxh3::xxh3_64(bytes)
+        } else {
+            0
+        };
+        self.rolling.push(Written {
+            offset,
+            len,
+            hash,
+            placed: 0,
+        })
     }
 
     /// Calls the progress callback at most every 200 ms, and for the last chunk.
@@ -177,7 +236,7 @@ impl<'a> DiskWriter<'a> {
         self.target.flush()?;
         if opts.verify_readback {
             self.rolling
-                .final_check(&mut *self.target, self.zero_ranges, &self.disk, opts)?;
+                .final_check(&mut *self.target, self.size, &self.disk, opts)?;
             self.rep.readback_verified = true;
         }
         self.target.finish()?;

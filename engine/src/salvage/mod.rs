@@ -209,7 +209,7 @@ pub fn plan_point(
     }
     let qcow = qcow_info(set, disk, n);
     let plan = DiskPlan::from_chain(disk, files, qcow)?;
-    let ranges = damage::ranges(&layers, &plan.map, plan.virtual_size);
+    let ranges = damage::ranges(&layers, &plan.extent_map()?, plan.virtual_size);
     Ok(Salvage {
         damage: DamageReport {
             disk: disk.to_owned(),
@@ -292,7 +292,7 @@ fn member(
         SlotFile::Present(f) if matches!(f.content, StreamContent::RawImage) => {
             file.path = f.path.clone();
             let cf = ChainFile::raw_image(&f.path, disk)?;
-            layer.claims.push((0, cf.index.file_size, Claim::Used));
+            layer.claims.push((0, cf.file_size, Claim::Used));
             file.used = true;
             return Ok(Member {
                 file,
@@ -376,19 +376,20 @@ fn member(
         layer.suspect = suspect(&file.name(), &w);
     }
     file.used = used && !w.frames.is_empty();
-    let chain_file = used.then(|| ChainFile {
-        path: path.clone(),
-        // the apply checks the checksum again only where it held here
-        stored_checksum: match w.checksum {
-            Checksum::Ok(s) if w.faults.is_empty() => Some(s),
-            _ => None,
-        },
-        index: StreamIndex {
-            meta: meta.clone(),
-            frames: w.frames,
-            file_size: w.file_size,
-        },
-        raw_image: false,
+    let chain_file = used.then(|| {
+        ChainFile::from_index(
+            &path,
+            StreamIndex {
+                meta: meta.clone(),
+                frames: w.frames,
+                file_size: w.file_size,
+            },
+            // the apply checks the checksum again only where it held here
+            match w.checksum {
+                Checksum::Ok(s) if w.faults.is_empty() => Some(s),
+                _ => None,
+            },
+        )
     });
     Ok(Member {
         file,

@@ -73,6 +73,13 @@ pub trait BlockTarget: Send {
         Ok(None)
     }
 
+    /// The unit in which [`host_extents`](Self::host_extents) maps the disk onto its
+    /// storage (a qcow2 cluster): a storage unit holds data of one disk unit only.
+    /// `None` (the default): no such unit.
+    fn host_granule(&self) -> Option<u64> {
+        None
+    }
+
     /// Sub-ranges of `[offset, offset + len)` that may hold data (the rest is known to
     /// read as zero without looking). Used by read-back verification to skip holes.
     /// The default knows nothing and returns the whole range.

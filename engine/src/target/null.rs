@@ -164,8 +164,12 @@ mod tests {
         let p = dir.path().join("vda.full.data");
         let bytes = stream(true);
         std::fs::write(&p, &bytes).expect("write");
-        let index = ChainFile::open(&p).expect("index").index;
-        let first = index.data_frames().next().expect("a data frame").clone();
+        let frames = ChainFile::open(&p).expect("index").load_frames().expect("frames");
+        let first = frames
+            .iter()
+            .find(|f| f.kind == nbdfmt::FrameKind::Data)
+            .expect("a data frame")
+            .clone();
         // well inside the first LZ4 frame's block data (past its 19-byte header)
         let at = first.payload_offset + 200;
         for inline in [0, 8 * MIB] {

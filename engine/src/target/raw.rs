@@ -336,27 +336,33 @@ impl BlockTarget for RawTarget {
         if self.block_size > 0 {
             return Ok(vec![(offset, len)]);
         }
-        use nix::unistd::{lseek, Whence};
-        let end = offset + len;
-        let mut out = Vec::new();
-        let mut pos = offset;
-        while pos < end {
-            let Ok(p) = i64::try_from(pos) else { break };
-            let data = match lseek(&self.file, p, Whence::SeekData) {
-                Ok(d) => d as u64,
-                Err(nix::errno::Errno::ENXIO) => break,
-                Err(_) => return Ok(vec![(offset, len)]),
-            };
-            if data >= end {
-                break;
-            }
-            let hole = match lseek(&self.file, data as i64, Whence::SeekHole) {
-                Ok(h) => (h as u64).min(end),
-                Err(_) => end,
-            };
-            out.push((data, hole - data));
-            pos = hole;
-        }
-        Ok(out)
+        Ok(file_data_ranges(&self.file, offset, len))
     }
+}
+
+/// The parts of `[offset, offset + len)` of a regular file that may hold data
+/// (`SEEK_DATA`/`SEEK_HOLE`); the whole range when the file system cannot tell.
+pub(crate) fn file_data_ranges(file: &File, offset: u64, len: u64) -> Vec<(u64, u64)> {
+    use nix::unistd::{lseek, Whence};
+    let end = offset + len;
+    let mut out = Vec::new();
+    let mut pos = offset;
+    while pos < end {
+        let Ok(p) = i64::try_from(pos) else { break };
+        let data = match lseek(file, p, Whence::SeekData) {
+            Ok(d) => d as u64,
+            Err(nix::errno::Errno::ENXIO) => break,
+            Err(_) => return vec![(offset, len)],
+        };
+        if data >= end {
+            break;
+        }
+        let hole = match lseek(file, data as i64, Whence::SeekHole) {
+            Ok(h) => (h as u64).min(end),
+            Err(_) => end,
+        };
+        out.push((data, hole - data));
+        pos = hole;
+    }
+    out
 }

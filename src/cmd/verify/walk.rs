@@ -12,7 +12,7 @@ use std::path::{Path, PathBuf};
 use engine::target::null::NullTarget;
 use engine::{ApplyOptions, Cancel, ChainFile, DiskPlan};
 use nbdfmt::checksum::{stored_checksum, Adler32Reader, ChecksumStatus};
-use nbdfmt::{StreamContent, StreamFile, StreamIndex, StreamLevel};
+use nbdfmt::{StreamContent, StreamFile, StreamLevel};
 
 use crate::error::{engine_error, AppError};
 
@@ -160,19 +160,15 @@ fn damage(e: &nbdfmt::Error) -> Structure {
 }
 
 /// [`ChainFile::open`] with the stored checksum already read: every frame header and
-/// the trailer, validated.
+/// the trailer, validated (nothing per frame is kept).
 fn index(path: &Path, stored: Option<u32>) -> Result<ChainFile, Structure> {
-    let f = File::open(path).map_err(|e| Structure::Damaged {
-        offset: Some(0),
-        reason: format!("cannot open: {e}"),
-    })?;
-    let index = StreamIndex::read_file(f).map_err(|e| damage(&e))?;
-    Ok(ChainFile {
-        path: path.to_path_buf(),
-        index,
-        stored_checksum: stored,
-        raw_image: false,
-    })
+    if let Err(e) = File::open(path) {
+        return Err(Structure::Damaged {
+            offset: Some(0),
+            reason: format!("cannot open: {e}"),
+        });
+    }
+    ChainFile::walk(path, stored).map_err(|e| damage(&e))
 }
 
 /// The restore pass over one indexed file into a null target.

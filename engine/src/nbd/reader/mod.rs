@@ -91,19 +91,14 @@ struct ChainSource {
 }
 
 impl ChainSource {
-    /// The source of chain file `f`; opened (and its data frames checked against the
-    /// file) only when `need`ed.
-    fn open(f: ChainFile, need: bool) -> Result<Self> {
+    /// The source of chain file `f` with its `frames`; opened (and its data frames
+    /// checked against the file) only when `need`ed.
+    fn open(f: ChainFile, frames: Vec<Frame>, need: bool) -> Result<Self> {
         let compressed = f.compressed();
         let file = if need {
             let file = File::open(&f.path).map_err(|e| io_err(&f.path, 0, e))?;
             let len = file.metadata().map_err(|e| io_err(&f.path, 0, e))?.len();
-            for fr in f
-                .index
-                .frames
-                .iter()
-                .filter(|fr| fr.kind == FrameKind::Data)
-            {
+            for fr in frames.iter().filter(|fr| fr.kind == FrameKind::Data) {
                 check_stored(&f.path, fr, len, compressed)?;
             }
             Some(file)
@@ -114,7 +109,7 @@ impl ChainSource {
             path: f.path,
             file,
             compressed,
-            frames: f.index.frames,
+            frames,
         })
     }
 
@@ -162,7 +157,12 @@ fn check_stored(path: &Path, fr: &Frame, len: u64, compressed: bool) -> Result<(
 
 /// Which chain files the extents read from, each extent checked to lie inside an
 /// existing data frame.
-fn needed_files(disk: &str, extents: &[Extent], files: &[ChainFile]) -> Result<Vec<bool>> {
+fn needed_files(
+    disk: &str,
+    extents: &[Extent],
+    files: &[ChainFile],
+    frames: &[Vec<Frame>],
+) -> Result<Vec<bool>> {
     let mut needed = vec![false; files.len()];
     let chain_err = |message: String| Error::Chain {
         disk: disk.to_owned(),
@@ -175,9 +175,7 @@ fn needed_files(disk: &str, extents: &[Extent], files: &[ChainFile]) -> Result<V
         let f = files
             .get(file as usize)
             .ok_or_else(|| chain_err(format!("extent names chain file #{file}")))?;
-        let fr = f
-            .index
-            .frames
+        let fr = frames[file as usize]
             .get(frame as usize)
             .ok_or_else(|| chain_err(format!("{}: no frame #{frame}", f.path.display())))?;
         if fr.kind != FrameKind::Data || e.start < fr.start || e.end() > fr.end() {
@@ -218,11 +216,18 @@ impl ChainReader {
 
     /// Opens the chain files the plan needs, sharing `cache`.
     pub fn with_cache(plan: DiskPlan, cache: Arc<Lz4Cache>) -> Result<Self> {
+        // Random access needs the extents and frames in memory (per extent, unlike a
+        // restore).
+        let map = plan.extent_map()?;
+        let frames = plan
+            .files
+            .iter()
+            .map(ChainFile::load_frames)
+            .collect::<Result<Vec<_>>>()?;
         let DiskPlan {
             disk,
             virtual_size,
             files,
-            map,
             ..
         } = plan;
         let extents: Vec<Extent> = map
@@ -233,10 +238,10 @@ impl ChainReader {
                 ..e
             })
             .collect();
-        let needed = needed_files(&disk, &extents, &files)?;
+        let needed = needed_files(&disk, &extents, &files, &frames)?;
         let mut sources = Vec::with_capacity(files.len());
-        for (f, need) in files.into_iter().zip(needed) {
-            sources.push(ChainSource::open(f, need)?);
+        for ((f, fr), need) in files.into_iter().zip(frames).zip(needed) {
+            sources.push(ChainSource::open(f, fr, need)?);
         }
         Ok(Self {
             id: NEXT_READER_ID.fetch_add(1, Ordering::Relaxed),

@@ -333,6 +333,10 @@ impl BlockTarget for Qcow2Target {
         Ok(Some(out))
     }
 
+    fn host_granule(&self) -> Option<u64> {
+        Some(u64::from(self.opts.cluster_size))
+    }
+
     fn sync(&mut self) -> Result<()> {
         let image = self.image("sync")?;
         image
@@ -343,17 +347,47 @@ impl BlockTarget for Qcow2Target {
             .map_err(|e| Error::target("sync", &self.path, e))
     }
 
-    /// The allocated (data) parts of the range; unallocated and zero clusters read as zero.
+    /// The parts of the range that may hold data: allocated clusters, less what the
+    /// image file holds as a hole (the unwritten rest of a cluster whose data is only a
+    /// few KiB: reading it would fault in pages of zeroes). Unallocated and zero
+    /// clusters read as zero.
     fn data_ranges(&mut self, offset: u64, len: u64) -> Result<Vec<(u64, u64)>> {
-        let mut out: Vec<(u64, u64)> = Vec::new();
+        let mut mapped: Vec<(u64, u64, Option<u64>)> = Vec::new();
         self.walk_mappings("map", offset, len, |pos, mlen, mapping| {
-            if !matches!(mapping, Mapping::Zero { .. }) {
-                match out.last_mut() {
-                    Some((o, l)) if *o + *l == pos => *l += mlen,
-                    _ => out.push((pos, mlen)),
+            let host = match mapping {
+                Mapping::Zero { .. } => return,
+                Mapping::Raw { offset, .. } => Some(*offset),
+                _ => None,
+            };
+            match mapped.last_mut() {
+                Some((o, l, h))
+                    if *o + *l == pos
+                        && match (*h, host) {
+                            (Some(a), Some(b)) => a + *l == b,
+                            (None, None) => true,
+                            _ => false,
+                        } =>
+                {
+                    *l += mlen
                 }
+                _ => mapped.push((pos, mlen, host)),
             }
         })?;
+        let mut out: Vec<(u64, u64)> = Vec::new();
+        let mut push = |s: u64, l: u64| match out.last_mut() {
+            Some((o, ol)) if *o + *ol == s => *ol += l,
+            _ => out.push((s, l)),
+        };
+        for (pos, l, host) in mapped {
+            match host {
+                Some(h) => {
+                    for (ds, dl) in super::raw::file_data_ranges(&self.file, h, l) {
+                        push(pos + (ds - h), dl);
+                    }
+                }
+                None => push(pos, l),
+            }
+        }
         Ok(out)
     }
 
