@@ -25,6 +25,9 @@ pub enum Frames {
     File {
         /// Data and zero frames in the file.
         count: u64,
+        /// What the file alone restores to (over its own virtual size): a one-file
+        /// plan needs no merge pass.
+        alone: MergeStats,
     },
 }
 
@@ -70,15 +73,33 @@ impl ChainFile {
             nbdfmt::reader::INDEX_READAHEAD,
         ))
         .map_err(|e| e.in_file(path))?;
+        let size = r.meta().virtual_size;
         let mut count = 0u64;
-        while r.next_frame().map_err(|e| e.in_file(path))?.is_some() {
+        let mut alone = MergeStats::default();
+        // End of the last zero frame (adjacent zero frames are one extent).
+        let mut zero_end = None;
+        while let Some(fr) = r.next_frame().map_err(|e| e.in_file(path))? {
             count += 1;
+            let end = fr.end().min(size);
+            if fr.start >= end {
+                continue;
+            }
+            if fr.kind == FrameKind::Data {
+                alone.data_bytes += end - fr.start;
+                alone.extents += 1;
+                zero_end = None;
+            } else {
+                if zero_end != Some(fr.start) {
+                    alone.extents += 1;
+                }
+                zero_end = Some(end);
+            }
         }
         Ok(Self {
             path: path.to_path_buf(),
             meta: r.meta().clone(),
             file_size: r.file_size(),
-            frames: Frames::File { count },
+            frames: Frames::File { count, alone },
             stored_checksum,
             raw_image: false,
         })
@@ -142,7 +163,7 @@ impl ChainFile {
     pub fn frame_count(&self) -> u64 {
         match &self.frames {
             Frames::Memory(v) => v.len() as u64,
-            Frames::File { count } => *count,
+            Frames::File { count, .. } => *count,
         }
     }
 
@@ -196,7 +217,13 @@ impl DiskPlan {
         };
         let virtual_size = last.meta.virtual_size;
         u32::try_from(files.len()).map_err(|_| Error::Unsupported("chain too long".into()))?;
-        let stats = merge::stats(&files, virtual_size)?;
+        let stats = match &files[..] {
+            [ChainFile {
+                frames: Frames::File { alone, .. },
+                ..
+            }] => *alone,
+            _ => merge::stats(&files, virtual_size)?,
+        };
         Ok(Self {
             disk: disk.to_owned(),
             virtual_size,

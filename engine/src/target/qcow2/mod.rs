@@ -18,11 +18,13 @@
 //! - Refused (with [`Error::Unsupported`]): extended L2 entries, external data files, unknown
 //!   compat levels or compression types, and option combinations qemu itself refuses.
 //!
-//! Files: `options` ([`Qcow2Options`] from `qcow.json`), `header` (raw header edits);
+//! Files: `options` ([`Qcow2Options`] from `qcow.json`), `header` (raw header edits),
+//! `storage` (imago's file storage, growing the file at flush instead of per cluster);
 //! this one holds the target.
 
 mod header;
 mod options;
+mod storage;
 
 use std::fs::{File, OpenOptions};
 use std::io;
@@ -37,6 +39,7 @@ use imago::{
 use super::BlockTarget;
 use crate::error::{Error, Result};
 use header::{apply_header_options, downgrade_to_v2};
+use storage::GrowLater;
 
 pub use options::{CompressionType, Qcow2Compat, Qcow2Options, MAX_CLUSTER_SIZE, MIN_CLUSTER_SIZE};
 
@@ -53,7 +56,7 @@ pub struct Qcow2Target {
     size: u64,
     opts: Qcow2Options,
     /// imago's view of the image; `None` once finished.
-    image: Option<FormatAccess<ImagoFile>>,
+    image: Option<FormatAccess<GrowLater>>,
     /// Our own handle on the same file, for the header and the final sync.
     file: File,
     /// Zero buffer for v2 zero writes (allocated on first use).
@@ -108,7 +111,7 @@ impl Qcow2Target {
         }
         let storage = ImagoFile::from_open_file(file.try_clone().map_err(err)?, storage_opts())
             .map_err(err)?;
-        let qcow2 = Qcow2::<ImagoFile>::builder(storage)
+        let qcow2 = Qcow2::<GrowLater>::builder(GrowLater::new(storage))
             .write(true)
             .open(DenyImplicitOpenGate::default())
             .map_err(err)?;
@@ -139,7 +142,7 @@ impl Qcow2Target {
         &self.path
     }
 
-    fn image(&self, op: &'static str) -> Result<&FormatAccess<ImagoFile>> {
+    fn image(&self, op: &'static str) -> Result<&FormatAccess<GrowLater>> {
         self.image
             .as_ref()
             .ok_or_else(|| Error::target(op, &self.path, finished_error()))
@@ -153,7 +156,7 @@ impl Qcow2Target {
         op: &'static str,
         offset: u64,
         len: u64,
-        mut visit: impl FnMut(u64, u64, &Mapping<'_, ImagoFile>),
+        mut visit: impl FnMut(u64, u64, &Mapping<'_, GrowLater>),
     ) -> Result<()> {
         self.check_range(op, offset, len)?;
         let image = self.image(op)?;
