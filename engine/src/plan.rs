@@ -20,14 +20,13 @@ pub enum Frames {
     /// In memory: a raw image's one frame, or the frames a tolerant walk kept
     /// (salvage). Memory per frame, for those files only.
     Memory(Vec<Frame>),
-    /// In the file: walked and validated when the plan was made, walked again (one
-    /// frame at a time) when needed.
+    /// In the file, walked (one frame at a time, every header validated) by the plan
+    /// and again by the apply.
     File {
-        /// Data and zero frames in the file.
-        count: u64,
-        /// What the file alone restores to (over its own virtual size): a one-file
-        /// plan needs no merge pass.
-        alone: MergeStats,
+        /// What the file alone restores to (over its own virtual size), when a walk of
+        /// its own counted it ([`ChainFile::open`]): a one-file plan then needs no merge
+        /// pass. `None` ([`ChainFile::open_stream`]): the plan's merge validates it.
+        alone: Option<MergeStats>,
     },
 }
 
@@ -64,6 +63,24 @@ impl ChainFile {
         Ok(Self::walk(path, stored_checksum)?)
     }
 
+    /// Opens a stream file (meta frame and trailer validated) and reads its `.chksum`,
+    /// leaving its frame headers to the plan that merges it with the rest of its chain
+    /// ([`DiskPlan::from_chain`] walks and validates every one): one walk, not two.
+    pub fn open_stream(path: &Path) -> Result<Self> {
+        let stored_checksum = nbdfmt::checksum::stored_checksum(path)?;
+        let f = File::open(path).map_err(|e| open_error(path, e))?;
+        let r = nbdfmt::StreamReader::open(nbdfmt::PreadBuf::new(f, 4096))
+            .map_err(|e| e.in_file(path))?;
+        Ok(Self {
+            path: path.to_path_buf(),
+            meta: r.meta().clone(),
+            file_size: r.file_size(),
+            frames: Frames::File { alone: None },
+            stored_checksum,
+            raw_image: false,
+        })
+    }
+
     /// Validates a stream file whose stored checksum is known: every frame header and
     /// the trailer, read once; nothing per frame is kept.
     pub fn walk(path: &Path, stored_checksum: Option<u32>) -> nbdfmt::Result<Self> {
@@ -74,12 +91,10 @@ impl ChainFile {
         ))
         .map_err(|e| e.in_file(path))?;
         let size = r.meta().virtual_size;
-        let mut count = 0u64;
         let mut alone = MergeStats::default();
         // End of the last zero frame (adjacent zero frames are one extent).
         let mut zero_end = None;
         while let Some(fr) = r.next_frame().map_err(|e| e.in_file(path))? {
-            count += 1;
             let end = fr.end().min(size);
             if fr.start >= end {
                 continue;
@@ -99,7 +114,7 @@ impl ChainFile {
             path: path.to_path_buf(),
             meta: r.meta().clone(),
             file_size: r.file_size(),
-            frames: Frames::File { count, alone },
+            frames: Frames::File { alone: Some(alone) },
             stored_checksum,
             raw_image: false,
         })
@@ -159,14 +174,6 @@ impl ChainFile {
         self.meta.is_compressed()
     }
 
-    /// Data and zero frames in the file.
-    pub fn frame_count(&self) -> u64 {
-        match &self.frames {
-            Frames::Memory(v) => v.len() as u64,
-            Frames::File { count, .. } => *count,
-        }
-    }
-
     /// Opens the file for reading.
     pub fn open_file(&self) -> Result<File> {
         File::open(&self.path).map_err(|e| Error::Backup(open_error(&self.path, e)))
@@ -183,6 +190,16 @@ impl ChainFile {
                 Ok(index.frames)
             }
         }
+    }
+}
+
+/// A stream file of a chain of `files` files: walked on its own when it is the only
+/// one (its counts are the plan's), else validated by the plan's merge.
+fn open_member(path: &Path, files: usize) -> Result<ChainFile> {
+    if files == 1 {
+        ChainFile::open(path)
+    } else {
+        ChainFile::open_stream(path)
     }
 }
 
@@ -219,7 +236,7 @@ impl DiskPlan {
         u32::try_from(files.len()).map_err(|_| Error::Unsupported("chain too long".into()))?;
         let stats = match &files[..] {
             [ChainFile {
-                frames: Frames::File { alone, .. },
+                frames: Frames::File { alone: Some(alone) },
                 ..
             }] => *alone,
             _ => merge::stats(&files, virtual_size)?,
@@ -237,7 +254,7 @@ impl DiskPlan {
     pub fn from_paths(disk: &str, paths: &[PathBuf], qcow: Option<QcowInfo>) -> Result<Self> {
         let files = paths
             .iter()
-            .map(|p| ChainFile::open(p))
+            .map(|p| open_member(p, paths.len()))
             .collect::<Result<Vec<_>>>()?;
         Self::from_chain(disk, files, qcow)
     }
@@ -267,7 +284,7 @@ impl DiskPlan {
                     disk: disk.to_owned(),
                     message: e.to_string(),
                 }),
-                StreamContent::Stream(_) => ChainFile::open(&f.path),
+                StreamContent::Stream(_) => open_member(&f.path, chain.len()),
             })
             .collect::<Result<Vec<_>>>()?;
         let qcow = match set.qcow_json(disk, n) {

@@ -191,3 +191,21 @@ proptest! {
         prop_assert_eq!(plan2.stats, plan.stats);
     }
 }
+
+/// Frame headers of a chain are validated by the plan's merge: a damaged header at the
+/// very end of an incremental (past every frame that matters) still fails the plan.
+#[test]
+fn plan_validates_every_header_of_a_chain() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let base = stream(&[(0, 4096, 0x55, false)], &StreamOptions::full("vda", SIZE, 0), 0).0;
+    let mut inc = stream(&[(8192, 512, 0x66, false)], &StreamOptions::inc("vda", 1, SIZE, 0), 1).0;
+    // the stop frame is the last 40 bytes: make its kind unreadable
+    let n = inc.len();
+    inc[n - 40..n - 36].copy_from_slice(b"st0p");
+    let paths = [dir.path().join("a.data"), dir.path().join("b.data")];
+    std::fs::write(&paths[0], base).expect("write");
+    std::fs::write(&paths[1], inc).expect("write");
+    let e = DiskPlan::from_paths("vda", &paths, None).expect_err("damaged header");
+    assert_eq!(e.kind(), engine::ErrorKind::CorruptBackup, "{e}");
+    assert!(e.to_string().contains("b.data"), "{e}");
+}

@@ -19,7 +19,7 @@
 //!   compat levels or compression types, and option combinations qemu itself refuses.
 //!
 //! Files: `options` ([`Qcow2Options`] from `qcow.json`), `header` (raw header edits),
-//! `storage` (imago's file storage, growing the file at flush instead of per cluster);
+//! `storage` (imago's file storage, grown in large steps and cut to size at flush);
 //! this one holds the target.
 
 mod header;
@@ -111,7 +111,7 @@ impl Qcow2Target {
         }
         let storage = ImagoFile::from_open_file(file.try_clone().map_err(err)?, storage_opts())
             .map_err(err)?;
-        let qcow2 = Qcow2::<GrowLater>::builder(GrowLater::new(storage))
+        let qcow2 = Qcow2::<GrowLater>::builder(GrowLater::new(storage).map_err(err)?)
             .write(true)
             .open(DenyImplicitOpenGate::default())
             .map_err(err)?;

@@ -1,13 +1,15 @@
-//! [`GrowLater`]: imago's file storage, except that zeroing a range past the end of the
-//! file does not grow the file right away.
+//! [`GrowLater`]: imago's file storage, except that the file grows in large steps and
+//! takes its exact size at flush.
 //!
 //! When imago allocates a cluster and the guest writes only part of it, it first makes
-//! the rest read as zero: past the end of the file that is an `ftruncate` per cluster
-//! (ext4 then updates the inode, journals it and walks the page cache), which was the
-//! largest single cost of restoring many small extents into a fresh image. Past the
-//! end of the file everything already reads as zero, so the new end is only noted and
-//! the file grows once, at the next flush or sync (or by the data written after it).
-//! Inside the file, zeroing is imago's own.
+//! the rest read as zero: past the end of the file that was an `ftruncate` per cluster
+//! (ext4 then updates the inode, journals it and walks the page cache), the largest
+//! single cost of restoring many small extents into a fresh image; and every write past
+//! the end dirtied the inode again. Here the file is grown [`GROW_STEP`] at a time,
+//! and the storage keeps its own end: nothing at or after it was ever written, so it
+//! reads as zero and zeroing there is nothing to do. `flush` and `sync` cut the file
+//! back to that end (holes only), so a flushed image has exactly the size imago's
+//! writes gave it. Zeroing below the end is imago's own.
 
 use std::fmt;
 use std::io;
@@ -22,26 +24,40 @@ use imago::Storage;
 /// imago's storage driver for plain files.
 type ImagoFile = imago::file::File;
 
+/// How far ahead of its end the file is grown.
+const GROW_STEP: u64 = 64 << 20;
+
 /// See the module docs.
 #[derive(Debug)]
 pub(super) struct GrowLater {
     inner: ImagoFile,
-    /// The size the file must have (at least) once flushed.
+    /// The size the image has: nothing at or after it was written.
     end: AtomicU64,
 }
 
 impl GrowLater {
-    pub fn new(inner: ImagoFile) -> Self {
-        Self {
+    pub fn new(inner: ImagoFile) -> io::Result<Self> {
+        let end = inner.size()?;
+        Ok(Self {
             inner,
-            end: AtomicU64::new(0),
-        }
+            end: AtomicU64::new(end),
+        })
     }
 
-    /// Grows the file to the noted end.
-    fn grow(&self) -> io::Result<()> {
-        let end = self.end.load(Ordering::Relaxed);
+    /// The image now reaches `end`: the file grows a step ahead when it is shorter.
+    fn reach(&self, end: u64) -> io::Result<()> {
+        self.end.fetch_max(end, Ordering::Relaxed);
         if end > self.inner.size()? {
+            let ahead = end.div_ceil(GROW_STEP).saturating_add(1) * GROW_STEP;
+            self.inner.resize(ahead, PreallocateMode::None)?;
+        }
+        Ok(())
+    }
+
+    /// Cuts the file back to the image's end (what lies past it is a hole).
+    fn trim(&self) -> io::Result<()> {
+        let end = self.end.load(Ordering::Relaxed);
+        if self.inner.size()? != end {
             self.inner.resize(end, PreallocateMode::None)?;
         }
         Ok(())
@@ -72,7 +88,7 @@ impl Storage for GrowLater {
     }
 
     fn size(&self) -> io::Result<u64> {
-        Ok(self.inner.size()?.max(self.end.load(Ordering::Relaxed)))
+        Ok(self.end.load(Ordering::Relaxed))
     }
 
     fn resolve_relative_path<P: AsRef<Path>>(&self, relative: P) -> io::Result<PathBuf> {
@@ -91,6 +107,10 @@ impl Storage for GrowLater {
     }
 
     unsafe fn pure_writev(&self, bufv: IoVector<'_>, offset: u64) -> io::Result<()> {
+        let end = offset
+            .checked_add(bufv.len())
+            .ok_or_else(|| io::Error::other("Write offset overflow"))?;
+        self.reach(end)?;
         // SAFETY: as in `pure_readv`.
         unsafe { self.inner.pure_writev(bufv, offset) }
     }
@@ -99,16 +119,19 @@ impl Storage for GrowLater {
         let end = offset
             .checked_add(length)
             .ok_or_else(|| io::Error::other("Write-zeroes wrap-around"))?;
-        let size = self.inner.size()?;
-        if offset < size {
+        let written = self.end.load(Ordering::Relaxed);
+        if offset < written {
             // SAFETY: as in `pure_readv`.
-            unsafe { self.inner.pure_write_zeroes(offset, end.min(size) - offset)? };
+            unsafe { self.inner.pure_write_zeroes(offset, end.min(written) - offset)? };
         }
-        self.end.fetch_max(end, Ordering::Relaxed);
-        Ok(())
+        self.reach(end)
     }
 
     unsafe fn pure_write_allocated_zeroes(&self, offset: u64, length: u64) -> io::Result<()> {
+        let end = offset
+            .checked_add(length)
+            .ok_or_else(|| io::Error::other("Write-zeroes wrap-around"))?;
+        self.reach(end)?;
         // SAFETY: as in `pure_readv`.
         unsafe { self.inner.pure_write_allocated_zeroes(offset, length) }
     }
@@ -119,12 +142,12 @@ impl Storage for GrowLater {
     }
 
     fn flush(&self) -> io::Result<()> {
-        self.grow()?;
+        self.trim()?;
         self.inner.flush()
     }
 
     fn sync(&self) -> io::Result<()> {
-        self.grow()?;
+        self.trim()?;
         self.inner.sync()
     }
 
