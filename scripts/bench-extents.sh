@@ -9,7 +9,9 @@
 #
 # Environment:
 #   N=3                  runs per tool (median reported)
-#   CASES="f1m f4m x16m s100k"
+#   CASES="f1m f4m x16m s100k"   (any genchain case: a b c c1 d e too, to check the
+#                        usual chains did not get slower)
+#   GENFLAGS=            extra genchain flags (--compress: the LZ4 variant)
 #   BEFORE=              an older restore_chain binary (rows "before")
 #   WORK=/var/tmp/vmrestore-bench-extents   (removed at the end unless KEEP=1)
 #   CARGO_TARGET_DIR     where cargo builds (default: <repo>/target)
@@ -34,17 +36,17 @@ results=$WORK/results.tsv
 # run <case> <tool> <out> <cmd...>: one timed run, a row in results.tsv
 run() {
     local case=$1 tool=$2 out=$3; shift 3
-    rm -f "$out"
+    rm -rf "$out"
     sync
     local t0 t1
     t0=$(date +%s.%N)
     /usr/bin/time -f "%M %U %S" -o "$WORK/stats" "$@" >"$WORK/tool.log" 2>&1 \
         || { cat "$WORK/tool.log" >&2; exit 1; }
-    [ "$tool" = cp ] && sync "$out"
+    if [ "$tool" = cp ] && [ -f "$out" ]; then sync "$out"; fi
     t1=$(date +%s.%N)
     local rss u s alloc
     read -r rss u s <"$WORK/stats"
-    alloc=$(du -k "$out" | cut -f1)
+    alloc=$(du -sk "$out" | cut -f1)
     printf '%s\t%s\t%.3f\t%s\t%.2f\t%s\n' "$case" "$tool" "$(echo "$t1 - $t0" | bc -l)" \
         "$rss" "$(echo "$u + $s" | bc -l)" "$alloc" >>"$results"
     tail -1 "$results"
@@ -53,15 +55,30 @@ run() {
 for case in $CASES; do
     chain=$WORK/chain-$case
     rm -rf "$chain"
-    "$bin/genchain" "$case" "$chain"
-    "$bin/restore_chain" "$chain" vda "$WORK/final.raw" --force >/dev/null
+    # shellcheck disable=SC2086
+    "$bin/genchain" "$case" "$chain" ${GENFLAGS:-}
+    disks=vda
+    [ "$case" = e ] && disks=vda,vdb,vdc
+    IFS=, read -r -a dlist <<<"$disks"
+    rm -rf "$WORK/final.raw" "$WORK/final"
+    "$bin/restore_chain" "$chain" "$disks" "$WORK/final.raw" --force >/dev/null
+    if [ "${#dlist[@]}" = 1 ]; then finals=("$WORK/final.raw"); else finals=("$WORK"/final/*.raw); fi
     for _ in $(seq 1 "$N"); do
-        [ -n "$BEFORE" ] && run "$case" before "$WORK/out.qcow2" "$BEFORE" "$chain" vda "$WORK/out.qcow2"
-        run "$case" after "$WORK/out.qcow2" "$bin/restore_chain" "$chain" vda "$WORK/out.qcow2"
-        qemu-img compare -q "$WORK/out.qcow2" "$WORK/final.raw" || { echo "$case: content differs" >&2; exit 1; }
-        run "$case" cp "$WORK/cp.raw" cp --sparse=always "$WORK/final.raw" "$WORK/cp.raw"
+        [ -n "$BEFORE" ] && run "$case" before "$WORK/out.qcow2" "$BEFORE" "$chain" "$disks" "$WORK/out.qcow2"
+        run "$case" after "$WORK/out.qcow2" "$bin/restore_chain" "$chain" "$disks" "$WORK/out.qcow2"
+        for i in "${!dlist[@]}"; do
+            o=$WORK/out.qcow2
+            [ "${#dlist[@]}" = 1 ] || o=$WORK/out.qcow2/${dlist[$i]}.qcow2
+            qemu-img compare -q "$o" "${finals[$i]}" || { echo "$case: content differs" >&2; exit 1; }
+        done
+        if [ "${#dlist[@]}" = 1 ]; then
+            run "$case" cp "$WORK/cp.raw" cp --sparse=always "$WORK/final.raw" "$WORK/cp.raw"
+        else
+            # shellcheck disable=SC2016
+            run "$case" cp "$WORK/cp" bash -c 'mkdir "$0" && cp --sparse=always "$@" "$0"/ && sync "$0"/*' "$WORK/cp" "${finals[@]}"
+        fi
     done
-    rm -rf "$chain" "$WORK/final.raw" "$WORK/out.qcow2" "$WORK/cp.raw"
+    rm -rf "$chain" "$WORK/final.raw" "$WORK/final" "$WORK/out.qcow2" "$WORK/cp.raw" "$WORK/cp"
 done
 
 python3 - "$results" <<'PY'

@@ -234,6 +234,9 @@ impl<'a> DiskWriter<'a> {
             .settle(&mut *self.target, 0, false, &self.disk, opts)?;
         self.rolling.join()?;
         self.target.flush()?;
+        // The device writes the rest (and the metadata the flush wrote) while the
+        // final check reads: the sync in `finish` then mostly waits for what is under way.
+        self.target.start_writeback()?;
         if opts.verify_readback {
             self.rolling
                 .final_check(&mut *self.target, self.size, &self.disk, opts)?;
