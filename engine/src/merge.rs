@@ -26,7 +26,7 @@ use crate::plan::{ChainFile, Frames};
 
 /// Read-ahead shared by all header cursors of one merge: a chain of many files gets
 /// small windows (a frame header is 40 bytes), a short one the usual 64 KiB.
-const WINDOW_BUDGET: usize = 8 << 20;
+const WINDOW_BUDGET: usize = 4 << 20;
 
 /// A window for each of `files` header cursors.
 pub(crate) fn window_for(files: usize) -> usize {
@@ -131,9 +131,15 @@ impl<'a> Merge<'a> {
     /// are in the file are read through `opened[i]` when given (so a reader of their
     /// payloads shares the descriptor), else opened here.
     pub fn new(files: &'a [ChainFile], size: u64, opened: Option<&[Arc<File>]>) -> Result<Self> {
+        Self::of(files.iter().collect(), size, opened)
+    }
+
+    /// [`new`](Self::new) over some of a chain's files (oldest first; indices in the
+    /// pieces are into `files`).
+    pub fn of(files: Vec<&'a ChainFile>, size: u64, opened: Option<&[Arc<File>]>) -> Result<Self> {
         let window = window_for(files.len());
         let mut lanes = Vec::with_capacity(files.len());
-        for (i, f) in files.iter().enumerate() {
+        for (i, f) in files.into_iter().enumerate() {
             let cursor = match &f.frames {
                 Frames::Memory(v) => Cursor::Memory(v.iter()),
                 Frames::File { .. } => {
@@ -155,6 +161,7 @@ impl<'a> Merge<'a> {
                 read: 0,
             });
         }
+        let n = lanes.len();
         let mut m = Self {
             size,
             lanes,
@@ -162,7 +169,7 @@ impl<'a> Merge<'a> {
             pending: BinaryHeap::new(),
             ends: BinaryHeap::new(),
             active: BinaryHeap::new(),
-            in_active: vec![false; files.len()],
+            in_active: vec![false; n],
             done: false,
         };
         for i in 0..m.lanes.len() {
@@ -285,25 +292,28 @@ pub struct MergeStats {
     pub extents: u64,
 }
 
-/// Counts the final content of `files` over `size` bytes (one pass over the headers).
-pub(crate) fn stats(files: &[ChainFile], size: u64) -> Result<MergeStats> {
+/// Counts the final content of `files` over `size` bytes (one pass over the headers),
+/// and the live data bytes of each file.
+pub(crate) fn stats(files: &[ChainFile], size: u64) -> Result<(MergeStats, Vec<u64>)> {
     let mut m = Merge::new(files, size, None)?;
     let mut out = MergeStats::default();
+    let mut live = vec![0u64; files.len()];
     let mut last: Option<(u64, Source)> = None;
     while let Some(p) = m.next_piece()? {
         let Some(src) = p.source else {
             last = None;
             continue;
         };
-        if let Source::Data { .. } = src {
+        if let Source::Data { file, .. } = src {
             out.data_bytes += p.len;
+            live[file as usize] += p.len;
         }
         if last != Some((p.start, src)) {
             out.extents += 1;
         }
         last = Some((p.end(), src));
     }
-    Ok(out)
+    Ok((out, live))
 }
 
 /// The final content of `files` over `size` bytes as an in-memory [`ExtentMap`]

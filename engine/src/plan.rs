@@ -218,6 +218,9 @@ pub struct DiskPlan {
     pub files: Vec<ChainFile>,
     /// The final content, counted (the content itself is the merge of `files`).
     pub stats: MergeStats,
+    /// Live data bytes each file of `files` gives the final content (0: superseded
+    /// everywhere; the apply only verifies its checksum).
+    pub file_live: Vec<u64>,
     /// Image options from the newest `qcow.json` at the restore point, if any.
     pub qcow: Option<QcowInfo>,
 }
@@ -234,11 +237,11 @@ impl DiskPlan {
         };
         let virtual_size = last.meta.virtual_size;
         u32::try_from(files.len()).map_err(|_| Error::Unsupported("chain too long".into()))?;
-        let stats = match &files[..] {
+        let (stats, file_live) = match &files[..] {
             [ChainFile {
                 frames: Frames::File { alone: Some(alone) },
                 ..
-            }] => *alone,
+            }] => (*alone, vec![alone.data_bytes]),
             _ => merge::stats(&files, virtual_size)?,
         };
         Ok(Self {
@@ -246,6 +249,7 @@ impl DiskPlan {
             virtual_size,
             files,
             stats,
+            file_live,
             qcow,
         })
     }

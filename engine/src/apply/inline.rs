@@ -52,6 +52,7 @@ pub(super) fn apply_inline(
     let mut emit = |c| writer.accept(c);
     let files = source::read_disk(
         &plan.files,
+        &plan.file_live,
         plan.virtual_size,
         opts.verify_checksums,
         chunk,

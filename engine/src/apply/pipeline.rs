@@ -139,6 +139,7 @@ fn spawn_reader(
 ) -> JoinHandle<Result<Vec<FileOutcome>>> {
     // Owned copies for the thread: paths and sizes (frames stay in the files).
     let files: Vec<ChainFile> = plan.files.to_vec();
+    let live = plan.file_live.clone();
     let size = plan.virtual_size;
     let verify = opts.verify_checksums;
     let r = readers.clone();
@@ -151,7 +152,16 @@ fn spawn_reader(
                 }
                 tx.blocking_send(c).map_err(|_| Error::Aborted)
             };
-            source::read_disk(&files, size, verify, r.chunk, &r.pool, &r.cancel, &mut emit)
+            source::read_disk(
+                &files,
+                &live,
+                size,
+                verify,
+                r.chunk,
+                &r.pool,
+                &r.cancel,
+                &mut emit,
+            )
         })
         .await
         .map_err(|e| Error::internal(format!("reader task failed: {e}")))?

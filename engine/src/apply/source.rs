@@ -513,9 +513,14 @@ impl<'a> Builder<'a> {
 
 /// Reads a disk's final content in disk order (see the module docs) and hands it to
 /// `emit` in chunks of at most `chunk` bytes; per chain file its checksum outcome (when
-/// `verify` and it has a `.chksum`) and the bytes read.
+/// `verify` and it has a `.chksum`) and the bytes read. `live[i]`: the live data bytes
+/// of file `i` (the plan's count): files without any take no part in the merge (their
+/// frames are superseded everywhere), and those with a checksum to verify are hashed on
+/// a thread of their own meanwhile; a file without either is not opened at all.
+#[allow(clippy::too_many_arguments)]
 pub(super) fn read_disk(
     files: &[ChainFile],
+    live: &[u64],
     size: u64,
     verify: bool,
     chunk: usize,
@@ -523,12 +528,116 @@ pub(super) fn read_disk(
     cancel: &Cancel,
     emit: &mut dyn FnMut(Chunk) -> Result<()>,
 ) -> Result<Vec<FileOutcome>> {
-    let opened = files
+    let hashed = |f: &ChainFile| verify && f.stored_checksum.is_some();
+    let is_live = |i: usize| live.get(i).is_none_or(|&l| l > 0);
+    let (merged, dead): (Vec<usize>, Vec<usize>) = (0..files.len()).partition(|&i| is_live(i));
+    let dead: Vec<usize> = dead.into_iter().filter(|&i| hashed(&files[i])).collect();
+    // Either side stops the other when it fails.
+    let (stop, failed) = (Cancel::new(), Cancel::new());
+    let mut out: Vec<Option<FileOutcome>> = vec![None; files.len()];
+    std::thread::scope(|sc| -> Result<()> {
+        let helper = if dead.is_empty() {
+            None
+        } else {
+            let (dead, stop, failed) = (&dead, &stop, &failed);
+            let h = std::thread::Builder::new()
+                .name("vmrestore-hash".into())
+                .spawn_scoped(sc, move || {
+                    let r = hash_files(files, dead, cancel, stop);
+                    if r.is_err() {
+                        failed.abort();
+                    }
+                    r
+                })
+                .map_err(|e| Error::internal(format!("cannot start a hashing thread: {e}")))?;
+            Some(h)
+        };
+        let r = merge_pass(files, &merged, size, verify, chunk, pool, cancel, &failed, emit);
+        if r.is_err() {
+            stop.abort();
+        }
+        let hashed = match helper {
+            None => Ok(Vec::new()),
+            Some(h) => h
+                .join()
+                .map_err(|_| Error::internal("hashing thread panicked"))?,
+        };
+        // The failure that stopped the other side is the one to report.
+        let (r, hashed) = match (r, hashed) {
+            (Err(Error::Aborted), Err(e)) | (Err(e), _) | (_, Err(e)) => return Err(e),
+            (Ok(r), Ok(h)) => (r, h),
+        };
+        for (i, o) in r.into_iter().chain(hashed) {
+            out[i] = Some(o);
+        }
+        Ok(())
+    })?;
+    Ok(out
+        .into_iter()
+        .zip(files)
+        .map(|(o, f)| o.unwrap_or_else(|| (f.path.clone(), None, 0)))
+        .collect())
+}
+
+/// The checksum outcome of a file whose adler32 is `computed` (`None`: not hashed).
+fn outcome(f: &ChainFile, stored: Option<u32>, computed: Option<u32>) -> Result<Option<ChecksumStatus>> {
+    match (stored, computed) {
+        (Some(s), Some(c)) if s != c => Err(Error::Backup(
+            FmtError::from(FmtKind::ChecksumMismatch {
+                stored: s,
+                computed: c,
+            })
+            .in_file(&f.path),
+        )),
+        (Some(s), Some(_)) => Ok(Some(ChecksumStatus::Ok(s))),
+        _ => Ok(None),
+    }
+}
+
+/// Hashes files `which` of `files` whole, one after the other.
+fn hash_files(
+    files: &[ChainFile],
+    which: &[usize],
+    cancel: &Cancel,
+    stop: &Cancel,
+) -> Result<Vec<(usize, FileOutcome)>> {
+    let mut out = Vec::with_capacity(which.len());
+    for &i in which {
+        let f = &files[i];
+        let mut s = Stored::new(&f.path, Arc::new(f.open_file()?), f.file_size, true, 256 << 10);
+        let computed = s.finish_checked(&|| {
+            cancel.check()?;
+            if stop.is_cancelled() {
+                return Err(Error::Aborted);
+            }
+            Ok(())
+        })?;
+        out.push((i, (f.path.clone(), outcome(f, f.stored_checksum, computed)?, s.read)));
+    }
+    Ok(out)
+}
+
+/// The merge over files `which` of `files` (those with live data), reading their bytes
+/// in disk order (see [`read_disk`]).
+#[allow(clippy::too_many_arguments)]
+fn merge_pass(
+    files: &[ChainFile],
+    which: &[usize],
+    size: u64,
+    verify: bool,
+    chunk: usize,
+    pool: &BufPool,
+    cancel: &Cancel,
+    failed: &Cancel,
+    emit: &mut dyn FnMut(Chunk) -> Result<()>,
+) -> Result<Vec<(usize, FileOutcome)>> {
+    let sub: Vec<&ChainFile> = which.iter().map(|&i| &files[i]).collect();
+    let opened = sub
         .iter()
         .map(|f| f.open_file().map(Arc::new))
         .collect::<Result<Vec<Arc<File>>>>()?;
-    let win = window_for(files.len());
-    let mut lanes: Vec<Lane> = files
+    let win = window_for(sub.len());
+    let mut lanes: Vec<Lane> = sub
         .iter()
         .zip(&opened)
         .map(|(f, file)| {
@@ -544,7 +653,7 @@ pub(super) fn read_disk(
         })
         .collect();
     // Frames held in memory need no header cursor; the others share the descriptor.
-    let mut merge = Merge::new(files, size, Some(&opened))?;
+    let mut merge = Merge::of(sub.clone(), size, Some(&opened))?;
     drop(opened);
     let mut ctx = Ctx {
         scratch: vec![0u8; 64 << 10],
@@ -559,6 +668,9 @@ pub(super) fn read_disk(
         n += 1;
         if n % 4096 == 0 {
             ctx.cancel.check()?;
+            if failed.is_cancelled() {
+                return Err(Error::Aborted);
+            }
         }
         let Some(Source::Data { file, frame }) = p.source else {
             b.hole(p.start, p.len);
@@ -571,6 +683,9 @@ pub(super) fn read_disk(
         let mut at = p.start;
         while at < p.end() {
             ctx.cancel.check()?;
+            if failed.is_cancelled() {
+                return Err(Error::Aborted);
+            }
             let dst = b.slot(at, p.end() - at, emit)?;
             let len = dst.len() as u64;
             lane.read(frame, fr, at, dst, &mut ctx)?;
@@ -584,29 +699,17 @@ pub(super) fn read_disk(
     b.flush(emit)?;
     drop(merge);
     let mut out = Vec::with_capacity(lanes.len());
-    for (lane, f) in lanes.iter_mut().zip(files) {
+    for ((lane, f), &i) in lanes.iter_mut().zip(&sub).zip(which) {
         ctx.cancel.check()?;
         if lane.cur.is_some() {
             lane.finish_frame(&mut ctx)?;
         }
+        let stored_checksum = lane.stored_checksum;
         let stored = lane.stored()?;
         let computed = stored.finish()?;
         let read = stored.read;
         stored.release();
-        let status = match (lane.stored_checksum, computed) {
-            (Some(s), Some(c)) if s != c => {
-                return Err(Error::Backup(
-                    FmtError::from(FmtKind::ChecksumMismatch {
-                        stored: s,
-                        computed: c,
-                    })
-                    .in_file(&f.path),
-                ))
-            }
-            (Some(s), Some(_)) => Some(ChecksumStatus::Ok(s)),
-            _ => None,
-        };
-        out.push((f.path.clone(), status, read));
+        out.push((i, (f.path.clone(), outcome(f, stored_checksum, computed)?, read)));
     }
     Ok(out)
 }

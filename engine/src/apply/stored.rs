@@ -14,10 +14,10 @@ use nbdfmt::{Error as FmtError, ErrorKind as FmtKind};
 
 use crate::error::{Error, Result};
 
-/// Reads window of a chain of `files` files: the budget shared out, at least 16 KiB
-/// (a run of small frames per `pread`), at most 256 KiB.
+/// Reads window of a chain of `files` files: 4 MiB shared out, at least 16 KiB (a run
+/// of small frames per `pread`), at most 256 KiB.
 pub(super) fn window_for(files: usize) -> usize {
-    ((16 << 20) / files.max(1)).clamp(16 << 10, 256 << 10)
+    ((4 << 20) / files.max(1)).clamp(16 << 10, 256 << 10)
 }
 
 /// The error for an I/O failure at `offset` of backup file `path`.
@@ -181,16 +181,27 @@ impl Stored {
     /// saw first, so a file that shrank is truncated, then anything it grew by); the
     /// computed checksum, `None` when not hashing.
     pub fn finish(&mut self) -> Result<Option<u32>> {
+        self.finish_checked(&|| Ok(()))
+    }
+
+    /// [`finish`](Self::finish), calling `check` (cancellation) before every read.
+    pub fn finish_checked(&mut self, check: &dyn Fn() -> Result<()>) -> Result<Option<u32>> {
         if self.hash.is_none() {
             return Ok(None);
         }
         while self.hash_pos < self.size {
+            check()?;
             let pos = self.hash_pos;
             if self.fill(pos)? == 0 {
                 return Err(truncated(&self.path, pos, self.size - pos, 0));
             }
         }
-        while self.fill(self.hash_pos)? > 0 {}
+        loop {
+            check()?;
+            if self.fill(self.hash_pos)? == 0 {
+                break;
+            }
+        }
         self.win = Vec::new();
         Ok(self.hash.take().map(|h| h.finish()))
     }
