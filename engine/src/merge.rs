@@ -24,13 +24,17 @@ use crate::error::{Error, Result};
 use crate::extent::{ExtentMap, Source};
 use crate::plan::{ChainFile, Frames};
 
-/// Read-ahead shared by all header cursors of one merge: a chain of many files gets
-/// small windows (a frame header is 40 bytes), a short one the usual 64 KiB.
-const WINDOW_BUDGET: usize = 4 << 20;
+/// Read-ahead shared by all header cursors of one merge, by file size: a chain of
+/// many small files gets small windows (a frame header is 40 bytes), a big file the
+/// usual 64 KiB.
+const WINDOW_BUDGET: u64 = 2 << 20;
 
-/// A window for each of `files` header cursors.
-pub(crate) fn window_for(files: usize) -> usize {
-    (WINDOW_BUDGET / files.max(1)).clamp(4 << 10, nbdfmt::reader::INDEX_READAHEAD)
+/// The header window of a file of `size` bytes in a chain of `total` bytes.
+pub(crate) fn window_for(size: u64, total: u64) -> usize {
+    let share = u128::from(WINDOW_BUDGET) * u128::from(size) / u128::from(total.max(1));
+    usize::try_from(share)
+        .unwrap_or(usize::MAX)
+        .clamp(4 << 10, nbdfmt::reader::INDEX_READAHEAD)
 }
 
 /// A run of the final disk in disk order and where its bytes come from.
@@ -137,9 +141,10 @@ impl<'a> Merge<'a> {
     /// [`new`](Self::new) over some of a chain's files (oldest first; indices in the
     /// pieces are into `files`).
     pub fn of(files: Vec<&'a ChainFile>, size: u64, opened: Option<&[Arc<File>]>) -> Result<Self> {
-        let window = window_for(files.len());
+        let total: u64 = files.iter().map(|f| f.file_size).sum();
         let mut lanes = Vec::with_capacity(files.len());
         for (i, f) in files.into_iter().enumerate() {
+            let window = window_for(f.file_size, total);
             let cursor = match &f.frames {
                 Frames::Memory(v) => Cursor::Memory(v.iter()),
                 Frames::File { .. } => {

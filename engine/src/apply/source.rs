@@ -636,7 +636,7 @@ fn merge_pass(
         .iter()
         .map(|f| f.open_file().map(Arc::new))
         .collect::<Result<Vec<Arc<File>>>>()?;
-    let win = window_for(sub.len());
+    let total: u64 = sub.iter().map(|f| f.file_size).sum();
     let mut lanes: Vec<Lane> = sub
         .iter()
         .zip(&opened)
@@ -646,7 +646,13 @@ fn merge_pass(
                 path: f.path.clone(),
                 compressed: f.compressed(),
                 stored_checksum: f.stored_checksum.filter(|_| hash),
-                stored: Some(Stored::new(&f.path, file.clone(), f.file_size, hash, win)),
+                stored: Some(Stored::new(
+                    &f.path,
+                    file.clone(),
+                    f.file_size,
+                    hash,
+                    window_for(f.file_size, total),
+                )),
                 cur: None,
                 used: 0,
             }

@@ -14,10 +14,13 @@ use nbdfmt::{Error as FmtError, ErrorKind as FmtKind};
 
 use crate::error::{Error, Result};
 
-/// Reads window of a chain of `files` files: 4 MiB shared out, at least 16 KiB (a run
-/// of small frames per `pread`), at most 256 KiB.
-pub(super) fn window_for(files: usize) -> usize {
-    ((4 << 20) / files.max(1)).clamp(16 << 10, 256 << 10)
+/// The read window of a file of `size` bytes in a chain of `total` bytes: 4 MiB shared
+/// out by size, at least 8 KiB (a run of small frames per `pread`), at most 256 KiB.
+pub(super) fn window_for(size: u64, total: u64) -> usize {
+    let share = (4u128 << 20) * u128::from(size) / u128::from(total.max(1));
+    usize::try_from(share)
+        .unwrap_or(usize::MAX)
+        .clamp(8 << 10, 256 << 10)
 }
 
 /// The error for an I/O failure at `offset` of backup file `path`.
