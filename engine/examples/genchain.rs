@@ -553,7 +553,11 @@ mod tiny {
             let s = first + i * stride;
             content(&mut buf, id, s, len, a.fill);
             w.data(s, &buf)?;
-            let gap_end = if i + 1 < count { s + stride } else { o.virtual_size };
+            let gap_end = if i + 1 < count {
+                s + stride
+            } else {
+                o.virtual_size
+            };
             if zeroes && gap_end > s + len {
                 w.zero(s + len, gap_end - s - len)?;
             }
@@ -579,7 +583,10 @@ mod tiny {
         for (i, step) in t.steps.iter().enumerate() {
             let n = i as u32;
             let (path, opts) = if i == 0 {
-                (a.dir.join("vda.full.data"), StreamOptions::full("vda", t.disk, 0))
+                (
+                    a.dir.join("vda.full.data"),
+                    StreamOptions::full("vda", t.disk, 0),
+                )
             } else {
                 (
                     a.dir.join(format!("vda.inc.virtnbdbackup.{n}.data")),

@@ -89,8 +89,9 @@ impl Lane<'_> {
                 self.frame = None;
                 return Ok(());
             };
-            self.index = u32::try_from(self.read)
-                .map_err(|_| Error::Unsupported(format!("{}: too many frames", self.path.display())))?;
+            self.index = u32::try_from(self.read).map_err(|_| {
+                Error::Unsupported(format!("{}: too many frames", self.path.display()))
+            })?;
             self.read += 1;
             if fr.start >= size || fr.length == 0 {
                 continue;
@@ -242,7 +243,11 @@ impl<'a> Merge<'a> {
         // Lazily drop files whose frame is no longer active.
         while let Some(&id) = self.active.peek() {
             let lane = &self.lanes[id as usize];
-            if lane.frame.as_ref().is_some_and(|f| f.start <= self.pos && lane.end > self.pos) {
+            if lane
+                .frame
+                .as_ref()
+                .is_some_and(|f| f.start <= self.pos && lane.end > self.pos)
+            {
                 break;
             }
             self.active.pop();

@@ -85,11 +85,9 @@ impl ChainFile {
     /// the trailer, read once; nothing per frame is kept.
     pub fn walk(path: &Path, stored_checksum: Option<u32>) -> nbdfmt::Result<Self> {
         let f = File::open(path).map_err(|e| open_error(path, e))?;
-        let mut r = nbdfmt::StreamReader::open(nbdfmt::PreadBuf::new(
-            f,
-            nbdfmt::reader::INDEX_READAHEAD,
-        ))
-        .map_err(|e| e.in_file(path))?;
+        let mut r =
+            nbdfmt::StreamReader::open(nbdfmt::PreadBuf::new(f, nbdfmt::reader::INDEX_READAHEAD))
+                .map_err(|e| e.in_file(path))?;
         let size = r.meta().virtual_size;
         let mut alone = MergeStats::default();
         // End of the last zero frame (adjacent zero frames are one extent).
@@ -185,8 +183,8 @@ impl ChainFile {
         match &self.frames {
             Frames::Memory(v) => Ok(v.clone()),
             Frames::File { .. } => {
-                let index = StreamIndex::read_file(self.open_file()?)
-                    .map_err(|e| e.in_file(&self.path))?;
+                let index =
+                    StreamIndex::read_file(self.open_file()?).map_err(|e| e.in_file(&self.path))?;
                 Ok(index.frames)
             }
         }

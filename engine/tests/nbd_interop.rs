@@ -621,7 +621,12 @@ fn reader_streams_big_frames_and_counts_frames_without_content_size() {
     std::fs::create_dir_all(p.parent().expect("dir")).expect("mkdir");
     stream_without_content_sizes(&p, &data, MIB as usize);
     let plan = DiskPlan::from_paths("vda", std::slice::from_ref(&p), None).expect("plan");
-    assert_eq!(plan.files[0].load_frames().expect("frames")[0].lz4_frames.len(), 6);
+    assert_eq!(
+        plan.files[0].load_frames().expect("frames")[0]
+            .lz4_frames
+            .len(),
+        6
+    );
     let reader = ChainReader::new(plan).expect("reader");
     for (off, len) in [
         (0u64, 100u64),

@@ -110,7 +110,9 @@ proptest! {
 fn old_collapse(paths: &[std::path::PathBuf]) -> (engine::ExtentMap, u64) {
     let indexes: Vec<nbdfmt::StreamIndex> = paths
         .iter()
-        .map(|p| nbdfmt::StreamIndex::read_file(std::fs::File::open(p).expect("open")).expect("index"))
+        .map(|p| {
+            nbdfmt::StreamIndex::read_file(std::fs::File::open(p).expect("open")).expect("index")
+        })
         .collect();
     let size = indexes.last().expect("a file").meta.virtual_size;
     let mut map = engine::ExtentMap::new();
@@ -121,7 +123,10 @@ fn old_collapse(paths: &[std::path::PathBuf]) -> (engine::ExtentMap, u64) {
                 continue;
             }
             let source = match fr.kind {
-                nbdfmt::FrameKind::Data => engine::Source::Data { file: i as u32, frame: j as u32 },
+                nbdfmt::FrameKind::Data => engine::Source::Data {
+                    file: i as u32,
+                    frame: j as u32,
+                },
                 _ => engine::Source::Zero,
             };
             map.insert(fr.start, end - fr.start, source);
@@ -197,8 +202,18 @@ proptest! {
 #[test]
 fn plan_validates_every_header_of_a_chain() {
     let dir = tempfile::tempdir().expect("tmp");
-    let base = stream(&[(0, 4096, 0x55, false)], &StreamOptions::full("vda", SIZE, 0), 0).0;
-    let mut inc = stream(&[(8192, 512, 0x66, false)], &StreamOptions::inc("vda", 1, SIZE, 0), 1).0;
+    let base = stream(
+        &[(0, 4096, 0x55, false)],
+        &StreamOptions::full("vda", SIZE, 0),
+        0,
+    )
+    .0;
+    let mut inc = stream(
+        &[(8192, 512, 0x66, false)],
+        &StreamOptions::inc("vda", 1, SIZE, 0),
+        1,
+    )
+    .0;
     // the stop frame is the last 40 bytes: make its kind unreadable
     let n = inc.len();
     inc[n - 40..n - 36].copy_from_slice(b"st0p");
@@ -215,8 +230,18 @@ fn plan_validates_every_header_of_a_chain() {
 #[test]
 fn superseded_files_are_still_verified() {
     let dir = tempfile::tempdir().expect("tmp");
-    let base = stream(&[(0, 8192, 0x55, false)], &StreamOptions::full("vda", SIZE, 0), 0).0;
-    let inc = stream(&[(0, 16384, 0x66, false)], &StreamOptions::inc("vda", 1, SIZE, 0), 1).0;
+    let base = stream(
+        &[(0, 8192, 0x55, false)],
+        &StreamOptions::full("vda", SIZE, 0),
+        0,
+    )
+    .0;
+    let inc = stream(
+        &[(0, 16384, 0x66, false)],
+        &StreamOptions::inc("vda", 1, SIZE, 0),
+        1,
+    )
+    .0;
     let paths = [dir.path().join("a.data"), dir.path().join("b.data")];
     std::fs::write(&paths[0], &base).expect("write");
     std::fs::write(&paths[1], &inc).expect("write");
@@ -226,7 +251,11 @@ fn superseded_files_are_still_verified() {
         h.finish()
     };
     std::fs::write(dir.path().join("b.data.chksum"), adler(&inc).to_string()).expect("chksum");
-    for (good, inline) in [(true, 0), (false, 0), (false, engine::apply::INLINE_MAX_BYTES)] {
+    for (good, inline) in [
+        (true, 0),
+        (false, 0),
+        (false, engine::apply::INLINE_MAX_BYTES),
+    ] {
         let sum = if good { adler(&base) } else { adler(&base) ^ 1 };
         std::fs::write(dir.path().join("a.data.chksum"), sum.to_string()).expect("chksum");
         let plan = DiskPlan::from_paths("vda", &paths, None).expect("plan");
@@ -234,11 +263,18 @@ fn superseded_files_are_still_verified() {
         let out = dir.path().join("out.raw");
         let _ = std::fs::remove_file(&out);
         let t = RawTarget::create(&out, plan.virtual_size).expect("target");
-        let opts = ApplyOptions { inline_max_bytes: inline, ..ApplyOptions::default() };
+        let opts = ApplyOptions {
+            inline_max_bytes: inline,
+            ..ApplyOptions::default()
+        };
         let r = apply(&[plan], vec![Box::new(t)], &opts);
         if good {
             let r = r.expect("apply");
-            let verified = r.disks[0].checksums.iter().filter(|(_, s)| s.is_some()).count();
+            let verified = r.disks[0]
+                .checksums
+                .iter()
+                .filter(|(_, s)| s.is_some())
+                .count();
             assert_eq!(verified, 2);
         } else {
             let e = r.expect_err("mismatch");

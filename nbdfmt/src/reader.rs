@@ -534,7 +534,11 @@ pub fn read_trailer<R: Read + Seek>(
 
 /// Finds the compression trailer from the `comp` header at the end of the file: the
 /// file offset and length of its JSON (checked to be followed by CR LF).
-fn trailer_extent<R: Read + Seek>(src: &mut R, file_size: u64, body_start: u64) -> Result<(u64, u64)> {
+fn trailer_extent<R: Read + Seek>(
+    src: &mut R,
+    file_size: u64,
+    body_start: u64,
+) -> Result<(u64, u64)> {
     // Smallest compressed stream: body_start + stop(40) + "[]"(2) + CRLF(2) + comp(40).
     let min = body_start + HEADER_LEN as u64 + 2 + 2 + HEADER_LEN as u64;
     let comp_off = file_size.saturating_sub(HEADER_LEN as u64);

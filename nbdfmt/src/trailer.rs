@@ -434,7 +434,10 @@ mod tests {
         let text = encode_trailer(&entries);
         assert!(text.len() > 4 * TRAILER_BUF);
         assert_eq!(parse_trailer(text.as_bytes(), 0).expect("ok"), entries);
-        let spaced = format!(" \n{}\t\r\n", text.replace(", ", " ,\n ").replace('[', "[ "));
+        let spaced = format!(
+            " \n{}\t\r\n",
+            text.replace(", ", " ,\n ").replace('[', "[ ")
+        );
         assert_eq!(parse_trailer(spaced.as_bytes(), 0).expect("ok"), entries);
         assert_eq!(serde_entries(spaced.as_bytes()), Some(entries));
     }
@@ -442,14 +445,41 @@ mod tests {
     #[test]
     fn cursor_is_never_laxer_than_serde_json() {
         for bad in [
-            "", "[", "[]]", "[] x", "[1 2]", "[,1]", "[1,]", "[01]", "[1.0]", "[1e3]", "[-0]",
-            "[18446744073709551616]", r#"[{"1": []}]"#, r#"[{"1": [1],}]"#, r#"[{1: [1]}]"#,
-            r#"[{"\u0031": [1]}]"#, r#"[{"1": [1], "1": [1]}]"#, r#"[{"1" [1]}]"#, "[true]",
-            "[null]", r#"[{"1": [1]]"#, "[\u{a0}1]",
+            "",
+            "[",
+            "[]]",
+            "[] x",
+            "[1 2]",
+            "[,1]",
+            "[1,]",
+            "[01]",
+            "[1.0]",
+            "[1e3]",
+            "[-0]",
+            "[18446744073709551616]",
+            r#"[{"1": []}]"#,
+            r#"[{"1": [1],}]"#,
+            r#"[{1: [1]}]"#,
+            r#"[{"\u0031": [1]}]"#,
+            r#"[{"1": [1], "1": [1]}]"#,
+            r#"[{"1" [1]}]"#,
+            "[true]",
+            "[null]",
+            r#"[{"1": [1]]"#,
+            "[\u{a0}1]",
         ] {
-            assert!(parse_trailer(bad.as_bytes(), 3).is_err(), "accepted {bad:?}");
+            assert!(
+                parse_trailer(bad.as_bytes(), 3).is_err(),
+                "accepted {bad:?}"
+            );
         }
-        for good in ["[]", " [ ] ", "[0]", r#"[{"+3": [1, 2]}]"#, r#"[{"007": [7]}]"#] {
+        for good in [
+            "[]",
+            " [ ] ",
+            "[0]",
+            r#"[{"+3": [1, 2]}]"#,
+            r#"[{"007": [7]}]"#,
+        ] {
             let got = parse_trailer(good.as_bytes(), 0).expect(good);
             assert_eq!(serde_entries(good.as_bytes()), Some(got), "{good}");
         }

@@ -4,8 +4,8 @@
 
 use super::options::ApplyOptions;
 use super::report::{attach_checksums, DiskReport, FileStatuses};
-use super::source::BufPool;
 use super::source;
+use super::source::BufPool;
 use super::writer::DiskWriter;
 use crate::cancel::Cancel;
 use crate::error::Result;

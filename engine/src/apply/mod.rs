@@ -16,12 +16,15 @@
 //! to the same `DiskWriter` (same zero handling, read-back and final check).
 //!
 //! Files: `options` and `report` (the public types), `source` (reader side: a disk's
-//! content in disk order, from its chain files side by side), `stored` (one chain
-//! file's bytes: read window, adler32), `writer` (`DiskWriter`: writer side of one
-//! disk), `readback` (read-back verification), `pipeline` (threads and channels),
+//! content in disk order, from its chain files side by side), `lane` (one chain file in
+//! that pass: LZ4 decoding), `stored` (one chain file's bytes: read window, adler32), `writer` (`DiskWriter`: writer side of one
+//! disk), `readback` (read-back verification), `done` (its list of
+//! pieces, spilled to a temporary file when long), `pipeline` (threads and channels),
 //! `inline` (small chains).
 
+mod done;
 mod inline;
+mod lane;
 mod options;
 mod pipeline;
 mod readback;

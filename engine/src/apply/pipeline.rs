@@ -153,14 +153,7 @@ fn spawn_reader(
                 tx.blocking_send(c).map_err(|_| Error::Aborted)
             };
             source::read_disk(
-                &files,
-                &live,
-                size,
-                verify,
-                r.chunk,
-                &r.pool,
-                &r.cancel,
-                &mut emit,
+                &files, &live, size, verify, r.chunk, &r.pool, &r.cancel, &mut emit,
             )
         })
         .await

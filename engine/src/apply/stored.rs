@@ -132,7 +132,7 @@ impl Stored {
 
     /// Copies what the window holds of `[at, at + dst.len())` from its start; the
     /// bytes copied.
-    fn from_window(&self, at: u64, dst: &mut [u8]) -> usize {
+    fn copy_from_window(&self, at: u64, dst: &mut [u8]) -> usize {
         let end = self.win_start + self.win_len as u64;
         if at < self.win_start || at >= end {
             return 0;
@@ -151,7 +151,7 @@ impl Stored {
         let want = dst.len() as u64;
         let start = at;
         while !dst.is_empty() {
-            let n = self.from_window(at, dst);
+            let n = self.copy_from_window(at, dst);
             if n > 0 {
                 at += n as u64;
                 dst = &mut dst[n..];

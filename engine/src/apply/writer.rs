@@ -38,7 +38,11 @@ const ZERO_BLOCK: u64 = 4096;
 
 /// Runs of `bytes` (at disk offset `at`) that are all zero or not, split at
 /// [`ZERO_BLOCK`] boundaries: `(offset, len, zero)`.
-fn zero_runs(at: u64, bytes: &[u8], mut out: impl FnMut(u64, usize, usize, bool) -> Result<()>) -> Result<()> {
+fn zero_runs(
+    at: u64,
+    bytes: &[u8],
+    mut out: impl FnMut(u64, usize, usize, bool) -> Result<()>,
+) -> Result<()> {
     let mut run: Option<(usize, bool)> = None;
     let mut i = 0usize;
     while i < bytes.len() {

@@ -164,7 +164,10 @@ mod tests {
         let p = dir.path().join("vda.full.data");
         let bytes = stream(true);
         std::fs::write(&p, &bytes).expect("write");
-        let frames = ChainFile::open(&p).expect("index").load_frames().expect("frames");
+        let frames = ChainFile::open(&p)
+            .expect("index")
+            .load_frames()
+            .expect("frames");
         let first = frames
             .iter()
             .find(|f| f.kind == nbdfmt::FrameKind::Data)

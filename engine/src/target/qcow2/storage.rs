@@ -122,7 +122,10 @@ impl Storage for GrowLater {
         let written = self.end.load(Ordering::Relaxed);
         if offset < written {
             // SAFETY: as in `pure_readv`.
-            unsafe { self.inner.pure_write_zeroes(offset, end.min(written) - offset)? };
+            unsafe {
+                self.inner
+                    .pure_write_zeroes(offset, end.min(written) - offset)?
+            };
         }
         self.reach(end)
     }
