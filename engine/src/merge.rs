@@ -10,7 +10,7 @@
 //!  merge  [=a=)[c)[e)[==d==)[=====b======)  → pieces in disk order (gaps: none)
 //! ```
 //! A [`Piece`] borrows nothing: the frame behind a data piece is
-//! [`Merge::frame`]`(file)` until the next call to [`Merge::next`].
+//! [`Merge::frame`]`(file)` until the next call to [`Merge::next_piece`].
 
 use std::cmp::Reverse;
 use std::collections::BinaryHeap;
