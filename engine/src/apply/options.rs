@@ -26,7 +26,9 @@ pub struct ApplyOptions {
     pub memory_cap: usize,
     /// Size of the pieces handed from readers to writers.
     pub chunk_size: usize,
-    /// Chain files read at the same time.
+    /// Disks read at the same time (each by one reader, which reads the disk's chain
+    /// files side by side in disk order; files it only has to verify are hashed by one
+    /// more thread meanwhile).
     pub readers: usize,
     /// Verify every chain file against its `.chksum` during the pass.
     pub verify_checksums: bool,

@@ -314,6 +314,7 @@ fn hash_files(
             f.file_size,
             true,
             256 << 10,
+            cancel,
         );
         let computed = s.finish_checked(&|| {
             cancel.check()?;
@@ -364,7 +365,7 @@ fn merge_pass(
                 f.path.clone(),
                 f.compressed(),
                 f.stored_checksum.filter(|_| hash),
-                Stored::new(&f.path, file.clone(), f.file_size, hash, win),
+                Stored::new(&f.path, file.clone(), f.file_size, hash, win, cancel),
             )
         })
         .collect();
@@ -414,7 +415,13 @@ fn merge_pass(
         lane.finish_frame(&mut ctx)?;
         let stored_checksum = lane.stored_checksum();
         let stored = lane.stored()?;
-        let computed = stored.finish()?;
+        let computed = stored.finish_checked(&|| {
+            cancel.check()?;
+            if failed.is_cancelled() {
+                return Err(Error::Aborted);
+            }
+            Ok(())
+        })?;
         let read = stored.read;
         stored.release();
         out.push((

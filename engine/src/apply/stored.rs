@@ -12,6 +12,7 @@ use std::sync::Arc;
 
 use nbdfmt::{Error as FmtError, ErrorKind as FmtKind};
 
+use crate::cancel::Cancel;
 use crate::error::{Error, Result};
 
 /// The read window of a file of `size` bytes in a chain of `total` bytes: 4 MiB shared
@@ -56,6 +57,8 @@ pub(super) struct Stored {
     win_len: usize,
     /// Bytes read from the file.
     pub read: u64,
+    /// Checked while a long stretch is hashed.
+    cancel: Cancel,
 }
 
 impl std::fmt::Debug for Stored {
@@ -69,7 +72,14 @@ impl std::fmt::Debug for Stored {
 
 impl Stored {
     /// A file of `size` bytes, hashed when `hash`, with a window of `win_cap` bytes.
-    pub fn new(path: &Path, file: Arc<File>, size: u64, hash: bool, win_cap: usize) -> Self {
+    pub fn new(
+        path: &Path,
+        file: Arc<File>,
+        size: u64,
+        hash: bool,
+        win_cap: usize,
+        cancel: &Cancel,
+    ) -> Self {
         Self {
             path: path.to_path_buf(),
             file,
@@ -81,6 +91,7 @@ impl Stored {
             win_start: 0,
             win_len: 0,
             read: 0,
+            cancel: cancel.clone(),
         }
     }
 
@@ -159,6 +170,7 @@ impl Stored {
             }
             if self.hash.is_some() && self.hash_pos < at {
                 // Hash up to `at` through the window, which then holds what follows.
+                self.cancel.check()?;
                 let pos = self.hash_pos;
                 if self.fill(pos)? == 0 {
                     return Err(truncated(&self.path, pos, at - pos, 0));
@@ -183,11 +195,7 @@ impl Stored {
     /// After the last read: the rest of the file through adler32 (the size the plan
     /// saw first, so a file that shrank is truncated, then anything it grew by); the
     /// computed checksum, `None` when not hashing.
-    pub fn finish(&mut self) -> Result<Option<u32>> {
-        self.finish_checked(&|| Ok(()))
-    }
-
-    /// [`finish`](Self::finish), calling `check` (cancellation) before every read.
+    /// `check` (cancellation) runs before every read.
     pub fn finish_checked(&mut self, check: &dyn Fn() -> Result<()>) -> Result<Option<u32>> {
         if self.hash.is_none() {
             return Ok(None);
