@@ -19,7 +19,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use nbdfmt::checksum::ChecksumStatus;
-use nbdfmt::{Error as FmtError, ErrorKind as FmtKind};
+use nbdfmt::{Error as FmtError, ErrorKind as FmtKind, FrameKind, StreamReader};
 
 use super::lane::{evict, Ctx, Lane, MAX_DECODERS};
 use super::stored::{window_for, Stored};
@@ -28,7 +28,7 @@ use crate::cancel::Cancel;
 use crate::error::{Error, Result};
 use crate::extent::Source;
 use crate::merge::Merge;
-use crate::plan::ChainFile;
+use crate::plan::{ChainFile, Frames};
 
 /// Segments per chunk at most (tiny pieces apart on the disk).
 const MAX_SEGS: usize = 4096;
@@ -350,6 +350,12 @@ fn merge_pass(
     emit: &mut dyn FnMut(Chunk) -> Result<()>,
 ) -> Result<Vec<(usize, FileOutcome)>> {
     let sub: Vec<&ChainFile> = which.iter().map(|&i| &files[i]).collect();
+    if let [f] = sub[..] {
+        if !f.compressed() && matches!(f.frames, Frames::File { .. }) {
+            let o = one_plain_file(f, size, verify, chunk, pool, cancel, emit)?;
+            return Ok(vec![(which[0], o)]);
+        }
+    }
     let opened = sub
         .iter()
         .map(|f| f.open_file().map(Arc::new))
@@ -430,4 +436,77 @@ fn merge_pass(
         ));
     }
     Ok(out)
+}
+
+/// The pass for a disk whose only live file is an uncompressed stream: no merge, the
+/// file read once from start to end — frame headers, payloads and (when hashed) what
+/// lies between them through one window — instead of a header walk beside the reads.
+fn one_plain_file(
+    f: &ChainFile,
+    size: u64,
+    verify: bool,
+    chunk: usize,
+    pool: &BufPool,
+    cancel: &Cancel,
+    emit: &mut dyn FnMut(Chunk) -> Result<()>,
+) -> Result<FileOutcome> {
+    let hash = verify && f.stored_checksum.is_some();
+    let win = window_for(1, 1);
+    let file = Arc::new(f.open_file()?);
+    let mut stored = Stored::new(&f.path, file, f.file_size, hash, win, cancel);
+    let mut r = StreamReader::open(stored.seekable()).map_err(|e| e.in_file(&f.path))?;
+    let mut b = Builder::new(pool, chunk);
+    let mut pos = 0u64;
+    let mut n = 0u64;
+    while let Some(fr) = r.next_frame().map_err(|e| e.in_file(&f.path))? {
+        n += 1;
+        if n % 4096 == 0 {
+            cancel.check()?;
+        }
+        let end = fr.end().min(size);
+        if fr.start >= end {
+            continue;
+        }
+        if fr.start > pos {
+            b.hole(pos, fr.start - pos);
+        }
+        pos = end;
+        if fr.kind != FrameKind::Data {
+            b.hole(fr.start, end - fr.start);
+            continue;
+        }
+        let mut at = fr.start;
+        while at < end {
+            cancel.check()?;
+            let dst = b.slot(at, end - at, emit)?;
+            let want = dst.len();
+            let mut got = 0;
+            while got < want {
+                match r
+                    .read_chunk(&mut dst[got..])
+                    .map_err(|e| e.in_file(&f.path))?
+                {
+                    Some((_, k)) => got += k,
+                    None => {
+                        return Err(Error::internal(format!(
+                            "internal: {}: the frame at disk offset {} ended early",
+                            f.path.display(),
+                            fr.start
+                        )))
+                    }
+                }
+            }
+            at += want as u64;
+        }
+    }
+    if pos < size {
+        b.hole(pos, size - pos);
+    }
+    b.put_hole();
+    b.flush(emit)?;
+    drop(r);
+    let computed = stored.finish_checked(&|| cancel.check())?;
+    let read = stored.read;
+    let status = outcome(f, f.stored_checksum.filter(|_| hash), computed)?;
+    Ok((f.path.clone(), status, read))
 }

@@ -223,6 +223,12 @@ impl Stored {
         self.win_len = 0;
     }
 
+    /// `Read + Seek` over the file (for a [`nbdfmt::StreamReader`] that walks it from
+    /// start to end: everything goes through the window, and the hash, once).
+    pub fn seekable(&mut self) -> StoredSeek<'_> {
+        StoredSeek { s: self, pos: 0 }
+    }
+
     /// A `Read` of the file from `at` (for a decoder), in order.
     pub fn reader(self, at: u64) -> StoredReader {
         StoredReader { s: self, pos: at }
@@ -249,5 +255,41 @@ impl Read for StoredReader {
             .map_err(io::Error::other)?;
         self.pos += n as u64;
         Ok(n)
+    }
+}
+
+/// [`Stored`] as `Read + Seek` (see [`Stored::seekable`]); the end is the size the plan
+/// saw.
+#[derive(Debug)]
+pub(super) struct StoredSeek<'a> {
+    s: &'a mut Stored,
+    pos: u64,
+}
+
+impl Read for StoredSeek<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let n = usize::try_from(self.s.size.saturating_sub(self.pos))
+            .unwrap_or(usize::MAX)
+            .min(buf.len());
+        if n == 0 {
+            return Ok(0);
+        }
+        self.s
+            .read_at(self.pos, &mut buf[..n])
+            .map_err(io::Error::other)?;
+        self.pos += n as u64;
+        Ok(n)
+    }
+}
+
+impl io::Seek for StoredSeek<'_> {
+    fn seek(&mut self, to: io::SeekFrom) -> io::Result<u64> {
+        let bad = || io::Error::new(io::ErrorKind::InvalidInput, "seek before the file start");
+        self.pos = match to {
+            io::SeekFrom::Start(p) => p,
+            io::SeekFrom::Current(d) => self.pos.checked_add_signed(d).ok_or_else(bad)?,
+            io::SeekFrom::End(d) => self.s.size.checked_add_signed(d).ok_or_else(bad)?,
+        };
+        Ok(self.pos)
     }
 }
