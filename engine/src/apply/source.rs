@@ -141,8 +141,7 @@ impl<'a> Builder<'a> {
         if self.segs.is_empty() {
             return Ok(());
         }
-        let mut data = std::mem::take(&mut self.data);
-        data.truncate(self.filled);
+        let data = std::mem::take(&mut self.data);
         self.filled = 0;
         let c = Chunk {
             data,
@@ -164,8 +163,9 @@ impl<'a> Builder<'a> {
             self.put_hole();
             self.flush(emit)?;
         }
-        if self.data.is_empty() {
-            self.data = self.pool.get(self.cap);
+        if self.data.capacity() == 0 {
+            // Only what is filled is touched (an idle pool buffer costs no memory).
+            self.data = self.pool.get(0);
         }
         let room = self.cap - self.filled;
         // Zeroes instead of a hole that holds no whole block, when they fit.
@@ -184,7 +184,7 @@ impl<'a> Builder<'a> {
             Some(gap) => {
                 self.hole = None;
                 let g = gap as usize;
-                self.data[self.filled..self.filled + g].fill(0);
+                self.data.resize(self.filled + g, 0);
                 self.filled += g;
                 if let Some(s) = self.segs.last_mut() {
                     s.len += gap;
@@ -205,6 +205,7 @@ impl<'a> Builder<'a> {
         self.live += n as u64;
         let from = self.filled;
         self.filled += n;
+        self.data.resize(self.filled, 0);
         Ok(&mut self.data[from..from + n])
     }
 }
