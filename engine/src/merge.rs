@@ -145,7 +145,9 @@ impl<'a> Merge<'a> {
         let total: u64 = files.iter().map(|f| f.file_size).sum();
         let mut lanes = Vec::with_capacity(files.len());
         for (i, f) in files.into_iter().enumerate() {
-            let window = window_for(f.file_size, total);
+            // No bigger than the file (a small chain's files are a few KiB).
+            let window = window_for(f.file_size, total)
+                .min(usize::try_from(f.file_size).unwrap_or(usize::MAX).max(4096));
             let cursor = match &f.frames {
                 Frames::Memory(v) => Cursor::Memory(v.iter()),
                 Frames::File { .. } => {

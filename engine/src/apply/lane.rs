@@ -179,10 +179,8 @@ impl Lane {
             match &c.dec {
                 Some((_, pos)) if *pos == at => return Ok(()),
                 Some((_, pos)) if *pos < at => {
-                    let n = usize::try_from(at - pos)
-                        .unwrap_or(usize::MAX)
-                        .min(ctx.scratch.len());
-                    let mut scratch = std::mem::take(&mut ctx.scratch);
+                    let n = usize::try_from(at - pos).unwrap_or(usize::MAX).min(SCRATCH);
+                    let mut scratch = ctx.take_scratch();
                     let r = self.decode(&mut scratch[..n]);
                     ctx.scratch = scratch;
                     if r? == 0 {
@@ -297,7 +295,7 @@ impl Lane {
     /// Decodes the active LZ4 frame to its end and checks it, then moves to the next.
     fn end_lz4(&mut self, ctx: &mut Ctx<'_>) -> Result<()> {
         loop {
-            let mut scratch = std::mem::take(&mut ctx.scratch);
+            let mut scratch = ctx.take_scratch();
             let r = self.decode(&mut scratch);
             ctx.scratch = scratch;
             if r? == 0 {
@@ -361,10 +359,23 @@ pub(super) struct Ctx<'a> {
     pub cancel: &'a Cancel,
 }
 
+/// Decoded bytes dropped at a time (decoding up to where the live data starts).
+const SCRATCH: usize = 64 << 10;
+
 impl<'a> Ctx<'a> {
+    /// The scratch buffer (allocated on first use: only LZ4 lanes need it); put it
+    /// back into `scratch` after use.
+    fn take_scratch(&mut self) -> Vec<u8> {
+        let mut v = std::mem::take(&mut self.scratch);
+        if v.len() < SCRATCH {
+            v = vec![0u8; SCRATCH];
+        }
+        v
+    }
+
     pub fn new(cancel: &'a Cancel) -> Self {
         Self {
-            scratch: vec![0u8; 64 << 10],
+            scratch: Vec::new(),
             lz4: Lz4Pool::default(),
             decoders: 0,
             tick: 0,
