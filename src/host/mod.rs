@@ -9,5 +9,6 @@ pub mod names;
 pub mod nvram;
 pub mod ownership;
 pub mod paths;
+pub mod shadow;
 pub mod tpm;
 pub mod tree;
