@@ -40,17 +40,23 @@ VM=rc-v247-chk # a real virtnbdbackup 2.47 chain: a full backup and 3 incrementa
 T1=$SECONDS
 
 n=0
+bold='' plain=''
+if [ -t 1 ]; then bold=$'\033[1m' plain=$'\033[0m'; fi
 step() {
     n=$((n + 1))
-    printf '\n\033[1m── %d/6  %s\033[0m\n' "$n" "$1"
+    printf '\n%s── %d/6  %s%s\n' "$bold" "$n" "$1" "$plain"
     shift
     printf '%s\n' "$@" | fold -s -w 88
 }
-# Shows a command the way a reader would type it ($DEMO for the demo directory),
-# then runs it; its log lines (stderr) and output (stdout) appear as they come.
-show() {
+# The command line the way a reader would type it ($DEMO for the demo directory).
+say_cmd() {
     local shown="vmrestore $*"
     printf '\n$ %s\n' "${shown//$demo/\$DEMO}"
+}
+# Shows the command, then runs it: its log lines (stderr) and output (stdout)
+# appear as they come.
+show() {
+    say_cmd "$@"
     "$bin" "$@"
 }
 
@@ -106,7 +112,9 @@ cat >"$demo/host.xml" <<'EOF'
   <memory>4194304</memory>
 </node>
 EOF
-show --connect "test://$demo/host.xml" --vm "$VM" --restore-path "$demo/dr" --backup-path "$B" --json >"$demo/dr.json"
+dr=(--connect "test://$demo/host.xml" --vm "$VM" --restore-path "$demo/dr" --backup-path "$B" --json)
+say_cmd "${dr[@]}"
+"$bin" "${dr[@]}" >"$demo/dr.json"
 printf '\nFrom the --json document (%s):\n' "docs/json-output.md"
 python3 - "$demo/dr.json" "$demo" <<'EOF'
 import json, sys
