@@ -80,6 +80,10 @@ pub fn dispatch(req: &Request, env: &Env) -> Result<ExitStatus, AppError> {
             require_root(&r.root)?;
             cmd::restore::run(r, env)
         }
+        Request::All(a) => {
+            require_root(&a.template.root)?;
+            cmd::all::run(a, env)
+        }
     }
 }
 

@@ -68,6 +68,22 @@ impl ExitStatus {
         }
     }
 
+    /// The status of a process exit code (the inverse of [`ExitStatus::code`]).
+    pub fn from_code(code: u8) -> Self {
+        match code {
+            0 => Self::Ok,
+            2 => Self::Config,
+            3 => Self::Lock,
+            4 => Self::Storage,
+            5 => Self::Vm,
+            6 => Self::Engine,
+            7 => Self::Usage,
+            8 => Self::Dependency,
+            c if c > 128 => Self::Signal(i32::from(c) - 128),
+            _ => Self::General,
+        }
+    }
+
     /// Every fixed row of the table (for parity tests and documentation).
     pub const TABLE: [ExitStatus; 11] = [
         Self::Ok,

@@ -9,6 +9,10 @@ use vmrestore::error::{AppError, ExitStatus};
 use vmrestore::ui::{json, log};
 
 fn main() -> ExitCode {
+    // before anything else (threads, logging): no signal may kill the run unhandled
+    if vmrestore::signal::init().is_ok() {
+        vmrestore::signal::started();
+    }
     log::init();
     // before parsing: a usage error of a `--json` run is a JSON document too
     let args: Vec<std::ffi::OsString> = std::env::args_os().skip(1).collect();
@@ -23,7 +27,12 @@ fn main() -> ExitCode {
             e.exit_status()
         }
     };
-    json::finish(status, result.as_ref().err());
+    // a signal that no command took (a listing, --help) still ends as one
+    let (status, untaken) = match (status, vmrestore::signal::pending()) {
+        (ExitStatus::Ok, Some(sig)) => (ExitStatus::Signal(sig), Some(AppError::Interrupted(sig))),
+        (s, _) => (s, None),
+    };
+    json::finish(status, untaken.as_ref().or(result.as_ref().err()));
     log::finish(status);
     finish(status)
 }

@@ -11,7 +11,7 @@ use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use clisupport::{expected_sha256, Fixture, Run, Scratch};
+use clisupport::{expected_sha256, prepare_backups, Run, Scratch};
 use sha2::{Digest, Sha256};
 
 const MIB: u64 = 1 << 20;
@@ -125,7 +125,12 @@ fn node(s: &Scratch, dev: &Path, other_running: bool) -> String {
 }
 
 fn restore(s: &Scratch, uri: &str, extra: &[&str]) -> Run {
-    let root = Fixture::shared().root_str();
+    // a private copy per test: restores take the VM's lock under the backup root
+    let backups = s.dir.path().join("backups");
+    if !backups.exists() {
+        prepare_backups(s.dir.path());
+    }
+    let root = backups.display().to_string();
     let rb = s.dir.path().join("rollback").display().to_string();
     let mut args = vec![
         "--backup-path",
@@ -166,7 +171,6 @@ fn restore_in_place(s: &Scratch, dev: &Path) {
         r.stderr
     );
     assert_eq!(sha(dev, len), before, "a dry run wrote to the device");
-    let _g = Fixture::shared().guard();
     let r = restore(s, &uri, &[]);
     assert_eq!(r.code, Some(0), "{}", r.stderr);
     assert_eq!(
@@ -288,4 +292,68 @@ fn lvm_logical_volume_in_place() {
     let lv = PathBuf::from(format!("/dev/{}/disk", lvm.vg));
     assert!(lv.exists(), "{} missing", lv.display());
     restore_in_place(&s, &lv);
+}
+
+// A device smaller than the disk is refused while planning (exit 4), before any
+// rollback image is taken.
+#[test]
+fn smaller_device_is_refused_before_the_rollback_image() {
+    if skip(&["losetup"]) {
+        return;
+    }
+    let s = Scratch::new();
+    let backing = s.dir.path().join("small.img");
+    File::create(&backing)
+        .and_then(|f| f.set_len(16 * MIB))
+        .expect("backing");
+    let dev = Loop::over(&backing);
+    let r = restore(&s, &node(&s, &dev.0, false), &[]);
+    assert_eq!(r.code, Some(4), "{}", r.stderr);
+    assert!(r.stderr.contains("holds 16777216 bytes"), "{}", r.stderr);
+    assert!(
+        !s.dir.path().join("rollback").exists(),
+        "no rollback image was taken"
+    );
+}
+
+// An interrupted device restore (its in-progress marker beside the rollback image)
+// is never met with "delete the rollback image": the rerun says the device may be
+// partial, where its old content is, and how to put it back.
+#[test]
+fn interrupted_device_restore_names_the_way_back() {
+    if skip(&["losetup"]) {
+        return;
+    }
+    let s = Scratch::new();
+    let backing = s.dir.path().join("disk.img");
+    File::create(&backing)
+        .and_then(|f| f.set_len(DISK))
+        .expect("backing");
+    let dev = Loop::over(&backing);
+    let rb = s.dir.path().join("rollback");
+    fs::create_dir_all(&rb).expect("mkdir");
+    let image = rb.join("rc-lz4-plain-vda.pre-restore.raw");
+    fs::write(&image, b"old content").expect("w");
+    fs::write(
+        rb.join("rc-lz4-plain-vda.pre-restore.raw.in-progress"),
+        b"x",
+    )
+    .expect("w");
+    let r = restore(&s, &node(&s, &dev.0, false), &[]);
+    assert_eq!(r.code, Some(4), "{}", r.stderr);
+    assert!(
+        r.stderr.contains("was interrupted") && r.stderr.contains("dd if="),
+        "{}",
+        r.stderr
+    );
+    assert!(!r.stderr.contains("delete it first"), "{}", r.stderr);
+    assert_eq!(fs::read(&image).expect("image"), b"old content");
+    // --no-pre-restore writes the backup again and keeps the image
+    let r = restore(&s, &node(&s, &dev.0, false), &["--no-pre-restore"]);
+    assert_eq!(r.code, Some(0), "{}", r.stderr);
+    assert_eq!(
+        sha(&dev.0, DISK),
+        expected_sha256("rc-lz4-plain", "chain", "virtnbdbackup.3", "vda")
+    );
+    assert_eq!(fs::read(&image).expect("image"), b"old content");
 }

@@ -88,6 +88,7 @@ fn decode(params: [u8; 3]) -> (Rewrite, PathBuf) {
         drop_macs: flags & 8 != 0,
         disks,
         nvram: (flags & 16 != 0).then(|| NVRAMS[(v >> 5) % 2].to_owned()),
+        ..Rewrite::default()
     };
     (rw, dir)
 }

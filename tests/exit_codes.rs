@@ -111,7 +111,9 @@ fn row_7_usage() {
     assert_eq!(code(&["--vm"]), Some(7));
 }
 
-// Rows 130 and 143: SIGINT / SIGTERM during a long verify (a sparse 64 GiB file).
+// Rows 130 and 143: SIGINT / SIGTERM during a long verify (a sparse 64 GiB file that is
+// no stream: it fails its structural walk at once, then its adler32 is computed against
+// the .chksum to tell whether it changed; tests/verify.rs stops the restore pass itself).
 #[test]
 fn row_130_143_signals() {
     for (sig, status) in [

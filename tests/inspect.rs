@@ -52,9 +52,10 @@ fn verify_passes_golden() {
         )) || last.contains("— exit 0 — log:"),
         "{last}"
     );
-    assert!(r
-        .stderr
-        .contains("INFO: Verification passed: backup checksums are valid"));
+    assert!(r.stderr.contains(
+        "INFO: Verification passed: every restore point is restorable (0..3); 4 checksums verified"
+    ));
+    assert!(!r.stderr.contains("checksums are valid"));
     assert_golden(
         "verify-rc-v247-chk.txt",
         &normalize_log(&r.stderr, &fx.root_str(), Some(&log)),
@@ -78,7 +79,8 @@ fn verify_passes_golden() {
     );
 }
 
-// 145 (native): the bit-flipped full of rc-damage/20260515 fails verification: exit 6.
+// 145 (native): the bit-flipped full of rc-damage/20260515 fails verification: exit 6,
+// and no restore point of the chain is restorable (every one reads the full).
 #[test]
 fn verify_detects_bitflip_golden() {
     let fx = Fixture::shared();
@@ -94,14 +96,14 @@ fn verify_detects_bitflip_golden() {
     ]);
     assert_eq!(r.code, Some(6), "{}", r.stderr);
     assert!(
-        r.stderr.contains("ERROR: Checksum MISMATCH: vda.full.data"),
+        r.stderr
+            .contains("ERROR: Structure OK, checksum MISMATCH: vda.full.data"),
         "{}",
         r.stderr
     );
-    assert!(r.stderr.contains(&format!(
-        "ERROR: Verification FAILED: backup checksums do not match: {}",
-        fx.path("rc-damage/20260515/vda.full.data")
-    )));
+    assert!(r.stderr.contains(
+        "ERROR: Verification FAILED: restore points 0..2 are not restorable: vda.full.data: checksum mismatch: stored 3186549397, computed 3296125597; no restore point is restorable"
+    ));
     let log = only_log(&s);
     assert_golden(
         "verify-rc-damage-20260515.txt",
@@ -113,8 +115,9 @@ fn verify_detects_bitflip_golden() {
     assert!(!text.contains("vmrestore completed"));
 }
 
-// Files without .chksum (virtnbdbackup 1.9.15) are reported, not failed; an orphan .chksum
-// (data file deleted) and an incomplete chain are warned about.
+// Files without .chksum (virtnbdbackup 1.9.15) are structurally verified, said so, and
+// not failed; an orphan .chksum (data file deleted) is warned about, and the incomplete
+// chain it belongs to fails verification (exit 6): restore points 3..4 will not restore.
 #[test]
 fn verify_without_checksums_and_with_gaps() {
     let fx = Fixture::shared();
@@ -122,11 +125,13 @@ fn verify_without_checksums_and_with_gaps() {
     let r = Scratch::new().run(&["--backup-path", &fx.root_str(), "--verify", "rc-acc-files"]);
     assert_eq!(r.code, Some(0));
     assert!(
-        r.stderr
-            .contains("INFO: No checksum recorded: vda.full.data (adler32 "),
+        r.stderr.contains(
+            "INFO: Structure OK, no checksum recorded: vda.full.data (LZ4 frame checksums verified)"
+        ),
         "{}",
         r.stderr
     );
+    assert!(r.stderr.contains("INFO: Verification passed: every restore point is restorable (0..4), structure verified; no checksums recorded — only the LZ4 frame checksums guard the payloads"), "{}", r.stderr);
     let r = Scratch::new().run(&[
         "--backup-path",
         &fx.root_str(),
@@ -135,12 +140,12 @@ fn verify_without_checksums_and_with_gaps() {
         "--period",
         "20260512",
     ]);
-    assert_eq!(r.code, Some(0), "{}", r.stderr);
+    assert_eq!(r.code, Some(6), "{}", r.stderr);
     assert!(r
         .stderr
         .contains("WARN: Checksum file without data file: vda.inc.virtnbdbackup.3.data.chksum"));
     assert!(r.stderr.contains(
-        "WARN: Chain is INCOMPLETE at restore point 3 (missing vda.inc.virtnbdbackup.3.data)"
+        "ERROR: Verification FAILED: restore points 3..4 are not restorable: missing vda.inc.virtnbdbackup.3.data; restore points 0..2 are restorable"
     ));
 }
 
@@ -228,9 +233,11 @@ fn dump_archive_path_and_json() {
     let v: serde_json::Value = serde_json::from_str(&r.stdout).expect("json");
     assert_eq!(
         (v["schema"].as_str(), v["passed"].as_bool()),
-        (Some("vmrestore.verify/1"), Some(true))
+        (Some("vmrestore.verify/2"), Some(true))
     );
     assert_eq!(v["files"].as_array().expect("files").len(), 4);
+    assert_eq!(v["files"][0]["status"], "ok");
+    assert_eq!(v["restore_points"].as_array().expect("points").len(), 4);
 }
 
 // 60, 61 (through --verify): period resolution skips empty newer periods; an explicit period is used.

@@ -9,7 +9,7 @@ use std::process::Command;
 use std::sync::Mutex;
 
 use clisupport::expected_sha256 as expected;
-use sha2::{Digest, Sha256};
+use clisupport::guest_sha;
 use vmrestore::cli::request::{RestoreKind, RestoreOptions};
 use vmrestore::hypervisor::libvirt::Libvirt;
 use vmrestore::hypervisor::Hypervisor;
@@ -73,21 +73,6 @@ fn qemu_img() -> bool {
         .arg("--version")
         .output()
         .is_ok_and(|o| o.status.success())
-}
-
-fn guest_sha(img: &Path) -> String {
-    let raw = img.with_extension("raw-check");
-    assert!(Command::new("qemu-img")
-        .args(["convert", "-O", "raw"])
-        .arg(img)
-        .arg(&raw)
-        .status()
-        .expect("qemu-img")
-        .success());
-    let mut h = Sha256::new();
-    std::io::copy(&mut std::fs::File::open(&raw).expect("raw"), &mut h).expect("hash");
-    std::fs::remove_file(&raw).expect("rm");
-    h.finalize().iter().map(|b| format!("{b:02x}")).collect()
 }
 
 fn job<'a>(

@@ -23,6 +23,7 @@ use std::process::{Child, Command, Stdio};
 use std::sync::OnceLock;
 use std::time::{Duration, Instant, SystemTime};
 
+use clisupport::guest_sha;
 use clisupport::{fixture_src, tree_hash, Run, Scratch};
 use sha2::{Digest, Sha256};
 
@@ -325,21 +326,6 @@ fn qemu_img() -> bool {
         .is_ok_and(|o| o.status.success())
 }
 
-/// sha256 of the guest-visible content (`qemu-img convert -O raw`).
-fn guest_sha(img: &Path) -> String {
-    let raw = img.with_extension("raw-check");
-    let st = Command::new("qemu-img")
-        .args(["convert", "-O", "raw"])
-        .arg(img)
-        .arg(&raw)
-        .status()
-        .expect("qemu-img");
-    assert!(st.success(), "qemu-img convert {}", img.display());
-    let s = file_sha(&raw);
-    fs::remove_file(&raw).expect("rm raw");
-    s
-}
-
 fn manifest() -> &'static serde_json::Value {
     static M: OnceLock<serde_json::Value> = OnceLock::new();
     M.get_or_init(|| {
@@ -627,8 +613,9 @@ fn truncated_stream_is_refused() {
             "at byte",
         ],
     );
-    // the real truncated full of rc-damage/20260513, with --include-incomplete: the
-    // engine refuses while planning (exit 6), naming file and offset
+    // the real truncated full of rc-damage/20260513; with --include-incomplete it is
+    // salvaged (exit 6, naming file and offset, the disk and its damage map written:
+    // tests/salvage.rs checks the content)
     let mut c = Case::new(&["rc-damage"]);
     c.refused(
         "truncated stream (real, 20260513)",
@@ -637,13 +624,37 @@ fn truncated_stream_is_refused() {
         5,
         &["vda.full.data", "at byte 59661"],
     );
-    c.refused(
+    salvaged(
+        &mut c,
         "truncated stream + --include-incomplete",
-        "rc-damage",
         &["--period", "20260513", "--include-incomplete"],
-        6,
-        &["vda.full.data", "truncated stream", "at byte 59661"],
+        &["vda.full.data TRUNCATED at byte 1711"],
     );
+}
+
+/// A salvage restore (`--include-incomplete`) of rc-damage: exit 6, the messages,
+/// the disk and its damage map in the restore path, the lock released.
+fn salvaged(c: &mut Case, class: &str, extra: &[&str], needles: &[&str]) {
+    let r = c.restore("rc-damage", extra);
+    table(class, &r, &c.root);
+    assert_eq!(r.code, Some(6), "{class}: exit code\n{}", r.stderr);
+    for n in needles
+        .iter()
+        .chain(&["Salvage restore: vda restored PARTIALLY"])
+    {
+        assert!(
+            r.stderr.contains(n),
+            "{class}: stderr lacks {n:?}\n{}",
+            r.stderr
+        );
+    }
+    assert_eq!(
+        entries(&c.out),
+        ["rc-damage-vda.qcow2", "rc-damage-vda.qcow2.damage.json"],
+        "{class}"
+    );
+    assert!(!c.lock("rc-damage").exists(), "{class}: lock not released");
+    fs::remove_dir_all(&c.out).expect("rm out");
 }
 
 #[test]
@@ -774,13 +785,20 @@ fn wrong_parent_checkpoint_is_refused() {
             "\"virtnbdbackup.7\"",
         ],
     );
-    c.refused(
+    // salvaged: the file that does not link is not used (as if missing)
+    let r = c.restore("rc-acc-files", &["--include-incomplete"]);
+    table(
         "wrong parent checkpoint + --include-incomplete",
-        "rc-acc-files",
-        &["--include-incomplete"],
-        6,
-        &["vda.inc.virtnbdbackup.3.data", "parent checkpoint"],
+        &r,
+        &c.root,
     );
+    assert_eq!(r.code, Some(6), "{}", r.stderr);
+    assert!(
+        r.stderr.contains("vda.inc.virtnbdbackup.3.data CORRUPT at byte 40: broken chain: its parent checkpoint is \"virtnbdbackup.7\""),
+        "{}",
+        r.stderr
+    );
+    assert!(c.out.join("rc-acc-files-vda.qcow2.damage.json").exists());
 }
 
 #[test]
@@ -896,12 +914,11 @@ fn partial_leftover_is_refused() {
             "vda.inc.virtnbdbackup.2.data.partial",
         ],
     );
-    c.refused(
+    salvaged(
+        &mut c,
         ".partial leftover + --include-incomplete",
-        "rc-damage",
         &["--period", "20260516", "--include-incomplete"],
-        6,
-        &["vda.inc.virtnbdbackup.2.data.partial"],
+        &["vda.inc.virtnbdbackup.2.data.partial PARTIAL"],
     );
     let r = c.restore(
         "rc-damage",

@@ -18,6 +18,7 @@ use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
+use clisupport::guest_sha;
 use clisupport::{tree_hash, Fixture, Run, Scratch};
 use sha2::{Digest, Sha256};
 
@@ -216,6 +217,8 @@ struct Dom {
     uuid: Option<String>,
     running: bool,
     disks: Vec<(String, PathBuf)>,
+    /// `<driver type>` of every disk, when set.
+    driver: Option<String>,
 }
 
 impl Dom {
@@ -228,6 +231,7 @@ impl Dom {
                 .iter()
                 .map(|(d, p)| ((*d).to_owned(), p.to_path_buf()))
                 .collect(),
+            driver: None,
         }
     }
 
@@ -241,8 +245,13 @@ impl Dom {
         }
         x.push_str("  <memory>131072</memory>\n  <os><type>hvm</type></os>\n  <devices>\n");
         for (dev, path) in &self.disks {
+            let driver = self
+                .driver
+                .as_ref()
+                .map(|t| format!("<driver name='qemu' type='{t}'/>"))
+                .unwrap_or_default();
             x.push_str(&format!(
-                "    <disk type='file' device='disk'><source file='{}'/><target dev='{dev}'/></disk>\n",
+                "    <disk type='file' device='disk'>{driver}<source file='{}'/><target dev='{dev}'/></disk>\n",
                 path.display()
             ));
         }
@@ -321,26 +330,6 @@ fn qemu_img() -> bool {
         .arg("--version")
         .output()
         .is_ok_and(|o| o.status.success())
-}
-
-/// sha256 of the guest-visible content of an image (`qemu-img convert -O raw`).
-fn guest_sha(img: &Path) -> String {
-    let raw = img.with_file_name(format!(
-        "{}.raw-check",
-        img.file_name().expect("name").to_string_lossy()
-    ));
-    let st = Command::new("qemu-img")
-        .args(["convert", "-O", "raw"])
-        .arg(img)
-        .arg(&raw)
-        .stderr(Stdio::inherit())
-        .status()
-        .expect("qemu-img");
-    assert!(st.success(), "qemu-img convert {}", img.display());
-    let mut h = Sha256::new();
-    std::io::copy(&mut File::open(&raw).expect("raw"), &mut h).expect("hash");
-    fs::remove_file(&raw).expect("rm");
-    format!("{:x}", h.finalize())
 }
 
 fn file_sha(p: &Path) -> String {
@@ -727,37 +716,64 @@ fn s075_other_vms_live_disk_is_never_overwritten() {
 }
 
 // 77/101 (native): a restore whose data cannot be applied exits 6 "Disk restore
-// failed" and leaves nothing in the restore path — a truncated full (forced past the
-// completeness check) in DR and data-only mode, and a checksum mismatch.
+// failed" and leaves nothing in the restore path — a checksum mismatch in DR and
+// data-only mode. With --include-incomplete the same damage (and a truncated full) is
+// salvaged instead: exit 6 too, but the disk and its damage map are written, the
+// summary says PARTIALLY and the catalogue says partial (issue 17 item 8).
 #[test]
 fn s077_s101_engine_failure_exits_6_and_leaves_nothing() {
     let w = World::new(&["rc-damage"]);
-    for (period, extra) in [
-        ("20260513", &["--include-incomplete"][..]),
-        ("20260513", &["--include-incomplete", "--skip-config"][..]),
-        ("20260515", &["--skip-config"][..]),
-    ] {
+    for (period, extra) in [("20260515", &[][..]), ("20260515", &["--skip-config"][..])] {
+        let period_out = format!("{period}{}", extra.len());
         let mut args = vec!["--vm", "rc-damage", "--period", period, "--restore-path"];
-        let out = w.s(&format!("out/{period}"));
+        let out = w.s(&format!("out/{period_out}"));
         args.push(&out);
         args.extend_from_slice(extra);
         let r = w.run(&args);
         assert_code(&r, 6);
         assert_has(&r, "Disk restore failed");
         assert!(
-            w.ls(&format!("out/{period}")).is_empty(),
+            w.ls(&format!("out/{period_out}")).is_empty(),
             "{:?}",
-            w.ls(&format!("out/{period}"))
+            w.ls(&format!("out/{period_out}"))
         );
         assert_lacks(&r, "Defining VM");
     }
     let rows = w.rows();
-    assert_eq!(rows.len(), 3);
+    assert_eq!(rows.len(), 2);
     assert!(
         rows.iter()
             .all(|r| r.outcome == "failed" && r.exit_code == 6),
         "{rows:?}"
     );
+    assert!(w.lock_files().is_empty(), "lock released after exit 6");
+    for (period, extra) in [
+        ("20260513", &["--include-incomplete"][..]),
+        ("20260513", &["--include-incomplete", "--skip-config"][..]),
+        ("20260515", &["--include-incomplete", "--skip-config"][..]),
+    ] {
+        let out = format!("salvage/{period}{}", extra.len());
+        let o = w.s(&out);
+        let mut args = vec![
+            "--vm",
+            "rc-damage",
+            "--period",
+            period,
+            "--restore-path",
+            &o,
+        ];
+        args.extend_from_slice(extra);
+        let r = w.run(&args);
+        assert_code(&r, 6);
+        assert_has(&r, "Salvage restore: vda restored PARTIALLY");
+        assert_lacks(&r, "Restore complete");
+        assert_eq!(
+            w.ls(&out),
+            ["rc-damage-vda.qcow2", "rc-damage-vda.qcow2.damage.json"]
+        );
+        let row = w.rows().last().cloned().expect("row");
+        assert_eq!((row.outcome.as_str(), row.exit_code), ("partial", 6));
+    }
     assert!(w.lock_files().is_empty(), "lock released after exit 6");
 }
 
@@ -1076,9 +1092,10 @@ fn s087_refreshes_the_longest_prefix_pool_only() {
 }
 
 // 89: an incomplete chain refuses `latest` (exit 5), restores the last good point,
-// and with --include-incomplete proceeds with the forensic WARN (the missing
-// incremental then fails the apply: exit 6, nothing written). Same for a chain whose
-// newest backup was interrupted (.partial).
+// and with --include-incomplete proceeds with the forensic WARN and salvages (the
+// missing incremental's possible changes are mapped stale: exit 6, the disk and its
+// damage map written). A chain whose newest backup was interrupted (.partial) is
+// refused the same way.
 #[test]
 fn s089_incomplete_chains() {
     let w = World::new(&["rc-brk-inc", "rc-damage"]);
@@ -1125,8 +1142,16 @@ fn s089_incomplete_chains() {
     ]);
     assert_has(&r, "Restoring from an INCOMPLETE chain (--include-incomplete): restored data may be inconsistent");
     assert_code(&r, 6);
-    assert!(w.ls("out/d").is_empty());
+    assert_has(&r, "Salvage restore: vda restored PARTIALLY");
+    assert_eq!(
+        w.ls("out/d"),
+        ["rc-brk-inc-vda.qcow2", "rc-brk-inc-vda.qcow2.damage.json"]
+    );
     assert_eq!(w.rows().last().map(|r| r.include_incomplete), Some(1));
+    assert_eq!(
+        w.rows().last().map(|r| r.outcome.clone()).as_deref(),
+        Some("partial")
+    );
 
     let r = w.run(&[
         "--vm",
@@ -1893,20 +1918,13 @@ fn s109_s110_s114_s115_two_disks_in_place() {
 fn s111_s142_partial_disk_failure() {
     let w = World::new(&["rc-multi-sql"]);
     let (uri, paths) = multi_sql_domain(&w, false);
+    // a damaged frame header (`data` → `deta`) in the middle of vdb's inc 3: the
+    // chain looks complete (its end is intact) until vdb's turn comes
     let bad = w.b("rc-multi-sql/2026-W08/vdb.inc.virtnbdbackup.3.data");
-    let f = fs::OpenOptions::new().write(true).open(&bad).expect("open");
-    f.set_len(1000).expect("truncate");
-    drop(f);
-    let r = w.run_uri(
-        &uri,
-        &[
-            "--vm",
-            "rc-multi-sql",
-            "--disk",
-            "vda,vdb,sda",
-            "--include-incomplete",
-        ],
-    );
+    let mut b = fs::read(&bad).expect("read");
+    b[378 + 1] ^= 0x01;
+    fs::write(&bad, b).expect("write");
+    let r = w.run_uri(&uri, &["--vm", "rc-multi-sql", "--disk", "vda,vdb,sda"]);
     assert_code(&r, 6);
     assert_has(&r, "Partial restore: vda succeeded, vdb FAILED");
     assert_has(&r, "Skipped: sda");
@@ -3016,4 +3034,51 @@ fn hanging_catalogue_trigger_costs_one_warn() {
         "{:?}",
         w.lock_files()
     );
+}
+
+// In place: a file that another running domain also uses is refused (exit 4), in a
+// dry run too; replacing it would pull it from under that VM.
+#[test]
+fn in_place_refuses_a_disk_another_running_vm_uses() {
+    let w = World::new(&["rc-acc-files"]);
+    let disk = w.p("vm/shared.qcow2");
+    fake_disk(&disk, "shared");
+    let uri = w.node(
+        &[
+            Dom::new("rc-acc-files", false, &[("vda", &disk)]),
+            Dom::new("other-vm", true, &[("vdb", &disk)]),
+        ],
+        &[],
+    );
+    for extra in [&[][..], &["--dry-run"][..]] {
+        let r = w.run_uri(
+            &uri,
+            &[&["--vm", "rc-acc-files", "--disk", "vda"][..], extra].concat(),
+        );
+        assert_has(&r, "is in use by running VM(s) other-vm");
+        if extra.is_empty() {
+            assert_code(&r, 4);
+        }
+    }
+    assert_eq!(
+        fs::read_to_string(&disk).expect("disk"),
+        "original disk shared\n"
+    );
+    assert!(!pre_restore(&disk).exists());
+}
+
+// In place: the image keeps the format its domain declares (<driver type>), not the
+// one its file name suggests.
+#[test]
+fn in_place_keeps_the_domain_disk_format() {
+    let w = World::new(&["rc-acc-files"]);
+    let disk = w.p("vm/disk.img");
+    fake_disk(&disk, "img");
+    let mut dom = Dom::new("rc-acc-files", false, &[("vda", &disk)]);
+    dom.driver = Some("qcow2".into());
+    let uri = w.node(&[dom], &[]);
+    let r = w.run_uri(&uri, &["--vm", "rc-acc-files", "--disk", "vda"]);
+    assert_code(&r, 0);
+    let magic = fs::read(&disk).expect("disk");
+    assert_eq!(&magic[..4], b"QFI\xfb", "a qcow2 image under a .img name");
 }

@@ -22,6 +22,7 @@ pub mod nbd;
 pub mod output;
 pub mod plan;
 pub mod rollback;
+pub mod salvage;
 pub mod target;
 
 pub use apply::{apply, ApplyOptions, ApplyReport, DiskReport, Progress};

@@ -166,6 +166,7 @@ fn decode(data: &[u8]) -> Option<(Rewrite, PathBuf, String)> {
         drop_macs: flags & 8 != 0,
         disks,
         nvram: (flags & 16 != 0).then(|| NVRAMS[(v >> 5) % 2].to_owned()),
+        ..Rewrite::default()
     };
     Some((rw, dir, xml))
 }

@@ -458,7 +458,7 @@ impl BackupSet {
         self.qcow_json.contains_key(&(disk.to_owned(), ident))
     }
 
-    fn data_file_name(&self, disk: &str, n: u32) -> String {
+    pub(crate) fn data_file_name(&self, disk: &str, n: u32) -> String {
         match (n, self.kind) {
             (0, SetKind::Copy) => format!("{disk}.copy.data"),
             (0, _) => format!("{disk}.full.data"),

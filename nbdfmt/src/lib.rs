@@ -49,6 +49,7 @@ pub mod meta;
 pub mod preadbuf;
 pub mod reader;
 pub mod sidecar;
+pub mod slots;
 pub mod trailer;
 pub mod vmconfig;
 #[cfg(feature = "writer")]
@@ -63,5 +64,6 @@ pub use meta::{Compression, StreamMeta};
 pub use preadbuf::PreadBuf;
 pub use reader::{Frame, StreamIndex, StreamReader};
 pub use sidecar::{BackupFile, Ident, QcowInfo, StreamLevel};
+pub use slots::{ChainSlot, SlotFile};
 pub use trailer::TrailerEntry;
 pub use vmconfig::{CheckpointConfig, DiskConfig, DomainConfig};

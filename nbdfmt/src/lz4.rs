@@ -553,6 +553,90 @@ impl<R: Read> Lz4FrameReader<R> {
     }
 }
 
+/// The stored length of the LZ4 frame at the current position of `src` (file offset
+/// `frame_offset`), from its header and block words alone: no block is decoded. This
+/// is what a trailer entry records, for a payload whose trailer is lost (a truncated
+/// or interrupted compressed stream). At most `available` bytes are looked at; the
+/// position of `src` afterwards is unspecified.
+///
+/// # Errors
+/// [`ErrorKind::TruncatedPayload`] when the frame needs more than `available` bytes
+/// (`expected`: the bytes it needs so far), [`ErrorKind::Lz4`] for an invalid header
+/// or block word, [`ErrorKind::Io`] when reading fails.
+pub fn frame_len<R: Read + io::Seek>(
+    src: &mut R,
+    frame_offset: u64,
+    available: u64,
+) -> Result<u64> {
+    let short = |need: u64| -> Error {
+        ErrorKind::TruncatedPayload {
+            offset: frame_offset,
+            expected: need,
+            got: available,
+        }
+        .into()
+    };
+    let bad = |reason: String| -> Error {
+        ErrorKind::Lz4 {
+            offset: frame_offset,
+            reason,
+        }
+        .into()
+    };
+    let io_err =
+        |at: u64| move |e: io::Error| -> Error { crate::error::io_at(frame_offset + at)(e) };
+    let mut b = [0u8; 15];
+    if available < 7 {
+        return Err(short(7));
+    }
+    src.read_exact(&mut b[..7]).map_err(io_err(0))?;
+    let h = match parse_header(&b[..7]).map_err(bad)? {
+        Some(h) => h,
+        None => {
+            if available < 15 {
+                return Err(short(15));
+            }
+            src.read_exact(&mut b[7..15]).map_err(io_err(7))?;
+            parse_header(&b).map_err(bad)?.ok_or_else(|| short(15))?
+        }
+    };
+    let mut pos = h.len as u64;
+    loop {
+        if pos + 4 > available {
+            return Err(short(pos + 4));
+        }
+        let mut w = [0u8; 4];
+        src.read_exact(&mut w).map_err(io_err(pos))?;
+        pos += 4;
+        let word = u32::from_le_bytes(w);
+        if word == 0 {
+            if h.content_checksum {
+                pos += 4;
+            }
+            return if pos > available {
+                Err(short(pos))
+            } else {
+                Ok(pos)
+            };
+        }
+        let stored = u64::from(word & 0x7FFF_FFFF);
+        if stored > h.max_block as u64 {
+            return Err(bad(format!(
+                "LZ4 block of {stored} bytes exceeds the frame's block size {}",
+                h.max_block
+            )));
+        }
+        let skip = stored + if h.block_checksums { 4 } else { 0 };
+        if pos + skip > available {
+            return Err(short(pos + skip));
+        }
+        // `skip` is at most 4 MiB + 4: it fits an i64
+        src.seek(io::SeekFrom::Current(skip as i64))
+            .map_err(io_err(pos))?;
+        pos += skip;
+    }
+}
+
 /// Decodes a whole LZ4 frame held in memory (at most `max_decoded` bytes of output).
 pub fn decode_frame(src: &[u8], frame_offset: u64, max_decoded: u64) -> Result<Vec<u8>> {
     let mut r = Lz4FrameReader::new(src, frame_offset, src.len() as u64, max_decoded);
@@ -601,6 +685,40 @@ mod tests {
             e.kind(),
             ErrorKind::DecodedLength { offset: 5, .. }
         ));
+    }
+
+    #[test]
+    fn frame_len_walks_blocks_without_decoding() {
+        for data in [
+            vec![7u8; 100],
+            (0..300_000u32)
+                .map(|i| (i * 7 % 251) as u8)
+                .collect::<Vec<u8>>(),
+            Vec::new(),
+        ] {
+            let f = encode_frame(&data);
+            let mut buf = f.clone();
+            buf.extend_from_slice(b"\r\ndata ...");
+            let mut c = std::io::Cursor::new(&buf);
+            assert_eq!(
+                frame_len(&mut c, 0, buf.len() as u64).expect("measured"),
+                f.len() as u64
+            );
+            // every prefix is too short, never a wrong length
+            for cut in [0, 6, 7, 14, 15, f.len() / 2, f.len() - 1] {
+                let mut c = std::io::Cursor::new(&f[..cut]);
+                let e = frame_len(&mut c, 9, cut as u64).expect_err("short");
+                assert!(
+                    matches!(e.kind(), ErrorKind::TruncatedPayload { offset: 9, .. }),
+                    "{e}"
+                );
+            }
+        }
+        let mut f = encode_frame(&[1u8; 1000]);
+        f[0] ^= 1;
+        let mut c = std::io::Cursor::new(&f);
+        let e = frame_len(&mut c, 3, f.len() as u64).expect_err("magic");
+        assert!(matches!(e.kind(), ErrorKind::Lz4 { offset: 3, .. }), "{e}");
     }
 
     #[test]

@@ -477,7 +477,10 @@ impl<R: Read + Seek> StreamReader<R> {
     }
 }
 
-fn read_trailer<R: Read + Seek>(
+/// Reads the compression trailer of a stream file of `file_size` bytes whose body
+/// starts at `body_start`: the file offset where the trailer JSON starts (the end of
+/// the frame body) and its entries. For a reader that walks a damaged stream itself.
+pub fn read_trailer<R: Read + Seek>(
     src: &mut R,
     file_size: u64,
     body_start: u64,

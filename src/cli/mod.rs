@@ -16,6 +16,7 @@
 //! would be allowed, but no 0.6.0 script can depend on it and rejecting it keeps
 //! statement 5 true.
 
+pub mod all;
 pub mod flags;
 pub mod request;
 pub mod selection;
@@ -35,6 +36,8 @@ pub enum Mode {
     Verify,
     /// `--dump`.
     Dump,
+    /// `--all`: every VM of the backup root.
+    All,
 }
 
 /// What was typed, after the token loop (ripgrep's "low-level args").
@@ -72,6 +75,24 @@ pub struct Args {
     pub pull: bool,
     /// `--serve-public`.
     pub serve_public: bool,
+    /// `--test-boot`.
+    pub test_boot: bool,
+    /// `--test-boot-timeout`, unparsed.
+    pub test_boot_timeout: Option<String>,
+    /// `--test-boot-expect`.
+    pub test_boot_expect: Option<String>,
+    /// `--report`.
+    pub report: Option<String>,
+    /// `--only`, unparsed.
+    pub only: Option<String>,
+    /// `--exclude`, unparsed.
+    pub exclude: Option<String>,
+    /// `--jobs`, unparsed.
+    pub jobs: Option<String>,
+    /// `--name-prefix`.
+    pub name_prefix: Option<String>,
+    /// `--name-suffix`.
+    pub name_suffix: Option<String>,
     /// `--nbd-target`, unparsed.
     pub nbd_target: Option<String>,
     /// `--force`.
@@ -208,6 +229,16 @@ impl Args {
             FlagId::InstantBoot => self.instant_boot = true,
             FlagId::Pull => self.pull = true,
             FlagId::ServePublic => self.serve_public = true,
+            FlagId::TestBoot => self.test_boot = true,
+            FlagId::TestBootTimeout => self.test_boot_timeout = value,
+            FlagId::TestBootExpect => self.test_boot_expect = value,
+            FlagId::Report => self.report = value,
+            FlagId::All => self.mode = Some(Mode::All),
+            FlagId::Only => self.only = value,
+            FlagId::Exclude => self.exclude = value,
+            FlagId::Jobs => self.jobs = value,
+            FlagId::NamePrefix => self.name_prefix = value,
+            FlagId::NameSuffix => self.name_suffix = value,
             FlagId::NbdTarget => self.nbd_target = value,
             FlagId::Force => self.force = true,
             FlagId::DryRun => self.dry_run = true,

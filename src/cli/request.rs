@@ -5,6 +5,7 @@
 
 use std::path::{Path, PathBuf};
 
+pub use crate::cli::all::AllRequest;
 pub use crate::cli::selection::{parse_nbd_targets, DiskSelection, NbdTargetSpec, RestorePoint};
 
 use crate::cli::{Args, Mode};
@@ -115,6 +116,18 @@ pub enum RestoreKind {
         /// `--pull`.
         pull: bool,
     },
+    /// `--vm --test-boot`: boot the restore point as an isolated throwaway clone and
+    /// wait for a sign of life.
+    TestBoot {
+        /// `--restore-path` for the overlays, else a temporary directory.
+        dir: Option<PathBuf>,
+        /// `--test-boot-timeout` (seconds).
+        timeout: u64,
+        /// `--test-boot-expect`.
+        expect: Option<String>,
+        /// `--report`.
+        report: Option<PathBuf>,
+    },
     /// `--vm --nbd-target URI`: write the disks into NBD exports.
     Nbd {
         /// `--nbd-target`, parsed.
@@ -135,6 +148,7 @@ impl RestoreKind {
             Self::DiskExtract { .. } => "extract",
             Self::Serve { .. } => "serve",
             Self::InstantBoot { .. } => "instant-boot",
+            Self::TestBoot { .. } => "test-boot",
             Self::Nbd { .. } => "nbd",
         }
     }
@@ -155,6 +169,7 @@ impl RestoreKind {
             | Self::DataOnly { dir, .. }
             | Self::DiskExtract { dir, .. }
             | Self::InstantBoot { dir, .. } => Some(dir),
+            Self::TestBoot { dir, .. } => dir.as_deref(),
             Self::DiskInPlace { .. } | Self::Serve { .. } | Self::Nbd { .. } => None,
         }
     }
@@ -243,6 +258,8 @@ pub enum Request {
     Dump(InspectRequest),
     /// `--vm`.
     Restore(RestoreRequest),
+    /// `--all`.
+    All(AllRequest),
 }
 
 /// Facts computed by the caller (with I/O) that validation needs.
@@ -286,6 +303,7 @@ fn checked_steps(args: &Args, facts: &Facts) -> Result<(Mode, RestorePoint), App
         && args.disk.is_none()
         && args.serve.is_none()
         && args.nbd_target.is_none()
+        && !args.test_boot
     {
         return Err(AppError::Usage("--restore-path is required for restore (unless --disk is used for in-place replacement)".into()));
     }
@@ -303,6 +321,7 @@ pub fn build(args: Args, root: BackupRoot, facts: &Facts) -> Result<Request, App
     let need_vm = |msg: &str| vm.clone().ok_or_else(|| AppError::Usage(msg.to_owned()));
     check_names(&args)?;
     Ok(match mode {
+        Mode::All => Request::All(crate::cli::all::all_request(args, root, point, facts)?),
         Mode::List => Request::List(ListRequest {
             root,
             json: args.json,
@@ -406,7 +425,7 @@ fn check_names(args: &Args) -> Result<(), AppError> {
 }
 
 /// Which restore the flags ask for (spec §4.0), carrying each mode's own data.
-fn restore_kind(
+pub(crate) fn restore_kind(
     args: &Args,
     disks: Option<DiskSelection>,
     targets: Vec<NbdTargetSpec>,
@@ -422,6 +441,12 @@ fn restore_kind(
             listen: args.serve.clone().unwrap_or_default(),
             disks,
             public: args.serve_public,
+        },
+        (_, _) if args.test_boot => RestoreKind::TestBoot {
+            dir: dir.clone(),
+            timeout: test_boot_timeout(args)?,
+            expect: args.test_boot_expect.clone(),
+            report: args.report.as_ref().map(PathBuf::from),
         },
         (_, _) if args.instant_boot => RestoreKind::InstantBoot {
             dir: need_dir()?,
@@ -448,6 +473,46 @@ fn restore_kind(
     })
 }
 
+/// `--test-boot` boots every disk under a name of its own; its options need it.
+pub(crate) fn check_test_boot(args: &Args, disks: &Option<DiskSelection>) -> Result<(), AppError> {
+    let usage = |m: &str| Err(AppError::Usage(m.to_owned()));
+    let needs = args.test_boot_timeout.is_some()
+        || args.test_boot_expect.is_some()
+        || args.report.is_some();
+    if needs && !args.test_boot {
+        return usage("--test-boot-timeout, --test-boot-expect and --report require --test-boot");
+    }
+    if !args.test_boot {
+        return Ok(());
+    }
+    if disks.is_some() || args.skip_config || args.pull || args.name.is_some() {
+        return usage("--test-boot boots every disk of the restore point as <vm>-testboot-<time>; --disk, --skip-config, --pull and --name cannot be used with it");
+    }
+    if let Some(re) = &args.test_boot_expect {
+        if let Err(e) = regex::Regex::new(re) {
+            return Err(AppError::Usage(format!(
+                "--test-boot-expect: not a regular expression: {e}"
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// `--test-boot-timeout` (default 120 s): a whole number of seconds, 1..=86400.
+fn test_boot_timeout(args: &Args) -> Result<u64, AppError> {
+    let Some(v) = &args.test_boot_timeout else {
+        return Ok(120);
+    };
+    v.parse::<u64>()
+        .ok()
+        .filter(|s| (1..=86_400).contains(s))
+        .ok_or_else(|| {
+            AppError::Usage(format!(
+                "--test-boot-timeout {v}: a whole number of seconds from 1 to 86400"
+            ))
+        })
+}
+
 /// The combinations of `--serve`, `--instant-boot`, `--pull` and `--nbd-target`
 /// that mean nothing, refused before anything is read.
 fn check_new_modes(
@@ -460,10 +525,12 @@ fn check_new_modes(
         args.serve.is_some(),
         args.instant_boot,
         args.nbd_target.is_some(),
+        args.test_boot,
     ];
     if exclusive.iter().filter(|x| **x).count() > 1 {
-        return usage("--serve, --instant-boot and --nbd-target cannot be combined");
+        return usage("--serve, --instant-boot, --test-boot and --nbd-target cannot be combined");
     }
+    check_test_boot(args, disks)?;
     if args.pull && !args.instant_boot {
         return usage("--pull requires --instant-boot");
     }

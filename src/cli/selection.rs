@@ -105,6 +105,11 @@ pub fn parse_nbd_targets(v: &str) -> Result<Vec<NbdTargetSpec>, AppError> {
         if disk.as_deref() == Some("") {
             return bad(format!("{item}: empty disk name"));
         }
+        if out.iter().any(|o| o.uri == uri) {
+            return bad(format!(
+                "{uri} named twice: two disks cannot be written into one export"
+            ));
+        }
         if out.iter().any(|o| o.disk.is_some() && o.disk == disk) {
             return bad(format!("disk {} named twice", disk.unwrap_or_default()));
         }

@@ -2,6 +2,7 @@
 //! [`crate::ui::write_stdout`] and diagnostics with `tracing`; they never pick exit codes
 //! themselves (they return `AppError`s).
 
+pub mod all;
 pub mod dump;
 pub mod list;
 pub mod points;

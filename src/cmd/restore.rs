@@ -13,14 +13,14 @@ use crate::cli::request::{RestoreKind, RestoreRequest};
 use crate::error::{AppError, ExitStatus};
 use crate::host::catalogue::{self, RestoreSession};
 use crate::host::env::Env;
-use crate::host::lock::{self, Acquired, VmLock};
+use crate::host::lock::{self, Acquired, LockError, VmLock};
 use crate::host::tree;
 use crate::hypervisor::libvirt::Libvirt;
 use crate::hypervisor::{Hypervisor, Offline};
 use crate::restore::{Context, Outcome};
 use crate::ui::header::restore_header_fields;
 use crate::ui::log::{self, RunLog};
-use crate::ui::report::TracingReporter;
+use crate::ui::report::{Reporter, TracingReporter};
 
 fn utc_now() -> String {
     chrono::Utc::now().format("%Y-%m-%d %H:%M:%S").to_string()
@@ -36,6 +36,19 @@ struct Session<'a> {
     started: Instant,
 }
 
+/// One VM's finished restore (for a whole-host run's table).
+#[derive(Debug)]
+pub struct VmRun {
+    /// The VM name.
+    pub vm: String,
+    /// How it ended.
+    pub result: Result<Outcome, AppError>,
+    /// How long it took.
+    pub seconds: f64,
+    /// The data directory restored from.
+    pub source: PathBuf,
+}
+
 /// Runs a validated restore request.
 pub fn run(r: &RestoreRequest, env: &Env) -> Result<ExitStatus, AppError> {
     let cancel = Cancel::new();
@@ -48,13 +61,42 @@ pub fn run(r: &RestoreRequest, env: &Env) -> Result<ExitStatus, AppError> {
         &restore_header_fields(r),
     );
     tracing::info!(target: "main", "====== vmrestore v{} ======", env!("CARGO_PKG_VERSION"));
+    let done = restore_vm(r, &cancel, &TracingReporter, true)?;
+    let outcome = done.result?;
+    // a salvage restore finished its writes but restored PARTIALLY: said as a WARN,
+    // and its own exit status (6)
+    if outcome.salvaged.is_empty() {
+        tracing::info!(target: "restore_vm", "{}", outcome.summary);
+    } else {
+        tracing::warn!(target: "restore_vm", "{}", outcome.summary);
+    }
+    tracing::info!(target: "main", "====== vmrestore completed ======");
+    Ok(outcome.exit_status())
+}
+
+/// One VM, inside an open run log: data dir, VM name, lock, plan → print or
+/// execute, one catalogue row, the `--json` document. `Err` only for failures
+/// before the VM's session starts (data dir, name); those write no row.
+pub fn restore_vm(
+    r: &RestoreRequest,
+    cancel: &Cancel,
+    log: &dyn Reporter,
+    progress: bool,
+) -> Result<VmRun, AppError> {
     let started = Instant::now();
     let start_time = utc_now();
-    tracing::info!(target: "restore_vm", "Starting restore: {}", r.vm.label);
+    log.info("restore_vm", &format!("Starting restore: {}", r.vm.label));
     let data_dir = tree::resolve_data_dir_logged(&r.root.path, &r.vm.label, r.period.as_deref())?;
     let vm = vm_name(r, &data_dir)?;
     let set = crate::host::tree::scan_set(&data_dir)?;
-    tracing::info!(target: "restore_vm", "Data dir: {} (type: {})", data_dir.display(), set.kind.as_str());
+    log.info(
+        "restore_vm",
+        &format!(
+            "Data dir: {} (type: {})",
+            data_dir.display(),
+            set.kind.as_str()
+        ),
+    );
     let s = Session {
         r,
         state_root: tree::state_root(&data_dir, r.vm.path_aware, &r.root.path),
@@ -65,7 +107,20 @@ pub fn run(r: &RestoreRequest, env: &Env) -> Result<ExitStatus, AppError> {
     };
     // From here on every exit of a real restore writes one catalogue row.
     let _lock = take_lock(&s)?;
-    let result = restore(&s, &set, cancel.clone());
+    let result = restore(&s, &set, cancel.clone(), log, progress);
+    // a run whose actions all ran but whose purpose failed (a test boot without a
+    // sign of life) is a failure with its evidence kept for the JSON document
+    let extra = result.as_ref().ok().and_then(|o| o.extra.clone());
+    let result = match result {
+        Ok(o) => match &o.failure {
+            Some(f) => {
+                log.info("restore_vm", &o.summary);
+                Err(AppError::Vm(f.clone()))
+            }
+            None => Ok(o),
+        },
+        Err(e) => Err(e),
+    };
     let result = match (result, cancel.signal()) {
         (Err(_), Some(sig)) if sig > 0 => Err(AppError::Interrupted(sig)),
         (other, _) => other,
@@ -74,12 +129,14 @@ pub fn run(r: &RestoreRequest, env: &Env) -> Result<ExitStatus, AppError> {
         record(&s, &result);
     }
     if r.json {
-        json_summary(&s, &result);
+        json_summary(&s, &result, extra);
     }
-    let outcome = result?;
-    tracing::info!(target: "restore_vm", "{}", outcome.summary);
-    tracing::info!(target: "main", "====== vmrestore completed ======");
-    Ok(ExitStatus::Ok)
+    Ok(VmRun {
+        vm: s.vm.clone(),
+        result,
+        seconds: started.elapsed().as_secs_f64(),
+        source: s.data_dir.clone(),
+    })
 }
 
 /// The libvirt name from the backup's domain XML, else the label typed. The XML is
@@ -134,12 +191,16 @@ fn take_lock(s: &Session<'_>) -> Result<Option<VmLock>, AppError> {
             tracing::warn!(target: "restore_vm", "Cannot create lock {} ({reason}) — continuing without lock", path.display());
             Ok(None)
         }
-        Err(held) => {
-            let e = AppError::Lock(held.to_string());
+        Err(e) => {
+            // a name that is no single path component is the backup's fault (exit 5)
+            let err = || match &e {
+                LockError::Held(held) => AppError::Lock(held.to_string()),
+                LockError::BadName(bad) => AppError::Vm(bad.to_string()),
+            };
             if records(s.r) {
-                record(s, &Err(AppError::Lock(held.to_string())));
+                record(s, &Err(err()));
             }
-            Err(e)
+            Err(err())
         }
     }
 }
@@ -170,11 +231,17 @@ fn connect(r: &RestoreRequest) -> Result<Box<dyn Hypervisor>, AppError> {
     }
 }
 
-fn restore(s: &Session<'_>, set: &BackupSet, cancel: Cancel) -> Result<Outcome, AppError> {
+fn restore(
+    s: &Session<'_>,
+    set: &BackupSet,
+    cancel: Cancel,
+    log: &dyn Reporter,
+    progress: bool,
+) -> Result<Outcome, AppError> {
     let r = s.r;
     crate::restore::refuse_remote(&r.uri, &r.kind)?;
     let hv = connect(r)?;
-    let progress = if records(r) {
+    let progress = if records(r) && progress {
         crate::ui::progress::for_restore(Arc::new(TracingReporter))
     } else {
         None
@@ -185,7 +252,7 @@ fn restore(s: &Session<'_>, set: &BackupSet, cancel: Cancel) -> Result<Outcome, 
         point: r.point,
         options: r.options,
         hv: hv.as_ref(),
-        log: &TracingReporter,
+        log,
         cancel,
         progress,
         swtpm_root: crate::host::tpm::swtpm_root(),
@@ -213,7 +280,10 @@ fn outcome_word(result: &Result<Outcome, AppError>) -> &'static str {
 }
 
 fn exit_code(result: &Result<Outcome, AppError>) -> u8 {
-    result.as_ref().err().map_or(0, |e| e.exit_status().code())
+    match result {
+        Ok(o) => o.exit_status().code(),
+        Err(e) => e.exit_status().code(),
+    }
 }
 
 /// Writes the run's catalogue row; a missing or broken catalogue is one WARN.
@@ -260,7 +330,12 @@ fn session_row(s: &Session<'_>, result: &Result<Outcome, AppError>) -> RestoreSe
         tpm_result: o.map(|o| o.tpm_result.to_owned()).filter(|t| !t.is_empty()),
         outcome: outcome_word(result).into(),
         exit_code: i64::from(exit_code(result)),
-        error_message: result.as_ref().err().map(ToString::to_string),
+        // a partial salvage is not an error, but what it lacks belongs to the row
+        error_message: match result {
+            Ok(o) if !o.salvaged.is_empty() => Some(o.summary.clone()),
+            Ok(_) => None,
+            Err(e) => Some(e.to_string()),
+        },
         log_file: log::current_path().map(|p| p.display().to_string()),
         hostname: std::fs::read_to_string("/proc/sys/kernel/hostname")
             .ok()
@@ -282,7 +357,11 @@ fn invoked_by() -> Option<String> {
 }
 
 /// `--json`: one `vmrestore.restore/1` document on stdout (docs/json-output.md).
-fn json_summary(s: &Session<'_>, result: &Result<Outcome, AppError>) {
+fn json_summary(
+    s: &Session<'_>,
+    result: &Result<Outcome, AppError>,
+    extra: Option<serde_json::Value>,
+) {
     let r = s.r;
     let o = result.as_ref().ok();
     let dry = r.options.dry_run && o.is_some();
@@ -306,7 +385,9 @@ fn json_summary(s: &Session<'_>, result: &Result<Outcome, AppError>) {
         "log_file": log::current_path().map(|p| p.display().to_string()),
         "plan": o.and_then(|o| o.plan.clone()),
         "effects": o.filter(|_| !dry).map(|o| o.effects.clone()),
+        "salvage": o.filter(|o| !o.salvaged.is_empty()).map(|o| o.salvaged.clone()),
         "warnings": log::warnings(),
+        "test_boot": extra,
     });
     crate::ui::write_stdout(&format!(
         "{}\n",

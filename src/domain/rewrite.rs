@@ -60,7 +60,16 @@ pub struct Rewrite {
     pub disks: Vec<DiskRewrite>,
     /// New `<nvram>` path (clone).
     pub nvram: Option<String>,
+    /// Test boot: every interface's link down, and no device that reaches into the
+    /// host (shared filesystems, host devices, USB redirection, shared memory).
+    pub isolate: bool,
+    /// Test boot: the serial console is logged to this file (each `<serial>` gets a
+    /// `<log>`; a domain without one gets a pty serial port).
+    pub serial_log: Option<PathBuf>,
 }
+
+/// Devices a test boot removes: they share host files or hardware with the guest.
+const HOST_DEVICES: [&str; 5] = ["filesystem", "hostdev", "redirdev", "smartcard", "shmem"];
 
 /// Replace `[.0, .1)` of the input by `.2` (an empty range inserts).
 type Edit = (usize, usize, String);
@@ -127,16 +136,74 @@ fn uuid_edit(xml: &str, uuid: Node<'_, '_>, rw: &Rewrite) -> Option<Edit> {
 }
 
 fn device_edits(xml: &str, devices: Node<'_, '_>, rw: &Rewrite, edits: &mut Vec<Edit>) {
+    let mut serials = 0;
     for device in elements(devices) {
         match qname(xml, device) {
             "disk" => edits.extend(disk_edits(xml, device, rw)),
-            "interface" if rw.drop_macs => {
-                let macs = elements(device).filter(|m| qname(xml, *m) == "mac");
-                edits.extend(macs.map(|m| removal(xml, m.range())));
+            "interface" => {
+                if rw.drop_macs {
+                    let macs = elements(device).filter(|m| qname(xml, *m) == "mac");
+                    edits.extend(macs.map(|m| removal(xml, m.range())));
+                }
+                if rw.isolate {
+                    edits.extend(child_replaced(xml, device, "link", "<link state='down'/>"));
+                }
+            }
+            "serial" => {
+                serials += 1;
+                if let Some(log) = &rw.serial_log {
+                    edits.extend(child_replaced(xml, device, "log", &log_tag(log)));
+                }
+            }
+            d if rw.isolate && HOST_DEVICES.contains(&d) => {
+                edits.push(removal(xml, device.range()));
             }
             _ => {}
         }
     }
+    if let (0, Some(log)) = (serials, &rw.serial_log) {
+        edits.extend(before_close(
+            xml,
+            devices,
+            &format!(
+                "  <serial type='pty'>{}<target port='0'/></serial>\n  ",
+                log_tag(log)
+            ),
+        ));
+    }
+}
+
+fn log_tag(log: &std::path::Path) -> String {
+    format!(
+        "<log file='{}' append='off'/>",
+        escape(&log.to_string_lossy())
+    )
+}
+
+/// Every `<name>` child of `n` removed and `markup` inserted as its first child
+/// (an empty-element tag `<x .../>` is opened for it).
+fn child_replaced(xml: &str, n: Node<'_, '_>, name: &str, markup: &str) -> Vec<Edit> {
+    let mut edits: Vec<Edit> = children(xml, n, name)
+        .map(|c| removal(xml, c.range()))
+        .collect();
+    let r = n.range();
+    if xml[..r.end].ends_with("/>") {
+        let close = format!(">{markup}</{}>", qname(xml, n));
+        edits.push((r.end - 2, r.end, close));
+    } else {
+        let at = start_tag_end(xml, n);
+        edits.push((at, at, markup.to_owned()));
+    }
+    edits
+}
+
+/// `markup` inserted right before the end tag of `n` (none for `<n/>`).
+fn before_close(xml: &str, n: Node<'_, '_>, markup: &str) -> Option<Edit> {
+    let r = n.range();
+    let close = format!("</{}>", qname(xml, n));
+    xml[..r.end]
+        .ends_with(&close)
+        .then(|| (r.end - close.len(), r.end - close.len(), markup.to_owned()))
 }
 
 fn disk_edits(xml: &str, disk: Node<'_, '_>, rw: &Rewrite) -> Vec<Edit> {
@@ -492,6 +559,49 @@ mod tests {
     }
 
     #[test]
+    fn test_boot_isolates_and_logs_the_console() {
+        let xml = "<domain type='kvm'><name>v</name><devices>\n\
+            <interface type='network'><mac address='52:54:00:00:00:01'/><link state='up'/><source network='default'/></interface>\n\
+            <filesystem type='mount'><source dir='/srv'/><target dir='srv'/></filesystem>\n\
+            <hostdev mode='subsystem' type='usb'/>\n\
+            <serial type='pty'/>\n\
+            </devices></domain>";
+        let rw = Rewrite {
+            isolate: true,
+            serial_log: Some("/var/tmp/t/console.log".into()),
+            ..Rewrite::default()
+        };
+        let out = rewrite(xml, &rw).expect("ok");
+        let doc = roxmltree::Document::parse(&out).expect("well-formed");
+        let links: Vec<_> = doc
+            .descendants()
+            .filter(|n| n.has_tag_name("link"))
+            .collect();
+        assert_eq!(links.len(), 1, "{out}");
+        assert_eq!(links[0].attribute("state"), Some("down"));
+        assert!(
+            !out.contains("<filesystem") && !out.contains("<hostdev"),
+            "{out}"
+        );
+        let log = doc
+            .descendants()
+            .find(|n| n.has_tag_name("log"))
+            .expect("log");
+        assert_eq!(log.attribute("file"), Some("/var/tmp/t/console.log"));
+        assert_eq!(log.parent().map(|p| p.tag_name().name()), Some("serial"));
+        // no serial port at all: one is added, with the log
+        let bare = "<domain><name>v</name><devices>\n  <disk type='file' device='cdrom'/>\n</devices></domain>";
+        let out = rewrite(bare, &rw).expect("ok");
+        let doc = roxmltree::Document::parse(&out).expect("well-formed");
+        let serial = doc
+            .descendants()
+            .find(|n| n.has_tag_name("serial"))
+            .expect("serial");
+        assert_eq!(serial.attribute("type"), Some("pty"));
+        assert!(serial.children().any(|c| c.has_tag_name("log")), "{out}");
+    }
+
+    #[test]
     fn clone_gets_new_identity() {
         let rw = Rewrite {
             name: Some("vm1-clone".into()),
@@ -499,7 +609,7 @@ mod tests {
             drop_macs: true,
             disks: disks(),
             nvram: Some("/var/lib/libvirt/qemu/nvram/vm1-clone_VARS.fd".into()),
-            uuid: None,
+            ..Rewrite::default()
         };
         let out = rewrite(XML, &rw).expect("ok");
         assert!(out.contains("<name>vm1-clone</name>"));

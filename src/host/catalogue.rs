@@ -4,6 +4,11 @@
 //! vmrestore never creates the database: it is opened read-only, with a 5 s busy
 //! timeout, and the journal mode is left alone. Missing, unreadable, locked or
 //! schema-less databases all mean "catalogue unavailable".
+//!
+//! The backup tree may be hostile: `_state` and `vmbackup.db` (and SQLite's side
+//! files next to it) must be a real directory and regular files, not symlinks, or
+//! the catalogue is unavailable too; SQLite itself is told never to open a symlink
+//! (`SQLITE_OPEN_NOFOLLOW`).
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -11,9 +16,33 @@ use std::time::Duration;
 
 use rusqlite::{Connection, OpenFlags};
 
+use crate::host::state::{Dir, Refusal};
+
 /// The catalogue path of a state root.
 pub fn db_path(state_root: &Path) -> PathBuf {
     state_root.join("_state").join("vmbackup.db")
+}
+
+/// The reason given when there is no catalogue at all.
+const NO_DATABASE: &str = "no catalogue database";
+
+/// The catalogue file when `_state` is a directory of the backup tree and
+/// `vmbackup.db` (and any `-wal`, `-shm`, `-journal` beside it) a regular file in
+/// it, none of them a symlink. `Err` is the reason it is unavailable.
+fn checked_db_path(state_root: &Path) -> Result<PathBuf, String> {
+    let reason = |r: Refusal| match r {
+        Refusal::Missing(_) => NO_DATABASE.to_owned(),
+        r => r.to_string(),
+    };
+    let state = Dir::state(state_root, false).map_err(reason)?;
+    state.regular_file("vmbackup.db").map_err(reason)?;
+    for side in ["vmbackup.db-wal", "vmbackup.db-shm", "vmbackup.db-journal"] {
+        match state.regular_file(side) {
+            Ok(_) | Err(Refusal::Missing(_)) => {}
+            Err(r) => return Err(r.to_string()),
+        }
+    }
+    Ok(db_path(state_root))
 }
 
 /// `chain_health` summary of one VM (§5.3).
@@ -88,18 +117,19 @@ impl Catalogue {
     /// everything and is opened with `immutable=1`, which creates nothing; when a
     /// writer's files are present the normal read-only open (with locking) is used.
     pub fn open_read_only(state_root: &Path) -> Option<Self> {
-        let path = db_path(state_root);
-        if !path.is_file() {
-            return None;
-        }
+        let path = checked_db_path(state_root).ok()?;
         let side = |suffix: &str| {
             let mut p = path.clone().into_os_string();
             p.push(suffix);
             PathBuf::from(p)
         };
-        let wal_len = std::fs::metadata(side("-wal")).map(|m| m.len()).ok();
-        let shm = side("-shm").is_file();
-        let flags = OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX;
+        let wal_len = std::fs::symlink_metadata(side("-wal"))
+            .map(|m| m.len())
+            .ok();
+        let shm = std::fs::symlink_metadata(side("-shm")).is_ok_and(|m| m.is_file());
+        let flags = OpenFlags::SQLITE_OPEN_READ_ONLY
+            | OpenFlags::SQLITE_OPEN_NO_MUTEX
+            | OpenFlags::SQLITE_OPEN_NOFOLLOW;
         let conn = if (wal_len.is_some() && shm) || wal_len.unwrap_or(0) > 0 {
             Connection::open_with_flags(&path, flags).ok()?
         } else {
@@ -263,6 +293,77 @@ mod tests {
         assert_eq!(iso_utc("garbage"), "garbage");
     }
 
+    // issue 18 (6): a `_state`, `vmbackup.db` or side file that is a symlink is not
+    // followed: nothing is read or written through it
+    #[test]
+    fn issue18_symlinked_state_pieces_are_refused() {
+        use std::os::unix::fs::symlink;
+        let outside = tempfile::tempdir().expect("tempdir");
+        db(
+            outside.path(),
+            &format!("{SCHEMA} INSERT INTO chain_health (vm_name, period_id, chain_location) VALUES ('vm', 'p', 'x');"),
+        );
+        let real_state = outside.path().join("_state");
+        let before = std::fs::read(real_state.join("vmbackup.db")).expect("read");
+        let row = RestoreSession {
+            vm_name: "vm".into(),
+            restore_mode: "dr".into(),
+            outcome: "success".into(),
+            ..RestoreSession::default()
+        };
+        let check = |root: &Path, what: &str| {
+            assert!(
+                list_health(root).is_empty(),
+                "{what}: read through a symlink"
+            );
+            let e = record_restore(root, &row).expect_err(what);
+            assert!(e.contains("symbolic link"), "{what}: {e}");
+        };
+        // `_state` itself
+        let a = tempfile::tempdir().expect("tempdir");
+        symlink(&real_state, a.path().join("_state")).expect("symlink");
+        check(a.path(), "_state");
+        // `_state/vmbackup.db`
+        let b = tempfile::tempdir().expect("tempdir");
+        std::fs::create_dir(b.path().join("_state")).expect("mkdir");
+        symlink(real_state.join("vmbackup.db"), db_path(b.path())).expect("symlink");
+        check(b.path(), "vmbackup.db");
+        // a side file next to a real database
+        let c = tempfile::tempdir().expect("tempdir");
+        db(c.path(), SCHEMA);
+        symlink(
+            outside.path().join("wal"),
+            c.path().join("_state/vmbackup.db-wal"),
+        )
+        .expect("symlink");
+        let e = record_restore(c.path(), &row).expect_err("side file");
+        assert!(
+            e.contains("vmbackup.db-wal") && e.contains("symbolic link"),
+            "{e}"
+        );
+        assert!(!outside.path().join("wal").exists());
+
+        assert_eq!(
+            std::fs::read(real_state.join("vmbackup.db")).expect("read"),
+            before,
+            "the outside database was written"
+        );
+        let mut names: Vec<_> = std::fs::read_dir(&real_state)
+            .expect("ls")
+            .map(|e| e.expect("e").file_name())
+            .collect();
+        names.sort();
+        assert_eq!(names, ["vmbackup.db"], "side files created outside");
+        // and a real one is still written
+        let d = tempfile::tempdir().expect("tempdir");
+        db(d.path(), SCHEMA);
+        record_restore(d.path(), &row).expect("recorded");
+        assert_eq!(
+            record_restore(tempfile::tempdir().expect("t").path(), &row),
+            Err(NO_DATABASE.to_owned())
+        );
+    }
+
     // Found by the catalogue fuzz target: a blank time printed "last backup " (empty).
     #[test]
     fn blank_times_are_missing_times() {
@@ -370,13 +471,12 @@ fn bound(conn: &mut Connection) -> Result<(), String> {
 /// written, so a vmbackup-created variant of the table is tolerated. One
 /// transaction. `Err` carries the reason for the single WARN.
 pub fn record_restore(state_root: &Path, row: &RestoreSession) -> Result<(), String> {
-    let path = db_path(state_root);
-    if !path.is_file() {
-        return Err("no catalogue database".into());
-    }
+    let path = checked_db_path(state_root)?;
     let mut conn = Connection::open_with_flags(
         &path,
-        OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+        OpenFlags::SQLITE_OPEN_READ_WRITE
+            | OpenFlags::SQLITE_OPEN_NO_MUTEX
+            | OpenFlags::SQLITE_OPEN_NOFOLLOW,
     )
     .map_err(|e| e.to_string())?;
     bound(&mut conn)?;

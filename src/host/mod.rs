@@ -10,5 +10,6 @@ pub mod nvram;
 pub mod ownership;
 pub mod paths;
 pub mod shadow;
+pub mod state;
 pub mod tpm;
 pub mod tree;

@@ -347,10 +347,12 @@ pub fn state_root(data_dir: &Path, path_aware: bool, effective_root: &Path) -> P
     } else {
         owner
     };
-    vm_dir
-        .parent()
-        .map(Path::to_path_buf)
-        .unwrap_or_else(|| effective_root.to_path_buf())
+    match vm_dir.parent() {
+        // `--vm vm/2026-W10` typed in the backup root: the root is the current directory
+        Some(p) if p.as_os_str().is_empty() => PathBuf::from("."),
+        Some(p) => p.to_path_buf(),
+        None => effective_root.to_path_buf(),
+    }
 }
 
 /// GNU `filevercmp` (gnulib 2022), the comparison behind `sort -V`.
@@ -546,6 +548,13 @@ mod tests {
             state_root(Path::new("/b/vm/20260302"), false, r),
             PathBuf::from("/ignored")
         );
+        // relative paths typed inside the backup root
+        assert_eq!(
+            state_root(Path::new("vm/2026-W10"), true, r),
+            PathBuf::from(".")
+        );
+        assert_eq!(state_root(Path::new("./vm"), true, r), PathBuf::from("."));
+        assert_eq!(state_root(Path::new("b/vm"), true, r), PathBuf::from("b"));
     }
 
     #[test]

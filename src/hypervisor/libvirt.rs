@@ -218,6 +218,33 @@ impl Hypervisor for Libvirt {
         Ok(())
     }
 
+    fn guest_ping(&self, name: &str) -> HvResult<()> {
+        self.domain(name)?
+            .qemu_agent_command(r#"{"execute":"guest-ping"}"#, 2, 0)
+            .map(|_| ())
+            .map_err(err(format!("guest-ping {name}")))
+    }
+
+    fn screenshot(&self, name: &str) -> HvResult<(String, Vec<u8>)> {
+        let op = format!("screenshot {name}");
+        let d = self.domain(name)?;
+        let stream = virt::stream::Stream::new(&self.conn, 0).map_err(err(op.clone()))?;
+        let mime = d.screenshot(&stream, 0, 0).map_err(err(op.clone()))?;
+        let mut data = Vec::new();
+        let mut buf = vec![0u8; 256 << 10];
+        // a screen is a few MiB at most; the cap bounds a misbehaving stream
+        while data.len() < (64 << 20) {
+            let n = stream.recv(&mut buf).map_err(err(op.clone()))?;
+            let Ok(n) = usize::try_from(n) else { break };
+            if n == 0 {
+                break;
+            }
+            data.extend_from_slice(&buf[..n]);
+        }
+        stream.finish().map_err(err(op))?;
+        Ok((mime, data))
+    }
+
     fn live_disks(&self) -> HvResult<Vec<LiveDisk>> {
         let mut out = Vec::new();
         for d in self.conn.list_all_domains(0).map_err(err("list domains"))? {

@@ -144,6 +144,10 @@ pub trait Hypervisor {
     /// domain (data and qcow2 metadata caches) to the file: after it, the file alone
     /// is the disk.
     fn flush_image(&self, name: &str, path: &std::path::Path) -> HvResult<()>;
+    /// Asks the running domain's QEMU guest agent for a `guest-ping` (2 s at most).
+    fn guest_ping(&self, name: &str) -> HvResult<()>;
+    /// A screenshot of the domain's first screen: the MIME type and the bytes.
+    fn screenshot(&self, name: &str) -> HvResult<(String, Vec<u8>)>;
 }
 
 /// The host part of a libvirt URI (`qemu+ssh://host/system` → `host`), if any.
@@ -287,5 +291,11 @@ impl Hypervisor for Offline {
     }
     fn flush_image(&self, name: &str, path: &std::path::Path) -> HvResult<()> {
         Err(self.no(&format!("flush {name} {}", path.display())))
+    }
+    fn guest_ping(&self, name: &str) -> HvResult<()> {
+        Err(self.no(&format!("guest-ping {name}")))
+    }
+    fn screenshot(&self, name: &str) -> HvResult<(String, Vec<u8>)> {
+        Err(self.no(&format!("screenshot {name}")))
     }
 }

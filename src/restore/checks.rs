@@ -171,12 +171,17 @@ pub fn log_predictions(ctx: &Context<'_>, outputs: &[PredictedOutput]) {
         );
     }
     for o in outputs {
+        // the backup's own file name, which a clone or an overlay does not keep
+        let original = o
+            .source
+            .as_deref()
+            .and_then(|s| std::path::Path::new(s).file_name())
+            .map_or_else(|| o.file_name.clone(), |n| n.to_string_lossy().into_owned());
         ctx.log.info(
             "predict_output_files",
             &format!(
-                "Predicted final: {} (original file name: {})",
-                o.final_path.display(),
-                o.file_name
+                "Predicted final: {} (original file name: {original})",
+                o.final_path.display()
             ),
         );
     }

@@ -85,7 +85,7 @@ fn clone_actions(
             drop_macs: true,
             disks: disk_rewrites(&jobs),
             nvram: nvram.as_ref().map(|n| n.dest.display().to_string()),
-            uuid: None,
+            ..Rewrite::default()
         },
     )?;
     let mut actions = vec![Action::WriteImages {

@@ -67,6 +67,25 @@ pub struct Outcome {
     pub effects: Vec<Effect>,
     /// The plan as JSON (dry run).
     pub plan: Option<serde_json::Value>,
+    /// Mode-specific results for the JSON document (`test_boot`).
+    pub extra: Option<serde_json::Value>,
+    /// Set when the run finished its actions but the mode failed its purpose (a test
+    /// boot without a sign of life): the command exits with this (exit 5).
+    pub failure: Option<String>,
+    /// Disks a salvage restore wrote partially (`--include-incomplete`): the run
+    /// exits 6 and is recorded as `partial`.
+    pub salvaged: Vec<crate::restore::salvage::Salvaged>,
+}
+
+impl Outcome {
+    /// The process status of this finished run: 6 after a partial salvage.
+    pub fn exit_status(&self) -> crate::error::ExitStatus {
+        if self.salvaged.is_empty() {
+            crate::error::ExitStatus::Ok
+        } else {
+            crate::error::ExitStatus::Engine
+        }
+    }
 }
 
 impl Context<'_> {

@@ -29,12 +29,16 @@ pub(super) fn endpoint(ctx: &Context<'_>) -> Result<u32, AppError> {
     Ok(t)
 }
 
-/// The engine plans of `outputs` (frame headers are read here).
+/// The engine plans of `outputs` (frame headers are read here); with
+/// `--include-incomplete`, salvage plans (every file read, see `restore::salvage`).
 pub(super) fn disk_jobs(
     ctx: &Context<'_>,
     t: u32,
     outputs: &[crate::restore::outputs::PredictedOutput],
 ) -> Result<Vec<DiskJob>, AppError> {
+    if ctx.options.include_incomplete {
+        return crate::restore::salvage::plan_outputs(ctx, t, outputs, ctx.options.force);
+    }
     plan_outputs(ctx.set, t, outputs, !ctx.point.is_explicit())
         .map_err(|e| crate::error::engine_error(e, "Disk restore failed"))
 }

@@ -12,6 +12,7 @@ use crate::restore::plan::{
     Action, Definition, Effect, Identity, InPlace, NvramInstall, Report, RestorePlan, Summary,
 };
 use crate::restore::pool::refresh_pool;
+use crate::restore::salvage::Salvaged;
 use crate::restore::{nbd, swap, tpm, Context, Outcome};
 use crate::ui::format::iec_size;
 
@@ -27,9 +28,13 @@ struct Run {
     tpm: Option<(&'static str, &'static str)>,
     in_place_done: Vec<String>,
     rollbacks: Vec<PathBuf>,
+    /// A test boot's result.
+    test: Option<crate::restore::testboot::TestResult>,
     /// Per restored in-place disk, its rollback copy (for a partial failure).
     rollbacks_by_disk: Vec<Option<PathBuf>>,
     summary: Option<String>,
+    /// Disks a salvage restore wrote partially.
+    salvaged: Vec<Salvaged>,
 }
 
 /// Runs every action of `plan`, in order.
@@ -74,7 +79,12 @@ fn step(
         Action::CreateDir(d) => {
             std::fs::create_dir_all(&d).map_err(AppError::io(format!("creating {}", d.display())))
         }
-        Action::WriteImages { jobs, replace } => write_images(ctx, report, jobs, replace),
+        Action::WriteImages { jobs, replace } => {
+            let salvaged: Vec<Salvaged> = jobs.iter().filter_map(Salvaged::of).collect();
+            write_images(ctx, report, jobs, replace)?;
+            run.salvaged.extend(salvaged);
+            Ok(())
+        }
         Action::ReplaceDisk(r) => replace_disk(ctx, in_place, r, run),
         a @ Action::WriteNbd(_) => nbd::write(ctx, a),
         Action::SaveNvram(p) => save_nvram(ctx, &p),
@@ -97,9 +107,10 @@ fn step(
             crate::restore::instant::clear_leftover(ctx, &name, &files)
         }
         Action::InstantBoot(b) => {
-            let (summary, tpm) = crate::restore::instant::run(ctx, *b)?;
-            run.summary = Some(summary);
-            run.tpm = Some(("", tpm));
+            let booted = crate::restore::instant::run(ctx, *b)?;
+            run.summary = Some(booted.summary);
+            run.tpm = Some(("", booted.tpm));
+            run.test = booted.test;
             Ok(())
         }
         Action::Serve(s) => {
@@ -149,8 +160,22 @@ fn write_images(
         Summary::DiskExtract => format!("Disk restore failed for {}", report.disks.join(", ")),
         _ => "Disk restore failed".to_owned(),
     };
+    let replaced: Vec<PathBuf> = jobs
+        .iter()
+        .map(|j| j.output.final_path.clone())
+        .filter(|p| replace && p.symlink_metadata().is_ok())
+        .collect();
     let (done, paths) =
         write_outputs(jobs, replace, &ctx.apply_options()).map_err(|e| engine_error(e, &what))?;
+    if report.summary == Summary::Dr {
+        // the guide's line, said once the new image took the old one's place
+        for p in &replaced {
+            ctx.log.info(
+                "restore_disk",
+                &format!("Removed existing file for DR overwrite: {}", p.display()),
+            );
+        }
+    }
     for d in &done.disks {
         let verified = d.checksums.iter().filter(|(_, s)| s.is_some()).count();
         ctx.log.info(
@@ -204,11 +229,19 @@ fn replace_disk(
         &format!("── Restoring {d} [{}/{}] ──", i + 1, in_place.len()),
     );
     match swap::replace(ctx, &r) {
-        Ok(kept) => {
+        Ok((kept, salvaged)) => {
+            run.salvaged.extend(salvaged);
             match &kept {
                 Some(pre) => ctx.log.info(
                     "restore_disk",
                     &format!("Backed up existing: {}", pre.display()),
+                ),
+                None if r.device => ctx.log.warn(
+                    "restore_disk",
+                    &format!(
+                        "Overwrote block device {} without a rollback image (--no-pre-restore)",
+                        r.path.display()
+                    ),
                 ),
                 None => ctx.log.warn(
                     "restore_disk",
@@ -430,6 +463,10 @@ fn define(ctx: &Context<'_>, d: &Definition, run: &mut Run) -> Result<(), AppErr
 /// The outcome of a finished run: summary line and catalogue values.
 fn finish(ctx: &Context<'_>, vm: &str, checkpoint: u32, report: Report, run: Run) -> Outcome {
     let (tok, tpm_result) = run.tpm.unwrap_or(("", report.tpm_result));
+    let failure = run
+        .test
+        .as_ref()
+        .and_then(|t| t.failure(report.target_name.as_deref().unwrap_or("the test clone")));
     let summary = match report.summary {
         // the spec's fixed line (acceptance 82); a VM without interfaces was told
         // by a WARN when its definition was planned
@@ -464,7 +501,24 @@ fn finish(ctx: &Context<'_>, vm: &str, checkpoint: u32, report: Report, run: Run
             report.target_path
         ),
         Summary::Nbd => format!("Restore complete: {vm} — disk ✓ NBD export(s) written"),
-        Summary::InstantBoot | Summary::Serve => run.summary.clone().unwrap_or_default(),
+        Summary::InstantBoot | Summary::Serve | Summary::TestBoot => {
+            run.summary.clone().unwrap_or_default()
+        }
+    };
+    // a salvage restore is never "complete": its summary says what it lacks
+    let summary = if run.salvaged.is_empty() {
+        summary
+    } else {
+        let defined = match (report.summary, &report.target_name) {
+            (Summary::Dr, _) => Some(vm),
+            (Summary::Clone, Some(name)) => Some(name.as_str()),
+            _ => None,
+        };
+        let mut s = crate::restore::salvage::summary(&run.salvaged);
+        if let Some(name) = defined.filter(|_| run.defined_uuid.is_some()) {
+            s.push_str(&format!(" (VM '{name}' defined)"));
+        }
+        s
     };
     Outcome {
         summary,
@@ -472,9 +526,12 @@ fn finish(ctx: &Context<'_>, vm: &str, checkpoint: u32, report: Report, run: Run
         disks: report.disks,
         target_path: report.target_path,
         tpm_result,
-        partial: tpm_result == "failed" || !run.uuid_ok,
+        partial: tpm_result == "failed" || !run.uuid_ok || !run.salvaged.is_empty(),
         target_name: report.target_name,
         effects: run.effects,
         plan: None,
+        extra: run.test.as_ref().map(|t| t.to_json()),
+        failure,
+        salvaged: run.salvaged,
     }
 }

@@ -24,8 +24,10 @@ pub mod plan;
 pub mod point;
 pub mod pool;
 pub mod preflight;
+pub mod salvage;
 pub mod serve;
 pub mod swap;
+pub mod testboot;
 mod tpm;
 
 pub use context::{Context, Outcome};
@@ -58,6 +60,19 @@ pub fn plan(ctx: &Context<'_>, kind: &RestoreKind) -> Result<RestorePlan, AppErr
             instant::plan_instant(ctx, dir, &name, *pull, &mut pf)?
         }
         RestoreKind::Nbd { targets, disks } => nbd::plan_nbd(ctx, targets, disks.as_ref())?,
+        RestoreKind::TestBoot {
+            dir,
+            timeout,
+            expect,
+            report,
+        } => testboot::plan_test_boot(
+            ctx,
+            dir.as_deref(),
+            *timeout,
+            expect.clone(),
+            report.as_deref(),
+            &mut pf,
+        )?,
         RestoreKind::Serve {
             listen,
             disks,
@@ -78,6 +93,7 @@ pub fn refuse_remote(uri: &str, kind: &RestoreKind) -> Result<(), AppError> {
             | RestoreKind::Clone { .. }
             | RestoreKind::DiskInPlace { .. }
             | RestoreKind::InstantBoot { .. }
+            | RestoreKind::TestBoot { .. }
     );
     match crate::hypervisor::remote_host(uri).filter(|_| local_only) {
         Some(host) => Err(AppError::Usage(format!(
@@ -112,7 +128,24 @@ pub fn dry_run(ctx: &Context<'_>, plan: &RestorePlan) -> Outcome {
             plan.refusals.len()
         )
     };
+    let salvaged = plan.salvaged();
     let summary = match plan.report.summary {
+        _ if plan.refusals.is_empty() && !salvaged.is_empty() => {
+            salvage::dry_run_summary(&plan.vm, &salvaged)
+        }
+        plan::Summary::Serve | plan::Summary::InstantBoot | plan::Summary::TestBoot
+            if plan.refusals.is_empty() =>
+        {
+            format!(
+                "Dry run: {} would be {} — nothing started",
+                plan.vm,
+                if plan.report.summary == plan::Summary::Serve {
+                    "served"
+                } else {
+                    "booted"
+                }
+            )
+        }
         plan::Summary::DiskInPlace | plan::Summary::DiskExtract if plan.refusals.is_empty() => {
             format!(
                 "Disk restore complete: {}/{} [DRY RUN — no changes made]",
@@ -132,5 +165,8 @@ pub fn dry_run(ctx: &Context<'_>, plan: &RestorePlan) -> Outcome {
         target_name: plan.report.target_name.clone(),
         effects: Vec::new(),
         plan: Some(plan.to_json()),
+        extra: None,
+        failure: None,
+        salvaged: Vec::new(),
     }
 }

@@ -34,6 +34,9 @@ pub struct PredictedOutput {
     pub file_name: String,
     /// `<restore path>/<file_name>`.
     pub final_path: PathBuf,
+    /// The format the image must have (a disk replaced in place keeps its domain's
+    /// `<driver type>`); `None`: chosen from the backup and the file name.
+    pub format: Option<ImageFormat>,
 }
 
 /// The domain XML for restore point `point`: the checkpoint's own vmconfig, else the
@@ -79,6 +82,7 @@ pub fn predict_outputs(set: &BackupSet, point: u32, restore_path: &Path) -> Vec<
                 source,
                 final_path: restore_path.join(&file_name),
                 file_name,
+                format: None,
             }
         })
         .collect()
@@ -97,6 +101,9 @@ pub struct DiskJob {
     pub qcow2: Qcow2Options,
     /// True when the options fell back to qemu defaults (no `qcow.json`).
     pub default_options: bool,
+    /// A salvage restore's damage (`--include-incomplete`): written beside the disk
+    /// as `<disk>.damage.json`, committed with it.
+    pub damage: Option<engine::salvage::DamageReport>,
 }
 
 /// The engine plan of one disk at `point`. A copy backup is one self-contained image
@@ -121,41 +128,49 @@ pub fn plan_outputs(
 ) -> engine::Result<Vec<DiskJob>> {
     outputs
         .iter()
-        .map(|o| {
-            let plan = plan_disk(set, &o.disk, point, newest)?;
-            let raw_source = plan.files.first().is_some_and(|f| f.raw_image);
-            let raw_name = Path::new(&o.file_name)
-                .extension()
-                .is_some_and(|e| e == "raw" || e == "img");
-            let format = if raw_source || raw_name {
-                ImageFormat::Raw
-            } else {
-                ImageFormat::Qcow2
-            };
-            let (qcow2, default_options) = match &plan.qcow {
-                Some(info) => {
-                    // name the side file the refused option came from
-                    let opts = Qcow2Options::from_qcow_info(info).map_err(|e| {
-                        match (e, set.qcow_json(&o.disk, point)) {
-                            (engine::Error::Unsupported(m), Some(p)) => {
-                                engine::Error::Unsupported(format!("{}: {m}", p.display()))
-                            }
-                            (e, _) => e,
-                        }
-                    })?;
-                    (opts, false)
-                }
-                None => (Qcow2Options::default(), true),
-            };
-            Ok(DiskJob {
-                output: o.clone(),
-                plan,
-                format,
-                qcow2,
-                default_options,
-            })
-        })
+        .map(|o| job_for(set, point, o, plan_disk(set, &o.disk, point, newest)?))
         .collect()
+}
+
+/// The job writing `plan` (of `o` at `point`): output format and image options.
+pub fn job_for(
+    set: &BackupSet,
+    point: u32,
+    o: &PredictedOutput,
+    plan: DiskPlan,
+) -> engine::Result<DiskJob> {
+    let raw_source = plan.files.first().is_some_and(|f| f.raw_image);
+    let raw_name = Path::new(&o.file_name)
+        .extension()
+        .is_some_and(|e| e == "raw" || e == "img");
+    let format = o.format.unwrap_or(if raw_source || raw_name {
+        ImageFormat::Raw
+    } else {
+        ImageFormat::Qcow2
+    });
+    let (qcow2, default_options) = match &plan.qcow {
+        Some(info) => {
+            // name the side file the refused option came from
+            let opts = Qcow2Options::from_qcow_info(info).map_err(|e| {
+                match (e, set.qcow_json(&o.disk, point)) {
+                    (engine::Error::Unsupported(m), Some(p)) => {
+                        engine::Error::Unsupported(format!("{}: {m}", p.display()))
+                    }
+                    (e, _) => e,
+                }
+            })?;
+            (opts, false)
+        }
+        None => (Qcow2Options::default(), true),
+    };
+    Ok(DiskJob {
+        output: o.clone(),
+        plan,
+        format,
+        qcow2,
+        default_options,
+        damage: None,
+    })
 }
 
 /// Removes (with a WARN each) the temporary files that killed restores left for
@@ -241,23 +256,58 @@ pub fn write_outputs(
     replace: bool,
     opts: &ApplyOptions,
 ) -> engine::Result<(ApplyReport, Vec<PathBuf>)> {
+    let damage: Vec<_> = jobs
+        .iter()
+        .map(|j| j.damage.clone().map(|d| (d, j.output.final_path.clone())))
+        .collect();
     let (report, staged) = write_staged(jobs, opts)?;
+    // a salvaged disk's damage map, staged like the disk
+    let maps = damage
+        .iter()
+        .map(|d| {
+            d.as_ref()
+                .map(|(d, path)| crate::restore::salvage::stage_map(d, path))
+                .transpose()
+        })
+        .collect::<engine::Result<Vec<_>>>()?;
     if !replace {
         // All or nothing: refuse before the first rename if any final name is taken.
         if let Some(s) = staged
             .iter()
-            .find(|s| std::fs::symlink_metadata(s.final_path()).is_ok())
+            .map(StagedPath::final_path)
+            .chain(maps.iter().flatten().map(StagedPath::final_path))
+            .find(|p| std::fs::symlink_metadata(p).is_ok())
         {
             return Err(engine::Error::target(
                 "renaming into",
-                s.final_path(),
+                s,
                 std::io::Error::new(std::io::ErrorKind::AlreadyExists, "file exists"),
             ));
         }
     }
     let mut done = Vec::new();
-    for s in staged {
-        done.push(s.commit(replace)?);
+    for (s, map) in staged.into_iter().zip(maps) {
+        done.push(commit_with_map(s, map, replace)?);
     }
     Ok((report, done))
+}
+
+/// Commits a disk; a salvaged disk's map first (a disk under its final name always
+/// has its map), taken back when the disk cannot follow. A clean disk takes away a
+/// map an earlier salvage left at its name.
+pub fn commit_with_map(
+    disk: StagedPath,
+    map: Option<StagedPath>,
+    replace: bool,
+) -> engine::Result<PathBuf> {
+    let Some(map) = map else {
+        let done = disk.commit(replace)?;
+        crate::restore::salvage::remove_stale_map(&done);
+        return Ok(done);
+    };
+    let map = map.commit(replace)?;
+    disk.commit(replace).inspect_err(|_| {
+        // best effort: the map describes a disk that is not there
+        let _ = std::fs::remove_file(&map);
+    })
 }

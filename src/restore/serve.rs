@@ -138,6 +138,14 @@ pub(super) fn run(ctx: &Context<'_>, s: ServePlan) -> Result<String, AppError> {
     let stats = server
         .run(ctx.cancel.clone())
         .map_err(|e| engine_error(e, "NBD server failed"))?;
+    ctx.log.info(
+        "serve",
+        &format!("Server stopped ({} connections)", stats.connections),
+    );
+    // serving ends by a signal: the exit status says which (130 SIGINT, 143 SIGTERM)
+    if let Some(sig) = ctx.cancel.signal().filter(|s| *s > 0) {
+        return Err(AppError::Interrupted(sig));
+    }
     Ok(format!(
         "Server stopped ({} connections)",
         stats.connections

@@ -10,8 +10,9 @@ use std::path::{Path, PathBuf};
 
 use crate::error::{engine_error, AppError};
 use crate::restore::checks::Preflight;
-use crate::restore::outputs::{plan_outputs, write_staged};
+use crate::restore::outputs::{commit_with_map, plan_outputs, write_staged};
 use crate::restore::plan::InPlace;
+use crate::restore::salvage::{self, Salvaged};
 use crate::restore::Context;
 use crate::ui::format::iec_size;
 
@@ -60,20 +61,30 @@ pub fn current_size(path: &Path) -> u64 {
     std::fs::metadata(path).map(|m| m.len()).unwrap_or(0)
 }
 
-/// A block device used by another running domain is refused.
-pub fn check_device_unused(
-    ctx: &Context<'_>,
-    pf: &mut Preflight,
-    dev: &Path,
-) -> Result<(), AppError> {
-    let real = std::fs::canonicalize(dev).unwrap_or_else(|_| dev.to_path_buf());
-    let users: Vec<String> = ctx
+/// What identifies a disk whatever path names it: a device's number (a `mknod`
+/// alias is the same device), a file's device and inode (a link is the same file).
+fn identity(p: &Path) -> Option<(u64, u64)> {
+    use std::os::unix::fs::MetadataExt;
+    let m = std::fs::metadata(p).ok()?;
+    Some(if m.file_type().is_block_device() {
+        (u64::MAX, m.rdev())
+    } else {
+        (m.dev(), m.ino())
+    })
+}
+
+/// A disk that another running domain also uses is refused: writing it (or, for a
+/// file, swapping it out from under that domain) would corrupt both.
+pub fn check_unused(ctx: &Context<'_>, pf: &mut Preflight, disk: &Path) -> Result<(), AppError> {
+    let Some(id) = identity(disk) else {
+        return Ok(());
+    };
+    let mut users: Vec<String> = ctx
         .hv
         .live_disks()
         .unwrap_or_default()
         .into_iter()
-        .filter(|l| l.domain != ctx.vm)
-        .filter(|l| std::fs::canonicalize(&l.path).unwrap_or_else(|_| l.path.clone()) == real)
+        .filter(|l| l.domain != ctx.vm && identity(&l.path) == Some(id))
         .filter(|l| {
             ctx.hv
                 .lookup(&l.domain)
@@ -83,15 +94,86 @@ pub fn check_device_unused(
         })
         .map(|l| l.domain)
         .collect();
+    users.dedup();
     if users.is_empty() {
         return Ok(());
     }
     let msg = format!(
-        "Block device {} is in use by running VM(s) {} — refusing to overwrite it",
-        dev.display(),
+        "{} is in use by running VM(s) {} — refusing to replace it",
+        disk.display(),
         users.join(", ")
     );
     pf.refuse(ctx, "restore_disk", AppError::Storage(msg.clone()), msg)
+}
+
+/// A block device must hold the disk and be free: a mounted device, one a program
+/// holds exclusively, or one smaller than the disk is refused before the rollback
+/// image is taken.
+pub fn check_device(
+    ctx: &Context<'_>,
+    pf: &mut Preflight,
+    dev: &Path,
+    d: &str,
+    t: u32,
+) -> Result<(), AppError> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let busy = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(nix::libc::O_EXCL)
+        .open(dev)
+        .err()
+        .filter(|e| e.raw_os_error() == Some(nix::libc::EBUSY));
+    if busy.is_some() {
+        let msg = format!(
+            "Block device {} is in use (mounted, or held by another program) — refusing to overwrite it",
+            dev.display()
+        );
+        pf.refuse(ctx, "restore_disk", AppError::Storage(msg.clone()), msg)?;
+    }
+    let size = engine::target::raw::block_device_size(dev).unwrap_or(0);
+    let need = crate::restore::outputs::plan_disk(ctx.set, d, t, !ctx.point.is_explicit())
+        .map(|p| p.virtual_size)
+        .unwrap_or(0);
+    if size < need {
+        let msg = format!(
+            "Block device {} holds {size} bytes; disk {d} needs {need}",
+            dev.display()
+        );
+        pf.refuse(ctx, "restore_disk", AppError::Storage(msg.clone()), msg)?;
+    }
+    Ok(())
+}
+
+/// The marker that says a device restore is under way: written before the device
+/// is touched, removed after it was written and read back. Found by a later run, it
+/// means the device may hold a partial restore and `rollback` is the only copy.
+pub fn in_progress_marker(rollback: &Path) -> PathBuf {
+    let mut s = rollback.as_os_str().to_owned();
+    s.push(".in-progress");
+    PathBuf::from(s)
+}
+
+/// The rollback copy's name must be free — or a leftover this run knows how to
+/// treat: the second name of an unchanged original (file), which is dropped.
+pub fn check_rollback_free(path: &Path, pre: &Path, device: bool) -> Result<(), AppError> {
+    if device && in_progress_marker(pre).exists() {
+        return Err(AppError::Storage(format!(
+            "A previous restore of {} was interrupted: the device may hold a PARTIAL restore, and {} holds its content from before — put it back with `dd if={} of={} bs=4M conv=fsync status=progress`, or restore the backup again with --no-pre-restore (which keeps {}); then remove {}",
+            path.display(),
+            pre.display(),
+            pre.display(),
+            path.display(),
+            pre.display(),
+            in_progress_marker(pre).display()
+        )));
+    }
+    if pre.symlink_metadata().is_ok() && !is_unfinished_rollback(path, pre) {
+        return Err(AppError::Storage(format!(
+            "Pre-restore file already exists: {} — delete it first or use --no-pre-restore",
+            pre.display()
+        )));
+    }
+    Ok(())
 }
 
 /// True when `pre` is a second name of `path` (same inode): what a kill between the
@@ -124,21 +206,32 @@ pub fn refuse_interrupted_exchange(path: &Path) -> Result<(), AppError> {
     )))
 }
 
-/// Writes disk `r` and puts it in place; returns the rollback copy, if kept.
-pub fn replace(ctx: &Context<'_>, r: &InPlace) -> Result<Option<PathBuf>, AppError> {
+/// Writes disk `r` and puts it in place; returns the rollback copy, if kept, and
+/// what a salvage restore (`--include-incomplete`) could not restore.
+pub fn replace(
+    ctx: &Context<'_>,
+    r: &InPlace,
+) -> Result<(Option<PathBuf>, Option<Salvaged>), AppError> {
     let what = format!("Disk restore failed for {}", r.output.disk);
-    let mut jobs = plan_outputs(
-        ctx.set,
-        r.checkpoint,
-        std::slice::from_ref(&r.output),
-        !ctx.point.is_explicit(),
-    )
-    .map_err(|e| engine_error(e, &what))?;
+    let mut jobs = if ctx.options.include_incomplete {
+        salvage::plan_outputs(ctx, r.checkpoint, std::slice::from_ref(&r.output), true)?
+    } else {
+        plan_outputs(
+            ctx.set,
+            r.checkpoint,
+            std::slice::from_ref(&r.output),
+            !ctx.point.is_explicit(),
+        )
+        .map_err(|e| engine_error(e, &what))?
+    };
+    let salvaged = jobs.first().and_then(Salvaged::of);
+    let damage = jobs.first().and_then(|j| j.damage.clone());
     if r.device {
+        salvage::refuse_damaged(&jobs, "a block device restored in place")?;
         let job = jobs
             .pop()
             .ok_or_else(|| AppError::Internal("no plan for the disk".into()))?;
-        return replace_device(ctx, r, job).map_err(|e| engine_error(e, &what));
+        return replace_device(ctx, r, job).map(|kept| (kept, None));
     }
     remove_legacy_leftovers(&r.path);
     if let Some(pre) = &r.rollback {
@@ -159,13 +252,17 @@ pub fn replace(ctx: &Context<'_>, r: &InPlace) -> Result<Option<PathBuf>, AppErr
     let staged = staged
         .pop()
         .ok_or_else(|| AppError::Internal("no staged output for the disk".into()))?;
+    let map = damage
+        .map(|d| salvage::stage_map(&d, &r.path))
+        .transpose()
+        .map_err(|e| engine_error(e, &what))?;
     // TEMP until engine's commit with rollback lands
     if let Some(rb) = &r.rollback {
         std::fs::hard_link(&r.path, rb)
             .map_err(AppError::io(format!("linking {}", rb.display())))?;
     }
-    staged.commit(true).map_err(|e| engine_error(e, &what))?;
-    Ok(r.rollback.clone())
+    commit_with_map(staged, map, true).map_err(|e| engine_error(e, &what))?;
+    Ok((r.rollback.clone(), salvaged))
 }
 
 /// A block device: the rollback image first (its whole current content), then the
@@ -174,26 +271,71 @@ fn replace_device(
     ctx: &Context<'_>,
     r: &InPlace,
     job: crate::restore::outputs::DiskJob,
-) -> engine::Result<Option<PathBuf>> {
-    if let Some(rb) = &r.rollback {
-        if let Some(dir) = rb.parent() {
-            std::fs::create_dir_all(dir).map_err(|e| engine::Error::target("creating", dir, e))?;
+) -> Result<Option<PathBuf>, AppError> {
+    let what = format!("Disk restore failed for {}", r.output.disk);
+    let marker = match &r.rollback {
+        Some(rb) => Some(save_device(ctx, r, rb).map_err(|e| engine_error(e, &what))?),
+        None => None,
+    };
+    let written =
+        engine::target::raw::RawTarget::open_block_device_for_disk(&r.path, job.plan.virtual_size)
+            .and_then(|target| {
+                engine::apply(&[job.plan], vec![Box::new(target)], &ctx.apply_options())
+            });
+    match written {
+        Ok(_) => {
+            if let Some(m) = &marker {
+                let _ = std::fs::remove_file(m);
+            }
+            Ok(r.rollback.clone())
         }
-        let bytes = engine::rollback::save_device_image(&r.path, rb, &ctx.cancel)?.data_bytes;
-        ctx.log.info(
+        Err(e) => {
+            let kept = match &r.rollback {
+                Some(rb) => format!("its previous content is in {} — put it back with `dd if={} of={} bs=4M conv=fsync status=progress`, or rerun with --no-pre-restore", rb.display(), rb.display(), r.path.display()),
+                None => "no copy of its previous content was kept (--no-pre-restore)".to_owned(),
+            };
+            ctx.log.error(
+                "restore_disk",
+                &format!(
+                    "Block device {} may now hold a PARTIAL restore: {kept}",
+                    r.path.display()
+                ),
+            );
+            Err(engine_error(e, &what))
+        }
+    }
+}
+
+/// The device's whole current content into the rollback image (a stale temporary
+/// image of a killed run is removed first), and the in-progress marker beside it.
+fn save_device(ctx: &Context<'_>, r: &InPlace, rb: &Path) -> engine::Result<PathBuf> {
+    if let Some(dir) = rb.parent() {
+        std::fs::create_dir_all(dir).map_err(|e| engine::Error::target("creating", dir, e))?;
+    }
+    for p in engine::StagedPath::remove_stale(rb) {
+        ctx.log.warn(
             "restore_disk",
             &format!(
-                "Saved the current content of {} to {} ({})",
-                r.path.display(),
-                rb.display(),
-                iec_size(bytes)
+                "Removed leftover temporary rollback image of an interrupted restore: {}",
+                p.display()
             ),
         );
     }
-    let target =
-        engine::target::raw::RawTarget::open_block_device_for_disk(&r.path, job.plan.virtual_size)?;
-    engine::apply(&[job.plan], vec![Box::new(target)], &ctx.apply_options())?;
-    Ok(r.rollback.clone())
+    let saved = engine::rollback::save_device_image(&r.path, rb, &ctx.cancel)?;
+    ctx.log.info(
+        "restore_disk",
+        &format!(
+            "Saved the current content of {} to {} ({} of data)",
+            r.path.display(),
+            rb.display(),
+            iec_size(saved.data_bytes)
+        ),
+    );
+    let marker = in_progress_marker(rb);
+    std::fs::write(&marker, format!("{}\n", r.path.display()))
+        .and_then(|()| std::fs::File::open(&marker)?.sync_all())
+        .map_err(|e| engine::Error::target("writing", &marker, e))?;
+    Ok(marker)
 }
 
 /// Temporary files an interrupted in-place restore of an older version left beside

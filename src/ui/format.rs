@@ -64,6 +64,31 @@ pub fn stream_time(date: &str) -> Option<SystemTime> {
     Some(SystemTime::from(local))
 }
 
+/// Whether the block device holding `dir` rotates (`/sys/block/<dev>/queue/
+/// rotational`); `None` when it cannot be told (a network or virtual filesystem).
+pub fn rotational(dir: &std::path::Path) -> Option<bool> {
+    use std::os::unix::fs::MetadataExt;
+    let mut d = dir.to_path_buf();
+    let dev = loop {
+        if let Ok(m) = std::fs::metadata(&d) {
+            break m.dev();
+        }
+        if !d.pop() {
+            return None;
+        }
+    };
+    let (major, minor) = (nix::sys::stat::major(dev), nix::sys::stat::minor(dev));
+    let sys = std::fs::canonicalize(format!("/sys/dev/block/{major}:{minor}")).ok()?;
+    // a partition's queue is its disk's
+    [
+        sys.join("queue/rotational"),
+        sys.join("../queue/rotational"),
+    ]
+    .iter()
+    .find_map(|p| std::fs::read_to_string(p).ok())
+    .map(|v| v.trim() == "1")
+}
+
 /// The current local time as `YYYY-MM-DD HH:MM:SS`.
 pub fn now_local() -> String {
     local_datetime(SystemTime::now())

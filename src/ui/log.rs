@@ -176,6 +176,44 @@ pub fn log_dir(env_log_dir: Option<&Path>) -> PathBuf {
         .unwrap_or_else(|| PathBuf::from("/tmp"))
 }
 
+/// A random 64-bit value for a fresh file name.
+fn nonce() -> u64 {
+    use std::hash::{BuildHasher, RandomState};
+    RandomState::new().hash_one((std::process::id(), Instant::now()))
+}
+
+/// Creates a new file (mode 0600) in `dir`: `name` when that name is free, else a
+/// fresh `<stem>-<random>.log`. Never opens an existing file and never follows a
+/// symlink (`O_CREAT|O_EXCL|O_NOFOLLOW`): in a shared directory such as `/tmp`, a
+/// name planted in advance (a symlink to a root-owned file, a file someone else can
+/// read) is passed over, not written to. Returns the file and its path.
+fn create_new(dir: &Path, name: &str) -> std::io::Result<(File, PathBuf)> {
+    let open = |p: &Path| {
+        OpenOptions::new()
+            .append(true)
+            .create_new(true)
+            .mode(0o600)
+            .custom_flags(nix::libc::O_NOFOLLOW | nix::libc::O_NOCTTY)
+            .open(p)
+    };
+    let first = dir.join(name);
+    let mut err = match open(&first) {
+        Ok(f) => return Ok((f, first)),
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => e,
+        Err(e) => return Err(e),
+    };
+    let stem = name.strip_suffix(".log").unwrap_or(name);
+    for _ in 0..8 {
+        let p = dir.join(format!("{stem}-{:016x}.log", nonce()));
+        match open(&p) {
+            Ok(f) => return Ok((f, p)),
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => err = e,
+            Err(e) => return Err(e),
+        }
+    }
+    Err(err)
+}
+
 /// Opens (creates, mode 0600) the run log and writes its header.
 #[derive(Debug)]
 pub struct RunLog;
@@ -184,28 +222,28 @@ impl RunLog {
     /// Creates `<dir>/<label>-<YYYYMMDD-HHMMSS>.log` (falling back to `/tmp`, then
     /// `/tmp/vmrestore-<epoch>.log`), writes the header block with `fields`, and
     /// makes it the destination of every later log line. Returns its path.
+    ///
+    /// The file is always a new one ([`create_new`]): when the name is taken (a
+    /// second run in the same second, or a name planted in `/tmp`) a fresh unique
+    /// name is used instead, and said (WARN when the name held a symlink or other
+    /// non-file).
     pub fn open(dir: &Path, label: &str, fields: &[(&str, String)]) -> PathBuf {
         let now = chrono::Local::now();
         let name = format!("{}-{}.log", sanitize(label), now.format("%Y%m%d-%H%M%S"));
+        let tmp = Path::new("/tmp");
         let dir = if std::fs::create_dir_all(dir).is_ok() {
-            dir.to_path_buf()
+            dir
         } else {
-            PathBuf::from("/tmp")
+            tmp
         };
-        let create = |p: &Path| {
-            OpenOptions::new()
-                .create(true)
-                .append(true)
-                .mode(0o600)
-                .open(p)
-        };
-        let mut candidates = vec![dir.join(&name), PathBuf::from("/tmp").join(&name)];
-        candidates.push(PathBuf::from(format!(
-            "/tmp/vmrestore-{}.log",
-            now.timestamp()
-        )));
-        for path in candidates {
-            let Ok(mut file) = create(&path) else {
+        let epoch = format!("vmrestore-{}.log", now.timestamp());
+        let mut candidates = vec![(dir, name.as_str())];
+        if dir != tmp {
+            candidates.push((tmp, name.as_str()));
+        }
+        candidates.push((tmp, epoch.as_str()));
+        for (d, n) in candidates {
+            let Ok((mut file, path)) = create_new(d, n) else {
                 continue;
             };
             let mut header = format!(
@@ -230,10 +268,26 @@ impl RunLog {
                     started: Instant::now(),
                 })
             });
+            if path.file_name() != Some(std::ffi::OsStr::new(n)) {
+                say_taken(&d.join(n), &path);
+            }
             return path;
         }
         PathBuf::from("/dev/null")
     }
+}
+
+/// Says that the log name `taken` was passed over for `used`.
+fn say_taken(taken: &Path, used: &Path) {
+    let what = match std::fs::symlink_metadata(taken) {
+        Ok(m) if m.file_type().is_symlink() => "is a symbolic link",
+        Ok(m) if !m.is_file() => "is not a regular file",
+        _ => {
+            tracing::info!(target: "main", "Log file {} already exists: logging to {}", taken.display(), used.display());
+            return;
+        }
+    };
+    tracing::warn!(target: "main", "Log file {} {what} (not followed): logging to {}", taken.display(), used.display());
 }
 
 /// `Key:` padded to 14 columns, then the value.
@@ -305,5 +359,37 @@ mod tests {
         assert_eq!(component("list_vms"), "list_vms");
         assert_eq!(sanitize(""), "unknown");
         assert_eq!(rule().chars().count(), 60);
+    }
+
+    // issue 18 (5): a name planted in a shared directory is never opened: not through
+    // a symlink (root's file would get the log), not as an existing file
+    #[test]
+    fn issue18_create_new_never_reuses_a_name() {
+        use std::os::unix::fs::{symlink, PermissionsExt};
+        let d = tempfile::tempdir().expect("tmp");
+        let outside = tempfile::tempdir().expect("tmp");
+        let target = outside.path().join("root-file");
+        std::fs::write(&target, "keep\n").expect("write");
+        symlink(&target, d.path().join("vm-1.log")).expect("symlink");
+        symlink(outside.path().join("dangling"), d.path().join("vm-2.log")).expect("symlink");
+        std::fs::write(d.path().join("vm-3.log"), "theirs\n").expect("write");
+        for n in ["vm-1.log", "vm-2.log", "vm-3.log"] {
+            let (mut f, p) = create_new(d.path(), n).expect("created");
+            f.write_all(b"log\n").expect("write");
+            assert_ne!(p, d.path().join(n));
+            assert_eq!(p.parent(), Some(d.path()));
+            let md = std::fs::symlink_metadata(&p).expect("md");
+            assert!(md.is_file());
+            assert_eq!(md.permissions().mode() & 0o777, 0o600);
+            assert_eq!(std::fs::read_to_string(&p).expect("read"), "log\n");
+        }
+        assert_eq!(std::fs::read_to_string(&target).expect("read"), "keep\n");
+        assert!(!outside.path().join("dangling").exists());
+        assert_eq!(
+            std::fs::read_to_string(d.path().join("vm-3.log")).expect("read"),
+            "theirs\n"
+        );
+        let (_, p) = create_new(d.path(), "vm-4.log").expect("free name");
+        assert_eq!(p, d.path().join("vm-4.log"));
     }
 }

@@ -99,3 +99,45 @@ pub fn line_progress(log: Arc<dyn Reporter>) -> engine::apply::ProgressFn {
         }
     })
 }
+
+/// Lines of one VM in a whole-host run: every message carries the VM's name.
+#[derive(Debug)]
+pub struct Prefixed<'a> {
+    /// `[vm] `.
+    pub prefix: String,
+    /// Where the lines go.
+    pub inner: &'a dyn Reporter,
+}
+
+impl std::fmt::Debug for dyn Reporter + '_ {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Reporter")
+    }
+}
+
+impl Reporter for Prefixed<'_> {
+    fn info(&self, component: &str, msg: &str) {
+        self.inner.info(component, &format!("{}{msg}", self.prefix));
+    }
+    fn warn(&self, component: &str, msg: &str) {
+        self.inner.warn(component, &format!("{}{msg}", self.prefix));
+    }
+    fn error(&self, component: &str, msg: &str) {
+        self.inner
+            .error(component, &format!("{}{msg}", self.prefix));
+    }
+    fn plain(&self, line: &str) {
+        self.inner.plain(line);
+    }
+}
+
+/// Discards lines (planning a whole host before saying anything).
+#[derive(Debug, Default)]
+pub struct Quiet;
+
+impl Reporter for Quiet {
+    fn info(&self, _: &str, _: &str) {}
+    fn warn(&self, _: &str, _: &str) {}
+    fn error(&self, _: &str, _: &str) {}
+    fn plain(&self, _: &str) {}
+}

@@ -426,3 +426,24 @@ pub fn assert_golden(name: &str, actual: &str) {
         );
     }
 }
+
+/// sha256 of the guest content of a disk image (converted to raw by qemu-img, a
+/// test-only tool).
+pub fn guest_sha(img: &Path) -> String {
+    use sha2::{Digest, Sha256};
+    let raw = img.with_file_name(format!(
+        "{}.raw-check",
+        img.file_name().expect("name").to_string_lossy()
+    ));
+    let st = Command::new("qemu-img")
+        .args(["convert", "-O", "raw"])
+        .arg(img)
+        .arg(&raw)
+        .status()
+        .expect("qemu-img");
+    assert!(st.success(), "qemu-img convert {}", img.display());
+    let mut h = Sha256::new();
+    std::io::copy(&mut fs::File::open(&raw).expect("raw"), &mut h).expect("hash");
+    fs::remove_file(&raw).expect("rm");
+    format!("{:x}", h.finalize())
+}

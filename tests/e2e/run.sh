@@ -9,12 +9,16 @@ set -euo pipefail
 ROOT_DIR=$(cd "$(dirname "$0")/../.." && pwd)
 # shellcheck source=lib.sh
 source "$ROOT_DIR/tests/e2e/lib.sh"
+# shellcheck source=testboot.sh
+source "$ROOT_DIR/tests/e2e/testboot.sh"
+# shellcheck source=all.sh
+source "$ROOT_DIR/tests/e2e/all.sh"
 BIN=${VMRESTORE_BIN:-$ROOT_DIR/target/debug/vmrestore}
 WORK=$(mktemp -d /var/tmp/vmrestore-e2e.XXXXXX)
 chmod 755 "$WORK"   # qemu (libvirt-qemu) must reach restored images
 BK=$WORK/backups
 export LOG_DIR=$WORK/logs
-SCENARIOS=${E2E_SCENARIOS:-"fixtures instant multi uefi long shrink copy diff"}
+SCENARIOS=${E2E_SCENARIOS:-"all fixtures instant testboot multi uefi long shrink copy diff"}
 EXTRA_DOMAINS=()
 PASSED=()
 START=$SECONDS

@@ -15,6 +15,7 @@ use std::os::unix::io::AsRawFd;
 use crate::error::Result;
 
 pub mod nbd;
+pub mod null;
 pub mod overlay;
 pub mod qcow2;
 pub mod raw;

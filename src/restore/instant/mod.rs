@@ -19,7 +19,7 @@ use crate::error::AppError;
 use crate::restore::checks::{log_predictions, safety_checks, Preflight};
 use crate::restore::clone::renamed;
 use crate::restore::dr::{config, disk_jobs, endpoint};
-use crate::restore::outputs::predict_outputs;
+use crate::restore::outputs::{predict_outputs, PredictedOutput};
 use crate::restore::plan::{
     Action, InstantBoot, NvramInstall, Report, RestorePlan, Summary, TpmRestore, TpmUuid,
 };
@@ -220,27 +220,10 @@ pub(super) fn plan_instant(
             "Restore point {t} has no disk with backup data — nothing to boot"
         )));
     }
-    let finals: Vec<PathBuf> = overlays.iter().map(|o| o.final_path.clone()).collect();
-    // a leftover clone this plan stops first does not collide, nor do its files
-    let (going, removed): (Vec<&str>, Vec<PathBuf>) = match actions.first() {
-        Some(Action::ClearLeftover { name, files }) => (vec![name.as_str()], files.clone()),
-        _ => (Vec::new(), Vec::new()),
-    };
-    safety_checks(ctx, pf, &finals, &ctx.vm, &going)?;
-    if let Some(p) = finals
-        .iter()
-        .find(|p| p.symlink_metadata().is_ok() && !removed.contains(p))
-    {
-        let msg = format!(
-            "{} already exists — the overlays of an instant boot are new files (remove it or choose another --name)",
-            p.display()
-        );
-        pf.refuse(ctx, COMPONENT, AppError::Storage(msg.clone()), msg)?;
-    }
-    let plans = disk_jobs(ctx, t, &overlays)?
-        .into_iter()
-        .map(|j| j.plan)
-        .collect();
+    check_overlays(ctx, pf, &overlays, actions.first())?;
+    let jobs = disk_jobs(ctx, t, &overlays)?;
+    crate::restore::salvage::refuse_damaged(&jobs, "an instant boot")?;
+    let plans = jobs.into_iter().map(|j| j.plan).collect();
     let report = Report {
         disks: overlays.iter().map(|o| o.disk.clone()).collect(),
         target_path: dir.display().to_string(),
@@ -259,6 +242,7 @@ pub(super) fn plan_instant(
         rewrite: Rewrite::default(),
         nvram: instant_nvram(ctx, &cfg, name, t),
         tpm: None,
+        test: None,
     };
     actions.push(Action::InstantBoot(Box::new(identity(ctx, boot))));
     Ok(RestorePlan {
@@ -270,6 +254,34 @@ pub(super) fn plan_instant(
         actions,
         refusals: Vec::new(),
     })
+}
+
+/// The overlays are new files nobody uses; a leftover clone this plan stops first
+/// does not collide, nor do its files.
+fn check_overlays(
+    ctx: &Context<'_>,
+    pf: &mut Preflight,
+    overlays: &[PredictedOutput],
+    first: Option<&Action>,
+) -> Result<(), AppError> {
+    let finals: Vec<PathBuf> = overlays.iter().map(|o| o.final_path.clone()).collect();
+    // a leftover clone this plan stops first does not collide, nor do its files
+    let (going, removed): (Vec<&str>, Vec<PathBuf>) = match first {
+        Some(Action::ClearLeftover { name, files }) => (vec![name.as_str()], files.clone()),
+        _ => (Vec::new(), Vec::new()),
+    };
+    safety_checks(ctx, pf, &finals, &ctx.vm, &going)?;
+    if let Some(p) = finals
+        .iter()
+        .find(|p| p.symlink_metadata().is_ok() && !removed.contains(p))
+    {
+        let msg = format!(
+            "{} already exists — the overlays of an instant boot are new files (remove it or choose another --name)",
+            p.display()
+        );
+        pf.refuse(ctx, COMPONENT, AppError::Storage(msg.clone()), msg)?;
+    }
+    Ok(())
 }
 
 /// The clone's identity: new name and MACs, the UUID chosen here, the NVRAM copy,
@@ -292,6 +304,7 @@ fn identity(ctx: &Context<'_>, mut boot: InstantBoot) -> InstantBoot {
         drop_macs: true,
         disks: Vec::new(),
         nvram: boot.nvram.as_ref().map(|n| n.dest.display().to_string()),
+        ..Rewrite::default()
     };
     boot
 }

@@ -16,12 +16,20 @@ use crate::restore::plan::NvramInstall;
 use crate::restore::Context;
 use crate::ui::format::iec_size;
 
-/// Runs a planned instant boot: serve, overlays, clone, then wait for the end.
-/// Returns the summary line and the TPM result.
-pub(in crate::restore) fn run(
-    ctx: &Context<'_>,
-    mut ib: InstantBoot,
-) -> Result<(String, &'static str), AppError> {
+/// How a run of an instant or test boot ended.
+#[derive(Debug)]
+pub(in crate::restore) struct Booted {
+    /// The summary line.
+    pub summary: String,
+    /// The TPM result.
+    pub tpm: &'static str,
+    /// A test boot's result.
+    pub test: Option<crate::restore::testboot::TestResult>,
+}
+
+/// Runs a planned instant boot: serve, overlays, clone, then wait for the end (or,
+/// for a test boot, for a sign of life, and tear down).
+pub(in crate::restore) fn run(ctx: &Context<'_>, mut ib: InstantBoot) -> Result<Booted, AppError> {
     let sizes: Vec<u64> = ib.plans.iter().map(|p| p.virtual_size).collect();
     let plans = std::mem::take(&mut ib.plans);
     let listen = Listen::tcp("127.0.0.1:0").map_err(|e| engine_error(e, "Cannot serve"))?;
@@ -50,9 +58,39 @@ pub(in crate::restore) fn run(
             return Err(e);
         }
     };
+    if let Some(spec) = &ib.test {
+        let result = crate::restore::testboot::watch(ctx, &ib, spec);
+        teardown(ctx, &ib.name, &created);
+        stop(handle, ctx);
+        crate::restore::testboot::finish(ctx, &ib, spec, &result);
+        return Ok(Booted {
+            summary: result.summary(&ctx.vm, &ib.name),
+            tpm,
+            test: Some(result),
+        });
+    }
     let end = serve_until_done(ctx, &ib.name, ib.pull, port, &ib.overlays);
     let summary = ended(ctx, &ib, end, port, handle, &created)?;
-    Ok((summary, tpm))
+    Ok(Booted {
+        summary,
+        tpm,
+        test: None,
+    })
+}
+
+/// Stops the transient clone (if it still runs) and removes what was made for it.
+fn teardown(ctx: &Context<'_>, name: &str, created: &Created) {
+    if ctx.hv.lookup(name).ok().flatten().is_some() {
+        match ctx.hv.destroy(name) {
+            Ok(()) => ctx
+                .log
+                .info(COMPONENT, &format!("Stopped temporary VM '{name}'")),
+            Err(e) => ctx
+                .log
+                .warn(COMPONENT, &format!("Cannot stop '{name}': {e}")),
+        }
+    }
+    created.remove(ctx);
 }
 
 /// What happens when the serving loop ends: the summary line, or the error of a
@@ -81,10 +119,20 @@ fn ended(
             ),
         );
         crate::restore::pool::refresh_pool(ctx, &ib.dir);
-        return Ok(format!(
-            "Restore complete: {} — instant boot ✓ pulled ✓ defined ✓ new identity ✓ (running as '{name}')",
-            ctx.vm
-        ));
+        return match (end, ib.pull) {
+            (End::Pulled, _) => Ok(format!(
+                "Restore complete: {} — instant boot ✓ pulled ✓ defined ✓ new identity ✓ (running as '{name}')",
+                ctx.vm
+            )),
+            (_, false) => Ok(format!(
+                "Instant boot ended: {} — the disks of '{name}' were pulled outside vmrestore; it keeps running as a transient domain (virsh dumpxml {name} > {name}.xml && virsh define {name}.xml keeps it)",
+                ctx.vm
+            )),
+            (_, true) => Err(AppError::Vm(format!(
+                "Instant boot of {}: the disks of '{name}' were pulled, but it is NOT defined persistently (see above) — run `virsh dumpxml {name} > {name}.xml && virsh define {name}.xml` before it stops",
+                ctx.vm
+            ))),
+        };
     }
     if end == End::Gone {
         ctx.log.info(COMPONENT, &format!("'{name}' has stopped"));
@@ -240,6 +288,9 @@ fn boot_tpm(ctx: &Context<'_>, ib: &InstantBoot, created: &mut Created) -> &'sta
 
 fn log_next_steps(ctx: &Context<'_>, ib: &InstantBoot) {
     let name = &ib.name;
+    if ib.test.is_some() {
+        return;
+    }
     if ib.pull {
         ctx.log.info(
             COMPONENT,

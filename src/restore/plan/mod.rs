@@ -12,8 +12,8 @@ use serde_json::{json, Value};
 pub mod steps;
 
 pub use steps::{
-    Definition, Identity, InPlace, InstantBoot, NbdWrite, NvramInstall, ServePlan, TpmRestore,
-    TpmUuid,
+    Definition, Identity, InPlace, InstantBoot, NbdWrite, NvramInstall, ServePlan, TestBootSpec,
+    TpmRestore, TpmUuid,
 };
 
 use crate::restore::outputs::{DiskJob, ImageFormat};
@@ -72,6 +72,8 @@ pub enum Summary {
     Nbd,
     /// Set by the instant-boot runtime.
     InstantBoot,
+    /// Set by the test-boot runtime.
+    TestBoot,
     /// Set by the server.
     Serve,
 }
@@ -173,6 +175,7 @@ impl Action {
             Self::CreateDir(d) => vec![format!("Would create directory {}", d.display())],
             Self::WriteImages { jobs, replace } => {
                 let mut v: Vec<String> = jobs.iter().map(write_line).collect();
+                v.extend(jobs.iter().filter_map(crate::restore::salvage::plan_line));
                 if *replace {
                     v.extend(
                         jobs.iter()
@@ -240,6 +243,11 @@ impl Action {
             Self::WriteImages { jobs, .. } => jobs
                 .iter()
                 .map(|j| Effect::new("write", j.output.final_path.display().to_string()))
+                .chain(
+                    jobs.iter()
+                        .filter_map(crate::restore::salvage::Salvaged::of)
+                        .map(|s| Effect::new("write-damage-map", s.map.display().to_string())),
+                )
                 .collect(),
             Self::ReplaceDisk(r) => vec![Effect::new("replace", r.path.display().to_string())],
             Self::WriteNbd(w) => w.iter().map(|w| Effect::new("write-nbd", &w.uri)).collect(),
@@ -317,7 +325,7 @@ fn join_paths(files: &[PathBuf]) -> String {
 }
 
 fn job_json(j: &DiskJob) -> Value {
-    json!({
+    let mut v = json!({
         "disk": j.output.disk,
         "path": j.output.final_path,
         "format": if j.format == ImageFormat::Raw { "raw" } else { "qcow2" },
@@ -325,7 +333,11 @@ fn job_json(j: &DiskJob) -> Value {
         "file_bytes": j.plan.file_bytes(),
         "data_bytes": j.plan.data_bytes(),
         "virtual_size": j.plan.virtual_size,
-    })
+    });
+    if let (Some(s), Some(o)) = (crate::restore::salvage::Salvaged::of(j), v.as_object_mut()) {
+        o.insert("salvage".into(), json!(s));
+    }
+    v
 }
 
 fn in_place_lines(r: &InPlace) -> Vec<String> {
@@ -355,6 +367,18 @@ impl RestorePlan {
     /// Every action's dry-run lines, in order.
     pub fn lines(&self) -> Vec<String> {
         self.actions.iter().flat_map(Action::lines).collect()
+    }
+
+    /// The disks a salvage restore would write partially.
+    pub fn salvaged(&self) -> Vec<crate::restore::salvage::Salvaged> {
+        self.actions
+            .iter()
+            .flat_map(|a| match a {
+                Action::WriteImages { jobs, .. } => jobs.as_slice(),
+                _ => &[],
+            })
+            .filter_map(crate::restore::salvage::Salvaged::of)
+            .collect()
     }
 
     /// What executing the plan will have done, in order.

@@ -145,6 +145,25 @@ pub struct InstantBoot {
     pub nvram: Option<NvramInstall>,
     /// The TPM state.
     pub tpm: Option<TpmRestore>,
+    /// `--test-boot`: wait for a sign of life, then tear everything down.
+    pub test: Option<TestBootSpec>,
+}
+
+/// What a test boot waits for and where its evidence goes.
+#[derive(Debug, Clone)]
+pub struct TestBootSpec {
+    /// How long to wait for a sign of life.
+    pub timeout: std::time::Duration,
+    /// `--test-boot-expect`: a regular expression on the serial console.
+    pub expect: Option<String>,
+    /// Where the serial console is logged (inside the overlay directory).
+    pub console_log: PathBuf,
+    /// Where the screenshot, console log and result go (`--report`, else the log dir).
+    pub evidence_dir: PathBuf,
+    /// `--report`: also (re)build `index.html` there.
+    pub report: bool,
+    /// The overlay directory was made for this test boot (removed at the end).
+    pub temp_dir: bool,
 }
 
 impl InstantBoot {
@@ -172,6 +191,15 @@ impl InstantBoot {
             "Would start transient VM '{}' with new UUID and MACs",
             self.name
         ));
+        if let Some(t) = &self.test {
+            v.push(format!(
+                "Would wait up to {} s for a sign of life ({}), save a screenshot and the console log to {}, then stop '{}' and remove its overlays",
+                t.timeout.as_secs(),
+                t.expect.as_deref().map_or_else(|| "console or guest agent".to_owned(), |e| format!("console /{e}/")),
+                t.evidence_dir.display(),
+                self.name
+            ));
+        }
         if self.pull {
             v.push(format!(
                 "Would block-pull every disk of '{}' and define it persistently",

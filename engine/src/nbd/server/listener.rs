@@ -270,7 +270,13 @@ impl Server {
             let _ = std::fs::remove_file(&p);
         }
         let stats = ctx.counters.snapshot();
-        tracing::info!(?stats, "NBD server stopped");
+        tracing::info!(
+            "NBD server stopped: {} connection(s), {} request(s), {} bytes read, {} error(s)",
+            stats.connections,
+            stats.requests,
+            stats.bytes_read,
+            stats.errors
+        );
         Ok(stats)
     }
 

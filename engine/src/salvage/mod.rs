@@ -1,0 +1,505 @@
+//! Salvage: a plan for a damaged chain that restores every readable byte, and a
+//! [`DamageReport`] saying which guest ranges are missing, stale or unverified.
+//!
+//! ```text
+//!  chain slots ──walk (every frame checked, LZ4 decoded)──▶ good frames ──▶ DiskPlan ──▶ apply (unchanged)
+//!  (gaps kept)            │                                                    │
+//!                         └── lost frames, unknown tails, bad checksums ──▶ damage ranges
+//! ```
+//! Each member of the chain is read once here, tolerantly ([`walk`]): a damaged
+//! file ends at its first unreadable frame (or, when that frame's length is still
+//! trusted, loses only that frame) instead of failing. The frames that passed make
+//! an ordinary [`DiskPlan`], so the write itself is the normal apply (read, zero
+//! handling, read-back) over known-good frames; the normal, non-salvage path is
+//! untouched. What is used, per kind of damage:
+//!
+//! | damage | used | map |
+//! |---|---|---|
+//! | truncated file | frames before the cut | the cut frame's extent exactly; everything after it unknown |
+//! | corrupt LZ4 payload | frames before it; after it too when its stored length is trusted | the frame's extent; unknown tail when the pass stopped |
+//! | corrupt header | frames before it; in an LZ4 stream also after it | unknown tail; in an LZ4 stream the span between its neighbours |
+//! | `.chksum` mismatch | the whole file | every range still taken from it: unverified |
+//! | missing incremental | — | the whole disk "possibly stale" except what newer members rewrote |
+//! | broken link / unreadable meta | — | as missing |
+//! | `.partial` incremental | — (mixing two checkpoints is worse than an older consistent state) | its readable frames: stale; after them unknown |
+//! | `.partial` base | its readable frames (there is no older state) | after them: missing |
+
+mod damage;
+mod walk;
+
+use std::path::{Path, PathBuf};
+
+use nbdfmt::{BackupSet, ChainSlot, QcowInfo, SlotFile, StreamContent, StreamIndex, StreamMeta};
+
+use crate::cancel::Cancel;
+use crate::error::{Error, Result};
+use crate::plan::{ChainFile, DiskPlan};
+use damage::{Claim, Layer};
+use walk::{Checksum, Harm, Walk};
+
+/// What became of one chain file.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FileStatus {
+    /// Read completely, and its `.chksum` (if any) matches.
+    Ok,
+    /// It ends early.
+    Truncated,
+    /// A header, payload or its metadata is damaged.
+    Corrupt,
+    /// Not in the backup directory.
+    Missing,
+    /// Readable, but its adler32 differs from its `.chksum`.
+    ChecksumMismatch,
+    /// Only the `.partial` of an interrupted backup is there.
+    Partial,
+}
+
+impl FileStatus {
+    /// The word in the damage map.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Ok => "ok",
+            Self::Truncated => "truncated",
+            Self::Corrupt => "corrupt",
+            Self::Missing => "missing",
+            Self::ChecksumMismatch => "checksum_mismatch",
+            Self::Partial => "partial",
+        }
+    }
+}
+
+/// One chain file in the damage report.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FileDamage {
+    /// The file (a missing one: where it would be).
+    pub path: PathBuf,
+    /// Its checkpoint.
+    pub checkpoint: u32,
+    /// What became of it.
+    pub status: FileStatus,
+    /// File offset of the (first) damage, when known.
+    pub at_offset: Option<u64>,
+    /// Why, in words.
+    pub reason: Option<String>,
+    /// True when (some of) its data is in the restored disk.
+    pub used: bool,
+}
+
+impl FileDamage {
+    /// The file name.
+    pub fn name(&self) -> String {
+        self.path
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default()
+    }
+}
+
+/// What a damaged range of the guest disk holds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RangeState {
+    /// The data is lost and no older version exists: zeros were written.
+    Missing,
+    /// An older version was written (the newer one is lost, or may be).
+    Stale,
+    /// Written from a file whose checksum does not match.
+    Unverified,
+}
+
+impl RangeState {
+    /// The word in the damage map.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Missing => "missing",
+            Self::Stale => "stale",
+            Self::Unverified => "unverified",
+        }
+    }
+}
+
+/// One damaged range of the guest disk.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DamagedRange {
+    /// Guest disk offset.
+    pub offset: u64,
+    /// Length.
+    pub length: u64,
+    /// What it holds.
+    pub state: RangeState,
+    /// Why, in words.
+    pub why: String,
+    /// The chain file whose damage this is (name).
+    pub file: String,
+}
+
+/// The damage found while planning a salvage restore of one disk.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DamageReport {
+    /// Disk target.
+    pub disk: String,
+    /// The restore point's checkpoint.
+    pub checkpoint: u32,
+    /// Size of the restored disk.
+    pub virtual_size: u64,
+    /// Every member of the chain, in order.
+    pub files: Vec<FileDamage>,
+    /// Damaged guest ranges, in disk order, not overlapping.
+    pub ranges: Vec<DamagedRange>,
+}
+
+impl DamageReport {
+    /// True when every file was read completely and verified as far as it can be:
+    /// the salvage plan equals the normal one.
+    pub fn is_clean(&self) -> bool {
+        self.ranges.is_empty() && self.files.iter().all(|f| f.status == FileStatus::Ok)
+    }
+
+    /// Bytes of the guest disk in `state`.
+    pub fn bytes(&self, state: RangeState) -> u64 {
+        self.ranges
+            .iter()
+            .filter(|r| r.state == state)
+            .map(|r| r.length)
+            .sum()
+    }
+}
+
+/// A salvage plan: the readable frames as an ordinary plan, and what is damaged.
+#[derive(Debug)]
+pub struct Salvage {
+    /// What the apply writes.
+    pub plan: DiskPlan,
+    /// What the restored disk lacks.
+    pub damage: DamageReport,
+}
+
+/// Plans a salvage restore of `disk` at checkpoint `n` of `set` (with `newest`, a
+/// differential on top of `n` too). Reads every member completely (frames, LZ4
+/// payloads, checksums). Fails only when nothing of the disk is readable or on a
+/// cancel, never on damage itself.
+pub fn plan_point(
+    set: &BackupSet,
+    disk: &str,
+    n: u32,
+    newest: bool,
+    cancel: &Cancel,
+) -> Result<Salvage> {
+    let slots = set.chain_slots(disk, n, newest);
+    let mut files = Vec::new();
+    let mut layers = Vec::new();
+    let mut report = Vec::new();
+    let mut prev: Option<String> = None;
+    for (i, slot) in slots.iter().enumerate() {
+        cancel.check()?;
+        let m = member(set, disk, slot, prev.as_deref(), i == 0, cancel)?;
+        prev = m.checkpoint_name.clone();
+        report.push(m.file);
+        layers.push(m.layer);
+        files.extend(m.chain_file);
+    }
+    if files.is_empty() {
+        let what: Vec<String> = report
+            .iter()
+            .map(|f| format!("{} {}", f.name(), f.status.as_str()))
+            .collect();
+        return Err(Error::Chain {
+            disk: disk.to_owned(),
+            message: format!("nothing of this disk can be salvaged ({})", what.join(", ")),
+        });
+    }
+    let qcow = qcow_info(set, disk, n);
+    let plan = DiskPlan::from_chain(disk, files, qcow)?;
+    let ranges = damage::ranges(&layers, &plan.map, plan.virtual_size);
+    Ok(Salvage {
+        damage: DamageReport {
+            disk: disk.to_owned(),
+            checkpoint: n,
+            virtual_size: plan.virtual_size,
+            files: report,
+            ranges,
+        },
+        plan,
+    })
+}
+
+/// The image options at `n`; an unreadable `qcow.json` falls back to qemu's
+/// defaults (a salvage does not stop for a side file).
+fn qcow_info(set: &BackupSet, disk: &str, n: u32) -> Option<QcowInfo> {
+    let p = set.qcow_json(disk, n)?;
+    match std::fs::read(p)
+        .map_err(|e| e.to_string())
+        .and_then(|b| QcowInfo::parse(&b).map_err(|e| e.to_string()))
+    {
+        Ok(q) => Some(q),
+        Err(e) => {
+            tracing::warn!(target: "restore_disk", "{}: {e} — using qemu's default image options", p.display());
+            None
+        }
+    }
+}
+
+/// One slot of the chain, judged.
+struct Member {
+    file: FileDamage,
+    layer: Layer,
+    chain_file: Option<ChainFile>,
+    /// The checkpoint the next member must name as its parent (`None`: the expected
+    /// name is used).
+    checkpoint_name: Option<String>,
+}
+
+fn member(
+    set: &BackupSet,
+    disk: &str,
+    slot: &ChainSlot<'_>,
+    prev: Option<&str>,
+    first: bool,
+    cancel: &Cancel,
+) -> Result<Member> {
+    let k = slot.checkpoint;
+    let mut layer = Layer {
+        name: slot.name.clone(),
+        checkpoint: k,
+        diff: slot.diff,
+        claims: Vec::new(),
+        unknown_why: String::new(),
+        suspect: None,
+    };
+    let mut file = FileDamage {
+        path: set.dir.join(&slot.name),
+        checkpoint: k,
+        status: FileStatus::Ok,
+        at_offset: None,
+        reason: None,
+        used: false,
+    };
+    let unknown = |layer: &mut Layer, why: String| {
+        layer.claims.push((0, u64::MAX, Claim::Unknown));
+        layer.unknown_why = why;
+    };
+    let (path, partial) = match slot.file {
+        SlotFile::Missing => {
+            file.status = FileStatus::Missing;
+            file.reason = Some("not in the backup directory".into());
+            unknown(&mut layer, "is missing".into());
+            return Ok(Member {
+                file,
+                layer,
+                chain_file: None,
+                checkpoint_name: None,
+            });
+        }
+        SlotFile::Present(f) if matches!(f.content, StreamContent::RawImage) => {
+            file.path = f.path.clone();
+            let cf = ChainFile::raw_image(&f.path, disk)?;
+            layer.claims.push((0, cf.index.file_size, Claim::Used));
+            file.used = true;
+            return Ok(Member {
+                file,
+                layer,
+                chain_file: Some(cf),
+                checkpoint_name: Some("copy".into()),
+            });
+        }
+        SlotFile::Present(f) => (f.path.clone(), false),
+        SlotFile::Partial(p) => (p.to_path_buf(), true),
+    };
+    file.path = path.clone();
+    let w = walk::walk(&path, cancel)?;
+    let Some(meta) = w.meta.clone() else {
+        describe(&mut file, &w);
+        if partial {
+            file.status = FileStatus::Partial;
+        }
+        unknown(&mut layer, unknown_why(&file));
+        return Ok(Member {
+            file,
+            layer,
+            chain_file: None,
+            checkpoint_name: None,
+        });
+    };
+    if let Err(why) = check_link(&meta, disk, slot, prev) {
+        file.status = FileStatus::Corrupt;
+        file.at_offset = Some(nbdfmt::HEADER_LEN as u64);
+        file.reason = Some(format!("{why}; not used"));
+        unknown(&mut layer, format!("does not belong here ({why})"));
+        return Ok(Member {
+            file,
+            layer,
+            chain_file: None,
+            checkpoint_name: None,
+        });
+    }
+    describe(&mut file, &w);
+    // An interrupted incremental is not used: its frames would mix two checkpoints.
+    // An interrupted base is: there is no older state to fall back on.
+    let used = !partial || first;
+    if partial {
+        file.status = FileStatus::Partial;
+        file.reason = Some(format!(
+            "interrupted backup{}; {}",
+            file.reason
+                .as_deref()
+                .map(|r| format!(" ({r})"))
+                .unwrap_or_default(),
+            if used {
+                "its readable frames are used (there is no older data)"
+            } else {
+                "its data is not used (it would mix two checkpoints)"
+            }
+        ));
+    }
+    for fr in &w.frames {
+        let c = if used { Claim::Used } else { Claim::NotUsed };
+        layer.claims.push((fr.start, fr.length, c));
+    }
+    for l in &w.lost {
+        layer
+            .claims
+            .push((l.start, l.len, Claim::Lost(l.why.clone())));
+    }
+    for &(s, e) in &w.unknown {
+        layer.claims.push((s, e.saturating_sub(s), Claim::Unknown));
+        layer.unknown_why = unknown_why(&file);
+    }
+    if let Some(from) = w.unknown_from {
+        layer.claims.push((from, u64::MAX - from, Claim::Unknown));
+        layer.unknown_why = match (partial, w.faults.first()) {
+            (true, Some(f)) => {
+                format!("is an interrupted backup, readable up to byte {}", f.offset)
+            }
+            _ => unknown_why(&file),
+        };
+    }
+    if used {
+        layer.suspect = suspect(&file.name(), &w);
+    }
+    file.used = used && !w.frames.is_empty();
+    let chain_file = used.then(|| ChainFile {
+        path: path.clone(),
+        // the apply checks the checksum again only where it held here
+        stored_checksum: match w.checksum {
+            Checksum::Ok(s) if w.faults.is_empty() => Some(s),
+            _ => None,
+        },
+        index: StreamIndex {
+            meta: meta.clone(),
+            frames: w.frames,
+            file_size: w.file_size,
+        },
+        raw_image: false,
+    });
+    Ok(Member {
+        file,
+        layer,
+        chain_file,
+        checkpoint_name: used.then(|| meta.checkpoint_name.clone()),
+    })
+}
+
+/// Status, offset and reason of a walked file.
+fn describe(file: &mut FileDamage, w: &Walk) {
+    let mismatch = match &w.checksum {
+        Checksum::Mismatch { stored, computed } => Some(format!(
+            "adler32 {computed} differs from the .chksum {stored}"
+        )),
+        _ => None,
+    };
+    if let Some(first) = w.faults.first() {
+        file.status = match first.harm {
+            Harm::Truncated => FileStatus::Truncated,
+            Harm::Corrupt => FileStatus::Corrupt,
+        };
+        file.at_offset = Some(first.offset);
+        let mut reason = first.reason.clone();
+        if w.faults.len() > 1 {
+            reason.push_str(&format!("; {} more damaged place(s)", w.faults.len() - 1));
+        }
+        if mismatch.is_some() {
+            reason.push_str("; its .chksum does not match either");
+        }
+        file.reason = Some(reason);
+    } else if let Some(m) = mismatch {
+        file.status = FileStatus::ChecksumMismatch;
+        file.reason = Some(format!("{m}: any byte of the file may be wrong"));
+    } else if let Checksum::Unusable(e) = &w.checksum {
+        file.reason = Some(format!("not verified: {e}"));
+    }
+}
+
+/// Why the rest of a file is unknown ("is truncated at byte N: ...").
+fn unknown_why(file: &FileDamage) -> String {
+    let at = file
+        .at_offset
+        .map(|o| format!(" at byte {o}"))
+        .unwrap_or_default();
+    let reason = file
+        .reason
+        .as_deref()
+        .map(|r| format!(": {r}"))
+        .unwrap_or_default();
+    format!("is {}{at}{reason}", file.status.as_str().replace('_', " "))
+}
+
+/// Why the frames used from a file are unverified, if they are.
+fn suspect(name: &str, w: &Walk) -> Option<String> {
+    match (&w.checksum, &w.suspect) {
+        (Checksum::Mismatch { stored, computed }, _) => Some(format!(
+            "taken from {name}, whose adler32 ({computed}) does not match its .chksum ({stored}): any of its bytes may be wrong"
+        )),
+        (_, Some(why)) => Some(format!("taken from {name}, whose headers disagree: {why}")),
+        _ => None,
+    }
+}
+
+/// The member's metadata against its name and the member before it.
+fn check_link(
+    meta: &StreamMeta,
+    disk: &str,
+    slot: &ChainSlot<'_>,
+    prev: Option<&str>,
+) -> std::result::Result<(), String> {
+    if meta.disk_name != disk {
+        return Err(format!("its meta names disk {:?}", meta.disk_name));
+    }
+    let k = slot.checkpoint;
+    if !slot.diff
+        && k > 0
+        && !meta.is_base()
+        && meta.checkpoint_name != format!("virtnbdbackup.{k}")
+    {
+        return Err(format!(
+            "its meta names checkpoint {:?}, expected virtnbdbackup.{k}",
+            meta.checkpoint_name
+        ));
+    }
+    if meta.is_base() {
+        return Ok(());
+    }
+    if k == 0 && !slot.diff {
+        return Err("a full/copy file holds an incremental stream".into());
+    }
+    let expected = match (prev, slot.diff) {
+        (Some(p), _) => p.to_owned(),
+        (None, true) => format!("virtnbdbackup.{k}"),
+        (None, false) => format!("virtnbdbackup.{}", k - 1),
+    };
+    let parent = meta.parent_checkpoint.as_deref().unwrap_or("");
+    if parent != expected {
+        return Err(format!(
+            "broken chain: its parent checkpoint is {parent:?}, expected {expected:?}"
+        ));
+    }
+    Ok(())
+}
+
+/// Where the damage map of a disk restored to `final_path` goes.
+pub fn map_path(final_path: &Path) -> PathBuf {
+    let mut s = final_path.as_os_str().to_owned();
+    s.push(".damage.json");
+    PathBuf::from(s)
+}
+
+#[cfg(test)]
+mod tests;

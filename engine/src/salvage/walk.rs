@@ -1,0 +1,791 @@
+//! The tolerant pass over one stream file: every frame header is checked, every
+//! payload read (LZ4 payloads decoded with their block and content checksums), and
+//! damage ends the file there instead of failing the restore. Where the damaged
+//! frame's stored length can still be trusted (the header parsed; for LZ4, the
+//! trailer is intact and agreed so far) and the next header is where it should be,
+//! only that frame is given up. Nothing is written here: the frames that passed go
+//! into an ordinary [`DiskPlan`](crate::DiskPlan) and are read again by the apply.
+
+use std::fs::File;
+use std::io::{self, BufReader, Read, Seek, SeekFrom};
+use std::path::Path;
+
+use nbdfmt::lz4::Lz4FrameReader;
+use nbdfmt::meta::MAX_META_LEN;
+use nbdfmt::{ErrorKind as FmtKind, Frame, FrameHeader, FrameKind, StreamMeta, HEADER_LEN};
+
+use crate::cancel::Cancel;
+use crate::error::Result;
+
+/// How a file is damaged.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Harm {
+    /// It ends early.
+    Truncated,
+    /// Its bytes are wrong (or unreadable).
+    Corrupt,
+}
+
+/// One place where a file is damaged.
+#[derive(Debug, Clone)]
+pub(crate) struct Fault {
+    pub harm: Harm,
+    /// File offset.
+    pub offset: u64,
+    pub reason: String,
+}
+
+/// A data frame whose header was read but whose payload is lost: disk range and why.
+#[derive(Debug, Clone)]
+pub(crate) struct LostFrame {
+    pub start: u64,
+    pub len: u64,
+    pub why: String,
+}
+
+/// The file's `.chksum`, against the file as it is.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum Checksum {
+    /// No `.chksum`.
+    None,
+    /// It matches.
+    Ok(u32),
+    /// It does not.
+    Mismatch { stored: u32, computed: u32 },
+    /// It cannot be read or parsed (or the file cannot be read to its end).
+    Unusable(String),
+}
+
+/// What the pass found.
+#[derive(Debug)]
+pub(crate) struct Walk {
+    /// The meta frame, when readable.
+    pub meta: Option<StreamMeta>,
+    /// Frames that passed (data and zero), in file order.
+    pub frames: Vec<Frame>,
+    /// Data frames given up.
+    pub lost: Vec<LostFrame>,
+    /// Disk offset from which the file's frames are unknown (the pass stopped there).
+    pub unknown_from: Option<u64>,
+    /// Disk ranges `[start, end)` a frame with an untrusted header may have covered
+    /// (the pass went on after it).
+    pub unknown: Vec<(u64, u64)>,
+    /// Damage, first found first.
+    pub faults: Vec<Fault>,
+    /// Why the frames that passed cannot be trusted either (a header lies).
+    pub suspect: Option<String>,
+    /// The `.chksum` outcome.
+    pub checksum: Checksum,
+    /// File size.
+    pub file_size: u64,
+}
+
+impl Walk {
+    fn fault(&mut self, harm: Harm, offset: u64, reason: impl Into<String>) {
+        self.faults.push(Fault {
+            harm,
+            offset,
+            reason: reason.into(),
+        });
+    }
+}
+
+/// A payload that could not be taken: the damage, and whether it is the file's end.
+struct PayloadFault {
+    truncated: bool,
+    offset: u64,
+    reason: String,
+}
+
+/// Position unknown: the next read seeks.
+const LOST_POS: u64 = u64::MAX;
+
+struct Walker<'a> {
+    r: BufReader<File>,
+    /// Position of `r` (or [`LOST_POS`]).
+    pos: u64,
+    size: u64,
+    cancel: &'a Cancel,
+    scratch: Vec<u8>,
+    out: Walk,
+}
+
+/// Walks the stream file at `path`. Only a cancellation is an error: everything else
+/// the file does wrong is in the [`Walk`].
+pub(crate) fn walk(path: &Path, cancel: &Cancel) -> Result<Walk> {
+    let mut out = Walk {
+        meta: None,
+        frames: Vec::new(),
+        lost: Vec::new(),
+        unknown_from: None,
+        unknown: Vec::new(),
+        faults: Vec::new(),
+        suspect: None,
+        checksum: Checksum::None,
+        file_size: 0,
+    };
+    let f = match File::open(path) {
+        Ok(f) => f,
+        Err(e) => {
+            out.fault(Harm::Corrupt, 0, format!("cannot be opened: {e}"));
+            out.unknown_from = Some(0);
+            return Ok(out);
+        }
+    };
+    out.file_size = f.metadata().map(|m| m.len()).unwrap_or(0);
+    let mut w = Walker {
+        size: out.file_size,
+        r: BufReader::with_capacity(1 << 20, f),
+        pos: 0,
+        cancel,
+        scratch: vec![0u8; 1 << 20],
+        out,
+    };
+    match w.meta() {
+        Some((meta, body_start)) => {
+            w.body(&meta, body_start)?;
+            w.out.meta = Some(meta);
+        }
+        None => w.out.unknown_from = Some(0),
+    }
+    let mut out = w.out;
+    out.checksum = checksum(path, cancel)?;
+    Ok(out)
+}
+
+impl Walker<'_> {
+    fn goto(&mut self, off: u64) -> io::Result<()> {
+        if self.pos == off {
+            return Ok(());
+        }
+        match i64::try_from(i128::from(off) - i128::from(self.pos)) {
+            Ok(delta) if self.pos != LOST_POS => self.r.seek_relative(delta)?,
+            _ => {
+                self.r.seek(SeekFrom::Start(off))?;
+            }
+        }
+        self.pos = off;
+        Ok(())
+    }
+
+    /// Fills `buf` from file offset `off`; the bytes read (short only at the end).
+    fn read_at(&mut self, off: u64, buf: &mut [u8]) -> io::Result<usize> {
+        self.goto(off)?;
+        let mut got = 0;
+        while got < buf.len() {
+            match self.r.read(&mut buf[got..]) {
+                Ok(0) => break,
+                Ok(n) => got += n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => {
+                    self.pos = LOST_POS;
+                    return Err(e);
+                }
+            }
+        }
+        self.pos = off + got as u64;
+        Ok(got)
+    }
+
+    /// The meta frame and where the body starts, or `None` (the fault recorded).
+    fn meta(&mut self) -> Option<(StreamMeta, u64)> {
+        let mut hdr = [0u8; HEADER_LEN];
+        let got = match self.read_at(0, &mut hdr) {
+            Ok(n) => n,
+            Err(e) => {
+                self.out.fault(Harm::Corrupt, 0, format!("I/O error: {e}"));
+                return None;
+            }
+        };
+        if got < HEADER_LEN {
+            self.out.fault(
+                Harm::Truncated,
+                0,
+                format!("the file ends inside the meta header ({got} bytes)"),
+            );
+            return None;
+        }
+        let h = match FrameHeader::parse(&hdr, 0) {
+            Ok(h) if h.kind == FrameKind::Meta && h.length <= MAX_META_LEN => h,
+            Ok(_) => {
+                self.out.fault(
+                    Harm::Corrupt,
+                    0,
+                    "the file does not start with a meta frame",
+                );
+                return None;
+            }
+            Err(e) => {
+                self.out.fault(Harm::Corrupt, 0, e.kind().to_string());
+                return None;
+            }
+        };
+        let json_off = HEADER_LEN as u64;
+        // capped by MAX_META_LEN above
+        let mut json = vec![0u8; h.length as usize + 2];
+        let got = match self.read_at(json_off, &mut json) {
+            Ok(n) => n,
+            Err(e) => {
+                self.out
+                    .fault(Harm::Corrupt, json_off, format!("I/O error: {e}"));
+                return None;
+            }
+        };
+        if got < json.len() {
+            self.out.fault(
+                Harm::Truncated,
+                json_off,
+                "the file ends inside the meta JSON",
+            );
+            return None;
+        }
+        let meta = match StreamMeta::parse(&json[..h.length as usize], json_off) {
+            Ok(m) => m,
+            Err(e) => {
+                self.out
+                    .fault(Harm::Corrupt, json_off, e.kind().to_string());
+                return None;
+            }
+        };
+        if &json[h.length as usize..] != b"\r\n" {
+            self.out.fault(
+                Harm::Corrupt,
+                json_off + h.length,
+                "no CR LF after the meta JSON",
+            );
+            return None;
+        }
+        Some((meta, json_off + h.length + 2))
+    }
+
+    /// The frames after the meta frame.
+    fn body(&mut self, meta: &StreamMeta, body_start: u64) -> Result<()> {
+        let compressed = meta.is_compressed();
+        let mut trailer_fault = None;
+        let trailer = if compressed {
+            self.pos = LOST_POS;
+            match nbdfmt::reader::read_trailer(&mut self.r, self.size, body_start) {
+                Ok(t) => Some(t),
+                Err(e) => {
+                    trailer_fault = Some((e.offset().unwrap_or(0), e.kind().to_string()));
+                    None
+                }
+            }
+        } else {
+            None
+        };
+        let body_end = trailer.as_ref().map_or(self.size, |t| t.0);
+        // The trailer's sizes may be used to step over a damaged payload only while
+        // they agree with every payload measured so far.
+        let mut trailer_agrees = trailer.is_some();
+        let (mut pos, mut prev_end, mut data_frames, mut data_sum) =
+            (body_start, 0u64, 0usize, 0u64);
+        loop {
+            self.cancel.check()?;
+            if trailer.is_some() && pos >= body_end {
+                self.out.fault(
+                    Harm::Corrupt,
+                    pos,
+                    "the frames run into the compression trailer without a stop frame",
+                );
+                self.out.unknown_from = Some(prev_end);
+                break;
+            }
+            let h = match self.header(pos) {
+                Ok(h)
+                    if matches!(h.kind, FrameKind::Data | FrameKind::Zero)
+                        && (h.start < prev_end
+                            || h.start
+                                .checked_add(h.length)
+                                .is_none_or(|e| e > meta.virtual_size)) =>
+                {
+                    Err((
+                        Harm::Corrupt,
+                        format!(
+                            "frame header for disk bytes {}+{} is out of order or past the disk's end ({})",
+                            h.start, h.length, meta.virtual_size
+                        ),
+                    ))
+                }
+                other => other,
+            };
+            let h = match h {
+                Ok(h) => h,
+                Err((harm, reason)) => {
+                    self.out.fault(harm, pos, reason);
+                    // a compressed stream can be followed past a header it cannot
+                    // trust: what that frame covered lies before the next one
+                    let stored = trailer
+                        .as_ref()
+                        .filter(|_| trailer_agrees)
+                        .and_then(|t| t.1.get(data_frames))
+                        .map(nbdfmt::TrailerEntry::stored_len);
+                    let step = (harm == Harm::Corrupt && compressed)
+                        .then(|| self.step_over(pos, prev_end, stored, body_end))
+                        .flatten();
+                    match step {
+                        Some((next, nh, data)) => {
+                            let end = match nh.kind {
+                                FrameKind::Stop => meta.virtual_size,
+                                _ => nh.start,
+                            };
+                            self.out.unknown.push((prev_end, end));
+                            data_frames += usize::from(data);
+                            pos = next;
+                            continue;
+                        }
+                        None => {
+                            self.out.unknown_from = Some(prev_end);
+                            break;
+                        }
+                    }
+                }
+            };
+            match h.kind {
+                FrameKind::Data | FrameKind::Zero => {
+                    prev_end = h.end();
+                    if h.kind == FrameKind::Zero {
+                        self.out.frames.push(Frame {
+                            kind: FrameKind::Zero,
+                            start: h.start,
+                            length: h.length,
+                            header_offset: pos,
+                            payload_offset: pos + HEADER_LEN as u64,
+                            stored_len: 0,
+                            lz4_frames: Vec::new(),
+                        });
+                        pos += HEADER_LEN as u64;
+                        continue;
+                    }
+                    let entry = trailer.as_ref().and_then(|t| t.1.get(data_frames)).cloned();
+                    data_frames += 1;
+                    data_sum = data_sum.saturating_add(h.length);
+                    let payload = pos + HEADER_LEN as u64;
+                    let taken = if compressed {
+                        self.lz4_payload(payload, h.length, body_end, trailer.is_none())?
+                    } else {
+                        self.raw_payload(payload, h.length)
+                    };
+                    match taken {
+                        Ok((stored, lz4_frames)) => {
+                            if entry.as_ref().is_some_and(|e| e.frames != lz4_frames) {
+                                trailer_agrees = false;
+                            }
+                            self.out.frames.push(Frame {
+                                kind: FrameKind::Data,
+                                start: h.start,
+                                length: h.length,
+                                header_offset: pos,
+                                payload_offset: payload,
+                                stored_len: stored,
+                                lz4_frames,
+                            });
+                            pos = payload + stored + 2;
+                        }
+                        Err(f) => {
+                            let harm = if f.truncated {
+                                Harm::Truncated
+                            } else {
+                                Harm::Corrupt
+                            };
+                            self.out.fault(harm, f.offset, f.reason.clone());
+                            self.out.lost.push(LostFrame {
+                                start: h.start,
+                                len: h.length,
+                                why: f.reason,
+                            });
+                            // a stored length still trusted lets the pass go on after
+                            // this frame, if the next header is where it says
+                            let stored = if compressed {
+                                entry.filter(|_| trailer_agrees).map(|e| e.stored_len())
+                            } else {
+                                Some(h.length)
+                            };
+                            let next = stored
+                                .filter(|_| !f.truncated)
+                                .and_then(|s| payload.checked_add(s)?.checked_add(2))
+                                .filter(|&n| {
+                                    self.header_after(n, prev_end, body_end, true).is_some()
+                                });
+                            match next {
+                                Some(n) => pos = n,
+                                None => {
+                                    self.out.unknown_from = Some(prev_end);
+                                    break;
+                                }
+                            }
+                        }
+                    }
+                }
+                FrameKind::Stop => {
+                    self.stop(
+                        meta,
+                        pos,
+                        &h,
+                        data_sum,
+                        data_frames,
+                        body_end,
+                        trailer.as_ref().map(|t| t.1.len()),
+                        trailer_fault.take(),
+                    );
+                    break;
+                }
+                FrameKind::Meta | FrameKind::Comp => {
+                    self.out.fault(
+                        Harm::Corrupt,
+                        pos,
+                        format!("unexpected {} frame in the body", h.kind.as_str()),
+                    );
+                    self.out.unknown_from = Some(prev_end);
+                    break;
+                }
+            }
+        }
+        if let Some((off, reason)) = trailer_fault {
+            // the walk ended early: a truncated file has no trailer either
+            if self.out.faults.is_empty() {
+                self.out.fault(Harm::Corrupt, off, reason);
+            }
+        }
+        Ok(())
+    }
+
+    /// Checks after the stop frame (nothing is lost by what they find).
+    #[allow(clippy::too_many_arguments)]
+    fn stop(
+        &mut self,
+        meta: &StreamMeta,
+        pos: u64,
+        h: &FrameHeader,
+        data_sum: u64,
+        data_frames: usize,
+        body_end: u64,
+        trailer_len: Option<usize>,
+        trailer_fault: Option<(u64, String)>,
+    ) {
+        if h.start != 0 || h.length != 0 {
+            self.out
+                .fault(Harm::Corrupt, pos, "stop frame with non-zero fields");
+        }
+        if self.out.lost.is_empty() && self.out.unknown.is_empty() && data_sum != meta.data_size {
+            let reason = format!(
+                "the data frames add up to {data_sum} bytes, the meta's dataSize says {}",
+                meta.data_size
+            );
+            self.out.suspect = Some(reason.clone());
+            self.out.fault(Harm::Corrupt, pos, reason);
+        }
+        let trailer_unreadable = trailer_fault.is_some();
+        if let Some((off, reason)) = trailer_fault {
+            self.out.fault(
+                Harm::Corrupt,
+                off,
+                format!("{reason}; the payload sizes were taken from the LZ4 frames"),
+            );
+        }
+        if trailer_len.is_some_and(|n| n != data_frames) {
+            self.out.fault(
+                Harm::Corrupt,
+                body_end,
+                format!(
+                    "the compression trailer lists {} payloads for {data_frames} data frames",
+                    trailer_len.unwrap_or(0)
+                ),
+            );
+        }
+        let end = pos + HEADER_LEN as u64;
+        // without a trailer, the body's end is not known: the trailer fault says it
+        if !trailer_unreadable && end != body_end {
+            self.out.fault(
+                Harm::Corrupt,
+                end,
+                format!(
+                    "{} unexpected bytes after the stop frame",
+                    body_end.abs_diff(end)
+                ),
+            );
+        }
+    }
+
+    /// The frame header at `pos`, or the damage.
+    fn header(&mut self, pos: u64) -> std::result::Result<FrameHeader, (Harm, String)> {
+        let mut hdr = [0u8; HEADER_LEN];
+        let got = self
+            .read_at(pos, &mut hdr)
+            .map_err(|e| (Harm::Corrupt, format!("I/O error: {e}")))?;
+        match got {
+            0 => Err((
+                Harm::Truncated,
+                "the file ends before the stop frame".to_owned(),
+            )),
+            n if n < HEADER_LEN => Err((
+                Harm::Truncated,
+                format!("the file ends inside a frame header ({n} of 40 bytes)"),
+            )),
+            _ => FrameHeader::parse(&hdr, pos).map_err(|e| (Harm::Corrupt, e.kind().to_string())),
+        }
+    }
+
+    /// The header at `next`, when it is one that may follow a frame ending at disk
+    /// offset `prev_end` (and, with `crlf_before`, a payload's CR LF precedes it).
+    fn header_after(
+        &mut self,
+        next: u64,
+        prev_end: u64,
+        body_end: u64,
+        crlf_before: bool,
+    ) -> Option<FrameHeader> {
+        let mut b = [0u8; HEADER_LEN + 2];
+        if next >= body_end || next < 2 {
+            return None;
+        }
+        match self.read_at(next - 2, &mut b) {
+            Ok(n) if n == b.len() && (!crlf_before || &b[..2] == b"\r\n") => {}
+            _ => return None,
+        }
+        let h = FrameHeader::parse(&b[2..], next).ok()?;
+        match h.kind {
+            FrameKind::Data | FrameKind::Zero if h.start >= prev_end => Some(h),
+            FrameKind::Stop => Some(h),
+            _ => None,
+        }
+    }
+
+    /// Past a header that cannot be trusted at `pos`, in a compressed stream: an LZ4
+    /// payload starts with its magic, never with a header, so the next header is right
+    /// after it (the damaged frame was a zero frame) or after a payload of the
+    /// trailer's `stored` size (it was a data frame). The next header's offset, the
+    /// header, and whether a data frame was stepped over.
+    fn step_over(
+        &mut self,
+        pos: u64,
+        prev_end: u64,
+        stored: Option<u64>,
+        body_end: u64,
+    ) -> Option<(u64, FrameHeader, bool)> {
+        let zero = pos + HEADER_LEN as u64;
+        if let Some(h) = self.header_after(zero, prev_end, body_end, false) {
+            return Some((zero, h, false));
+        }
+        let data = zero.checked_add(stored?)?.checked_add(2)?;
+        self.header_after(data, prev_end, body_end, true)
+            .map(|h| (data, h, true))
+    }
+
+    /// An uncompressed payload of `len` bytes at `payload`: read (an unreadable one is
+    /// lost) and followed by CR LF. Its stored length, and no LZ4 frames.
+    fn raw_payload(
+        &mut self,
+        payload: u64,
+        len: u64,
+    ) -> std::result::Result<(u64, Vec<u64>), PayloadFault> {
+        let end = payload.saturating_add(len);
+        if end.saturating_add(2) > self.size {
+            return Err(PayloadFault {
+                truncated: true,
+                offset: payload,
+                reason: format!(
+                    "the file ends inside this frame's payload (expected {len} bytes and CR LF, found {})",
+                    self.size.saturating_sub(payload)
+                ),
+            });
+        }
+        let mut at = payload;
+        let mut scratch = std::mem::take(&mut self.scratch);
+        let r = (|| {
+            while at < end {
+                let n = usize::try_from(end - at)
+                    .unwrap_or(usize::MAX)
+                    .min(scratch.len());
+                match self.read_at(at, &mut scratch[..n]) {
+                    Ok(got) if got == n => at += n as u64,
+                    Ok(_) => {
+                        return Err(PayloadFault {
+                            truncated: true,
+                            offset: at,
+                            reason: "the file ends inside this frame's payload".into(),
+                        })
+                    }
+                    Err(e) => {
+                        return Err(PayloadFault {
+                            truncated: false,
+                            offset: at,
+                            reason: format!("I/O error: {e}"),
+                        })
+                    }
+                }
+            }
+            Ok(())
+        })();
+        self.scratch = scratch;
+        r?;
+        self.crlf(end, false)?;
+        Ok((len, Vec::new()))
+    }
+
+    /// CR LF at `at`.
+    fn crlf(&mut self, at: u64, truncated_if_short: bool) -> std::result::Result<(), PayloadFault> {
+        let mut b = [0u8; 2];
+        match self.read_at(at, &mut b) {
+            Ok(2) if &b == b"\r\n" => Ok(()),
+            Ok(2) => Err(PayloadFault {
+                truncated: false,
+                offset: at,
+                reason: "no CR LF after the payload".into(),
+            }),
+            Ok(_) => Err(PayloadFault {
+                truncated: truncated_if_short,
+                offset: at,
+                reason: "the file ends before the CR LF after the payload".into(),
+            }),
+            Err(e) => Err(PayloadFault {
+                truncated: false,
+                offset: at,
+                reason: format!("I/O error: {e}"),
+            }),
+        }
+    }
+
+    /// A compressed payload at `payload` that decodes to `len` bytes: each LZ4 frame
+    /// measured from its block words, then decoded with its checksums. Its stored
+    /// length and LZ4 frame sizes. `no_trailer`: the body may end at the file's end.
+    fn lz4_payload(
+        &mut self,
+        payload: u64,
+        len: u64,
+        body_end: u64,
+        no_trailer: bool,
+    ) -> Result<std::result::Result<(u64, Vec<u64>), PayloadFault>> {
+        let mut off = payload;
+        let mut decoded = 0u64;
+        let mut sizes = Vec::new();
+        loop {
+            self.cancel.check()?;
+            let corrupt = |offset: u64, reason: String| PayloadFault {
+                truncated: false,
+                offset,
+                reason,
+            };
+            if let Err(e) = self.goto(off) {
+                return Ok(Err(corrupt(off, format!("I/O error: {e}"))));
+            }
+            let avail = body_end.saturating_sub(off);
+            self.pos = LOST_POS;
+            let n = match nbdfmt::lz4::frame_len(&mut self.r, off, avail) {
+                Ok(n) => n,
+                Err(e) => {
+                    let short = matches!(e.kind(), FmtKind::TruncatedPayload { .. });
+                    return Ok(Err(PayloadFault {
+                        truncated: short && no_trailer,
+                        offset: e.offset().unwrap_or(off),
+                        reason: if short && no_trailer {
+                            "the file ends inside this frame's LZ4 payload".to_owned()
+                        } else {
+                            e.kind().to_string()
+                        },
+                    }));
+                }
+            };
+            if let Err(e) = self.goto(off) {
+                return Ok(Err(corrupt(off, format!("I/O error: {e}"))));
+            }
+            let mut scratch = std::mem::take(&mut self.scratch);
+            let got = decode(
+                &mut self.r,
+                off,
+                n,
+                len - decoded,
+                &mut scratch,
+                self.cancel,
+            );
+            self.scratch = scratch;
+            self.pos = LOST_POS;
+            let got = match got? {
+                Ok(k) => k,
+                Err(e) => {
+                    return Ok(Err(corrupt(
+                        e.offset().unwrap_or(off),
+                        e.kind().to_string(),
+                    )))
+                }
+            };
+            self.pos = off + n;
+            sizes.push(n);
+            off += n;
+            decoded += got;
+            if decoded >= len {
+                break;
+            }
+            if got == 0 {
+                return Ok(Err(corrupt(
+                    off - n,
+                    "an empty LZ4 frame inside a payload".into(),
+                )));
+            }
+        }
+        if off.saturating_add(2) > body_end {
+            return Ok(Err(PayloadFault {
+                truncated: no_trailer,
+                offset: off,
+                reason: "the file ends before the CR LF after the payload".into(),
+            }));
+        }
+        Ok(self.crlf(off, no_trailer).map(|()| (off - payload, sizes)))
+    }
+}
+
+/// Decodes one LZ4 frame of `n` stored bytes (at most `max` decoded) from `r`, its
+/// checksums checked; the decoded byte count.
+fn decode(
+    r: &mut BufReader<File>,
+    off: u64,
+    n: u64,
+    max: u64,
+    scratch: &mut [u8],
+    cancel: &Cancel,
+) -> Result<nbdfmt::Result<u64>> {
+    let mut dec = Lz4FrameReader::new(r, off, n, max);
+    loop {
+        cancel.check()?;
+        match dec.read_decoded(scratch) {
+            Ok(0) => break,
+            Ok(_) => {}
+            Err(e) => return Ok(Err(e)),
+        }
+    }
+    Ok(dec.finish())
+}
+
+/// The file against its `.chksum` (read in pieces, so a cancel is seen).
+fn checksum(path: &Path, cancel: &Cancel) -> Result<Checksum> {
+    let stored = match nbdfmt::checksum::stored_checksum(path) {
+        Ok(None) => return Ok(Checksum::None),
+        Ok(Some(s)) => s,
+        Err(e) => return Ok(Checksum::Unusable(e.to_string())),
+    };
+    let mut f = match File::open(path) {
+        Ok(f) => f,
+        Err(e) => return Ok(Checksum::Unusable(format!("cannot be read: {e}"))),
+    };
+    let mut h = simd_adler32::Adler32::new();
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        cancel.check()?;
+        match f.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => h.write(&buf[..n]),
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => {
+                return Ok(Checksum::Unusable(format!(
+                    "cannot be read to its end: {e}"
+                )))
+            }
+        }
+    }
+    let computed = h.finish();
+    Ok(if computed == stored {
+        Checksum::Ok(stored)
+    } else {
+        Checksum::Mismatch { stored, computed }
+    })
+}
