@@ -23,7 +23,12 @@ fn doc(r: &Run) -> Value {
 fn assert_failure(r: &Run, schema: &str, code: i32, category: &str) -> Value {
     assert_eq!(r.code, Some(code), "stderr:\n{}", r.stderr);
     let v = doc(r);
-    assert_eq!(v["schema"], schema, "{v}");
+    // `schema` may be given without its major version ("vmrestore.verify/")
+    let got = v["schema"].as_str().unwrap_or_default();
+    assert!(
+        got == schema || (schema.ends_with('/') && got.starts_with(schema)),
+        "{v}"
+    );
     assert_eq!(v["ok"], false, "{v}");
     assert_eq!(v["exit_code"], code, "{v}");
     assert_eq!(v["category"], category, "{v}");
@@ -134,7 +139,7 @@ fn json_verify_failure_is_the_verify_document_marked_failed() {
         "--backup-path",
         &fx.root_str(),
     ]);
-    let v = assert_failure(&r, "vmrestore.verify/1", 6, "engine");
+    let v = assert_failure(&r, "vmrestore.verify/", 6, "engine");
     assert_eq!(v["passed"], false);
     assert!(
         v["error"]
@@ -153,13 +158,12 @@ fn json_verify_failure_is_the_verify_document_marked_failed() {
     ]);
     assert_eq!(r.code, Some(0));
     let v = doc(&r);
+    assert!(v["schema"]
+        .as_str()
+        .is_some_and(|s| s.starts_with("vmrestore.verify/")));
     assert_eq!(
-        (
-            v["schema"].as_str(),
-            v["ok"].as_bool(),
-            v["exit_code"].as_i64()
-        ),
-        (Some("vmrestore.verify/1"), Some(true), Some(0))
+        (v["ok"].as_bool(), v["exit_code"].as_i64()),
+        (Some(true), Some(0))
     );
     assert!(v.get("category").is_none());
 }
