@@ -77,7 +77,7 @@ step "Restore points" \
 show --list-restore-points "$VM" --backup-path "$B"
 
 step "Are the backup files intact?" \
-    "virtnbdbackup stores an adler32 checksum (.chksum) next to every data file. --verify recomputes them all and writes nothing (exit 6 when one differs)."
+    "virtnbdbackup stores an adler32 checksum (.chksum) next to every data file. --verify reads every data file as a restore would (its structure), recomputes the checksums and says which restore points are restorable; it writes nothing (exit 6 when something is damaged)."
 show --verify "$VM" --backup-path "$B"
 
 step "Point-in-time restore" \
