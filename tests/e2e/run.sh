@@ -413,7 +413,7 @@ scenario_boot() {
     # is the pattern region of the data disk, which must be the restore point's.
     # Every restored domain keeps the backup's serial file S0: the domains vmrestore
     # starts itself (instant boot) use it, one at a time; the ones the test starts get
-    # their own file, so that several boot side by side (TCG, ~20 s a boot)
+    # their own file, so that several boot side by side (TCG: 5-15 s a boot)
     local t0=$SECONDS
     GUEST=$("$ROOT_DIR/tests/guest/build.sh")
     # shellcheck source=/dev/null

@@ -60,10 +60,23 @@ if [ ! -f "$OUT/boot.img" ]; then
     log "building $KEY ($versions)"
     T=$(mktemp -d "$CACHE_ROOT/.build.XXXXXX")
     trap 'rm -rf "$T"' EXIT
-    export SOURCE_DATE_EPOCH=0 TZ=UTC LC_ALL=C MTOOLS_SKIP_CHECK=1
+    # fixed times (2000-01-01: FAT cannot hold 1970) and ids: the same packages give the
+    # same bytes
+    export SOURCE_DATE_EPOCH=946684800 TZ=UTC LC_ALL=C MTOOLS_SKIP_CHECK=1
 
     # kernel image and the virtio block modules, straight out of the .deb
-    (cd "$T" && apt-get download -qq "$KPKG=$KVER" 2>/dev/null) || die "apt-get download $KPKG=$KVER"
+    # (root downloads into a directory _apt cannot write: apt warns, and that is fine)
+    if ! (cd "$T" && apt-get download -qq "$KPKG=$KVER" 2>"$T/download.err"); then
+        if [ -z "${VMR_GUEST_UPDATED:-}" ]; then
+            log "apt-get download $KPKG=$KVER failed: updating the package lists once"
+            apt-get update -qq
+            rm -rf "$T"
+            flock -u 9
+            VMR_GUEST_UPDATED=1 exec bash "$HERE/build.sh" "$@"
+        fi
+        cat "$T/download.err" >&2
+        die "apt-get download $KPKG=$KVER"
+    fi
     mkdir "$T/k"
     dpkg-deb --fsys-tarfile "$T"/"$KPKG"_*.deb | tar -x -C "$T/k" --wildcards \
         './boot/vmlinuz-*' './lib/modules/*/kernel/drivers/virtio/*' './lib/modules/*/kernel/drivers/block/virtio_blk.ko'
@@ -92,7 +105,7 @@ if [ ! -f "$OUT/boot.img" ]; then
     add_module virtio_pci
     add_module virtio_blk
     printf '%s\n' "${order[@]}" >"$R/modules.order"
-    find "$R" -exec touch -h -d @0 {} +
+    find "$R" -exec touch -h -d @$SOURCE_DATE_EPOCH {} +
     (cd "$R" && find . -mindepth 1 | sort | cpio --quiet -o -H newc -R 0:0 --reproducible) | gzip -9 -n >"$T/initrd.gz"
 
     cat >"$T/syslinux.cfg" <<'CFG'
@@ -105,7 +118,7 @@ LABEL guest
   APPEND console=ttyS0,115200 quiet
 CFG
     cp "$T"/k/boot/vmlinuz-* "$T/vmlinuz"
-    touch -d @0 "$T/vmlinuz" "$T/initrd.gz" "$T/syslinux.cfg"
+    touch -d @$SOURCE_DATE_EPOCH "$T/vmlinuz" "$T/initrd.gz" "$T/syslinux.cfg"
 
     # the FAT boot disk: no partition table (syslinux boots the volume's boot sector)
     truncate -s ${BOOT_MIB}M "$T/boot.img"
