@@ -236,7 +236,7 @@ fn help_tells_where_logs_go() {
     let flat = r.stdout.split_whitespace().collect::<Vec<_>>().join(" ");
     assert!(
         flat.contains(
-            "LOG_DIR log directory of restore, --verify, --dump; unset: /var/log/vmrestore if it exists, else <directory of the executable>/logs; /tmp when the directory cannot be created"
+            "LOG_DIR log directory of restore, --verify, --dump; unset: /var/log/vmrestore (created if it can be), else $XDG_STATE_HOME/vmrestore or ~/.local/state/vmrestore, else /var/tmp/vmrestore-<uid>"
         ),
         "{}",
         r.stdout

@@ -441,6 +441,15 @@ scenario_boot() {
     local before uuid
     before=$(treehash "$BK/$vm"); uuid=$(uuid_of "$vm")
 
+    # --test-boot of the latest point: an isolated throwaway clone must print GUEST-OK
+    vmr --vm "$vm" --backup-path "$BK" --test-boot --test-boot-timeout 180 \
+        --test-boot-expect 'GUEST-OK boots=[0-9]+ data=[0-9a-f]{64}' --report "$WORK/tb-guest" --json \
+        >"$WORK/tb-guest.json" || die "--test-boot of the bootable guest failed"
+    python3 -c 'import json,sys; d=json.load(open(sys.argv[1])); t=d["test_boot"]; assert t["outcome"]=="alive" and t["signs"], d' \
+        "$WORK/tb-guest.json" || die "--test-boot JSON"
+    virsh -c qemu:///system list --all --name | grep -q -- "-testboot-" && die "a test-boot domain is left"
+    ok "boot: --test-boot of the latest point saw GUEST-OK on the isolated clone's console"
+
     # a clone (latest) and a point-in-time clone (point 0) next to the running original
     vmr --vm "$vm" --backup-path "$BK" --name "$vm-clone" --restore-path "$WORK/clone"
     vmr --vm "$vm" --backup-path "$BK" --name "$vm-pit" --restore-path "$WORK/pit" --restore-point 0
