@@ -3117,3 +3117,18 @@ fn clone_prediction_names_the_original_file() {
         ),
     );
 }
+
+// A DR dry run on a host without libvirt plans what it can and says what it could not
+// check (exit 0, the spec's dry-run rule); the real run stops with exit 8.
+#[test]
+fn dr_dry_run_without_libvirt_plans_what_it_can() {
+    let w = World::new(&["rc-acc-files"]);
+    let uri = "qemu+unix:///system?socket=/nonexistent/libvirt-sock";
+    let args = ["--vm", "rc-acc-files", "--restore-path", &w.s("out/r")];
+    let r = w.run_uri(uri, &[&args[..], &["--dry-run"]].concat());
+    assert_code(&r, 0);
+    assert_has(&r, "a real run would exit 8");
+    assert_has(&r, "[DRY RUN] ");
+    let r = w.run_uri(uri, &args);
+    assert_code(&r, 8);
+}
