@@ -23,6 +23,7 @@ export LOG_DIR=$WORK/logs
 SCENARIOS=${E2E_SCENARIOS:-"all fixtures instant testboot multi uefi long shrink copy diff boot"}
 EXTRA_DOMAINS=()
 EXTRA_PIDS=()   # background vmrestore runs (instant boot): SIGINT, then SIGKILL
+EXTRA_PREFIXES=()   # domains named by vmrestore (test boots): every one starting so
 PASSED=()
 START=$SECONDS
 
@@ -34,6 +35,9 @@ finish() {
         kill -INT "$p" 2>/dev/null || true
         for _ in $(seq 60); do kill -0 "$p" 2>/dev/null || break; sleep 0.25; done
         kill -9 "$p" 2>/dev/null || true
+    done
+    for p in "${EXTRA_PREFIXES[@]}"; do
+        EXTRA_DOMAINS+=($(virsh -c qemu:///system list --all --name 2>/dev/null | grep -- "^$p" || true))
     done
     for d in "${EXTRA_DOMAINS[@]}"; do
         virsh -c qemu:///system destroy "$d" >/dev/null 2>&1 || true
@@ -412,8 +416,8 @@ scenario_boot() {
     # counter came back from the backup (1) and the guest writes its restored disk; SHA
     # is the pattern region of the data disk, which must be the restore point's.
     # Every restored domain keeps the backup's serial file S0: the domains vmrestore
-    # starts itself (instant boot) use it, one at a time; the ones the test starts get
-    # their own file, so that several boot side by side (TCG: 5-15 s a boot)
+    # starts itself (instant boot, test boot) use it, one at a time; the ones the test
+    # starts get their own file, so that several boot side by side (TCG: 5-15 s a boot)
     local t0=$SECONDS
     GUEST=$("$ROOT_DIR/tests/guest/build.sh")
     # shellcheck source=/dev/null
@@ -525,9 +529,29 @@ scenario_boot() {
     guest_ok "$vm-pull" "$s0" 2 "$p0"
     "${VIRSH[@]}" destroy "$vm-pull" >/dev/null
     [ "$(guest_boots "$WORK/pull/$vm-pull-vdb.qcow2")" = 2 ] || die "$vm-pull: the boot counter is not on the pulled disk"
-    [ "$(treehash "$BK/$vm")" = "$before" ] || die "the backup tree changed"
     ok "boot: --instant-boot --pull (point 0) boots and reads point 0; pulled disks standalone with the guest's writes"
-    log "boot: round 2 (2 guests) took $((SECONDS - t2))s; scenario $((SECONDS - t0))s"
+    log "boot: round 2 (2 guests) took $((SECONDS - t2))s"
+
+    # round 3: --test-boot (latest) passes on the guest's own line: the point boots
+    # isolated, vmrestore finds GUEST-OK with point 1's data in the console it logs,
+    # and removes everything it made
+    t2=$SECONDS
+    rm -f "$s0"
+    EXTRA_PREFIXES+=("$vm-testboot-")
+    log "vmrestore --vm $vm --test-boot --test-boot-expect 'GUEST-OK boots=2 data=$p1'"
+    VMRESTORE_TESTBOOT_DIR=$WORK/testboot "$BIN" --connect qemu:///system --vm "$vm" --backup-path "$BK" \
+        --test-boot --test-boot-timeout 240 --test-boot-expect "(?m)^GUEST-OK boots=2 data=$p1" --json \
+        >"$WORK/guest-tb.json" || die "test boot of the guest: exit $?"
+    python3 - "$WORK/guest-tb.json" <<'PY' || die "test-boot JSON"
+import json, sys
+tb = json.load(open(sys.argv[1]))["test_boot"]
+assert tb["outcome"] == "alive" and any(s.startswith("console") for s in tb["signs"]), tb
+PY
+    virsh -c qemu:///system list --all --name | grep -q "^$vm-testboot-" && die "a test-boot domain is left"
+    [ -z "$(ls -A "$WORK/testboot" 2>/dev/null)" ] || die "test-boot overlays are left: $(ls "$WORK/testboot")"
+    ok "boot: --test-boot (latest) passes on GUEST-OK with point 1's data; nothing left"
+    [ "$(treehash "$BK/$vm")" = "$before" ] || die "the backup tree changed"
+    log "boot: round 3 (test boot) took $((SECONDS - t2))s; scenario $((SECONDS - t0))s"
 }
 
 e2e_setup
