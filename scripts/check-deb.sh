@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Builds the vmrestore Debian package, lints it and installs it into a minimal
 # bookworm chroot, where it runs vmrestore --version, --help, the man page and
-# --list on a copy of the bundled real backup tree.
+# --list on a copy of the bundled real backup tree, then installs it again beside a
+# stand-in for vmbackup's bash vmrestore (/usr/local/bin/vmrestore).
 #
 #   scripts/check-deb.sh            (as root, on Debian 12; cargo on PATH)
 #
@@ -278,7 +279,10 @@ run() {
     return $rc
 }
 run vmrestore --version || die "vmrestore --version failed in the chroot"
-[ "$(in_chroot vmrestore --version)" = "vmrestore $VERSION" ] || die "--version does not print 'vmrestore $VERSION'"
+case "$(in_chroot vmrestore --version)" in
+    "vmrestore $VERSION (vmbackup "*" compatible)") ;;
+    *) die "--version does not print 'vmrestore $VERSION (vmbackup <version> compatible)'" ;;
+esac
 run vmrestore --help || die "vmrestore --help failed in the chroot"
 man_err=$(in_chroot sh -c 'MANWIDTH=80 man --warnings -P cat -l /usr/share/man/man1/vmrestore.1.gz 2>&1 >/tmp/man.txt')
 run cat /tmp/man.txt || die "man page could not be shown"
@@ -308,14 +312,34 @@ in_chroot bash -c 'source /usr/share/bash-completion/bash_completion
     _vmrestore vmrestore "" --vm
     echo "${COMPREPLY[*]:-(no VM names: --list printed none)}"' || die "bash completion failed to run"
 
-step "reinstall keeps /var/log/vmrestore, purge removes it"
-in_chroot dpkg -i "/tmp/$(basename "$DEB")" >>"$CACHE/chroot-apt.log" 2>&1 || die "reinstall (dpkg -i) failed"
+step "beside vmbackup's bash vmrestore; reinstall keeps /var/log/vmrestore, purge removes it"
+# vmbackup 0.6.0 installs /opt/vmbackup/vmrestore.sh and the symlink
+# /usr/local/bin/vmrestore: the reinstall's postinst and --version must name it,
+# and purging this package must leave it alone.
+mkdir -p "$ROOT/opt/vmbackup"
+printf '#!/bin/bash\necho "vmrestore 0.6.0"\n' >"$ROOT/opt/vmbackup/vmrestore.sh"
+chmod 0755 "$ROOT/opt/vmbackup/vmrestore.sh"
+ln -sf /opt/vmbackup/vmrestore.sh "$ROOT/usr/local/bin/vmrestore"
+postinst_out=$(in_chroot dpkg -i "/tmp/$(basename "$DEB")" 2>&1) || { echo "$postinst_out" >&2; die "reinstall (dpkg -i) failed"; }
+echo "$postinst_out" >>"$CACHE/chroot-apt.log"
+grep 'WARN' <<<"$postinst_out" || true
+grep -q 'WARN: /usr/local/bin/vmrestore (/opt/vmbackup/vmrestore.sh) comes before /usr/bin/vmrestore' <<<"$postinst_out" ||
+    die "postinst did not name vmbackup's /usr/local/bin/vmrestore"
+printf '\n$ vmrestore --version            (PATH: /usr/local/bin first)\n'
+in_chroot vmrestore --version
+printf '$ /usr/bin/vmrestore --version\n'
+version_err=$(in_chroot /usr/bin/vmrestore --version 2>&1 >/dev/null)
+echo "$version_err"
+grep -q "runs /usr/local/bin/vmrestore → /opt/vmbackup/vmrestore.sh, a shell script (/bin/bash)" <<<"$version_err" ||
+    die "/usr/bin/vmrestore --version did not WARN about /usr/local/bin/vmrestore"
 [ "$(in_chroot stat -c '%U:%G %a' /var/log/vmrestore)" = "root:adm 750" ] || die "/var/log/vmrestore changed on reinstall"
 echo "after reinstall: /var/log/vmrestore $(in_chroot stat -c '%U:%G %a' /var/log/vmrestore)"
 in_chroot apt-get purge -y -q vmrestore >>"$CACHE/chroot-apt.log" 2>&1 || die "apt-get purge vmrestore failed"
 [ ! -e "$ROOT/var/log/vmrestore" ] || die "/var/log/vmrestore is still there after purge"
 [ ! -e "$ROOT/usr/bin/vmrestore" ] || die "/usr/bin/vmrestore is still there after purge"
-echo "after purge: /usr/bin/vmrestore and /var/log/vmrestore gone"
+[ -x "$ROOT/opt/vmbackup/vmrestore.sh" ] && [ -L "$ROOT/usr/local/bin/vmrestore" ] ||
+    die "purge touched vmbackup's /usr/local/bin/vmrestore or /opt/vmbackup/vmrestore.sh"
+echo "after purge: /usr/bin/vmrestore and /var/log/vmrestore gone; vmbackup's /usr/local/bin/vmrestore untouched"
 
 step ""
 printf '\n=== check-deb: timings\n'

@@ -26,6 +26,10 @@ pub fn run(argv: &[String], env: &Env) -> Result<ExitStatus, AppError> {
         }
         Parsed::Version => {
             write_stdout(&format!("{}\n", cli::version()));
+            // vmbackup's bash vmrestore in /usr/local/bin hides /usr/bin/vmrestore
+            if let Some(w) = crate::host::shadow::check_process() {
+                tracing::warn!(target: "main", "{w}");
+            }
             return Ok(ExitStatus::Ok);
         }
         Parsed::Run(args) => *args,
@@ -123,24 +127,75 @@ fn inspect(r: &InspectRequest, what: Inspect, env: &Env) -> Result<ExitStatus, A
     Ok(ExitStatus::Ok)
 }
 
+/// The lines of a failure: the message, then one `  caused by:` line per source
+/// that says something new. Engine errors carry their cause in the message already
+/// (`Disk restore failed: <cause>`) and keep it as `source()` for callers that
+/// match on it; repeating that text as `caused by: <same text>` tells the reader
+/// nothing, so a source whose text is already shown is skipped.
+pub fn report_lines(e: &AppError) -> Vec<String> {
+    let mut shown = e.to_string();
+    let mut lines = vec![shown.clone()];
+    let mut source = std::error::Error::source(e);
+    while let Some(s) = source {
+        let text = s.to_string();
+        if !text.is_empty() && !shown.contains(&text) {
+            lines.push(format!("  caused by: {text}"));
+            shown.push('\n');
+            shown.push_str(&text);
+        }
+        source = s.source();
+    }
+    lines
+}
+
 /// Prints a failure: a bare line for listing lookups, otherwise an ERROR log line
-/// (plus one `caused by:` line per source) under the error's component.
+/// (plus the `caused by:` lines of [`report_lines`]) under the error's component.
 pub fn report(e: &AppError) {
     if e.is_plain() {
         eprintln!("{e}");
         return;
     }
-    let mut lines = vec![e.to_string()];
-    let mut source = std::error::Error::source(e);
-    while let Some(s) = source {
-        lines.push(format!("  caused by: {s}"));
-        source = s.source();
-    }
-    for l in lines {
+    for l in report_lines(e) {
         match e.component() {
             "parse_args" => tracing::error!(target: "parse_args", "{l}"),
             "resolve_backup_path" => tracing::error!(target: "resolve_backup_path", "{l}"),
             _ => tracing::error!(target: "main", "{l}"),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[derive(Debug, thiserror::Error)]
+    #[error("{0}")]
+    struct Cause(String, #[source] Option<Box<Cause>>);
+
+    #[test]
+    fn a_cause_already_in_the_message_is_not_repeated() {
+        let inner = "vda.inc.virtnbdbackup.2.data: frame header at byte 1049 is not a frame";
+        let e = AppError::Engine {
+            message: format!("Disk restore failed: {inner}"),
+            source: Some(Box::new(Cause(
+                inner.into(),
+                Some(Box::new(Cause(
+                    "No such file or directory (os error 2)".into(),
+                    None,
+                ))),
+            ))),
+        };
+        assert_eq!(
+            report_lines(&e),
+            [
+                format!("Disk restore failed: {inner}"),
+                "  caused by: No such file or directory (os error 2)".to_owned()
+            ]
+        );
+        let io = AppError::io("reading /x")(std::io::Error::other("disk on fire"));
+        assert_eq!(
+            report_lines(&io),
+            ["reading /x", "  caused by: disk on fire"]
+        );
     }
 }

@@ -52,6 +52,22 @@ impl ExitStatus {
         }
     }
 
+    /// The category's name in `--json` documents (`"ok"` for success).
+    pub fn category(self) -> &'static str {
+        match self {
+            Self::Ok => "ok",
+            Self::General => "general",
+            Self::Config => "config",
+            Self::Lock => "lock",
+            Self::Storage => "storage",
+            Self::Vm => "vm",
+            Self::Engine => "engine",
+            Self::Usage => "usage",
+            Self::Dependency => "dependency",
+            Self::Signal(_) => "signal",
+        }
+    }
+
     /// The status of a process exit code (the inverse of [`ExitStatus::code`]).
     pub fn from_code(code: u8) -> Self {
         match code {
@@ -277,6 +293,23 @@ mod tests {
         let codes: Vec<u8> = ExitStatus::TABLE.iter().map(|s| s.code()).collect();
         assert_eq!(codes, vec![0, 1, 2, 3, 4, 5, 6, 7, 8, 130, 143]);
         assert_eq!(ExitStatus::Signal(-1).code(), 1);
+        let names: Vec<&str> = ExitStatus::TABLE.iter().map(|s| s.category()).collect();
+        assert_eq!(
+            names,
+            [
+                "ok",
+                "general",
+                "config",
+                "lock",
+                "storage",
+                "vm",
+                "engine",
+                "usage",
+                "dependency",
+                "signal",
+                "signal"
+            ]
+        );
     }
 
     #[test]

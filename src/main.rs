@@ -5,8 +5,8 @@
 use std::process::ExitCode;
 
 use vmrestore::app::{self, Env};
-use vmrestore::error::ExitStatus;
-use vmrestore::ui::log;
+use vmrestore::error::{AppError, ExitStatus};
+use vmrestore::ui::{json, log};
 
 fn main() -> ExitCode {
     // before anything else (threads, logging): no signal may kill the run unhandled
@@ -14,41 +14,35 @@ fn main() -> ExitCode {
         vmrestore::signal::started();
     }
     log::init();
+    // before parsing: a usage error of a `--json` run is a JSON document too
+    let args: Vec<std::ffi::OsString> = std::env::args_os().skip(1).collect();
+    json::set_requested(json::requested_in(&args));
     // An argument that is not UTF-8 is refused, never converted lossily: a lossy
     // `--restore-path n\xffu` would write into `n\u{FFFD}u`, a directory nobody named.
-    let argv = match utf8_args() {
-        Ok(a) => a,
+    let result = utf8_args(args).and_then(|argv| app::run(&argv, &Env::from_process()));
+    let status = match &result {
+        Ok(status) => *status,
         Err(e) => {
-            app::report(&e);
-            let status = e.exit_status();
-            log::finish(status);
-            return finish(status);
-        }
-    };
-    let env = Env::from_process();
-    let status = match app::run(&argv, &env) {
-        Ok(status) => status,
-        Err(e) => {
-            app::report(&e);
+            app::report(e);
             e.exit_status()
         }
     };
     // a signal that no command took (a listing, --help) still ends as one
-    let status = match (status, vmrestore::signal::pending()) {
-        (ExitStatus::Ok, Some(sig)) => ExitStatus::Signal(sig),
-        (s, _) => s,
+    let (status, untaken) = match (status, vmrestore::signal::pending()) {
+        (ExitStatus::Ok, Some(sig)) => (ExitStatus::Signal(sig), Some(AppError::Interrupted(sig))),
+        (s, _) => (s, None),
     };
+    json::finish(status, untaken.as_ref().or(result.as_ref().err()));
     log::finish(status);
     finish(status)
 }
 
-fn utf8_args() -> Result<Vec<String>, vmrestore::error::AppError> {
-    std::env::args_os()
-        .skip(1)
+fn utf8_args(args: Vec<std::ffi::OsString>) -> Result<Vec<String>, AppError> {
+    args.into_iter()
         .enumerate()
         .map(|(i, a)| {
             a.into_string().map_err(|raw| {
-                vmrestore::error::AppError::Usage(format!(
+                AppError::Usage(format!(
                     "argument {} ({}) is not valid UTF-8: vmrestore takes UTF-8 names and paths",
                     i + 1,
                     std::os::unix::ffi::OsStrExt::as_bytes(raw.as_os_str()).escape_ascii()

@@ -8,21 +8,71 @@ use vmrestore::cli::FLAGS;
 use vmrestore::error::ExitStatus;
 
 fn version_line() -> String {
-    format!("vmrestore {}\n", env!("CARGO_PKG_VERSION"))
+    format!(
+        "vmrestore {} (vmbackup 0.6.0 compatible)\n",
+        env!("CARGO_PKG_VERSION")
+    )
 }
 
-// 1: --version / -V print exactly "vmrestore <version>\n" (our version), exit 0, no log file.
+/// The directory of the binary under test (first on PATH: nothing shadows it).
+fn bin_dir() -> String {
+    std::path::Path::new(env!("CARGO_BIN_EXE_vmrestore"))
+        .parent()
+        .expect("bin dir")
+        .display()
+        .to_string()
+}
+
+// 1: --version / -V print exactly one line, exit 0, no log file. Statement 1 says
+// "vmrestore 0.6.0"; issue 21 changed the line to our version plus the vmbackup
+// release it replaces: "vmrestore 0.7.0 (vmbackup 0.6.0 compatible)".
 #[test]
 fn s01_version() {
     for flag in ["--version", "-V"] {
         let s = Scratch::new();
-        let r = s.run(&[flag]);
+        let path = format!("{}:/usr/bin:/bin", bin_dir());
+        let r = s.run_env(&[flag], &[("PATH", path.as_str())]);
         assert_eq!(
             (r.code, r.stdout.as_str(), r.stderr.as_str()),
             (Some(0), version_line().as_str(), "")
         );
         assert!(s.logs().is_empty());
     }
+}
+
+// Issue 21: vmbackup's bash vmrestore earlier on PATH (/usr/local/bin/vmrestore →
+// /opt/vmbackup/vmrestore.sh) is named in a WARN; stdout keeps its one line.
+#[test]
+fn s01_version_names_a_bash_vmrestore_earlier_on_path() {
+    use std::os::unix::fs::PermissionsExt;
+    let s = Scratch::new();
+    let t = tempfile::tempdir().expect("tmp");
+    let (local, opt) = (t.path().join("local-bin"), t.path().join("opt"));
+    std::fs::create_dir(&local).expect("mkdir");
+    std::fs::create_dir(&opt).expect("mkdir");
+    let script = opt.join("vmrestore.sh");
+    std::fs::write(&script, "#!/bin/bash\necho 'vmrestore 0.6.0'\n").expect("write");
+    std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+    std::os::unix::fs::symlink(&script, local.join("vmrestore")).expect("ln");
+    let path = format!("{}:{}:/usr/bin:/bin", local.display(), bin_dir());
+    let r = s.run_env(&["--version"], &[("PATH", path.as_str())]);
+    assert_eq!(
+        (r.code, r.stdout.as_str()),
+        (Some(0), version_line().as_str())
+    );
+    let warn = format!(
+        "WARN: A plain 'vmrestore' on this PATH runs {} → {}, a shell script (/bin/bash), probably the bash vmrestore of vmbackup, not this binary ({})",
+        local.join("vmrestore").display(),
+        std::fs::canonicalize(&script).expect("real").display(),
+        std::fs::canonicalize(env!("CARGO_BIN_EXE_vmrestore")).expect("real").display(),
+    );
+    assert!(r.stderr.contains(&warn), "{}", r.stderr);
+    assert_eq!(r.stderr.lines().count(), 1, "{}", r.stderr);
+    assert!(s.logs().is_empty());
+    // after it on PATH: quiet
+    let path = format!("{}:{}", bin_dir(), local.display());
+    let r = s.run_env(&["--version"], &[("PATH", path.as_str())]);
+    assert_eq!(r.stderr, "");
 }
 
 // 2: --help / -h print the usage with every flag, exit 0.

@@ -142,8 +142,26 @@ fn error_line(r: &Run) -> String {
         .unwrap_or_default()
 }
 
+/// Issue 21: a `caused by:` line never repeats text its ERROR line already shows
+/// (engine errors carry their cause in the message and as `source()`).
+fn assert_no_repeated_cause(r: &Run) {
+    let mut last_error = "";
+    for l in r.stderr.lines() {
+        if let Some((_, cause)) = l.split_once("] ERROR:   caused by: ") {
+            assert!(
+                !last_error.contains(cause),
+                "caused by repeats the message:\n{}",
+                r.stderr
+            );
+        } else if let Some((_, msg)) = l.split_once("] ERROR: ") {
+            last_error = msg;
+        }
+    }
+}
+
 /// One row of the report table (stderr of the test).
 fn table(class: &str, r: &Run, root: &Path) {
+    assert_no_repeated_cause(r);
     let msg = error_line(r).replace(&root.display().to_string(), "<root>");
     eprintln!(
         "TABLE|{class}|{}|{msg}",

@@ -567,6 +567,18 @@ fn s070_dr_force_over_shut_off_domain() {
             < line_of(&r, "Defining VM from backup config")
     );
     assert_lacks(&r, "Failed to undefine");
+    // the guide's line, once the new image took the old one's place
+    assert_has(
+        &r,
+        &format!(
+            "Removed existing file for DR overwrite: {}",
+            target.display()
+        ),
+    );
+    assert!(
+        line_of(&r, "of data from") < line_of(&r, "Removed existing file for DR overwrite"),
+        "said only after the new image was written"
+    );
     assert_eq!(
         summary(&r),
         "Restore complete: rc-acc-files — disk ✓ defined ✓ UUID ✓ MACs ✓"
@@ -3081,4 +3093,42 @@ fn in_place_keeps_the_domain_disk_format() {
     assert_code(&r, 0);
     let magic = fs::read(&disk).expect("disk");
     assert_eq!(&magic[..4], b"QFI\xfb", "a qcow2 image under a .img name");
+}
+
+// A clone's predicted outputs name the backup's own file name, not the clone's.
+#[test]
+fn clone_prediction_names_the_original_file() {
+    let w = World::new(&["rc-multi-sql"]);
+    let r = w.run(&[
+        "--vm",
+        "rc-multi-sql",
+        "--name",
+        "x",
+        "--restore-path",
+        &w.s("out/r"),
+        "--dry-run",
+    ]);
+    assert_code(&r, 0);
+    assert_has(
+        &r,
+        &format!(
+            "Predicted final: {} (original file name: rc-multi-sql-vda.qcow2)",
+            w.p("out/r/x-vda.qcow2").display()
+        ),
+    );
+}
+
+// A DR dry run on a host without libvirt plans what it can and says what it could not
+// check (exit 0, the spec's dry-run rule); the real run stops with exit 8.
+#[test]
+fn dr_dry_run_without_libvirt_plans_what_it_can() {
+    let w = World::new(&["rc-acc-files"]);
+    let uri = "qemu+unix:///system?socket=/nonexistent/libvirt-sock";
+    let args = ["--vm", "rc-acc-files", "--restore-path", &w.s("out/r")];
+    let r = w.run_uri(uri, &[&args[..], &["--dry-run"]].concat());
+    assert_code(&r, 0);
+    assert_has(&r, "a real run would exit 8");
+    assert_has(&r, "[DRY RUN] ");
+    let r = w.run_uri(uri, &args);
+    assert_code(&r, 8);
 }

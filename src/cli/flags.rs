@@ -251,8 +251,11 @@ fn flag_help(s: &mut String, f: &Flag) {
 /// The environment, exit codes and examples at the end of `--help`.
 const FOOTER: &str = "\nENVIRONMENT:\n\
          \x20 VMBACKUP_INSTANCE              instance when --config-instance is not given\n\
-         \x20 LOG_DIR                        log directory of restore, --verify, --dump\n\
-         \x20                                (default /var/log/vmrestore)\n\
+         \x20 LOG_DIR                        log directory of restore, --verify, --dump;\n\
+         \x20                                unset: /var/log/vmrestore (created if it can\n\
+         \x20                                be), else $XDG_STATE_HOME/vmrestore or\n\
+         \x20                                ~/.local/state/vmrestore, else\n\
+         \x20                                /var/tmp/vmrestore-<uid>\n\
          \x20 LIBVIRT_DEFAULT_URI            default for --connect\n\
          \x20 VMRESTORE_CONFIG_ROOT          replaces /opt/vmbackup/config (tests)\n\
          \nEXIT CODES:\n\

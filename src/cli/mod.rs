@@ -129,9 +129,17 @@ pub enum Parsed {
 #[error("{0}")]
 pub struct UsageError(pub String);
 
-/// `vmrestore <version>`, exactly (acceptance statement 1, with our version).
+/// The vmbackup release whose bash vmrestore this binary replaces flag for flag.
+pub const VMBACKUP_COMPAT: &str = "0.6.0";
+
+/// `vmrestore <version> (vmbackup <compat> compatible)`: acceptance statement 1's
+/// line with our version, and the vmbackup release whose flags, exit codes and
+/// backup trees it accepts, so that `vmrestore --version` tells the two apart.
 pub fn version() -> String {
-    format!("vmrestore {}", env!("CARGO_PKG_VERSION"))
+    format!(
+        "vmrestore {} (vmbackup {VMBACKUP_COMPAT} compatible)",
+        env!("CARGO_PKG_VERSION")
+    )
 }
 
 fn find(token: &str) -> Option<&'static Flag> {
@@ -547,7 +555,10 @@ mod tests {
         assert_eq!(args(&["--vm", "--help"]).vm.as_deref(), Some("--help"));
         assert_eq!(
             version(),
-            format!("vmrestore {}", env!("CARGO_PKG_VERSION"))
+            format!(
+                "vmrestore {} (vmbackup 0.6.0 compatible)",
+                env!("CARGO_PKG_VERSION")
+            )
         );
     }
 

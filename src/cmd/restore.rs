@@ -220,6 +220,12 @@ fn connect(r: &RestoreRequest) -> Result<Box<dyn Hypervisor>, AppError> {
     };
     match conn {
         Ok(c) => Ok(Box::new(c)),
+        // a dry run plans what it can and says what it could not check (spec: a dry
+        // run exits 0); the real run would stop here with exit 8
+        Err(e) if r.kind.needs_libvirt() && r.options.dry_run => {
+            tracing::warn!(target: "restore_vm", "[DRY RUN] No libvirt connection at {} ({}): a real run would exit 8; not checked: whether the VM is defined or running, other VMs' disks", r.uri, e.message);
+            Ok(Box::new(Offline { reason: e.message }))
+        }
         Err(e) if r.kind.needs_libvirt() => Err(AppError::Dependency(format!(
             "Missing dependency: cannot connect to libvirt at {}: {}",
             r.uri, e.message

@@ -149,11 +149,24 @@ fn device_edits(xml: &str, devices: Node<'_, '_>, rw: &Rewrite, edits: &mut Vec<
                     edits.extend(child_replaced(xml, device, "link", "<link state='down'/>"));
                 }
             }
+            // a test boot's console is its own: a pty logged to our file (a serial
+            // `file` or socket of the original would be shared with it, or busy)
             "serial" => {
                 serials += 1;
                 if let Some(log) = &rw.serial_log {
-                    edits.extend(child_replaced(xml, device, "log", &log_tag(log)));
+                    let r = device.range();
+                    edits.push(if serials == 1 {
+                        (r.start, r.end, pty_serial(log))
+                    } else {
+                        removal(xml, r)
+                    });
                 }
+            }
+            "console"
+                if rw.serial_log.is_some()
+                    && attr(xml, device, "type").is_some_and(|t| t.value() != "pty") =>
+            {
+                edits.push(removal(xml, device.range()));
             }
             d if rw.isolate && HOST_DEVICES.contains(&d) => {
                 edits.push(removal(xml, device.range()));
@@ -165,17 +178,15 @@ fn device_edits(xml: &str, devices: Node<'_, '_>, rw: &Rewrite, edits: &mut Vec<
         edits.extend(before_close(
             xml,
             devices,
-            &format!(
-                "  <serial type='pty'>{}<target port='0'/></serial>\n  ",
-                log_tag(log)
-            ),
+            &format!("  {}\n  ", pty_serial(log)),
         ));
     }
 }
 
-fn log_tag(log: &std::path::Path) -> String {
+/// A pty serial port 0 whose output is logged to `log`.
+fn pty_serial(log: &std::path::Path) -> String {
     format!(
-        "<log file='{}' append='off'/>",
+        "<serial type='pty'><log file='{}' append='off'/><target port='0'/></serial>",
         escape(&log.to_string_lossy())
     )
 }

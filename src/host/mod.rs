@@ -9,6 +9,7 @@ pub mod names;
 pub mod nvram;
 pub mod ownership;
 pub mod paths;
+pub mod shadow;
 pub mod state;
 pub mod tpm;
 pub mod tree;

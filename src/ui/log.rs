@@ -160,20 +160,44 @@ pub fn append_raw(text: &str) {
     });
 }
 
-/// The directory for run logs: `$LOG_DIR`, else `/var/log/vmrestore` if it exists,
-/// else `<directory of the executable>/logs`.
+/// The directory for run logs: `$LOG_DIR`; else `/var/log/vmrestore` (created when
+/// it can be, as root); else the user's state directory (`$XDG_STATE_HOME/vmrestore`,
+/// `~/.local/state/vmrestore`); else `/var/tmp/vmrestore-<uid>` (0700, ours). Never
+/// next to the executable: a copied binary would log into `/usr/local/bin/logs`.
 pub fn log_dir(env_log_dir: Option<&Path>) -> PathBuf {
     if let Some(d) = env_log_dir {
         return d.to_path_buf();
     }
     let system = Path::new("/var/log/vmrestore");
-    if system.is_dir() {
+    if system.is_dir() || std::fs::create_dir_all(system).is_ok() {
         return system.to_path_buf();
     }
-    std::env::current_exe()
-        .ok()
-        .and_then(|e| e.parent().map(|p| p.join("logs")))
-        .unwrap_or_else(|| PathBuf::from("/tmp"))
+    let state = std::env::var_os("XDG_STATE_HOME")
+        .filter(|v| !v.is_empty())
+        .map(PathBuf::from)
+        .or_else(|| {
+            std::env::var_os("HOME")
+                .filter(|v| !v.is_empty())
+                .map(|h| PathBuf::from(h).join(".local/state"))
+        })
+        .map(|d| d.join("vmrestore"));
+    if let Some(d) = state.filter(|d| std::fs::create_dir_all(d).is_ok()) {
+        return d;
+    }
+    own_tmp_dir()
+}
+
+/// `/var/tmp/vmrestore-<uid>`: created 0700, or reused only when it is a real
+/// directory owned by us (a shared directory anyone can plant in).
+fn own_tmp_dir() -> PathBuf {
+    use std::os::unix::fs::{DirBuilderExt, MetadataExt};
+    let uid = nix::unistd::getuid().as_raw();
+    let d = PathBuf::from(format!("/var/tmp/vmrestore-{uid}"));
+    let _ = std::fs::DirBuilder::new().mode(0o700).create(&d);
+    match std::fs::symlink_metadata(&d) {
+        Ok(m) if m.is_dir() && m.uid() == uid => d,
+        _ => PathBuf::from("/tmp"),
+    }
 }
 
 /// A random 64-bit value for a fresh file name.

@@ -2,15 +2,24 @@
 
 pub mod format;
 pub mod header;
+pub mod json;
 pub mod log;
 pub mod progress;
 pub mod report;
 
 use std::io::Write;
 
-/// Writes command output to stdout. A closed pipe (`vmrestore --list | head`) is
-/// not an error worth reporting, so write failures are ignored.
+/// Writes command output to stdout; under `--json` a JSON document is held until
+/// exit instead (see [`json`]). A closed pipe (`vmrestore --list | head`) is not an
+/// error worth reporting, so write failures are ignored.
 pub fn write_stdout(text: &str) {
+    if json::hold(text) {
+        return;
+    }
+    print(text);
+}
+
+fn print(text: &str) {
     let mut out = std::io::stdout().lock();
     // see the doc comment: EPIPE and friends are deliberately ignored
     let _ = out.write_all(text.as_bytes()).and_then(|()| out.flush());

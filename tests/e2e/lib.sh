@@ -134,3 +134,76 @@ treehash() {
 same_content() {
     qemu-img compare -q "$1" "$2" || die "content of $1 differs from $2"
 }
+
+# --- the bootable test guest (tests/guest/build.sh) ---
+
+# mkguest NAME DIR SERIAL: defines and starts the test guest under TCG: vda a qcow2
+# copy of the cached FAT boot disk, vdb a blank 8 MiB data disk (both in DIR, both
+# writable through qemu-io like mkvm's), ttyS0 into the file SERIAL
+mkguest() {
+    local name=$1 dir=$2 serial=$3 devs="" overrides="" dev
+    mkdir -p "$dir"
+    qemu-img convert -q -f raw -O qcow2 "$GUEST/boot.img" "$dir/$name-vda.qcow2"
+    qemu-img create -q -f qcow2 "$dir/$name-vdb.qcow2" 8M
+    for dev in vda vdb; do
+        devs+="<disk type='file' device='disk'><driver name='qemu' type='qcow2' discard='unmap'/><source file='$dir/$name-$dev.qcow2'/><target dev='$dev' bus='virtio'/><alias name='ua-$dev'/></disk>"
+        overrides+="<qemu:device alias='ua-$dev'><qemu:frontend><qemu:property name='share-rw' type='bool' value='true'/></qemu:frontend></qemu:device>"
+    done
+    cat >"$WORK/$name.xml" <<XML
+<domain type='qemu' xmlns:qemu='http://libvirt.org/schemas/domain/qemu/1.0'>
+  <name>$name</name>
+  <memory unit='MiB'>256</memory>
+  <vcpu>1</vcpu>
+  <os><type arch='x86_64' machine='q35'>hvm</type><boot dev='hd'/></os>
+  <features><acpi/></features>
+  <devices>
+    $devs
+    <interface type='user'><model type='virtio'/></interface>
+    <serial type='file'><source path='$serial'/><target port='0'/></serial>
+  </devices>
+  <qemu:override>$overrides</qemu:override>
+</domain>
+XML
+    "${VIRSH[@]}" define "$WORK/$name.xml" >/dev/null
+    rm -f "$serial"
+    "${VIRSH[@]}" start "$name" >/dev/null
+}
+
+# guest_line SERIAL [SECONDS]: the guest's GUEST-OK / GUEST-FAIL line, once it is there
+guest_line() {
+    local serial=$1 deadline=$((SECONDS + ${2:-240})) line
+    while [ $SECONDS -lt $deadline ]; do
+        line=$(grep -a -m1 '^GUEST-' "$serial" 2>/dev/null | tr -d '\r') && [ -n "$line" ] && { echo "$line"; return 0; }
+        sleep 0.5
+    done
+    echo "no GUEST- line in $serial after ${2:-240}s"
+    return 1
+}
+
+# guest_ok NAME SERIAL BOOTS SHA: the guest printed exactly what this point must show
+guest_ok() {
+    local line want="GUEST-OK boots=$3 data=$4"
+    line=$(guest_line "$2") || die "$1: $line"
+    [ "$line" = "$want" ] || die "$1: console says '$line', expected '$want'"
+}
+
+# guest_boots IMG: the boot counter in the header of a data disk image
+guest_boots() {
+    local t=$WORK/guest-boots.raw
+    qemu-img convert -U -O raw "$1" "$t"
+    head -c 512 "$t" | tr -d '\000' | sed -n 's/^VMRGUEST boots=\([0-9]*\)$/\1/p'
+    rm -f "$t"
+}
+
+# serial_of NAME: the file a domain's serial port writes into
+serial_of() {
+    virsh -c qemu:///system dumpxml "$1" | sed -n "/<serial type='file'>/,/<\/serial>/s:.*<source path='\([^']*\)'.*:\1:p" | head -1
+}
+
+# serial_to NAME FILE: point a defined (shut off) domain's file serial elsewhere
+serial_to() {
+    local old x=$WORK/serial-to.$1.xml
+    old=$(serial_of "$1")
+    virsh -c qemu:///system dumpxml --inactive --security-info "$1" | sed "s:<source path='$old':<source path='$2':" >"$x"
+    "${VIRSH[@]}" define "$x" >/dev/null
+}

@@ -2,6 +2,8 @@
 # End-to-end tier: real VMs idling in their firmware, real virtnbdbackup chains laid
 # out as vmbackup does, restored by vmrestore in every mode, checked against the true
 # disk content, the domain identity, NVRAM and TPM state; restored domains must start.
+# Scenario boot: a real guest (tests/guest) restored in every mode must boot and report
+# the restore point's data on its console.
 #
 #   tests/e2e/run.sh            (root, Debian 12; installs and starts what it needs)
 #   E2E_SCENARIOS="multi long" tests/e2e/run.sh
@@ -18,17 +20,30 @@ WORK=$(mktemp -d /var/tmp/vmrestore-e2e.XXXXXX)
 chmod 755 "$WORK"   # qemu (libvirt-qemu) must reach restored images
 BK=$WORK/backups
 export LOG_DIR=$WORK/logs
-SCENARIOS=${E2E_SCENARIOS:-"all fixtures instant testboot multi uefi long shrink copy diff"}
+SCENARIOS=${E2E_SCENARIOS:-"all fixtures instant testboot multi uefi long shrink copy diff boot"}
 EXTRA_DOMAINS=()
+EXTRA_PIDS=()   # background vmrestore runs (instant boot): SIGINT, then SIGKILL
+EXTRA_PREFIXES=()   # domains named by vmrestore (test boots): every one starting so
 PASSED=()
 START=$SECONDS
 
 finish() {
     local rc=$?
-    local d
+    local d p
+    for p in "${EXTRA_PIDS[@]}"; do
+        kill -0 "$p" 2>/dev/null || continue
+        kill -INT "$p" 2>/dev/null || true
+        for _ in $(seq 60); do kill -0 "$p" 2>/dev/null || break; sleep 0.25; done
+        kill -9 "$p" 2>/dev/null || true
+    done
+    for p in "${EXTRA_PREFIXES[@]}"; do
+        EXTRA_DOMAINS+=($(virsh -c qemu:///system list --all --name 2>/dev/null | grep -- "^$p" || true))
+    done
     for d in "${EXTRA_DOMAINS[@]}"; do
         virsh -c qemu:///system destroy "$d" >/dev/null 2>&1 || true
-        virsh -c qemu:///system undefine "$d" --nvram >/dev/null 2>&1 || virsh -c qemu:///system undefine "$d" >/dev/null 2>&1 || true
+        virsh -c qemu:///system undefine "$d" --nvram --checkpoints-metadata >/dev/null 2>&1 \
+            || virsh -c qemu:///system undefine "$d" --nvram >/dev/null 2>&1 \
+            || virsh -c qemu:///system undefine "$d" >/dev/null 2>&1 || true
     done
     e2e_cleanup
     [ "${KEEP:-0}" = 1 ] || rm -rf "$WORK"
@@ -393,6 +408,140 @@ scenario_diff() {
     same_content "$WORK/diff-latest/$vm-vda.qcow2" "$WORK/diff-latest.raw"; ok "diff: latest includes the newest differential"
     vmr --vm "$vm" --backup-path "$BK" --restore-path "$WORK/diff-1" --skip-config --restore-point 1
     same_content "$WORK/diff-1/$vm-vda.qcow2" "$WORK/diff-1.raw"; ok "diff: restore point 1 ignores the differentials"
+}
+
+scenario_boot() {
+    # the test guest (tests/guest) restored in every mode boots from its restored boot
+    # disk and prints GUEST-OK boots=N data=SHA on ttyS0 (a file): N=2 proves the boot
+    # counter came back from the backup (1) and the guest writes its restored disk; SHA
+    # is the pattern region of the data disk, which must be the restore point's.
+    # Every restored domain keeps the backup's serial file S0 (a test boot's gets its
+    # own): the domains vmrestore starts itself (instant boot) use it, one at a time;
+    # the ones the test starts get their own, so several boot side by side (TCG: 5-15 s
+    # a boot)
+    local t0=$SECONDS
+    GUEST=$("$ROOT_DIR/tests/guest/build.sh")
+    # shellcheck source=/dev/null
+    . "$GUEST/guest.env"
+    local vm=vmr-guest-$$
+    local period=$BK/$vm/2026-W19 sd=$WORK/serial
+    local s0=$sd/$vm.log
+    mkdir -p "$sd"
+    EXTRA_DOMAINS+=("$vm" "$vm-clone" "$vm-pit" "$vm-ib" "$vm-pull")
+    # point 0: the pattern as the guest wrote it; point 1: qemu-io overwrote 192 KiB of it
+    local p0=$PATTERN_SHA256 p1 off=$((2 * 1048576)) len=$((192 * 1024))
+    cp "$GUEST/pattern.bin" "$WORK/pattern-1.bin"
+    head -c $len /dev/zero | tr '\0' '\245' |
+        dd of="$WORK/pattern-1.bin" bs=64k seek=$((off - DATA_OFFSET)) oflag=seek_bytes iflag=fullblock conv=notrunc status=none
+    p1=$(sha256sum <"$WORK/pattern-1.bin" | cut -d' ' -f1)
+    [ "$p1" != "$p0" ] || die "point 1 pattern"
+
+    local t1=$SECONDS
+    mkguest "$vm" "$WORK/guest" "$s0"
+    guest_ok "$vm" "$s0" 1 "$p0"
+    ok "boot: test guest (kernel $KERNEL) up in $((SECONDS - t1))s: GUEST-OK boots=1, pattern written"
+    backup "$vm" full "$period"
+    io "$vm" vdb "write -P 0xa5 $off $len"
+    backup "$vm" inc "$period"
+    local before uuid
+    before=$(treehash "$BK/$vm"); uuid=$(uuid_of "$vm")
+
+    # --test-boot of the latest point next to the running original: the isolated
+    # throwaway clone must print GUEST-OK with point 1's data on its own console, and
+    # vmrestore must remove everything it made
+    local t2=$SECONDS
+    EXTRA_PREFIXES+=("$vm-testboot-")
+    log "vmrestore --vm $vm --test-boot --test-boot-expect 'GUEST-OK boots=2 data=$p1'"
+    VMRESTORE_TESTBOOT_DIR=$WORK/testboot "$BIN" --connect qemu:///system --vm "$vm" --backup-path "$BK" \
+        --test-boot --test-boot-timeout 240 --test-boot-expect "(?m)^GUEST-OK boots=2 data=$p1" \
+        --report "$WORK/tb-guest" --json >"$WORK/tb-guest.json" || die "--test-boot of the bootable guest: exit $?"
+    python3 - "$WORK/tb-guest.json" <<'PY' || die "--test-boot JSON"
+import json, sys
+tb = json.load(open(sys.argv[1]))["test_boot"]
+assert tb["outcome"] == "alive" and any(s.startswith("console") for s in tb["signs"]), tb
+PY
+    virsh -c qemu:///system list --all --name | grep -q "^$vm-testboot-" && die "a test-boot domain is left"
+    [ -z "$(ls -A "$WORK/testboot" 2>/dev/null)" ] || die "test-boot overlays are left: $(ls "$WORK/testboot")"
+    ok "boot: --test-boot (latest) of the running VM sees GUEST-OK with point 1's data in $((SECONDS - t2))s; nothing left"
+
+    # a clone (latest) and a point-in-time clone (point 0) next to the running original
+    vmr --vm "$vm" --backup-path "$BK" --name "$vm-clone" --restore-path "$WORK/clone"
+    vmr --vm "$vm" --backup-path "$BK" --name "$vm-pit" --restore-path "$WORK/pit" --restore-point 0
+    local c
+    for c in "$vm-clone" "$vm-pit"; do
+        [ "$(uuid_of "$c")" != "$uuid" ] || die "$c kept the UUID"
+        # vmrestore, like virt-clone, gives a clone new disks, NVRAM, name, UUID and MACs
+        # but leaves its serial file where the original's is
+        [ "$(serial_of "$c")" = "$s0" ] || die "$c: serial file $(serial_of "$c"), not the backup's"
+        serial_to "$c" "$sd/$c.log"
+    done
+    # the original, shut off, with vdb restored in place to point 0
+    "${VIRSH[@]}" destroy "$vm" >/dev/null
+    local vdb; vdb=$(source_of "$vm" vdb)
+    vmr --vm "$vm" --backup-path "$BK" --disk vdb --restore-point 0
+    rm -f "$vdb.pre-restore"
+    [ "$(serial_of "$vm")" = "$s0" ] || die "$vm: serial file changed by the in-place restore"
+    serial_to "$vm" "$sd/$vm-inplace.log"
+
+    # round 1, four guests side by side: the clones, the original, and an instant boot
+    # (latest) from the backup over NBD, stopped by Ctrl-C after the check
+    t2=$SECONDS
+    for c in "$vm-clone" "$vm-pit" "$vm"; do "${VIRSH[@]}" start "$c" >/dev/null; done
+    rm -f "$s0"
+    log "vmrestore --vm $vm --instant-boot --name $vm-ib (background)"
+    "$BIN" --connect qemu:///system --vm "$vm" --backup-path "$BK" --restore-path "$WORK/ib" \
+        --instant-boot --name "$vm-ib" >"$WORK/guest-ib.log" 2>&1 &
+    local pid=$! i
+    EXTRA_PIDS+=("$pid")
+    for i in $(seq 120); do
+        grep -q "Started transient VM" "$WORK/guest-ib.log" && break
+        kill -0 $pid 2>/dev/null || { cat "$WORK/guest-ib.log" >&2; die "instant boot exited early"; }
+        sleep 0.5
+    done
+    grep -q "Started transient VM" "$WORK/guest-ib.log" || die "instant boot did not start"
+    guest_ok "$vm-clone" "$sd/$vm-clone.log" 2 "$p1"
+    ok "boot: clone (latest) boots and reads point 1 (new UUID; boots=2, data $p1)"
+    guest_ok "$vm-pit" "$sd/$vm-pit.log" 2 "$p0"
+    ok "boot: point-in-time clone (point 0) boots and reads point 0 (boots=2, data $p0)"
+    guest_ok "$vm" "$sd/$vm-inplace.log" 2 "$p0"
+    ok "boot: disk in place (vdb at point 0, VM shut off): the original boots and reads point 0"
+    guest_ok "$vm-ib" "$s0" 2 "$p1"
+    kill -INT $pid
+    wait $pid || die "instant boot ended with exit $?"
+    virsh -c qemu:///system dominfo "$vm-ib" >/dev/null 2>&1 && die "$vm-ib still exists after Ctrl-C"
+    ls "$WORK/ib/$vm-ib"-* >/dev/null 2>&1 && die "overlays left after Ctrl-C"
+    [ "$(treehash "$BK/$vm")" = "$before" ] || die "the instant-boot guest wrote into the backup"
+    ok "boot: --instant-boot (latest) boots from the backup and reads point 1; Ctrl-C cleans up, backup untouched"
+    for c in "$vm-clone" "$vm-pit" "$vm"; do "${VIRSH[@]}" destroy "$c" >/dev/null; done
+    [ "$(guest_boots "$WORK/clone/$vm-clone-vdb.qcow2")" = 2 ] || die "$vm-clone: the boot counter is not on the restored disk"
+    log "boot: round 1 (4 guests) took $((SECONDS - t2))s"
+
+    # round 2, side by side: DR --force (latest) over the original, which booted since,
+    # and instant boot --pull (point 0), a standalone persistent clone when it returns
+    t2=$SECONDS
+    vmr --vm "$vm" --backup-path "$BK" --restore-path "$WORK/dr" --force
+    [ "$(uuid_of "$vm")" = "$uuid" ] || die "DR changed the UUID"
+    [ "$(serial_of "$vm")" = "$s0" ] || die "DR changed the serial file"
+    serial_to "$vm" "$sd/$vm-dr.log"
+    "${VIRSH[@]}" start "$vm" >/dev/null
+    rm -f "$s0"
+    vmr --vm "$vm" --backup-path "$BK" --restore-path "$WORK/pull" --instant-boot --pull \
+        --name "$vm-pull" --restore-point 0
+    [[ $(virsh -c qemu:///system dominfo "$vm-pull") =~ Persistent:\ *yes ]] || die "$vm-pull is not persistent after --pull"
+    local d
+    for d in vda vdb; do
+        [[ $(qemu-img info -U "$WORK/pull/$vm-pull-$d.qcow2") == *"backing file"* ]] && die "$vm-pull/$d still has a backing file"
+    done
+    guest_ok "$vm" "$sd/$vm-dr.log" 2 "$p1"
+    "${VIRSH[@]}" destroy "$vm" >/dev/null
+    [ "$(guest_boots "$WORK/dr/$vm-vdb.qcow2")" = 2 ] || die "$vm: the boot counter is not on the DR disk"
+    ok "boot: DR --force (latest) boots with its UUID and reads point 1; its writes land in the restored disk"
+    guest_ok "$vm-pull" "$s0" 2 "$p0"
+    "${VIRSH[@]}" destroy "$vm-pull" >/dev/null
+    [ "$(guest_boots "$WORK/pull/$vm-pull-vdb.qcow2")" = 2 ] || die "$vm-pull: the boot counter is not on the pulled disk"
+    ok "boot: --instant-boot --pull (point 0) boots and reads point 0; pulled disks standalone with the guest's writes"
+    [ "$(treehash "$BK/$vm")" = "$before" ] || die "the backup tree changed"
+    log "boot: round 2 (2 guests) took $((SECONDS - t2))s; scenario $((SECONDS - t0))s"
 }
 
 e2e_setup
