@@ -23,6 +23,8 @@
 //! - `e`:  a 3-disk VM: vda 4 GiB (full 512 MiB), vdb 2 GiB (full 256 MiB), vdc 1 GiB
 //!   (full 128 MiB), each with 5 incrementals of 1/8 of its full at random places; every
 //!   checkpoint covers the three disks.
+//! - `h`:  one VM of a whole host (`scripts/bench-host.sh`): vda 2 GiB (full 256 MiB),
+//!   vdb 1 GiB (full 128 MiB), each with 3 incrementals of 1/8 of its full.
 //!
 //! - `f1m`, `f4m`: one full stream of 1,000,000 / 4,000,000 one-byte data frames, one
 //!   every other byte (a legal, hostile stream: 4 MiB of data in 4M frames, 172 MB file).
@@ -30,7 +32,8 @@
 //!   incrementals of 4,194,304 one-byte frames each, at offsets 4i and 4i + 2, so the
 //!   final map alternates inc1, full, inc2, full byte by byte.
 //! - `s100k`: a 6.1 GiB disk whose full holds 100,000 extents of 4 KiB, 64 KiB apart
-//!   (391 MiB of data; zero frames between them, as a full has).
+//!   (391 MiB of data; zero frames between them, as a full has). `s400k`: the same with
+//!   400,000 extents (24.4 GiB disk, 1.5 GiB of data).
 //!
 //! `--fill mixed` (default): each 4 KiB block is half pseudo-random, half text (LZ4 ratio
 //! about 2, like guest data); `random`: incompressible. Uncompressed and compressed
@@ -60,7 +63,7 @@ struct Args {
 
 fn usage() -> ! {
     eprintln!(
-        "usage: genchain <a|b|c|c1|d|e|f1m|f4m|x16m|s100k> <dir> [--compress] [--level L] [--fill mixed|random] [--no-chksum] [--seed S]"
+        "usage: genchain <a|b|c|c1|d|e|f1m|f4m|x16m|s100k|s400k> <dir> [--compress] [--level L] [--fill mixed|random] [--no-chksum] [--seed S]"
     );
     std::process::exit(2)
 }
@@ -171,6 +174,22 @@ fn layouts(case: &str, seed: u64) -> Vec<(&'static str, Layout)> {
                 let full = disk / 8;
                 let mut steps = vec![full_layout(&mut rng, disk, full, 256)];
                 for _ in 0..5 {
+                    steps.push(scattered(&mut rng, disk, full / 8, 16));
+                }
+                (name, Layout { disk, steps })
+            })
+            .collect();
+    }
+    if case == "h" {
+        // One VM of a whole host (scripts/bench-host.sh): two disks, a full and three
+        // incrementals of 1/8 of it each.
+        let mut rng = Rng::new(seed ^ 0x68);
+        return [("vda", 2 * GIB), ("vdb", GIB)]
+            .into_iter()
+            .map(|(name, disk)| {
+                let full = disk / 8;
+                let mut steps = vec![full_layout(&mut rng, disk, full, 256)];
+                for _ in 0..3 {
                     steps.push(scattered(&mut rng, disk, full / 8, 16));
                 }
                 (name, Layout { disk, steps })
@@ -436,7 +455,7 @@ fn main() -> std::io::Result<()> {
     Ok(())
 }
 
-/// Cases whose frames are not made of 64 KiB granules (`f1m`, `f4m`, `x16m`, `s100k`):
+/// Cases whose frames are not made of 64 KiB granules (`f1m`, `f4m`, `x16m`, `s100k`, `s400k`):
 /// each stream is written frame by frame, with the same side files as the other cases.
 mod tiny {
     use super::*;
@@ -503,16 +522,19 @@ mod tiny {
                     ],
                 }
             }
-            "s100k" => Tiny {
-                disk: 100_000 * GRANULE,
-                steps: vec![Step::Frames {
-                    first: 0,
-                    count: 100_000,
-                    len: 4096,
-                    stride: GRANULE,
-                    zeroes: true,
-                }],
-            },
+            "s100k" | "s400k" => {
+                let count = if case == "s100k" { 100_000 } else { 400_000 };
+                Tiny {
+                    disk: count * GRANULE,
+                    steps: vec![Step::Frames {
+                        first: 0,
+                        count,
+                        len: 4096,
+                        stride: GRANULE,
+                        zeroes: true,
+                    }],
+                }
+            }
             _ => return None,
         })
     }

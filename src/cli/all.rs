@@ -78,6 +78,7 @@ pub(crate) fn all_request(
                 skip_config: a.skip_config,
                 no_pre_restore: a.no_pre_restore,
                 include_incomplete: a.include_incomplete,
+                concurrent: 1,
             },
             uri: a
                 .connect

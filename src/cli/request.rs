@@ -220,6 +220,10 @@ pub struct RestoreOptions {
     pub no_pre_restore: bool,
     /// `--include-incomplete`.
     pub include_incomplete: bool,
+    /// Restores running at once in this process (`--all --jobs`): each gets this
+    /// share of the engine's data buffers, so the run's memory does not grow with
+    /// `--jobs` (0 and 1: a restore alone).
+    pub concurrent: u8,
 }
 
 /// `--vm`: everything a restore needs, validated.
@@ -370,6 +374,7 @@ pub fn build(args: Args, root: BackupRoot, facts: &Facts) -> Result<Request, App
                     skip_config: args.skip_config,
                     no_pre_restore: args.no_pre_restore,
                     include_incomplete: args.include_incomplete,
+                    concurrent: 1,
                 },
                 uri: args
                     .connect

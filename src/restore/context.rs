@@ -91,10 +91,12 @@ impl Outcome {
 impl Context<'_> {
     /// Engine options for this restore (cancellation, progress).
     pub fn apply_options(&self) -> ApplyOptions {
+        let whole = ApplyOptions::default();
         ApplyOptions {
+            memory_cap: whole.memory_cap / usize::from(self.options.concurrent.max(1)),
             cancel: self.cancel.clone(),
             progress: self.progress.clone(),
-            ..ApplyOptions::default()
+            ..whole
         }
     }
 }
