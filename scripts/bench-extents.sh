@@ -3,7 +3,8 @@
 # verification and read-back included) against the copy floor, on genchain's
 # f1m/f4m (1M/4M one-byte frames), x16m (16M-extent chain) and s100k (100,000 4 KiB
 # extents 64 KiB apart) — optionally against an older restore_chain (BEFORE=path),
-# in alternating runs: before, after, cp --sparse=always of the final raw image.
+# in alternating runs: before, after, cp --sparse=always of the final raw image, and
+# `cat` of the chain's data files (the read floor).
 # Every timed region ends with the output durable (restore_chain fsyncs; cp is
 # followed by `sync <file>`), after an untimed global `sync`.
 #
@@ -77,6 +78,10 @@ for case in $CASES; do
             # shellcheck disable=SC2016
             run "$case" cp "$WORK/cp" bash -c 'mkdir "$0" && cp --sparse=always "$@" "$0"/ && sync "$0"/*' "$WORK/cp" "${finals[@]}"
         fi
+        # the read floor: the chain files themselves, read once (what a restore of
+        # millions of tiny frames must at least do)
+        # shellcheck disable=SC2016
+        run "$case" read "$WORK/read.out" bash -c 'cat "$0"/*.data >/dev/null && : >"$1"' "$chain" "$WORK/read.out"
     done
     rm -rf "$chain" "$WORK/final.raw" "$WORK/final" "$WORK/out.qcow2" "$WORK/cp.raw" "$WORK/cp"
 done
