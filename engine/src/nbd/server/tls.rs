@@ -140,3 +140,70 @@ fn load_key(path: &Path) -> Result<PrivateKeyDer<'static>, TlsError> {
         e => pem_err(path, format!("not a PEM key file ({e})")),
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A self-signed certificate and its key as PEM.
+    fn pair() -> (String, String) {
+        let c = rcgen::generate_simple_self_signed(vec!["localhost".to_owned()]).expect("rcgen");
+        (c.cert.pem(), c.signing_key.serialize_pem())
+    }
+
+    fn write(dir: &Path, name: &str, text: &str) -> PathBuf {
+        let p = dir.join(name);
+        std::fs::write(&p, text).expect("write");
+        p
+    }
+
+    fn err(cert: &Path, key: &Path) -> String {
+        TlsConfig::from_pem_files(cert, key)
+            .expect_err("refused")
+            .to_string()
+    }
+
+    #[test]
+    fn loads_a_matching_pair_and_names_the_file_of_every_failure() {
+        let tmp = tempfile::tempdir().expect("tmp");
+        let d = tmp.path();
+        let (cert_pem, key_pem) = pair();
+        let (other_cert, _) = pair();
+        let cert = write(d, "cert.pem", &cert_pem);
+        let key = write(d, "key.pem", &key_pem);
+        let ok = TlsConfig::from_pem_files(&cert, &key).expect("loads");
+        assert_eq!(ok.cert_path(), cert);
+
+        let missing = d.join("nope.pem");
+        let e = err(&missing, &key);
+        assert!(e.contains("cannot read") && e.contains("nope.pem"), "{e}");
+        let e = err(&cert, &missing);
+        assert!(e.contains("nope.pem"), "{e}");
+
+        let junk = write(d, "junk.pem", "not PEM at all\n");
+        let e = err(&junk, &key);
+        assert!(
+            e.contains("junk.pem") && e.contains("no certificate"),
+            "{e}"
+        );
+        // a key where the certificate belongs, a certificate where the key belongs
+        let e = err(&key, &key);
+        assert!(e.contains("key.pem: no certificate"), "{e}");
+        let e = err(&cert, &cert);
+        assert!(e.contains("cert.pem: no private key"), "{e}");
+        let broken = write(
+            d,
+            "broken.pem",
+            "-----BEGIN CERTIFICATE-----\n!!!!\n-----END CERTIFICATE-----\n",
+        );
+        let e = err(&broken, &key);
+        assert!(e.contains("broken.pem: not a PEM certificate"), "{e}");
+
+        let other = write(d, "other.pem", &other_cert);
+        let e = err(&other, &key);
+        assert!(
+            e.contains("key.pem") && e.contains("other.pem") && e.contains("cannot serve"),
+            "{e}"
+        );
+    }
+}
