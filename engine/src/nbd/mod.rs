@@ -27,6 +27,6 @@ pub mod uri;
 
 pub use reader::{ChainReader, Lz4Cache, Piece};
 pub use server::{
-    serve, Listen, ServeHandle, ServeOptions, ServeStats, Server, TlsConfig, TlsError,
+    serve, Listen, ServeHandle, ServeOptions, ServeStats, Server, TlsConfig, TlsError, TlsFile,
 };
 pub use uri::{NbdAddr, NbdUri};

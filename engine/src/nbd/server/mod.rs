@@ -39,7 +39,7 @@ mod transmission;
 
 pub use listener::{serve, Listen, ServeHandle, Server};
 pub use options::{ReadyFn, ServeOptions, ServeStats};
-pub use tls::{TlsConfig, TlsError};
+pub use tls::{TlsConfig, TlsError, TlsFile};
 
 #[cfg(test)]
 mod tests {

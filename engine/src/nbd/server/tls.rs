@@ -12,12 +12,23 @@ use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use rustls::ServerConfig;
 use tokio_rustls::TlsAcceptor;
 
+/// Which of the two files.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TlsFile {
+    /// The certificate chain.
+    Cert,
+    /// The private key.
+    Key,
+}
+
 /// Why a certificate or key cannot be used; every variant names its file.
 #[derive(Debug, thiserror::Error)]
 pub enum TlsError {
     /// The file cannot be read.
     #[error("cannot read {path}: {source}")]
     Read {
+        /// Which file (the same path may hold both).
+        file: TlsFile,
         /// The file.
         path: PathBuf,
         /// The OS error.
@@ -27,6 +38,8 @@ pub enum TlsError {
     /// The file is not PEM, or holds nothing of the kind wanted.
     #[error("{path}: {what}")]
     Pem {
+        /// Which file.
+        file: TlsFile,
         /// The file.
         path: PathBuf,
         /// What is wrong with it.
@@ -42,6 +55,16 @@ pub enum TlsError {
         /// rustls' reason.
         message: String,
     },
+}
+
+impl TlsError {
+    /// The one file at fault; `None` when it is the pair (see [`TlsError::Pair`]).
+    pub fn file(&self) -> Option<TlsFile> {
+        match self {
+            Self::Read { file, .. } | Self::Pem { file, .. } => Some(*file),
+            Self::Pair { .. } => None,
+        }
+    }
 }
 
 /// The server side of TLS: what [`ServeOptions::tls`](super::ServeOptions::tls) holds.
@@ -102,27 +125,36 @@ fn ring_provider() -> rustls::crypto::CryptoProvider {
     rustls::crypto::ring::default_provider()
 }
 
-fn read(path: &Path) -> Result<Vec<u8>, TlsError> {
+fn read(file: TlsFile, path: &Path) -> Result<Vec<u8>, TlsError> {
     std::fs::read(path).map_err(|source| TlsError::Read {
+        file,
         path: path.to_path_buf(),
         source,
     })
 }
 
-fn pem_err(path: &Path, what: impl Into<String>) -> TlsError {
+fn pem_err(file: TlsFile, path: &Path, what: impl Into<String>) -> TlsError {
     TlsError::Pem {
+        file,
         path: path.to_path_buf(),
         what: what.into(),
     }
 }
 
 fn load_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
-    let pem = read(path)?;
+    let pem = read(TlsFile::Cert, path)?;
     let certs = CertificateDer::pem_slice_iter(&pem)
         .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| pem_err(path, format!("not a PEM certificate file ({e})")))?;
+        .map_err(|e| {
+            pem_err(
+                TlsFile::Cert,
+                path,
+                format!("not a PEM certificate file ({e})"),
+            )
+        })?;
     if certs.is_empty() {
         return Err(pem_err(
+            TlsFile::Cert,
             path,
             "no certificate in it (expected PEM \"BEGIN CERTIFICATE\" blocks)",
         ));
@@ -131,13 +163,14 @@ fn load_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
 }
 
 fn load_key(path: &Path) -> Result<PrivateKeyDer<'static>, TlsError> {
-    let pem = read(path)?;
+    let pem = read(TlsFile::Key, path)?;
     PrivateKeyDer::from_pem_slice(&pem).map_err(|e| match e {
         rustls::pki_types::pem::Error::NoItemsFound => pem_err(
+            TlsFile::Key,
             path,
             "no private key in it (expected a PEM PKCS#8, RSA or EC private key)",
         ),
-        e => pem_err(path, format!("not a PEM key file ({e})")),
+        e => pem_err(TlsFile::Key, path, format!("not a PEM key file ({e})")),
     })
 }
 
