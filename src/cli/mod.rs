@@ -551,6 +551,26 @@ mod tests {
     }
 
     #[test]
+    fn flag_serve_tls() {
+        let a = args(&[
+            "--serve-tls-cert",
+            "/etc/c.pem",
+            "--serve-tls-key",
+            "/etc/k.pem",
+        ]);
+        assert_eq!(a.serve_tls_cert.as_deref(), Some("/etc/c.pem"));
+        assert_eq!(a.serve_tls_key.as_deref(), Some("/etc/k.pem"));
+        assert_eq!(
+            err(&["--serve-tls-cert"]),
+            "--serve-tls-cert requires a PEM certificate file"
+        );
+        assert_eq!(
+            err(&["--serve-tls-key"]),
+            "--serve-tls-key requires a PEM private key file"
+        );
+    }
+
+    #[test]
     fn flag_help_and_version() {
         assert_eq!(run(&["--help"]), Ok(Parsed::Help));
         assert_eq!(run(&["-h", "--bogus"]), Ok(Parsed::Help));

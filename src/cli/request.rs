@@ -764,4 +764,45 @@ mod tests {
             Some(RestorePoint::Number(u64::MAX))
         );
     }
+
+    #[test]
+    fn serve_tls_flags() {
+        let serve = ["--vm", "v", "--serve", "/run/s.sock"];
+        let with = |extra: &[&'static str]| -> Vec<&'static str> {
+            serve.iter().chain(extra).copied().collect()
+        };
+        match req(
+            &with(&["--serve-tls-cert", "c.pem", "--serve-tls-key", "k.pem"]),
+            &Facts::default(),
+        ) {
+            Ok(Request::Restore(r)) => match r.kind {
+                RestoreKind::Serve { tls: Some(t), .. } => {
+                    assert_eq!(t.cert, PathBuf::from("c.pem"));
+                    assert_eq!(t.key, PathBuf::from("k.pem"));
+                }
+                other => panic!("{other:?}"),
+            },
+            other => panic!("{other:?}"),
+        }
+        match req(&serve, &Facts::default()) {
+            Ok(Request::Restore(r)) => {
+                assert!(matches!(r.kind, RestoreKind::Serve { tls: None, .. }))
+            }
+            other => panic!("{other:?}"),
+        }
+        assert!(usage(&with(&["--serve-tls-cert", "c.pem"])).contains("requires --serve-tls-key"));
+        assert!(usage(&with(&["--serve-tls-key", "k.pem"])).contains("requires --serve-tls-cert"));
+        let m = usage(&[
+            "--vm",
+            "v",
+            "--skip-config",
+            "--restore-path",
+            "/r",
+            "--serve-tls-cert",
+            "c.pem",
+            "--serve-tls-key",
+            "k.pem",
+        ]);
+        assert!(m.contains("require --serve"), "{m}");
+    }
 }
