@@ -2,8 +2,8 @@
 //! which VMs (`--only`, `--exclude`), how many at once (`--jobs`).
 
 use crate::cli::request::{
-    check_test_boot, restore_kind, Facts, RestoreOptions, RestorePoint, RestoreRequest, VmTarget,
-    DEFAULT_URI,
+    check_serve_tls, check_test_boot, restore_kind, Facts, RestoreOptions, RestorePoint,
+    RestoreRequest, VmTarget, DEFAULT_URI,
 };
 use crate::cli::Args;
 use crate::error::AppError;
@@ -40,6 +40,7 @@ pub(crate) fn all_request(
     {
         return usage("--all restores whole VMs: --disk, --serve, --instant-boot, --nbd-target and --name cannot be used with it (clones: --name-prefix/--name-suffix)");
     }
+    check_serve_tls(&args)?;
     if args.restore_path.is_none() && !args.test_boot {
         return usage("--all requires --restore-path (unless --test-boot)");
     }

@@ -75,6 +75,10 @@ pub struct Args {
     pub pull: bool,
     /// `--serve-public`.
     pub serve_public: bool,
+    /// `--serve-tls-cert`.
+    pub serve_tls_cert: Option<String>,
+    /// `--serve-tls-key`.
+    pub serve_tls_key: Option<String>,
     /// `--test-boot`.
     pub test_boot: bool,
     /// `--test-boot-timeout`, unparsed.
@@ -229,6 +233,8 @@ impl Args {
             FlagId::InstantBoot => self.instant_boot = true,
             FlagId::Pull => self.pull = true,
             FlagId::ServePublic => self.serve_public = true,
+            FlagId::ServeTlsCert => self.serve_tls_cert = value,
+            FlagId::ServeTlsKey => self.serve_tls_key = value,
             FlagId::TestBoot => self.test_boot = true,
             FlagId::TestBootTimeout => self.test_boot_timeout = value,
             FlagId::TestBootExpect => self.test_boot_expect = value,
@@ -542,6 +548,26 @@ mod tests {
             Some("test:///default")
         );
         assert_eq!(err(&["--connect"]), "--connect requires a libvirt URI");
+    }
+
+    #[test]
+    fn flag_serve_tls() {
+        let a = args(&[
+            "--serve-tls-cert",
+            "/etc/c.pem",
+            "--serve-tls-key",
+            "/etc/k.pem",
+        ]);
+        assert_eq!(a.serve_tls_cert.as_deref(), Some("/etc/c.pem"));
+        assert_eq!(a.serve_tls_key.as_deref(), Some("/etc/k.pem"));
+        assert_eq!(
+            err(&["--serve-tls-cert"]),
+            "--serve-tls-cert requires a PEM certificate file"
+        );
+        assert_eq!(
+            err(&["--serve-tls-key"]),
+            "--serve-tls-key requires a PEM private key file"
+        );
     }
 
     #[test]

@@ -105,6 +105,8 @@ pub enum RestoreKind {
         disks: Option<DiskSelection>,
         /// `--serve-public`: a non-loopback address is allowed.
         public: bool,
+        /// `--serve-tls-cert` and `--serve-tls-key`: serve over TLS.
+        tls: Option<ServeTls>,
     },
     /// `--vm --instant-boot --restore-path P`: boot a transient clone from overlays
     /// over NBD exports of the restore point.
@@ -446,6 +448,7 @@ pub(crate) fn restore_kind(
             listen: args.serve.clone().unwrap_or_default(),
             disks,
             public: args.serve_public,
+            tls: serve_tls(args),
         },
         (_, _) if args.test_boot => RestoreKind::TestBoot {
             dir: dir.clone(),
@@ -518,6 +521,45 @@ fn test_boot_timeout(args: &Args) -> Result<u64, AppError> {
         })
 }
 
+/// The PEM files of `--serve-tls-cert` and `--serve-tls-key` (read when serving is
+/// planned, so that a bad file fails before anything listens).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ServeTls {
+    /// `--serve-tls-cert`: the certificate chain.
+    pub cert: PathBuf,
+    /// `--serve-tls-key`: its private key.
+    pub key: PathBuf,
+}
+
+fn serve_tls(args: &Args) -> Option<ServeTls> {
+    match (&args.serve_tls_cert, &args.serve_tls_key) {
+        (Some(cert), Some(key)) => Some(ServeTls {
+            cert: PathBuf::from(cert),
+            key: PathBuf::from(key),
+        }),
+        _ => None,
+    }
+}
+
+/// TLS flags only with `--serve`, and only as a pair: a certificate without its key
+/// (or the reverse) cannot serve, and silently serving in plaintext would be worse.
+pub(crate) fn check_serve_tls(args: &Args) -> Result<(), AppError> {
+    let usage = |m: &str| Err(AppError::Usage(m.to_owned()));
+    let (cert, key) = (args.serve_tls_cert.is_some(), args.serve_tls_key.is_some());
+    if (cert || key) && args.serve.is_none() {
+        return usage("--serve-tls-cert and --serve-tls-key require --serve");
+    }
+    match (cert, key) {
+        (true, false) => {
+            usage("--serve-tls-cert requires --serve-tls-key (the certificate's private key)")
+        }
+        (false, true) => {
+            usage("--serve-tls-key requires --serve-tls-cert (the certificate of that key)")
+        }
+        _ => Ok(()),
+    }
+}
+
 /// The combinations of `--serve`, `--instant-boot`, `--pull` and `--nbd-target`
 /// that mean nothing, refused before anything is read.
 fn check_new_modes(
@@ -542,6 +584,7 @@ fn check_new_modes(
     if args.serve_public && args.serve.is_none() {
         return usage("--serve-public requires --serve");
     }
+    check_serve_tls(args)?;
     if args.instant_boot {
         if disks.is_some() {
             return usage("--instant-boot boots every disk of the restore point; --disk cannot be used with it");
@@ -725,5 +768,46 @@ mod tests {
             RestorePoint::parse("99999999999999999999999").ok(),
             Some(RestorePoint::Number(u64::MAX))
         );
+    }
+
+    #[test]
+    fn serve_tls_flags() {
+        let serve = ["--vm", "v", "--serve", "/run/s.sock"];
+        let with = |extra: &[&'static str]| -> Vec<&'static str> {
+            serve.iter().chain(extra).copied().collect()
+        };
+        match req(
+            &with(&["--serve-tls-cert", "c.pem", "--serve-tls-key", "k.pem"]),
+            &Facts::default(),
+        ) {
+            Ok(Request::Restore(r)) => match r.kind {
+                RestoreKind::Serve { tls: Some(t), .. } => {
+                    assert_eq!(t.cert, PathBuf::from("c.pem"));
+                    assert_eq!(t.key, PathBuf::from("k.pem"));
+                }
+                other => panic!("{other:?}"),
+            },
+            other => panic!("{other:?}"),
+        }
+        match req(&serve, &Facts::default()) {
+            Ok(Request::Restore(r)) => {
+                assert!(matches!(r.kind, RestoreKind::Serve { tls: None, .. }))
+            }
+            other => panic!("{other:?}"),
+        }
+        assert!(usage(&with(&["--serve-tls-cert", "c.pem"])).contains("requires --serve-tls-key"));
+        assert!(usage(&with(&["--serve-tls-key", "k.pem"])).contains("requires --serve-tls-cert"));
+        let m = usage(&[
+            "--vm",
+            "v",
+            "--skip-config",
+            "--restore-path",
+            "/r",
+            "--serve-tls-cert",
+            "c.pem",
+            "--serve-tls-key",
+            "k.pem",
+        ]);
+        assert!(m.contains("require --serve"), "{m}");
     }
 }

@@ -77,7 +77,8 @@ pub fn plan(ctx: &Context<'_>, kind: &RestoreKind) -> Result<RestorePlan, AppErr
             listen,
             disks,
             public,
-        } => serve::plan_serve(ctx, listen, disks.as_ref(), *public)?,
+            tls,
+        } => serve::plan_serve(ctx, listen, disks.as_ref(), *public, tls.as_ref())?,
     };
     plan.refusals = pf.into_notes();
     Ok(plan)

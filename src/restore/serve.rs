@@ -5,10 +5,10 @@
 
 use std::path::PathBuf;
 
-use engine::nbd::server::{Listen, ServeOptions, Server};
+use engine::nbd::server::{Listen, ServeOptions, Server, TlsConfig, TlsFile};
 use engine::DiskPlan;
 
-use crate::cli::request::DiskSelection;
+use crate::cli::request::{DiskSelection, ServeTls};
 use crate::error::{engine_error, AppError};
 use crate::restore::disk::disk_not_found;
 use crate::restore::dr::endpoint;
@@ -27,14 +27,33 @@ pub fn listen_from(v: &str) -> Result<Listen, AppError> {
     }
 }
 
+/// The certificate and key of `--serve-tls-cert`/`--serve-tls-key`, loaded and
+/// matched while planning: a bad file is a usage error (exit 7) naming it, before
+/// anything listens (and in a dry run too).
+fn load_tls(tls: Option<&ServeTls>) -> Result<Option<TlsConfig>, AppError> {
+    let Some(t) = tls else { return Ok(None) };
+    TlsConfig::from_pem_files(&t.cert, &t.key)
+        .map(Some)
+        .map_err(|e| {
+            let flag = match e.file() {
+                Some(TlsFile::Cert) => "--serve-tls-cert",
+                Some(TlsFile::Key) => "--serve-tls-key",
+                None => "--serve-tls-cert/--serve-tls-key",
+            };
+            AppError::Usage(format!("{flag}: {e}"))
+        })
+}
+
 /// Loopback and Unix sockets by default: the server has no authentication, so any
 /// other address exposes whole disks to every host that reaches it and needs
-/// `--serve-public` (then a WARN says so).
+/// `--serve-public` (then a WARN says so; with TLS the disks are encrypted on the
+/// wire, but any client that trusts the certificate, or does not check it, reads them).
 fn check_exposure(
     ctx: &Context<'_>,
     typed: &str,
     listen: &Listen,
     public: bool,
+    tls: bool,
 ) -> Result<(), AppError> {
     let Listen::Tcp(addr) = listen else {
         return Ok(());
@@ -47,10 +66,12 @@ fn check_exposure(
             "--serve {typed}: not a loopback address — the NBD server has no authentication, so every host that reaches {addr} could read the disks; add --serve-public to allow it, or serve on 127.0.0.1 / a Unix socket and tunnel (ssh -L)"
         )));
     }
-    ctx.log.warn(
-        "serve",
-        &format!("Serving on {addr} WITHOUT authentication or encryption: every host that reaches this port can read the disks of {}", ctx.vm),
-    );
+    let msg = if tls {
+        format!("Serving on {addr} over TLS: encrypted, but WITHOUT client authentication (no client certificates): every host that reaches this port can read the disks of {}", ctx.vm)
+    } else {
+        format!("Serving on {addr} WITHOUT authentication or encryption: every host that reaches this port can read the disks of {}", ctx.vm)
+    };
+    ctx.log.warn("serve", &msg);
     Ok(())
 }
 
@@ -63,6 +84,7 @@ fn usable_uri(uri: &str) -> String {
     if host.is_empty() {
         return uri.to_owned();
     }
+    // `nbd://` and `nbds://` alike: the host follows the first `//`
     uri.replacen("//0.0.0.0:", &format!("//{host}:"), 1)
         .replacen("//[::]:", &format!("//{host}:"), 1)
 }
@@ -73,10 +95,12 @@ pub(super) fn plan_serve(
     listen: &str,
     disk_flag: Option<&DiskSelection>,
     public: bool,
+    tls: Option<&ServeTls>,
 ) -> Result<RestorePlan, AppError> {
     let typed = listen;
     let listen = listen_from(listen)?;
-    check_exposure(ctx, typed, &listen, public)?;
+    let tls = load_tls(tls)?;
+    check_exposure(ctx, typed, &listen, public, tls.is_some())?;
     let t = endpoint(ctx)?;
     let mut disks = disks_at(ctx.set, t);
     if let Some(DiskSelection::List(want)) = disk_flag {
@@ -108,6 +132,7 @@ pub(super) fn plan_serve(
             disks,
             plans,
             checkpoint: t,
+            tls,
         })],
         refusals: Vec::new(),
     })
@@ -115,8 +140,10 @@ pub(super) fn plan_serve(
 
 /// Serves until interrupted; returns the summary line.
 pub(super) fn run(ctx: &Context<'_>, s: ServePlan) -> Result<String, AppError> {
+    let tls = if s.tls.is_some() { " over TLS" } else { "" };
     let opts = ServeOptions {
         verify_checksums: true,
+        tls: s.tls,
         ..ServeOptions::default()
     };
     let server =
@@ -124,7 +151,7 @@ pub(super) fn run(ctx: &Context<'_>, s: ServePlan) -> Result<String, AppError> {
     ctx.log.info(
         "serve",
         &format!(
-            "Serving {} restore point {} read-only over NBD (Ctrl-C to stop)",
+            "Serving {} restore point {} read-only over NBD{tls} (Ctrl-C to stop)",
             ctx.vm, s.checkpoint
         ),
     );

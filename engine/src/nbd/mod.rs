@@ -26,5 +26,7 @@ pub mod server;
 pub mod uri;
 
 pub use reader::{ChainReader, Lz4Cache, Piece};
-pub use server::{serve, Listen, ServeHandle, ServeOptions, ServeStats, Server};
+pub use server::{
+    serve, Listen, ServeHandle, ServeOptions, ServeStats, Server, TlsConfig, TlsError, TlsFile,
+};
 pub use uri::{NbdAddr, NbdUri};

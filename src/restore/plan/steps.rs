@@ -2,7 +2,7 @@
 
 use std::path::PathBuf;
 
-use engine::nbd::server::Listen;
+use engine::nbd::server::{Listen, TlsConfig};
 use engine::DiskPlan;
 use serde_json::{json, Value};
 
@@ -230,13 +230,19 @@ pub struct ServePlan {
     pub plans: Vec<DiskPlan>,
     /// The checkpoint served.
     pub checkpoint: u32,
+    /// TLS (certificate and key loaded and checked); `None`: plain NBD.
+    pub tls: Option<TlsConfig>,
 }
 
 impl ServePlan {
     /// Dry-run lines.
     pub fn lines(&self) -> Vec<String> {
+        let tls = match &self.tls {
+            Some(t) => format!(" with TLS ({})", t.cert_path().display()),
+            None => String::new(),
+        };
         vec![format!(
-            "Would serve {} read-only over NBD on {}",
+            "Would serve {} read-only over NBD{tls} on {}",
             self.disks.join(", "),
             listen_label(&self.listen)
         )]
@@ -244,7 +250,11 @@ impl ServePlan {
 
     /// JSON form.
     pub fn to_json(&self) -> Value {
-        json!({ "listen": listen_label(&self.listen), "disks": self.disks })
+        json!({
+            "listen": listen_label(&self.listen),
+            "disks": self.disks,
+            "tls": self.tls.is_some(),
+        })
     }
 }
 

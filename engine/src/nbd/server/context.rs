@@ -5,7 +5,7 @@
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
-use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::io::{AsyncRead, AsyncWrite, ReadHalf, WriteHalf};
 use tokio::sync::Semaphore;
 
 use super::options::{ServeOptions, ServeStats};
@@ -21,8 +21,16 @@ pub(super) const EXPORT_FLAGS: u16 =
 /// Context id of `base:allocation` after `SET_META_CONTEXT`.
 pub(super) const BASE_ALLOCATION_ID: u32 = 1;
 
-pub(super) type BoxRead = Box<dyn AsyncRead + Unpin + Send>;
-pub(super) type BoxWrite = Box<dyn AsyncWrite + Unpin + Send>;
+/// A client's byte stream: TCP, a Unix socket, or TLS over either.
+pub(super) trait Stream: AsyncRead + AsyncWrite + Unpin + Send {}
+impl<T: AsyncRead + AsyncWrite + Unpin + Send> Stream for T {}
+
+/// One connection, whatever carries it. Boxed, because `STARTTLS` replaces the
+/// stream under a running handshake.
+pub(super) type BoxStream = Box<dyn Stream>;
+/// Its halves: the request reader and the shared reply writer.
+pub(super) type ConnRead = ReadHalf<BoxStream>;
+pub(super) type ConnWrite = WriteHalf<BoxStream>;
 
 #[derive(Debug, Default)]
 pub(super) struct Counters {

@@ -1,5 +1,6 @@
 //! The server's handshake: fixed newstyle option haggling until the client enters
-//! transmission (`EXPORT_NAME`, `GO`) or aborts.
+//! transmission (`EXPORT_NAME`, `GO`) or aborts; with TLS configured, FORCEDTLS
+//! (`STARTTLS` first, then a new round of haggling over TLS).
 
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
@@ -85,17 +86,41 @@ impl<'a> Cur<'a> {
     }
 }
 
-/// Fixed newstyle negotiation. `Ok(None)`: the client aborted.
-pub(super) async fn handshake<R, W>(
+/// Where TLS stands on a connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Tls {
+    /// Not configured: `STARTTLS` is unsupported.
+    Off,
+    /// Configured, not negotiated yet (FORCEDTLS): only `STARTTLS` and `ABORT` work.
+    Required,
+    /// Negotiated: the options run over TLS.
+    Active,
+}
+
+/// How a round of option haggling ended.
+pub(super) enum Haggled {
+    /// Into transmission (`EXPORT_NAME`, `GO`).
+    Go(Session),
+    /// The client aborted.
+    Aborted,
+    /// `STARTTLS` was acknowledged: the TLS handshake comes next, then a new round.
+    StartTls,
+}
+
+/// Option haggling (after [`greet`]) until the client enters transmission, aborts,
+/// or starts TLS. A new round after `STARTTLS` forgets everything asked before it,
+/// as the protocol requires.
+pub(super) async fn haggle<R, W>(
     rd: &mut R,
     wr: &mut W,
     ctx: &Ctx,
-) -> std::io::Result<Option<Session>>
+    no_zeroes: bool,
+    tls: Tls,
+) -> std::io::Result<Haggled>
 where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,
 {
-    let no_zeroes = greet(rd, wr).await?;
     let mut asked = Asked::default();
     loop {
         if rd.read_u64().await? != IHAVEOPT {
@@ -114,20 +139,23 @@ where
         let mut data = vec![0u8; len as usize];
         rd.read_exact(&mut data).await?;
         tracing::trace!(option = option_name(opt), len, "option");
+        if tls == Tls::Required && !tls_gate(wr, opt).await? {
+            continue;
+        }
         match opt {
             OPT_EXPORT_NAME => {
                 return export_name(wr, ctx, &data, no_zeroes, &asked)
                     .await
-                    .map(Some)
+                    .map(Haggled::Go)
             }
             OPT_ABORT => {
                 let _ = reply_err(wr, opt, REP_ACK, "").await;
-                return Ok(None);
+                return Ok(Haggled::Aborted);
             }
             OPT_LIST => list(wr, ctx, opt, len).await?,
             OPT_INFO | OPT_GO => {
                 if let Some(s) = info(wr, ctx, opt, &data, &asked).await? {
-                    return Ok(Some(s));
+                    return Ok(Haggled::Go(s));
                 }
             }
             OPT_STRUCTURED_REPLY => {
@@ -142,13 +170,9 @@ where
                 meta_context(wr, ctx, opt, &data, &mut asked).await?;
             }
             OPT_STARTTLS => {
-                reply_err(
-                    wr,
-                    opt,
-                    REP_ERR_UNSUP,
-                    "TLS is not supported by this server",
-                )
-                .await?;
+                if starttls(wr, opt, len, tls).await? {
+                    return Ok(Haggled::StartTls);
+                }
             }
             _ => {
                 reply_err(wr, opt, REP_ERR_UNSUP, "option not supported").await?;
@@ -157,9 +181,48 @@ where
     }
 }
 
+/// FORCEDTLS before `STARTTLS`: `true` lets `opt` through (`STARTTLS`, `ABORT`);
+/// anything else gets `NBD_REP_ERR_TLS_REQD`, and `EXPORT_NAME`, which has no error
+/// reply, a hard disconnect.
+async fn tls_gate<W: AsyncWrite + Unpin>(wr: &mut W, opt: u32) -> std::io::Result<bool> {
+    match opt {
+        OPT_STARTTLS | OPT_ABORT => Ok(true),
+        OPT_EXPORT_NAME => Err(invalid(
+            "NBD_OPT_EXPORT_NAME before NBD_OPT_STARTTLS: this server requires TLS",
+        )),
+        _ => {
+            reply_err(
+                wr,
+                opt,
+                REP_ERR_TLS_REQD,
+                "this server requires TLS: send NBD_OPT_STARTTLS first",
+            )
+            .await?;
+            Ok(false)
+        }
+    }
+}
+
+/// `NBD_OPT_STARTTLS`: `true` once acknowledged (the TLS handshake is next).
+async fn starttls<W: AsyncWrite + Unpin>(
+    wr: &mut W,
+    opt: u32,
+    len: u32,
+    tls: Tls,
+) -> std::io::Result<bool> {
+    let (kind, msg) = match tls {
+        Tls::Off => (REP_ERR_UNSUP, "TLS is not supported by this server"),
+        Tls::Active => (REP_ERR_INVALID, "TLS is already active"),
+        Tls::Required if len != 0 => (REP_ERR_INVALID, "NBD_OPT_STARTTLS takes no data"),
+        Tls::Required => (REP_ACK, ""),
+    };
+    reply_err(wr, opt, kind, msg).await?;
+    Ok(kind == REP_ACK)
+}
+
 /// Our greeting (fixed newstyle, no zeroes) and the client's flags: whether it
 /// asked for no zeroes.
-async fn greet<R, W>(rd: &mut R, wr: &mut W) -> std::io::Result<bool>
+pub(super) async fn greet<R, W>(rd: &mut R, wr: &mut W) -> std::io::Result<bool>
 where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,

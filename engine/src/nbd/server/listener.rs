@@ -13,9 +13,10 @@ use tokio::net::{TcpListener, UnixListener};
 use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
 
-use super::context::{units, BoxRead, BoxWrite, Counters, Ctx};
-use super::handshake::handshake;
+use super::context::{invalid, units, BoxStream, ConnRead, ConnWrite, Counters, Ctx};
+use super::handshake::{greet, haggle, Haggled, Session, Tls};
 use super::options::{ServeOptions, ServeStats};
+use super::tls::TlsConfig;
 use super::transmission::transmission;
 use crate::cancel::Cancel;
 use crate::error::{Error, Result};
@@ -64,14 +65,16 @@ pub(super) fn pct(s: &str) -> String {
 }
 
 impl Bound {
-    fn uri(&self, export: &str) -> String {
+    /// The export's URI; `tls`: the `nbds` schemes, which tell clients to `STARTTLS`.
+    fn uri(&self, export: &str, tls: bool) -> String {
+        let s = if tls { "s" } else { "" };
         match self {
             Self::Unix(_, p) => format!(
-                "nbd+unix:///{}?socket={}",
+                "nbd{s}+unix:///{}?socket={}",
                 pct(export),
                 pct(&p.to_string_lossy())
             ),
-            Self::Tcp(_, a) => format!("nbd://{a}/{}", pct(export)),
+            Self::Tcp(_, a) => format!("nbd{s}://{a}/{}", pct(export)),
         }
     }
 }
@@ -209,11 +212,12 @@ impl Server {
     }
 
     /// One URI per listener and export, e.g. `nbd+unix:///vda?socket=/run/x.sock`,
-    /// `nbd://127.0.0.1:10809/vda`.
+    /// `nbd://127.0.0.1:10809/vda` (with TLS: `nbds+unix://`, `nbds://`).
     pub fn uris(&self) -> Vec<String> {
+        let tls = self.opts.tls.is_some();
         self.bound
             .iter()
-            .flat_map(|b| self.exports.iter().map(move |e| b.uri(e.disk())))
+            .flat_map(|b| self.exports.iter().map(move |e| b.uri(e.disk(), tls)))
             .collect()
     }
 
@@ -374,7 +378,7 @@ async fn accept_loop(b: Bound, ctx: Arc<Ctx>, limit: Arc<Semaphore>) {
             Some(_) = conns.join_next(), if !conns.is_empty() => continue,
             r = accept(&b) => r,
         };
-        let (rd, wr, peer) = match accepted {
+        let (stream, peer) = match accepted {
             Ok(x) => x,
             Err(e) => {
                 tracing::warn!(error = %e, "accept failed");
@@ -391,7 +395,7 @@ async fn accept_loop(b: Bound, ctx: Arc<Ctx>, limit: Arc<Semaphore>) {
         let ctx = ctx.clone();
         conns.spawn(async move {
             let _permit = permit;
-            connection(rd, wr, &peer, ctx).await;
+            connection(stream, &peer, ctx).await;
             tracing::debug!(%peer, "connection closed");
         });
     }
@@ -405,32 +409,40 @@ async fn accept_loop(b: Bound, ctx: Arc<Ctx>, limit: Arc<Semaphore>) {
     }
 }
 
-async fn accept(b: &Bound) -> std::io::Result<(BoxRead, BoxWrite, String)> {
+async fn accept(b: &Bound) -> std::io::Result<(BoxStream, String)> {
     match b {
         Bound::Unix(l, p) => {
             let (s, _) = l.accept().await?;
-            let (r, w) = s.into_split();
-            Ok((Box::new(r), Box::new(w), format!("unix:{}", p.display())))
+            Ok((Box::new(s), format!("unix:{}", p.display())))
         }
         Bound::Tcp(l, _) => {
             let (s, peer) = l.accept().await?;
             // Replies are a header plus payload in separate writes: no Nagle delays.
             s.set_nodelay(true)?;
-            let (r, w) = s.into_split();
-            Ok((Box::new(r), Box::new(w), peer.to_string()))
+            Ok((Box::new(s), peer.to_string()))
         }
     }
 }
 
+type Reader = BufReader<ConnRead>;
+type Writer = BufWriter<ConnWrite>;
+
+/// The buffered halves of a stream.
+fn buffered(stream: BoxStream) -> (Reader, Writer) {
+    let (r, w) = tokio::io::split(stream);
+    (
+        BufReader::with_capacity(64 * 1024, r),
+        BufWriter::with_capacity(64 * 1024, w),
+    )
+}
+
 /// One connection: the handshake (bounded by `handshake_timeout`), then transmission.
-async fn connection(rd: BoxRead, wr: BoxWrite, peer: &str, ctx: Arc<Ctx>) {
-    let mut rd = BufReader::with_capacity(64 * 1024, rd);
-    let mut wr = BufWriter::with_capacity(64 * 1024, wr);
+async fn connection(stream: BoxStream, peer: &str, ctx: Arc<Ctx>) {
     let hs = tokio::select! {
         _ = ctx.cancel.cancelled() => return,
-        r = tokio::time::timeout(ctx.opts.handshake_timeout, handshake(&mut rd, &mut wr, &ctx)) => r,
+        r = tokio::time::timeout(ctx.opts.handshake_timeout, negotiate(stream, &ctx)) => r,
     };
-    let session = match hs {
+    let (session, rd, wr) = match hs {
         Err(_) => {
             tracing::warn!(%peer, "handshake timed out");
             return;
@@ -440,16 +452,61 @@ async fn connection(rd: BoxRead, wr: BoxWrite, peer: &str, ctx: Arc<Ctx>) {
             return;
         }
         Ok(Ok(None)) => return,
-        Ok(Ok(Some(s))) => s,
+        Ok(Ok(Some(x))) => x,
     };
     tracing::debug!(
         %peer,
         export = ctx.exports[session.export].disk(),
         structured = session.structured,
         base_allocation = session.base_allocation,
+        tls = ctx.opts.tls.is_some(),
         "transmission"
     );
     if let Err(e) = transmission(rd, wr, session, &ctx).await {
         tracing::debug!(%peer, error = %e, "transmission ended");
     }
+}
+
+/// The greeting and option haggling, with the TLS handshake in between when the
+/// client sends `STARTTLS`. `None`: the client aborted.
+async fn negotiate(
+    stream: BoxStream,
+    ctx: &Ctx,
+) -> std::io::Result<Option<(Session, Reader, Writer)>> {
+    let (mut rd, mut wr) = buffered(stream);
+    let no_zeroes = greet(&mut rd, &mut wr).await?;
+    let mut tls = if ctx.opts.tls.is_some() {
+        Tls::Required
+    } else {
+        Tls::Off
+    };
+    loop {
+        match haggle(&mut rd, &mut wr, ctx, no_zeroes, tls).await? {
+            Haggled::Go(s) => return Ok(Some((s, rd, wr))),
+            Haggled::Aborted => return Ok(None),
+            Haggled::StartTls => {
+                let Some(cfg) = &ctx.opts.tls else {
+                    return Err(invalid("STARTTLS acknowledged without TLS configured"));
+                };
+                (rd, wr) = start_tls(rd, wr, cfg).await?;
+                tls = Tls::Active;
+            }
+        }
+    }
+}
+
+/// The TLS handshake on the connection's socket, after `STARTTLS` was acknowledged.
+async fn start_tls(rd: Reader, wr: Writer, cfg: &TlsConfig) -> std::io::Result<(Reader, Writer)> {
+    // The client must wait for our ACK before its ClientHello: bytes buffered already
+    // were sent in plaintext ahead of TLS (a command injection, as in CVE-2011-0411
+    // for SMTP) and must not be read as if they came over TLS.
+    if !rd.buffer().is_empty() {
+        return Err(invalid(
+            "data sent after NBD_OPT_STARTTLS ahead of the TLS handshake",
+        ));
+    }
+    // The ACK was flushed: the write buffer is empty too.
+    let plain = rd.into_inner().unsplit(wr.into_inner());
+    let tls = cfg.acceptor().accept(plain).await?;
+    Ok(buffered(Box::new(tls)))
 }

@@ -13,7 +13,9 @@
 //! Protocol: fixed newstyle with `NO_ZEROES`; options `EXPORT_NAME`, `GO`, `INFO`
 //! (`INFO_EXPORT`, `INFO_NAME`, `INFO_DESCRIPTION`, `INFO_BLOCK_SIZE`), `LIST`,
 //! `STRUCTURED_REPLY`, `LIST_META_CONTEXT`/`SET_META_CONTEXT` (`base:allocation`),
-//! `ABORT`; anything else gets `NBD_REP_ERR_UNSUP`. Commands: `READ` (structured
+//! `ABORT`, and `STARTTLS` when TLS is configured ([`TlsConfig`]: FORCEDTLS, every
+//! other option gets `NBD_REP_ERR_TLS_REQD` until then); anything else gets
+//! `NBD_REP_ERR_UNSUP`. Commands: `READ` (structured
 //! replies with `OFFSET_DATA`/`OFFSET_HOLE` chunks when negotiated, simple replies
 //! otherwise), `BLOCK_STATUS` (`base:allocation`: data 0, zero extents and gaps
 //! `HOLE|ZERO`), `FLUSH` (no-op), `DISC`; writes, trims and write-zeroes get `EPERM`.
@@ -25,17 +27,19 @@
 //! decoded LZ4 frame (≤ 32 MiB for virtnbdbackup output) per busy I/O thread.
 //!
 //! Files: `options` (knobs and counters), `listener` (bind, accept, run, spawn, stop),
-//! `handshake` (option haggling), `transmission` (the command loop), `context` (what
-//! the connections share).
+//! `handshake` (option haggling), `tls` (certificate, key, acceptor), `transmission`
+//! (the command loop), `context` (what the connections share).
 
 mod context;
 mod handshake;
 mod listener;
 mod options;
+mod tls;
 mod transmission;
 
 pub use listener::{serve, Listen, ServeHandle, Server};
 pub use options::{ReadyFn, ServeOptions, ServeStats};
+pub use tls::{TlsConfig, TlsError, TlsFile};
 
 #[cfg(test)]
 mod tests {

@@ -3,6 +3,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use super::tls::TlsConfig;
 use crate::nbd::reader::DEFAULT_CACHE_BYTES;
 
 /// Called once the listeners are bound, with the URIs of every export.
@@ -27,6 +28,9 @@ pub struct ServeOptions {
     pub handshake_timeout: Duration,
     /// Verify every chain file against its `.chksum` before serving (reads all of it).
     pub verify_checksums: bool,
+    /// TLS: clients must `STARTTLS` before anything else (FORCEDTLS) and the URIs
+    /// are `nbds://`; `None`: plain NBD, `STARTTLS` unsupported.
+    pub tls: Option<TlsConfig>,
     /// Called with the export URIs once listening (see also
     /// [`Server::uris`](super::Server::uris)).
     pub on_ready: Option<ReadyFn>,
@@ -43,6 +47,7 @@ impl Default for ServeOptions {
             io_threads: 8,
             handshake_timeout: Duration::from_secs(30),
             verify_checksums: false,
+            tls: None,
             on_ready: None,
         }
     }
@@ -59,6 +64,7 @@ impl std::fmt::Debug for ServeOptions {
             .field("io_threads", &self.io_threads)
             .field("handshake_timeout", &self.handshake_timeout)
             .field("verify_checksums", &self.verify_checksums)
+            .field("tls", &self.tls)
             .finish_non_exhaustive()
     }
 }

@@ -10,7 +10,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt, BufReader, BufWriter};
 use tokio::sync::{Mutex, OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinSet;
 
-use super::context::{invalid, units, BoxRead, BoxWrite, Ctx, BASE_ALLOCATION_ID};
+use super::context::{invalid, units, ConnRead, ConnWrite, Ctx, BASE_ALLOCATION_ID};
 use super::handshake::Session;
 use crate::nbd::proto::*;
 use crate::nbd::reader::{ChainReader, Piece};
@@ -20,7 +20,7 @@ const MIN_HOLE_CHUNK: u64 = 4096;
 /// Most block-status descriptors in one reply.
 const MAX_DESCRIPTORS: usize = 16 * 1024;
 
-type SharedWriter = Arc<Mutex<BufWriter<BoxWrite>>>;
+type SharedWriter = Arc<Mutex<BufWriter<ConnWrite>>>;
 
 /// Writes one error reply (structured when negotiated).
 async fn send_error(
@@ -159,8 +159,8 @@ struct Conn<'a> {
 }
 
 pub(super) async fn transmission(
-    mut rd: BufReader<BoxRead>,
-    wr: BufWriter<BoxWrite>,
+    mut rd: BufReader<ConnRead>,
+    wr: BufWriter<ConnWrite>,
     s: Session,
     ctx: &Arc<Ctx>,
 ) -> std::io::Result<()> {
@@ -218,7 +218,7 @@ impl Conn<'_> {
     /// Answers one request (reads: starts a task that will).
     async fn command(
         &self,
-        rd: &mut BufReader<BoxRead>,
+        rd: &mut BufReader<ConnRead>,
         req: Request,
         tasks: &mut JoinSet<()>,
     ) -> std::io::Result<Next> {
