@@ -288,3 +288,84 @@ fn remote_hypervisor_gets_no_local_definition() {
     }
     assert!(!Path::new("/nonexistent/r").exists());
 }
+
+// 10 (the test driver): `test:///` is local but starts no guest; a clone or DR
+// against it keeps NVRAM and swtpm state under the restore path, and the host's
+// NVRAM file of the same name (here: the path the backup's XML names) and the swtpm
+// root are left alone.
+#[test]
+fn test_driver_keeps_nvram_and_tpm_state_in_the_restore_path() {
+    let t = Tree::new();
+    let host_nvram = t.outside.join("nvram");
+    fs::create_dir_all(&host_nvram).expect("mkdir");
+    for f in ["rc-uefi-tpm_VARS.fd", "c2_VARS.fd"] {
+        fs::write(host_nvram.join(f), "a real VM's NVRAM").expect("w");
+    }
+    point_nvram_at(&t.root.join("rc-uefi-tpm"), &host_nvram);
+    let outside = hash_all(&t.outside);
+    let tree = hash_all(&t.root);
+    let clone = t.run(&[
+        "--vm",
+        "rc-uefi-tpm",
+        "--name",
+        "c2",
+        "--restore-path",
+        &t.out("r"),
+    ]);
+    assert_eq!(clone.code, Some(0), "{}", clone.stderr);
+    let dr = t.run(&["--vm", "rc-uefi-tpm", "--restore-path", &t.out("dr")]);
+    assert_eq!(dr.code, Some(0), "{}", dr.stderr);
+    assert_eq!(
+        hash_all(&t.outside),
+        outside,
+        "a host file outside the restore path changed"
+    );
+    assert_eq!(hash_all(&t.root), tree, "the backup tree changed");
+    assert!(
+        !t.s.dir.path().join("swtpm").exists(),
+        "VMRESTORE_SWTPM_ROOT was written"
+    );
+    let sandbox = |rel: &str| t.s.dir.path().join(rel).join("test-driver");
+    assert!(sandbox("r").join("nvram/c2_VARS.fd").is_file());
+    assert!(sandbox("dr").join("nvram/rc-uefi-tpm_VARS.fd").is_file());
+    for run in ["r", "dr"] {
+        let tpm = fs::read_dir(sandbox(run).join("swtpm")).map_or(0, Iterator::count);
+        assert_eq!(tpm, 1, "{run}: one swtpm state dir under the restore path");
+    }
+    assert!(
+        clone
+            .stderr
+            .contains(&sandbox("r").join("nvram/c2_VARS.fd").display().to_string()),
+        "{}",
+        clone.stderr
+    );
+}
+
+/// Points every `<nvram>` of a VM dir's XMLs at `dir` (mtimes kept: restore points
+/// are ordered by them).
+fn point_nvram_at(vm_dir: &Path, dir: &Path) {
+    let mut stack = vec![vm_dir.to_path_buf()];
+    while let Some(p) = stack.pop() {
+        for e in fs::read_dir(&p)
+            .expect("read_dir")
+            .map(|e| e.expect("entry").path())
+        {
+            if e.is_dir() {
+                stack.push(e);
+            } else if e.extension().is_some_and(|x| x == "xml") {
+                let text = fs::read_to_string(&e).expect("xml");
+                if text.contains("/var/lib/libvirt/qemu/nvram") {
+                    let t = fs::metadata(&e).and_then(|m| m.modified()).expect("mtime");
+                    fs::write(
+                        &e,
+                        text.replace("/var/lib/libvirt/qemu/nvram", &dir.display().to_string()),
+                    )
+                    .expect("w");
+                    let f = fs::File::open(&e).expect("open");
+                    f.set_times(fs::FileTimes::new().set_modified(t))
+                        .expect("times");
+                }
+            }
+        }
+    }
+}

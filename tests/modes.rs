@@ -92,6 +92,7 @@ fn job<'a>(
         cancel: engine::Cancel::new(),
         progress: None,
         swtpm_root: swtpm.to_path_buf(),
+        sandbox: None,
     }
 }
 

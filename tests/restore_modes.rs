@@ -24,6 +24,12 @@ use sha2::{Digest, Sha256};
 
 // ───────────────────────────── harness ─────────────────────────────
 
+/// libvirt's test driver keeps NVRAM and swtpm state under the restore path
+/// (`<restore path>/test-driver/`), never in the host's /var/lib/libvirt: the
+/// restores below go to `out/r`.
+const SWTPM: &str = "out/r/test-driver/swtpm";
+const NVRAM: &str = "out/r/test-driver/nvram";
+
 /// One test's world: a backup root holding copies of a few fixture VMs and the
 /// catalogue, a scratch dir for restore targets, swtpm root, NVRAM dir and TMPDIR.
 struct World {
@@ -95,12 +101,14 @@ impl World {
         self.root.join(rel)
     }
 
+    /// The swtpm root of a restore into `out/r` (the test driver's sandbox).
     fn swtpm(&self) -> PathBuf {
-        self.p("swtpm")
+        self.p(SWTPM)
     }
 
+    /// Where NVRAM files go in a restore into `out/r` (the test driver's sandbox).
     fn nvram_dir(&self) -> PathBuf {
-        self.p("nvram")
+        self.p(NVRAM)
     }
 
     /// Points every `<nvram>` of the VM's XMLs into the scratch NVRAM dir (mtimes kept),
@@ -948,6 +956,7 @@ fn s082_s083_s128_dr_uefi_tpm_vm() {
     w.redirect_nvram("rc-uefi-tpm");
     let data = w.b("rc-uefi-tpm/2026-W26");
     let nv = w.nvram_dir().join("rc-uefi-tpm_VARS.fd");
+    fs::create_dir_all(w.nvram_dir()).expect("mkdir");
     fs::write(&nv, b"host nvram").expect("host nvram");
     let r = w.run(&["--vm", "rc-uefi-tpm", "--restore-path", &w.s("out/r")]);
     assert_code(&r, 0);
@@ -967,11 +976,11 @@ fn s082_s083_s128_dr_uefi_tpm_vm() {
     }
     // NVRAM
     let saved: Vec<String> = w
-        .ls("nvram")
+        .ls(NVRAM)
         .into_iter()
         .filter(|n| n.starts_with("rc-uefi-tpm_VARS.fd.before-restore."))
         .collect();
-    assert_eq!(saved.len(), 1, "{:?}", w.ls("nvram"));
+    assert_eq!(saved.len(), 1, "{:?}", w.ls(NVRAM));
     assert!(
         saved[0]
             .rsplit('.')
@@ -1001,7 +1010,7 @@ fn s082_s083_s128_dr_uefi_tpm_vm() {
     );
     // TPM
     let t = w.swtpm().join(UEFI_UUID);
-    assert_eq!(w.ls("swtpm"), [UEFI_UUID]);
+    assert_eq!(w.ls(SWTPM), [UEFI_UUID]);
     assert_eq!(mode_of(&t), 0o711);
     assert_eq!(mode_of(&t.join("tpm2")), 0o700);
     if nix::unistd::geteuid().is_root() {
@@ -1060,6 +1069,7 @@ fn s085_no_nvram_in_backup_keeps_the_host_file() {
     w.redirect_nvram("rc-uefi-tpm");
     fs::remove_file(w.b("rc-uefi-tpm/2026-W26/rc-uefi-tpm_VARS.fd.virtnbdbackup.0")).expect("rm");
     let nv = w.nvram_dir().join("rc-uefi-tpm_VARS.fd");
+    fs::create_dir_all(w.nvram_dir()).expect("mkdir");
     fs::write(&nv, b"host nvram").expect("host nvram");
     let r = w.run(&[
         "--vm",
@@ -1306,7 +1316,11 @@ fn s092_s096_s098_clone_of_a_uefi_tpm_vm() {
     );
     assert_eq!(
         w.ls("out/r"),
-        ["test-clone-vda.qcow2", "test-clone-vdb.qcow2"]
+        [
+            "test-clone-vda.qcow2",
+            "test-clone-vdb.qcow2",
+            "test-driver"
+        ]
     );
     for d in ["vda", "vdb"] {
         assert_content(
@@ -1317,7 +1331,7 @@ fn s092_s096_s098_clone_of_a_uefi_tpm_vm() {
             d,
         );
     }
-    assert_eq!(w.ls("nvram"), ["test-clone_VARS.fd"]);
+    assert_eq!(w.ls(NVRAM), ["test-clone_VARS.fd"]);
     let nv = w.nvram_dir().join("test-clone_VARS.fd");
     assert_eq!(
         fs::read(&nv).expect("nvram"),
@@ -1334,7 +1348,7 @@ fn s092_s096_s098_clone_of_a_uefi_tpm_vm() {
         .expect("define line");
     let new = line.rsplit(' ').next().expect("uuid").to_owned();
     assert_ne!(new, UEFI_UUID);
-    assert_eq!(w.ls("swtpm"), std::slice::from_ref(&new));
+    assert_eq!(w.ls(SWTPM), std::slice::from_ref(&new));
     assert!(w.swtpm().join(&new).join("tpm2/tpm2-00.permall").is_file());
     assert_eq!(w.rows()[0].tpm_result.as_deref(), Some("restored"));
 }
@@ -1580,7 +1594,7 @@ fn s100_s102_data_only() {
             );
         }
     }
-    assert!(w.ls("swtpm").is_empty() && w.ls("nvram").is_empty());
+    assert!(w.ls(SWTPM).is_empty() && w.ls(NVRAM).is_empty());
     let rows = w.rows();
     assert!(
         rows.iter()
@@ -2186,6 +2200,7 @@ fn s119_disk_mode_leaves_identity_alone() {
     let w = World::new(&["rc-uefi-tpm"]);
     w.redirect_nvram("rc-uefi-tpm");
     let nv = w.nvram_dir().join("rc-uefi-tpm_VARS.fd");
+    fs::create_dir_all(w.nvram_dir()).expect("mkdir");
     fs::write(&nv, b"host nvram").expect("nvram");
     let disks: Vec<PathBuf> = ["vda", "vdb"]
         .iter()
@@ -2215,8 +2230,8 @@ fn s119_disk_mode_leaves_identity_alone() {
             assert_lacks(&r, s);
         }
     }
-    assert!(w.ls("swtpm").is_empty());
-    assert_eq!(w.ls("nvram"), ["rc-uefi-tpm_VARS.fd"]);
+    assert!(w.ls(SWTPM).is_empty());
+    assert_eq!(w.ls(NVRAM), ["rc-uefi-tpm_VARS.fd"]);
     assert_eq!(fs::read(&nv).expect("nvram"), b"host nvram");
     assert_content(
         &disks[0],
@@ -2284,7 +2299,7 @@ fn s121_s125_dry_run_dr_changes_nothing() {
     assert_has(&r, "[DRY RUN] Would restore NVRAM: ");
     assert_has(&r, "[DRY RUN] Would restore TPM: ");
     assert!(!w.p("out/r").exists());
-    assert!(w.ls("swtpm").is_empty() && w.ls("nvram").is_empty() && w.ls("tmp").is_empty());
+    assert!(w.ls(SWTPM).is_empty() && w.ls(NVRAM).is_empty() && w.ls("tmp").is_empty());
     assert!(w.lock_files().is_empty() && !w.b("_state/locks").exists());
     assert!(w.rows().is_empty());
 }
@@ -2487,7 +2502,7 @@ fn s129_existing_tpm_state_is_kept_aside() {
     fs::write(w.swtpm().join(UEFI_UUID).join("tpm2/old-state"), b"old").expect("old");
     let r = w.run(&["--vm", "rc-uefi-tpm", "--restore-path", &w.s("out/r")]);
     assert_code(&r, 0);
-    let names = w.ls("swtpm");
+    let names = w.ls(SWTPM);
     assert_eq!(names.len(), 2, "{names:?}");
     let aside = names
         .iter()
@@ -2534,7 +2549,7 @@ fn s130_marker_without_state() {
         &format!("Marker present but no tpm-state/ in {}", data.display()),
     );
     assert_eq!(summary(&r), "Restore complete: rc-uefi-tpm — disk ✓ defined ✓ UUID ✓ MACs ✓ TPM ✗ (manual unlock required)");
-    assert!(w.ls("swtpm").is_empty());
+    assert!(w.ls(SWTPM).is_empty());
     let row = &w.rows()[0];
     assert_eq!(
         (
@@ -2563,7 +2578,7 @@ fn s131_skip_tpm() {
         summary(&r),
         "Restore complete: rc-uefi-tpm — disk ✓ defined ✓ UUID ✓ MACs ✓"
     );
-    assert!(w.ls("swtpm").is_empty());
+    assert!(w.ls(SWTPM).is_empty());
     assert_eq!(w.rows()[0].tpm_result.as_deref(), Some("skipped"));
 }
 
@@ -2579,7 +2594,7 @@ fn s132_tpm_uuid_from_the_domain_without_metadata() {
         &r,
         &format!("Restoring TPM for rc-uefi-tpm (UUID: {UEFI_UUID})"),
     );
-    assert_eq!(w.ls("swtpm"), [UEFI_UUID]);
+    assert_eq!(w.ls(SWTPM), [UEFI_UUID]);
     assert!(summary(&r).ends_with("TPM ✓"), "{}", summary(&r));
 }
 

@@ -252,6 +252,7 @@ fn restore(
     } else {
         None
     };
+    let sandbox = sandbox(r);
     let ctx = Context {
         vm: s.vm.clone(),
         set,
@@ -261,9 +262,26 @@ fn restore(
         log,
         cancel,
         progress,
-        swtpm_root: crate::host::tpm::swtpm_root(),
+        swtpm_root: sandbox
+            .as_ref()
+            .map_or_else(crate::host::tpm::swtpm_root, |s| s.join("swtpm")),
+        sandbox,
     };
     crate::restore::run(&ctx, &r.kind)
+}
+
+/// libvirt's test driver (`test:///…`) is local but runs no guest: NVRAM and swtpm
+/// state go to `<restore path>/test-driver/`, not to the host's `/var/lib/libvirt`
+/// (where a real VM of the same name keeps its own). The modes without a restore
+/// path write no NVRAM, except a test boot (root's own state directory, never /tmp).
+fn sandbox(r: &RestoreRequest) -> Option<PathBuf> {
+    let test_driver = r.uri.split_once("://").is_some_and(|(s, _)| s == "test");
+    test_driver.then(|| {
+        r.kind
+            .dir()
+            .map_or_else(|| PathBuf::from("/var/lib/vmrestore"), Path::to_path_buf)
+            .join("test-driver")
+    })
 }
 
 /// The period column of the catalogue: period dir, `accumulate`, or archive name.

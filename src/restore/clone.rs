@@ -66,7 +66,7 @@ fn clone_actions(
     let nvram = match (&cfg.nvram, pick) {
         (Some(n), Some(pick)) => Some(NvramInstall {
             pick,
-            dest: clone_nvram(n, name),
+            dest: ctx.host_nvram(&clone_nvram(n, name)),
             point: t,
             save_existing: true,
             required: true,

@@ -32,8 +32,13 @@ pub struct Context<'a> {
     pub cancel: Cancel,
     /// Progress lines for the engine.
     pub progress: Option<ProgressFn>,
-    /// swtpm's state root (`/var/lib/libvirt/swtpm`).
+    /// swtpm's state root (`/var/lib/libvirt/swtpm`; under [`Self::sandbox`] when set).
     pub swtpm_root: PathBuf,
+    /// Where a domain's host files (NVRAM) go when the hypervisor is libvirt's test
+    /// driver: under the restore path, never the host's real `/var/lib/libvirt` — the
+    /// test driver runs no guest that would read them, and a trial run against it must
+    /// not replace the NVRAM of a real VM of the same name.
+    pub sandbox: Option<PathBuf>,
 }
 
 impl std::fmt::Debug for Context<'_> {
@@ -89,6 +94,16 @@ impl Outcome {
 }
 
 impl Context<'_> {
+    /// Where the NVRAM file the domain XML names at `path` is written: `path`, or
+    /// `<sandbox>/nvram/<file name>` for the test driver.
+    pub fn host_nvram(&self, path: &std::path::Path) -> PathBuf {
+        match (&self.sandbox, path.file_name()) {
+            (Some(s), Some(f)) => s.join("nvram").join(f),
+            (Some(s), None) => s.join("nvram").join("VARS.fd"),
+            (None, _) => path.to_path_buf(),
+        }
+    }
+
     /// Engine options for this restore (cancellation, progress).
     pub fn apply_options(&self) -> ApplyOptions {
         let whole = ApplyOptions::default();

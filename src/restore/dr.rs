@@ -144,11 +144,17 @@ fn dr_actions(
     cfg: &DomainConfig,
     jobs: Vec<DiskJob>,
 ) -> Result<Vec<Action>, AppError> {
+    // the test driver's NVRAM lives in its sandbox, and its domain says so
+    let nvram = cfg.nvram.as_deref().map(|n| ctx.host_nvram(Path::new(n)));
     let xml = rewritten(
         &cfg_path,
         &Rewrite {
             name: Some(ctx.vm.clone()),
             disks: disk_rewrites(&jobs),
+            nvram: nvram
+                .as_ref()
+                .filter(|_| ctx.sandbox.is_some())
+                .map(|n| n.display().to_string()),
             ..Rewrite::default()
         },
     )?;
@@ -156,8 +162,8 @@ fn dr_actions(
         jobs,
         replace: ctx.options.force,
     }];
-    if let Some(n) = &cfg.nvram {
-        actions.push(Action::SaveNvram(PathBuf::from(n)));
+    if let Some(n) = &nvram {
+        actions.push(Action::SaveNvram(n.clone()));
     }
     if defined {
         actions.extend(save_tpm(ctx, &ctx.vm));
@@ -177,14 +183,14 @@ fn dr_actions(
         .nvram
         .as_deref()
         .and_then(|n| crate::host::nvram::pick(ctx.set, n, t));
-    match (&cfg.nvram, pick) {
+    match (nvram, pick) {
         (Some(n), None) => ctx.log.warn(
             "restore_nvram",
-            &format!("No per-checkpoint NVRAM in backup — using live host NVRAM {n}; the guest may fail to boot if its Secure Boot/identity state has drifted"),
+            &format!("No per-checkpoint NVRAM in backup — using live host NVRAM {}; the guest may fail to boot if its Secure Boot/identity state has drifted", n.display()),
         ),
         (Some(n), Some(pick)) => actions.push(Action::InstallNvram(NvramInstall {
             pick,
-            dest: PathBuf::from(n),
+            dest: n,
             point: t,
             save_existing: false,
             required: false,

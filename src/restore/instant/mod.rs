@@ -318,10 +318,12 @@ fn instant_nvram(
 ) -> Option<NvramInstall> {
     let n = cfg.nvram.as_deref()?;
     let pick = crate::host::nvram::pick(ctx.set, n, t)?;
-    let dest = Path::new(n)
-        .parent()
-        .unwrap_or_else(|| Path::new("/"))
-        .join(format!("{name}_VARS.fd"));
+    let dest = ctx.host_nvram(
+        &Path::new(n)
+            .parent()
+            .unwrap_or_else(|| Path::new("/"))
+            .join(format!("{name}_VARS.fd")),
+    );
     Some(NvramInstall {
         pick,
         dest,
