@@ -4,7 +4,8 @@
 # (<crate>/seeds/<target>) and the live corpus (<crate>/corpus/<target>, not in git):
 #   nbdfmt/fuzz  the nbdfmt formats: frame_header stream_reader meta_json sidecars
 #   fuzz         the vmrestore crate's domain XML rewriting, vmbackup.conf and
-#                catalogue readers: domxml config catalogue
+#                catalogue readers, name validator and path resolver: domxml
+#                config catalogue names paths
 #
 #   scripts/fuzz.sh [seconds-per-target] [target...]   default: 600 s, all targets
 #   scripts/fuzz.sh smoke                              CI smoke run: 20 s per target
@@ -40,10 +41,11 @@ repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 # The fuzz crates (paths relative to the repository) and, in the default order, every
 # target with the crate it belongs to.
 crates=(nbdfmt/fuzz fuzz)
-all_targets=(frame_header stream_reader meta_json sidecars domxml config catalogue)
+all_targets=(frame_header stream_reader meta_json sidecars domxml config catalogue names paths)
 declare -A crate_of=(
     [frame_header]=nbdfmt/fuzz [stream_reader]=nbdfmt/fuzz [meta_json]=nbdfmt/fuzz
-    [sidecars]=nbdfmt/fuzz [domxml]=fuzz [config]=fuzz [catalogue]=fuzz
+    [sidecars]=nbdfmt/fuzz [domxml]=fuzz [config]=fuzz [catalogue]=fuzz [names]=fuzz
+    [paths]=fuzz
 )
 targets=("$@")
 [[ ${#targets[@]} -eq 0 ]] && targets=("${all_targets[@]}")

@@ -140,6 +140,30 @@ fn escaping_flag_names_are_refused() {
     assert!(!t.root.join("rc-acc-files/planted.qcow2").exists());
 }
 
+// 2 (through a symlink behind `..`): `--restore-path <dir>/x/../link/r`, `link` pointing
+// into the backup tree and `x` not existing yet, is inside the tree (a `mkdir -p`
+// would make `x`, then follow `link`): refused with exit 7, nothing written.
+#[test]
+fn restore_path_through_a_link_behind_dotdot_is_inside_the_tree() {
+    let t = Tree::new();
+    let before = hash_all(&t.root);
+    let elsewhere = t.s.dir.path().join("elsewhere");
+    fs::create_dir_all(&elsewhere).expect("mkdir");
+    std::os::unix::fs::symlink(t.root.join("rc-acc-files"), elsewhere.join("link")).expect("ln");
+    let path = elsewhere.join("x/../link/planted").display().to_string();
+    let r = t.run(&[
+        "--vm",
+        "rc-acc-files",
+        "--skip-config",
+        "--restore-path",
+        &path,
+    ]);
+    assert_eq!(r.code, Some(7), "{}", r.stderr);
+    assert!(r.stderr.contains("inside backup root"), "{}", r.stderr);
+    assert_eq!(hash_all(&t.root), before);
+    assert!(!elsewhere.join("x").exists());
+}
+
 // 7: a "stream" that is a hard link to a secret file, and a `.chksum` that is one:
 // the errors describe the bytes, never quote them — not on stderr, not in the log.
 #[test]
