@@ -148,7 +148,7 @@ pub const FLAGS: &[Flag] = &[
     Flag { id: FlagId::Exclude, long: "--exclude", short: None, value_name: "<vm[,vm...]>", takes: Takes::Value("--exclude requires VM names"), section: Section::Restore,
         help: "With --all: not these VMs" },
     Flag { id: FlagId::Jobs, long: "--jobs", short: None, value_name: "<n>", takes: Takes::Value("--jobs requires a number"), section: Section::Restore,
-        help: "With --all: VMs restored at the same time (default: 1 on a rotating\ndisk or a host with fewer than 4 cores, 2 otherwise)" },
+        help: "With --all: VMs restored at the same time (default: 1 on a rotating\ndisk, 2 otherwise)" },
     Flag { id: FlagId::NamePrefix, long: "--name-prefix", short: None, value_name: "<text>", takes: Takes::Value("--name-prefix requires a text"), section: Section::Restore,
         help: "With --all: restore clones named <prefix><vm><suffix>" },
     Flag { id: FlagId::NameSuffix, long: "--name-suffix", short: None, value_name: "<text>", takes: Takes::Value("--name-suffix requires a text"), section: Section::Restore,

@@ -202,11 +202,10 @@ fn refused_or_planned(p: &Planned) -> Result<VmRun, AppError> {
     }
 }
 
-/// `--jobs`, else 1 on a rotating disk and 2 otherwise (two writers keep an SSD
-/// busy; more only compete for its queue) — but no more than one per two cores: a
-/// VM's restore already keeps two cores busy (a reader and a writer thread per disk,
-/// two disks at once). On this project's 2-core test host, 8 VMs of 2 disks: 2.68 s
-/// with one job, 2.98 s with two (median of 3 interleaved runs).
+/// `--jobs`, else 1 on a rotating disk and 2 otherwise: two VMs at once keep an SSD
+/// and two cores busy (scripts/bench-host.sh, 8 VMs of 2 disks, 4 GiB of data, 2
+/// cores: 2.53 s with one job, 2.24 s with two, 2.18 s with four — at 58 and 74 MiB
+/// peak RSS against 49: more jobs only compete for the disk's queue and memory).
 fn jobs(a: &AllRequest) -> usize {
     a.jobs.unwrap_or_else(|| {
         let rotating = a
@@ -215,11 +214,10 @@ fn jobs(a: &AllRequest) -> usize {
             .dir()
             .and_then(crate::ui::format::rotational)
             .unwrap_or(false);
-        let cores = std::thread::available_parallelism().map_or(1, usize::from);
         if rotating {
             1
         } else {
-            (cores / 2).clamp(1, 2)
+            2
         }
     })
 }
