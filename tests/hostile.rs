@@ -210,6 +210,72 @@ fn errors_never_quote_file_content() {
     );
 }
 
+// A side file that is a FIFO (the open would wait for a writer forever, with the
+// VM's lock held) or a device (`/dev/zero` never ends) is refused at once, naming
+// the file; so is a TLS certificate that is one.
+#[test]
+fn side_files_that_are_fifos_or_devices_are_refused_at_once() {
+    let t = Tree::new();
+    let vm = t.root.join("rc-v247-chk/202603");
+    let chk = vm.join("vda.inc.virtnbdbackup.1.data.chksum");
+    fs::remove_file(&chk).expect("rm");
+    let st = std::process::Command::new("mkfifo")
+        .arg(&chk)
+        .status()
+        .expect("mkfifo");
+    assert!(st.success());
+    let run = || {
+        let start = std::time::Instant::now();
+        let r = t.run(&[
+            "--vm",
+            "rc-v247-chk",
+            "--skip-config",
+            "--restore-path",
+            &t.out("r"),
+        ]);
+        assert!(start.elapsed().as_secs() < 60, "took {:?}", start.elapsed());
+        assert_ne!(r.code, Some(0), "{}", r.stderr);
+        r
+    };
+    let r = run();
+    assert!(
+        r.stderr.contains("vda.inc.virtnbdbackup.1.data.chksum")
+            && r.stderr.contains("a FIFO, not a regular file"),
+        "{}",
+        r.stderr
+    );
+    // a qcow.json that is /dev/zero is not a side file at all: the chain is
+    // incomplete (exit 5), found at once
+    fs::remove_file(&chk).expect("rm fifo");
+    let q = vm.join("vda.virtnbdbackup.0.qcow.json");
+    fs::remove_file(&q).expect("rm");
+    std::os::unix::fs::symlink("/dev/zero", &q).expect("ln");
+    let r = run();
+    assert_eq!(r.code, Some(5), "{}", r.stderr);
+    assert!(
+        r.stderr.contains("vda.virtnbdbackup.0.qcow.json"),
+        "{}",
+        r.stderr
+    );
+    let r = t.run(&[
+        "--vm",
+        "rc-acc-files",
+        "--serve",
+        &t.out("s.sock"),
+        "--serve-tls-cert",
+        "/dev/zero",
+        "--serve-tls-key",
+        "/dev/zero",
+        "--dry-run",
+    ]);
+    assert_eq!(r.code, Some(7), "{}", r.stderr);
+    assert!(
+        r.stderr.contains("/dev/zero") && r.stderr.contains("not a regular file"),
+        "{}",
+        r.stderr
+    );
+}
+
 // 8: a name or path that is not UTF-8 is refused (exit 7) — never converted lossily
 // into a directory nobody named; a VM directory with such a name is named in a WARN.
 #[test]

@@ -292,13 +292,14 @@ impl DiskPlan {
         let qcow = match set.qcow_json(disk, n) {
             None => None,
             Some(p) => {
-                let bytes = std::fs::read(p).map_err(|e| {
-                    nbdfmt::Error::from(nbdfmt::ErrorKind::Io {
-                        offset: 0,
-                        source: e,
-                    })
-                    .in_file(p)
-                })?;
+                let bytes = nbdfmt::small::read_small_file(p, nbdfmt::sidecar::MAX_SIDECAR_LEN)
+                    .map_err(|e| {
+                        nbdfmt::Error::from(nbdfmt::ErrorKind::Io {
+                            offset: 0,
+                            source: e,
+                        })
+                        .in_file(p)
+                    })?;
                 Some(QcowInfo::parse(&bytes).map_err(|e| e.in_file(p))?)
             }
         };

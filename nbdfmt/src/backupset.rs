@@ -183,12 +183,7 @@ fn file_error(path: &Path) -> impl FnOnce(std::io::Error) -> Error + '_ {
 }
 
 fn read_small(path: &Path) -> Result<Vec<u8>> {
-    let f = File::open(path).map_err(file_error(path))?;
-    let mut buf = Vec::new();
-    f.take(MAX_SIDECAR_LEN)
-        .read_to_end(&mut buf)
-        .map_err(file_error(path))?;
-    Ok(buf)
+    crate::small::read_small_file(path, MAX_SIDECAR_LEN).map_err(file_error(path))
 }
 
 /// Reads and parses a domain XML file.

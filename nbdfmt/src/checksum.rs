@@ -101,13 +101,15 @@ pub enum ChecksumStatus {
 /// Reads the stored checksum of `data_file`, if a `.chksum` exists.
 pub fn stored_checksum(data_file: &Path) -> Result<Option<u32>> {
     let p = chksum_path(data_file);
-    match std::fs::read(&p) {
-        Ok(t) if t.len() <= 64 => parse_chksum(&t).map(Some).map_err(|e| e.in_file(&p)),
-        Ok(_) => Err(Error::new(ErrorKind::BadChecksumFile {
-            reason: "longer than 64 bytes".into(),
-        })
-        .in_file(&p)),
+    match crate::small::read_small_file(&p, 64) {
+        Ok(t) => parse_chksum(&t).map(Some).map_err(|e| e.in_file(&p)),
         Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+        Err(e) if e.kind() == io::ErrorKind::InvalidData => {
+            Err(Error::new(ErrorKind::BadChecksumFile {
+                reason: e.to_string(),
+            })
+            .in_file(&p))
+        }
         Err(e) => Err(io_at(0)(e).in_file(&p)),
     }
 }

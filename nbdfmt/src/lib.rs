@@ -50,6 +50,7 @@ pub mod preadbuf;
 pub mod reader;
 pub mod sidecar;
 pub mod slots;
+pub mod small;
 pub mod trailer;
 pub mod vmconfig;
 #[cfg(feature = "writer")]

@@ -32,7 +32,10 @@ pub fn detect(data_dir: &Path) -> Option<TpmMaterial> {
     }
     let metadata_uuid = state_dir
         .as_ref()
-        .and_then(|d| fs::read_to_string(d.join("BACKUP_METADATA.txt")).ok())
+        .and_then(|d| {
+            nbdfmt::small::read_small_file(&d.join("BACKUP_METADATA.txt"), 64 * 1024).ok()
+        })
+        .map(|b| String::from_utf8_lossy(&b).into_owned())
         .and_then(|t| {
             t.lines().find_map(|l| {
                 let rest = l.trim_start().strip_prefix("VM UUID:")?;

@@ -60,8 +60,10 @@ pub(super) fn disk_rewrites(jobs: &[DiskJob]) -> Vec<DiskRewrite> {
 
 /// The backup's domain XML at `cfg_path`, rewritten.
 pub(super) fn rewritten(cfg_path: &Path, rw: &Rewrite) -> Result<String, AppError> {
-    let xml = std::fs::read_to_string(cfg_path)
+    let bytes = nbdfmt::small::read_small_file(cfg_path, nbdfmt::sidecar::MAX_SIDECAR_LEN)
         .map_err(AppError::io(format!("reading {}", cfg_path.display())))?;
+    let xml = String::from_utf8(bytes)
+        .map_err(|_| AppError::engine(format!("{}: not UTF-8", cfg_path.display())))?;
     rewrite(&xml, rw).map_err(|e| AppError::engine(format!("{}: {e}", cfg_path.display())))
 }
 

@@ -226,7 +226,7 @@ pub fn plan_point(
 /// defaults (a salvage does not stop for a side file).
 fn qcow_info(set: &BackupSet, disk: &str, n: u32) -> Option<QcowInfo> {
     let p = set.qcow_json(disk, n)?;
-    match std::fs::read(p)
+    match nbdfmt::small::read_small_file(p, nbdfmt::sidecar::MAX_SIDECAR_LEN)
         .map_err(|e| e.to_string())
         .and_then(|b| QcowInfo::parse(&b).map_err(|e| e.to_string()))
     {

@@ -168,7 +168,8 @@ impl QcowCache {
                     .file_name()
                     .map(|n| n.to_string_lossy().into_owned())
                     .unwrap_or_default();
-                let bytes = std::fs::read(path).map_err(|e| format!("{name}: {e}"))?;
+                let bytes = nbdfmt::small::read_small_file(path, nbdfmt::sidecar::MAX_SIDECAR_LEN)
+                    .map_err(|e| format!("{name}: {e}"))?;
                 QcowInfo::parse(&bytes)
                     .map(|_| ())
                     .map_err(|e| format!("{name}: {}", e.kind()))
