@@ -293,7 +293,7 @@ impl<R: Read + Seek> StreamReader<R> {
                         lz4_frames: Vec::new(),
                     }));
                 }
-                let (stored_len, lz4_frames) = match self.next_trailer_entry()? {
+                let (stored_len, lz4_frames) = match self.next_trailer_entry(h.length)? {
                     None => (h.length, Vec::new()),
                     Some(Err(entries)) => {
                         return Err(ErrorKind::TrailerCountMismatch {
@@ -391,7 +391,10 @@ impl<R: Read + Seek> StreamReader<R> {
 
     /// The trailer entry of the next data frame: `None` for an uncompressed stream,
     /// `Some(Err(count))` when the trailer has no more entries.
-    fn next_trailer_entry(&mut self) -> Result<Option<std::result::Result<TrailerEntry, usize>>> {
+    fn next_trailer_entry(
+        &mut self,
+        length: u64,
+    ) -> Result<Option<std::result::Result<TrailerEntry, usize>>> {
         // Takes the source back from an abandoned decoder first.
         self.src();
         let (Some(t), Some(src)) = (self.trailer.as_mut(), self.src.as_mut()) else {
@@ -401,6 +404,7 @@ impl<R: Read + Seek> StreamReader<R> {
             return Ok(Some(Err(t.count)));
         }
         let json_off = t.json_off;
+        t.cursor.limit_frames(length);
         let mut read = |at: u64, buf: &mut [u8]| read_at(src, json_off + at, buf);
         match t.cursor.next_entry(&mut read)? {
             Some(e) => Ok(Some(Ok(e))),

@@ -82,7 +82,20 @@ pub struct TrailerCursor {
     at: At,
     /// Entries returned so far.
     entries: usize,
+    /// Most LZ4 frames the next chunked entry may list ([`Self::limit_frames`]).
+    max_frames: usize,
 }
+
+/// Most LZ4 frames one chunked entry may list, whatever its data frame's length:
+/// 2^21 sizes are 16 MiB of memory — a 64 TiB extent at virtnbdbackup's 32 MiB
+/// chunks. Without a bound, one entry of a 64 MiB trailer listed 33.5M sizes (810 MiB
+/// of memory for a crafted file).
+pub const MAX_CHUNK_FRAMES: usize = 1 << 21;
+
+/// Smallest chunk virtnbdbackup splits a large extent into: it compresses one NBD
+/// request at a time, and servers offer requests of 32 MiB (qemu) — never below
+/// this. A data frame of `n` bytes has at most `n / MIN_CHUNK + 1` LZ4 frames.
+pub const MIN_CHUNK: u64 = 256 * 1024;
 
 /// Reads JSON bytes: `(offset in the JSON, buffer) -> bytes read`.
 type ReadAt<'a> = dyn FnMut(u64, &mut [u8]) -> Result<usize> + 'a;
@@ -99,7 +112,15 @@ impl TrailerCursor {
             pos: 0,
             at: At::Start,
             entries: 0,
+            max_frames: MAX_CHUNK_FRAMES,
         }
+    }
+
+    /// Bounds the next entry's LZ4 frame list for a data frame of `length` bytes
+    /// ([`MIN_CHUNK`], [`MAX_CHUNK_FRAMES`]).
+    pub fn limit_frames(&mut self, length: u64) {
+        let n = usize::try_from(length / MIN_CHUNK + 1).unwrap_or(usize::MAX);
+        self.max_frames = n.min(MAX_CHUNK_FRAMES);
     }
 
     /// Entries returned so far.
@@ -224,6 +245,13 @@ impl TrailerCursor {
         }
         loop {
             self.skip_ws(read)?;
+            if frames.len() >= self.max_frames {
+                return Err(self.bad(format!(
+                    "entry {i}: more than {} LZ4 frames for one data frame (virtnbdbackup writes one per NBD request of at least {} KiB)",
+                    self.max_frames,
+                    MIN_CHUNK / 1024
+                )));
+            }
             frames.push(self.size(read)?);
             match self.skip_ws(read)? {
                 Some(b',') => self.pos += 1,
@@ -494,6 +522,41 @@ mod tests {
                 proptest::prop_assert_eq!(serde_entries(&bytes), Some(got));
             }
         }
+    }
+
+    #[test]
+    fn chunked_entries_list_at_most_one_frame_per_min_chunk() {
+        let entry = |n: usize| {
+            let sizes = vec!["20"; n].join(",");
+            format!("[{{\"{}\": [{sizes}]}}]", 20 * n)
+        };
+        let run = |json: &str, length: u64| {
+            let bytes = json.as_bytes();
+            let mut c = TrailerCursor::new(1000, bytes.len() as u64);
+            c.limit_frames(length);
+            let mut read = |at: u64, buf: &mut [u8]| -> Result<usize> {
+                let at = (at as usize).min(bytes.len());
+                let n = buf.len().min(bytes.len() - at);
+                buf[..n].copy_from_slice(&bytes[at..at + n]);
+                Ok(n)
+            };
+            c.next_entry(&mut read)
+        };
+        // 3 MB of data: at most 3,000,000 / 256 KiB + 1 = 12 frames
+        let ok = run(&entry(12), 3_000_000)
+            .expect("12 frames")
+            .expect("entry");
+        assert_eq!(ok.frames.len(), 12);
+        let e = run(&entry(13), 3_000_000).expect_err("13 frames");
+        assert!(e.to_string().contains("more than 12 LZ4 frames"), "{e}");
+        assert!(
+            matches!(e.kind(), ErrorKind::BadTrailer { offset: 1000, .. }),
+            "{e}"
+        );
+        // the absolute bound holds for any length
+        let mut c = TrailerCursor::new(0, 0);
+        c.limit_frames(u64::MAX);
+        assert_eq!(c.max_frames, MAX_CHUNK_FRAMES);
     }
 
     #[test]
