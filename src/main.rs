@@ -10,6 +10,7 @@ use vmrestore::ui::{json, log};
 
 fn main() -> ExitCode {
     fixed_mmap_threshold();
+    raise_open_file_limit();
     // before anything else (threads, logging): no signal may kill the run unhandled
     if vmrestore::signal::init().is_ok() {
         vmrestore::signal::started();
@@ -67,5 +68,24 @@ fn fixed_mmap_threshold() {
     // main, before any other thread exists.
     unsafe {
         libc::mallopt(libc::M_MMAP_THRESHOLD, 256 << 10);
+    }
+}
+
+/// The chain collapse reads all of a disk's chain files side by side (a k-way merge),
+/// so a chain of N points keeps N + 1 files open: with the usual soft limit of 1,024
+/// descriptors a 1,000-point chain failed with EMFILE (reported against one of its
+/// files). The hard limit is the administrator's; the soft one is ours to raise.
+fn raise_open_file_limit() {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit/setrlimit read and write the plain struct passed by pointer;
+    // called first thing in main, before any other thread exists.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) == 0 && lim.rlim_cur < lim.rlim_max {
+            lim.rlim_cur = lim.rlim_max;
+            libc::setrlimit(libc::RLIMIT_NOFILE, &lim);
+        }
     }
 }

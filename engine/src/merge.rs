@@ -25,8 +25,8 @@ use crate::extent::{ExtentMap, Source};
 use crate::plan::{ChainFile, Frames};
 
 /// Read-ahead shared by all header cursors of one merge, by file size: a chain of
-/// many small files gets small windows (a frame header is 40 bytes), a big file the
-/// usual 64 KiB.
+/// many small files gets small windows (a frame header is 40 bytes; down to 512 bytes,
+/// so 2,000 files hold 1 MiB, not 8), a big file the usual 64 KiB.
 const WINDOW_BUDGET: u64 = 2 << 20;
 
 /// The header window of a file of `size` bytes in a chain of `total` bytes.
@@ -34,7 +34,7 @@ pub(crate) fn window_for(size: u64, total: u64) -> usize {
     let share = u128::from(WINDOW_BUDGET) * u128::from(size) / u128::from(total.max(1));
     usize::try_from(share)
         .unwrap_or(usize::MAX)
-        .clamp(4 << 10, nbdfmt::reader::INDEX_READAHEAD)
+        .clamp(512, nbdfmt::reader::INDEX_READAHEAD)
 }
 
 /// A run of the final disk in disk order and where its bytes come from.

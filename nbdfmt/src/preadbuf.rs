@@ -17,6 +17,11 @@ use std::sync::Arc;
 /// Read-ahead after a far jump.
 const SMALL_FILL: usize = 4096;
 
+/// Smallest window: a frame header (42 bytes) and then some. A chain of thousands of
+/// files keeps one window per file open at once (the k-way merge), so windows there
+/// are shared out small (2,000 files: 1 KiB each, not 4 KiB).
+const MIN_CAP: usize = 512;
+
 /// Buffered positioned reads on a [`File`]. See the module docs.
 #[derive(Debug)]
 pub struct PreadBuf {
@@ -41,7 +46,7 @@ impl PreadBuf {
         Self {
             file,
             pos: 0,
-            buf: vec![0u8; cap.max(SMALL_FILL)],
+            buf: vec![0u8; cap.max(MIN_CAP)],
             buf_start: 0,
             buf_len: 0,
         }
@@ -80,7 +85,7 @@ impl Read for PreadBuf {
             let fill = if near || self.buf_len == 0 {
                 self.buf.len()
             } else {
-                SMALL_FILL.max(dst.len())
+                SMALL_FILL.max(dst.len()).min(self.buf.len())
             };
             let mut buf = std::mem::take(&mut self.buf);
             let r = self.pread(self.pos, &mut buf[..fill]);

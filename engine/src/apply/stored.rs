@@ -16,14 +16,15 @@ use crate::cancel::Cancel;
 use crate::error::{Error, Result};
 
 /// The read window of a file of `size` bytes in a chain of `total` bytes: 2 MiB shared
-/// out by size, at least 8 KiB (a run of small frames per `pread`), at most 64 KiB (a
+/// out by size, at least 2 KiB (a run of small frames per `pread`; a chain of 2,000
+/// files keeps 2,000 windows, 4 MiB at this floor), at most 64 KiB (a
 /// fresh window is page faults: on a 2 MiB chain, 256 KiB windows cost a fifth of the
 /// restore).
 pub(super) fn window_for(size: u64, total: u64) -> usize {
     let share = (2u128 << 20) * u128::from(size) / u128::from(total.max(1));
     usize::try_from(share)
         .unwrap_or(usize::MAX)
-        .clamp(8 << 10, 64 << 10)
+        .clamp(2 << 10, 64 << 10)
 }
 
 /// Reads of this many bytes or more go straight into the caller's buffer (one copy,
