@@ -276,6 +276,48 @@ fn side_files_that_are_fifos_or_devices_are_refused_at_once() {
     );
 }
 
+// A restore point whose domain XML names none of the backed-up disks (here: `vda`
+// renamed to a crafted `../../x`) restores nothing: that is exit 5 with the way to
+// get the data, not "Restore complete … disk ✓" over an empty directory.
+#[test]
+fn a_restore_that_would_write_no_disk_is_not_a_success() {
+    let t = Tree::new();
+    let dir = t.root.join("rc-v247-chk/202603");
+    for e in fs::read_dir(&dir)
+        .expect("ls")
+        .map(|e| e.expect("e").path())
+    {
+        let name = e
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        if name.starts_with("vmconfig.") {
+            let x = fs::read_to_string(&e).expect("xml");
+            let t0 = fs::metadata(&e).and_then(|m| m.modified()).expect("mtime");
+            fs::write(&e, x.replace("dev='vda'", "dev='../../x'")).expect("w");
+            let f = fs::File::open(&e).expect("open");
+            f.set_times(fs::FileTimes::new().set_modified(t0))
+                .expect("times");
+        }
+    }
+    for extra in [&[][..], &["--dry-run"][..]] {
+        let mut args = vec!["--vm", "rc-v247-chk", "--skip-config", "--restore-path"];
+        let out = t.out("r");
+        args.push(&out);
+        args.extend_from_slice(extra);
+        let r = t.run(&args);
+        // a dry run says the real run would abort (and exits 0, as every dry run)
+        let want = if extra.is_empty() { 5 } else { 0 };
+        assert_eq!(r.code, Some(want), "{extra:?}: {}", r.stderr);
+        assert!(r.stderr.contains("Nothing to restore"), "{}", r.stderr);
+        assert!(!r.stderr.contains("Restore complete"), "{}", r.stderr);
+        if !extra.is_empty() {
+            assert!(r.stderr.contains("would abort"), "{}", r.stderr);
+        }
+    }
+    assert!(!Path::new(&t.out("r")).exists());
+}
+
 // 8: a name or path that is not UTF-8 is refused (exit 7) — never converted lossily
 // into a directory nobody named; a VM directory with such a name is named in a WARN.
 #[test]

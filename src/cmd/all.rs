@@ -4,6 +4,7 @@
 //! bounded parallelism; a failed VM does not stop the others; one final table and
 //! the most severe exit category.
 
+use crate::ui::format::printable;
 use std::collections::{BTreeMap, VecDeque};
 use std::sync::Mutex;
 
@@ -408,12 +409,12 @@ fn table(rows: &[Row], rule: &str) -> String {
         "VM", "Point", "Disks", "Size", "Time"
     );
     for r in rows {
-        let outcome: String = r.outcome.chars().take(70).collect();
+        let outcome: String = printable(&r.outcome).chars().take(70).collect();
         s.push_str(&format!(
             "  {:<24} {:>5}  {:<14} {:>9} {:>6.1}s  {}{outcome}\n",
-            r.vm,
+            printable(&r.vm),
             r.point,
-            r.disks,
+            printable(&r.disks),
             iec_size(r.size),
             r.seconds,
             if r.exit == 0 { "✓ " } else { "✗ " }

@@ -80,8 +80,39 @@ pub fn plan(ctx: &Context<'_>, kind: &RestoreKind) -> Result<RestorePlan, AppErr
             tls,
         } => serve::plan_serve(ctx, listen, disks.as_ref(), *public, tls.as_ref())?,
     };
+    refuse_nothing_written(ctx, kind, &plan, &mut pf)?;
     plan.refusals = pf.into_notes();
     Ok(plan)
+}
+
+/// A DR, clone or data-only restore that would write no disk at all is not a
+/// success: the restore point's domain XML names none of the backed-up disks (a
+/// hand-edited or crafted `vmconfig`), and "disk ✓" with an empty restore path would
+/// be a lie. Exit 5, with the way to get the data anyway.
+fn refuse_nothing_written(
+    ctx: &Context<'_>,
+    kind: &RestoreKind,
+    plan: &RestorePlan,
+    pf: &mut checks::Preflight,
+) -> Result<(), AppError> {
+    let whole_vm = matches!(
+        kind,
+        RestoreKind::Dr { .. } | RestoreKind::Clone { .. } | RestoreKind::DataOnly { .. }
+    );
+    let writes = plan
+        .actions
+        .iter()
+        .any(|a| matches!(a, Action::WriteImages { jobs, .. } if !jobs.is_empty()));
+    if !whole_vm || writes {
+        return Ok(());
+    }
+    let backed_up: Vec<&str> = ctx.set.disks.keys().map(String::as_str).collect();
+    let msg = format!(
+        "Nothing to restore at checkpoint {}: the domain XML of that restore point names none of the backed-up disks ({}) — to get one anyway: --disk <name> --restore-path <dir>",
+        plan.checkpoint,
+        if backed_up.is_empty() { "none".to_owned() } else { backed_up.join(", ") }
+    );
+    pf.refuse(ctx, "restore_vm", AppError::Vm(msg.clone()), msg)
 }
 
 /// The modes that define a domain or write its disks, NVRAM or TPM state on this

@@ -239,3 +239,32 @@ mod tests {
         assert_eq!(disk_set(disks.iter()), "sda, vda, vdb");
     }
 }
+
+/// `s` with every control character escaped (`\u{1b}`): names from a backup tree go
+/// to terminals, and an escape sequence in a VM directory's name must not recolour or
+/// rewrite the screen.
+pub fn printable(s: &str) -> std::borrow::Cow<'_, str> {
+    if s.chars().any(char::is_control) {
+        s.chars()
+            .map(|c| {
+                if c.is_control() {
+                    c.escape_default().to_string()
+                } else {
+                    c.to_string()
+                }
+            })
+            .collect::<String>()
+            .into()
+    } else {
+        s.into()
+    }
+}
+
+#[cfg(test)]
+mod printable_tests {
+    #[test]
+    fn control_characters_are_escaped() {
+        assert_eq!(super::printable("vm\u{1b}[31mRED"), "vm\\u{1b}[31mRED");
+        assert_eq!(super::printable("plain é"), "plain é");
+    }
+}
