@@ -101,3 +101,72 @@ fn whole_host_restore_of_the_corpus() {
         }
     }
 }
+
+/// A VM whose chain has a corrupt frame header exits 6 restored alone; under `--all`
+/// its row and the run's exit say the same (it was 5: every planning failure was
+/// reported as a refusal).
+#[test]
+fn a_corrupt_stream_is_the_same_category_alone_and_under_all() {
+    let s = Scratch::new();
+    let root = prepare_backups(s.dir.path());
+    let f = root.join("rc-v247-chk/202603/vda.inc.virtnbdbackup.1.data");
+    let mut b = std::fs::read(&f).expect("read");
+    let t0 = std::fs::metadata(&f)
+        .and_then(|m| m.modified())
+        .expect("mtime");
+    b[379] ^= 0xff; // the first frame header after the metadata
+    std::fs::write(&f, &b).expect("write");
+    std::fs::write(
+        root.join("rc-v247-chk/202603/vda.inc.virtnbdbackup.1.data.chksum"),
+        simd_adler(&b).to_string(),
+    )
+    .expect("chksum");
+    std::fs::File::open(&f)
+        .and_then(|h| h.set_times(std::fs::FileTimes::new().set_modified(t0)))
+        .expect("times");
+    let root_s = root.to_str().expect("utf8");
+    let common = [
+        "--skip-config",
+        "--backup-path",
+        root_s,
+        "--connect",
+        "test:///default",
+    ];
+    let out = s.dir.path().join("o").display().to_string();
+    let alone = s.run(
+        &[
+            &["--vm", "rc-v247-chk", "--restore-path", &out][..],
+            &common,
+        ]
+        .concat(),
+    );
+    assert_eq!(alone.code, Some(6), "{}", alone.stderr);
+    let all = s.run(
+        &[
+            &[
+                "--all",
+                "--only",
+                "rc-v247-chk",
+                "--restore-path",
+                &out,
+                "--json",
+            ][..],
+            &common,
+        ]
+        .concat(),
+    );
+    assert_eq!(all.code, Some(6), "{}", all.stderr);
+    let doc: serde_json::Value =
+        serde_json::from_str(&all.stdout[all.stdout.find('{').expect("json")..]).expect("json");
+    assert_eq!(doc["vms"][0]["exit_code"], 6, "{doc}");
+}
+
+/// adler32 as virtnbdbackup writes it in `.chksum`.
+fn simd_adler(b: &[u8]) -> u32 {
+    let (mut a, mut s) = (1u32, 0u32);
+    for &x in b {
+        a = (a + u32::from(x)) % 65521;
+        s = (s + a) % 65521;
+    }
+    (s << 16) | a
+}

@@ -26,6 +26,9 @@ struct Planned {
     req: RestoreRequest,
     /// Why it will not be restored, when planning refused it.
     refused: Option<String>,
+    /// The category of a refusal that was an error (a corrupt stream is exit 6 under
+    /// `--all` as alone); a check's refusal is exit 5.
+    refused_status: Option<ExitStatus>,
     /// Bytes its disks write, and the files they become.
     bytes: u64,
     files: Vec<String>,
@@ -106,6 +109,7 @@ fn plan_one(a: &AllRequest, vm: &str, cancel: &Cancel) -> Planned {
     let mut dry = req.clone();
     dry.options.dry_run = true;
     let quiet = Quiet;
+    let mut refused_status = None;
     let (refused, plan) = match restore_vm(&dry, cancel, &quiet, false) {
         Ok(VmRun { result: Ok(o), .. }) => {
             let p = o.plan.unwrap_or(Value::Null);
@@ -119,12 +123,16 @@ fn plan_one(a: &AllRequest, vm: &str, cancel: &Cancel) -> Planned {
                 .unwrap_or_default();
             ((!refusals.is_empty()).then(|| refusals.join("; ")), p)
         }
-        Ok(VmRun { result: Err(e), .. }) | Err(e) => (Some(e.to_string()), Value::Null),
+        Ok(VmRun { result: Err(e), .. }) | Err(e) => {
+            refused_status = Some(e.exit_status());
+            (Some(e.to_string()), Value::Null)
+        }
     };
     let (bytes, files) = writes(&plan);
     Planned {
         req,
         refused,
+        refused_status,
         bytes,
         files,
     }
@@ -188,9 +196,27 @@ fn cross_checks(a: &AllRequest, plan: &mut [Planned]) {
     }
 }
 
+/// The error of a refused VM, in the category of what refused it.
+fn refusal(message: String, status: Option<ExitStatus>) -> AppError {
+    match status {
+        Some(ExitStatus::Engine) => AppError::Engine {
+            message,
+            source: None,
+        },
+        Some(ExitStatus::Storage) => AppError::Storage(message),
+        Some(ExitStatus::Lock) => AppError::Lock(message),
+        Some(ExitStatus::Dependency) => AppError::Dependency(message),
+        Some(ExitStatus::Usage) => AppError::Usage(message),
+        Some(ExitStatus::Config) => AppError::Config(message),
+        Some(ExitStatus::General) => AppError::Internal(message),
+        Some(ExitStatus::Signal(s)) => AppError::Interrupted(s),
+        Some(ExitStatus::Ok | ExitStatus::Vm) | None => AppError::Vm(message),
+    }
+}
+
 fn refused_or_planned(p: &Planned) -> Result<VmRun, AppError> {
     match &p.refused {
-        Some(r) => Err(AppError::Vm(r.clone())),
+        Some(r) => Err(refusal(r.clone(), p.refused_status)),
         None => Ok(VmRun {
             vm: p.req.vm.label.clone(),
             result: Ok(crate::restore::Outcome {
@@ -258,7 +284,7 @@ fn execute(
 
 fn run_one(p: &Planned, jobs: usize, cancel: &Cancel) -> Result<VmRun, AppError> {
     if let Some(r) = &p.refused {
-        return Err(AppError::Vm(format!("not restored: {r}")));
+        return Err(refusal(format!("not restored: {r}"), p.refused_status));
     }
     if let Some(sig) = cancel.signal().filter(|s| *s > 0) {
         return Err(AppError::Interrupted(sig));
