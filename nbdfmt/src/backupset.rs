@@ -386,10 +386,12 @@ impl BackupSet {
 
     /// The data file of `disk` for checkpoint `n` (n = 0: full or copy).
     pub fn file(&self, disk: &str, n: u32) -> Option<&StreamFile> {
-        self.disks
-            .get(disk)?
-            .iter()
-            .find(|f| f.level.checkpoint() == Some(n))
+        // files are sorted base, incrementals by N, then diffs (no checkpoint): a binary
+        // search, since a chain walks every point (a linear scan made `--verify` of a
+        // 2,000-point chain cubic: 5.4 s)
+        let files = self.disks.get(disk)?;
+        let at = files.partition_point(|f| f.level.checkpoint().is_some_and(|c| c < n));
+        files.get(at).filter(|f| f.level.checkpoint() == Some(n))
     }
 
     /// Disks with a base (full or copy) file.
