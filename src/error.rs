@@ -171,6 +171,15 @@ pub enum AppError {
     /// An internal failure that has no better category.
     #[error("{0}")]
     Internal(String),
+    /// A failure reported again later, as text, in the category it had (a VM that
+    /// `--all` refused while planning keeps its error's exit status).
+    #[error("{message}")]
+    Reported {
+        /// The original error's text.
+        message: String,
+        /// The original error's category.
+        status: ExitStatus,
+    },
 }
 
 impl AppError {
@@ -186,6 +195,7 @@ impl AppError {
             Self::Dependency(_) => ExitStatus::Dependency,
             Self::Interrupted(sig) => ExitStatus::Signal(*sig),
             Self::Io { .. } | Self::Internal(_) => ExitStatus::General,
+            Self::Reported { status, .. } => *status,
         }
     }
 

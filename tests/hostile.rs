@@ -282,24 +282,12 @@ fn side_files_that_are_fifos_or_devices_are_refused_at_once() {
 #[test]
 fn a_restore_that_would_write_no_disk_is_not_a_success() {
     let t = Tree::new();
-    let dir = t.root.join("rc-v247-chk/202603");
-    for e in fs::read_dir(&dir)
-        .expect("ls")
-        .map(|e| e.expect("e").path())
-    {
-        let name = e
-            .file_name()
-            .map(|n| n.to_string_lossy().into_owned())
-            .unwrap_or_default();
-        if name.starts_with("vmconfig.") {
-            let x = fs::read_to_string(&e).expect("xml");
-            let t0 = fs::metadata(&e).and_then(|m| m.modified()).expect("mtime");
-            fs::write(&e, x.replace("dev='vda'", "dev='../../x'")).expect("w");
-            let f = fs::File::open(&e).expect("open");
-            f.set_times(fs::FileTimes::new().set_modified(t0))
-                .expect("times");
-        }
-    }
+    edit_xmls(
+        &t.root.join("rc-v247-chk/202603"),
+        "vmconfig.",
+        "dev='vda'",
+        "dev='../../x'",
+    );
     for extra in [&[][..], &["--dry-run"][..]] {
         let mut args = vec!["--vm", "rc-v247-chk", "--skip-config", "--restore-path"];
         let out = t.out("r");
@@ -473,26 +461,36 @@ fn test_driver_keeps_nvram_and_tpm_state_in_the_restore_path() {
     );
 }
 
-/// Points every `<nvram>` of a VM dir's XMLs at `dir` (mtimes kept: restore points
-/// are ordered by them).
+/// Points every `<nvram>` of a VM dir's XMLs at `dir`.
 fn point_nvram_at(vm_dir: &Path, dir: &Path) {
-    let mut stack = vec![vm_dir.to_path_buf()];
+    edit_xmls(
+        vm_dir,
+        "",
+        "/var/lib/libvirt/qemu/nvram",
+        &dir.display().to_string(),
+    );
+}
+
+/// Replaces `from` by `to` in every `<prefix>*.xml` below `dir`, mtimes kept
+/// (restore points are ordered by them).
+fn edit_xmls(dir: &Path, prefix: &str, from: &str, to: &str) {
+    let mut stack = vec![dir.to_path_buf()];
     while let Some(p) = stack.pop() {
         for e in fs::read_dir(&p)
             .expect("read_dir")
             .map(|e| e.expect("entry").path())
         {
+            let name = e
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_default();
             if e.is_dir() {
                 stack.push(e);
-            } else if e.extension().is_some_and(|x| x == "xml") {
+            } else if name.starts_with(prefix) && name.ends_with(".xml") {
                 let text = fs::read_to_string(&e).expect("xml");
-                if text.contains("/var/lib/libvirt/qemu/nvram") {
+                if text.contains(from) {
                     let t = fs::metadata(&e).and_then(|m| m.modified()).expect("mtime");
-                    fs::write(
-                        &e,
-                        text.replace("/var/lib/libvirt/qemu/nvram", &dir.display().to_string()),
-                    )
-                    .expect("w");
+                    fs::write(&e, text.replace(from, to)).expect("w");
                     let f = fs::File::open(&e).expect("open");
                     f.set_times(fs::FileTimes::new().set_modified(t))
                         .expect("times");

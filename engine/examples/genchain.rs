@@ -166,37 +166,37 @@ fn scattered(rng: &mut Rng, disk: u64, bytes: u64, max: u64) -> Vec<u64> {
 
 /// The VM's disks (target name and history), every one with the same number of steps.
 fn layouts(case: &str, seed: u64) -> Vec<(&'static str, Layout)> {
-    if case == "e" {
-        let mut rng = Rng::new(seed ^ 0x65);
-        return [("vda", 4 * GIB), ("vdb", 2 * GIB), ("vdc", GIB)]
-            .into_iter()
-            .map(|(name, disk)| {
-                let full = disk / 8;
-                let mut steps = vec![full_layout(&mut rng, disk, full, 256)];
-                for _ in 0..5 {
-                    steps.push(scattered(&mut rng, disk, full / 8, 16));
-                }
-                (name, Layout { disk, steps })
-            })
-            .collect();
+    match case {
+        "e" => multi_disk(
+            seed ^ 0x65,
+            &[("vda", 4 * GIB), ("vdb", 2 * GIB), ("vdc", GIB)],
+            5,
+        ),
+        // one VM of a whole host (scripts/bench-host.sh)
+        "h" => multi_disk(seed ^ 0x68, &[("vda", 2 * GIB), ("vdb", GIB)], 3),
+        _ => vec![("vda", layout(case, seed))],
     }
-    if case == "h" {
-        // One VM of a whole host (scripts/bench-host.sh): two disks, a full and three
-        // incrementals of 1/8 of it each.
-        let mut rng = Rng::new(seed ^ 0x68);
-        return [("vda", 2 * GIB), ("vdb", GIB)]
-            .into_iter()
-            .map(|(name, disk)| {
-                let full = disk / 8;
-                let mut steps = vec![full_layout(&mut rng, disk, full, 256)];
-                for _ in 0..3 {
-                    steps.push(scattered(&mut rng, disk, full / 8, 16));
-                }
-                (name, Layout { disk, steps })
-            })
-            .collect();
-    }
-    vec![("vda", layout(case, seed))]
+}
+
+/// Disks of a multi-disk VM: each a full of 1/8 of the disk, then `incs` incrementals
+/// of 1/8 of that full at random places.
+fn multi_disk(
+    seed: u64,
+    disks: &[(&'static str, u64)],
+    incs: usize,
+) -> Vec<(&'static str, Layout)> {
+    let mut rng = Rng::new(seed);
+    disks
+        .iter()
+        .map(|&(name, disk)| {
+            let full = disk / 8;
+            let mut steps = vec![full_layout(&mut rng, disk, full, 256)];
+            for _ in 0..incs {
+                steps.push(scattered(&mut rng, disk, full / 8, 16));
+            }
+            (name, Layout { disk, steps })
+        })
+        .collect()
 }
 
 fn layout(case: &str, seed: u64) -> Layout {

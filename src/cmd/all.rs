@@ -196,21 +196,12 @@ fn cross_checks(a: &AllRequest, plan: &mut [Planned]) {
     }
 }
 
-/// The error of a refused VM, in the category of what refused it.
+/// The error of a refused VM, in the category of what refused it (a check's
+/// refusal: exit 5).
 fn refusal(message: String, status: Option<ExitStatus>) -> AppError {
-    match status {
-        Some(ExitStatus::Engine) => AppError::Engine {
-            message,
-            source: None,
-        },
-        Some(ExitStatus::Storage) => AppError::Storage(message),
-        Some(ExitStatus::Lock) => AppError::Lock(message),
-        Some(ExitStatus::Dependency) => AppError::Dependency(message),
-        Some(ExitStatus::Usage) => AppError::Usage(message),
-        Some(ExitStatus::Config) => AppError::Config(message),
-        Some(ExitStatus::General) => AppError::Internal(message),
-        Some(ExitStatus::Signal(s)) => AppError::Interrupted(s),
-        Some(ExitStatus::Ok | ExitStatus::Vm) | None => AppError::Vm(message),
+    AppError::Reported {
+        message,
+        status: status.unwrap_or(ExitStatus::Vm),
     }
 }
 
