@@ -164,6 +164,31 @@ fn restore_path_through_a_link_behind_dotdot_is_inside_the_tree() {
     assert!(!elsewhere.join("x").exists());
 }
 
+// 2 (through a symlinked VM directory): the VM dir of the root is a symlink to
+// storage elsewhere, and `--restore-path` is inside that real data dir: refused
+// (exit 7), nothing written into the backup data.
+#[test]
+fn restore_path_inside_a_symlinked_vm_dir_is_refused() {
+    let t = Tree::new();
+    let elsewhere = t.s.dir.path().join("elsewhere");
+    fs::create_dir_all(&elsewhere).expect("mkdir");
+    fs::rename(t.root.join("rc-acc-files"), elsewhere.join("rc-acc-files")).expect("mv");
+    std::os::unix::fs::symlink(elsewhere.join("rc-acc-files"), t.root.join("rc-acc-files"))
+        .expect("ln");
+    let before = hash_all(&elsewhere);
+    let into = elsewhere.join("rc-acc-files").display().to_string();
+    let r = t.run(&[
+        "--vm",
+        "rc-acc-files",
+        "--skip-config",
+        "--restore-path",
+        &into,
+    ]);
+    assert_eq!(r.code, Some(7), "{}", r.stderr);
+    assert!(r.stderr.contains("inside the backup data"), "{}", r.stderr);
+    assert_eq!(hash_all(&elsewhere), before);
+}
+
 // 7: a "stream" that is a hard link to a secret file, and a `.chksum` that is one:
 // the errors describe the bytes, never quote them — not on stderr, not in the log.
 #[test]
@@ -459,6 +484,21 @@ fn test_driver_keeps_nvram_and_tpm_state_in_the_restore_path() {
         "{}",
         clone.stderr
     );
+}
+
+// 10 (the test driver, symlinked sandbox): `<restore path>/test-driver` planted as a
+// symlink is refused (exit 4); nothing lands where it points.
+#[test]
+fn a_symlinked_test_driver_sandbox_is_refused() {
+    let t = Tree::new();
+    let victim = t.s.dir.path().join("victim");
+    fs::create_dir_all(&victim).expect("mkdir");
+    fs::create_dir_all(t.s.dir.path().join("r")).expect("mkdir");
+    std::os::unix::fs::symlink(&victim, t.s.dir.path().join("r/test-driver")).expect("ln");
+    let r = t.run(&["--vm", "rc-uefi-tpm", "--restore-path", &t.out("r")]);
+    assert_eq!(r.code, Some(4), "{}", r.stderr);
+    assert!(r.stderr.contains("is a symbolic link"), "{}", r.stderr);
+    assert_eq!(fs::read_dir(&victim).map_or(0, Iterator::count), 0);
 }
 
 /// Points every `<nvram>` of a VM dir's XMLs at `dir`.

@@ -87,6 +87,7 @@ pub fn restore_vm(
     let start_time = utc_now();
     log.info("restore_vm", &format!("Starting restore: {}", r.vm.label));
     let data_dir = tree::resolve_data_dir_logged(&r.root.path, &r.vm.label, r.period.as_deref())?;
+    refuse_restore_into_data(r, &data_dir)?;
     let vm = vm_name(r, &data_dir)?;
     let set = crate::host::tree::scan_set(&data_dir)?;
     log.info(
@@ -137,6 +138,21 @@ pub fn restore_vm(
         seconds: started.elapsed().as_secs_f64(),
         source: s.data_dir.clone(),
     })
+}
+
+/// The "restore path inside the backup root" check (§4.1) compares paths after
+/// symlinks, but a VM directory of the root can itself be a symlink to storage
+/// elsewhere: a restore path inside the *resolved* data dir would write into the
+/// backup data all the same. Exit 7, as for the root.
+fn refuse_restore_into_data(r: &RestoreRequest, data_dir: &Path) -> Result<(), AppError> {
+    match r.kind.dir() {
+        Some(dir) if crate::host::paths::is_inside(dir, data_dir) => Err(AppError::Usage(format!(
+            "Restore path is inside the backup data {}: {} — choose a destination outside the backup storage",
+            crate::host::paths::canonicalize_lenient(data_dir).display(),
+            dir.display()
+        ))),
+        _ => Ok(()),
+    }
 }
 
 /// The libvirt name from the backup's domain XML, else the label typed. The XML is
@@ -252,7 +268,7 @@ fn restore(
     } else {
         None
     };
-    let sandbox = sandbox(r);
+    let sandbox = sandbox(r)?;
     let ctx = Context {
         vm: s.vm.clone(),
         set,
@@ -274,14 +290,27 @@ fn restore(
 /// state go to `<restore path>/test-driver/`, not to the host's `/var/lib/libvirt`
 /// (where a real VM of the same name keeps its own). The modes without a restore
 /// path write no NVRAM, except a test boot (root's own state directory, never /tmp).
-fn sandbox(r: &RestoreRequest) -> Option<PathBuf> {
+/// A sandbox (or its `nvram`/`swtpm`) that is already there as a symlink is refused
+/// (exit 4): the files would land wherever it points.
+fn sandbox(r: &RestoreRequest) -> Result<Option<PathBuf>, AppError> {
     let test_driver = r.uri.split_once("://").is_some_and(|(s, _)| s == "test");
-    test_driver.then(|| {
-        r.kind
-            .dir()
-            .map_or_else(|| PathBuf::from("/var/lib/vmrestore"), Path::to_path_buf)
-            .join("test-driver")
-    })
+    if !test_driver {
+        return Ok(None);
+    }
+    let s = r
+        .kind
+        .dir()
+        .map_or_else(|| PathBuf::from("/var/lib/vmrestore"), Path::to_path_buf)
+        .join("test-driver");
+    for p in [s.clone(), s.join("nvram"), s.join("swtpm")] {
+        if std::fs::symlink_metadata(&p).is_ok_and(|m| m.file_type().is_symlink()) {
+            return Err(AppError::Storage(format!(
+                "{} is a symbolic link: the test driver's NVRAM and TPM state are kept in a real directory under the restore path",
+                p.display()
+            )));
+        }
+    }
+    Ok(Some(s))
 }
 
 /// The period column of the catalogue: period dir, `accumulate`, or archive name.
