@@ -18,6 +18,7 @@ pub mod apply;
 pub mod cancel;
 pub mod error;
 pub mod extent;
+pub mod framelog;
 pub mod merge;
 pub mod nbd;
 pub mod output;

@@ -22,6 +22,7 @@ use nbdfmt::{Frame, FrameKind, PreadBuf, StreamReader};
 
 use crate::error::{Error, Result};
 use crate::extent::{ExtentMap, Source};
+use crate::framelog::FrameLogReader;
 use crate::plan::{ChainFile, Frames};
 
 /// Read-ahead shared by all header cursors of one merge, by file size: a chain of
@@ -58,6 +59,7 @@ impl Piece {
 /// One file's frames, one at a time.
 enum Cursor<'a> {
     Memory(std::slice::Iter<'a, Frame>),
+    Log(FrameLogReader),
     File(Box<StreamReader<PreadBuf>>),
 }
 
@@ -83,6 +85,7 @@ impl Lane<'_> {
         loop {
             let next = match &mut self.cursor {
                 Cursor::Memory(it) => it.next().cloned(),
+                Cursor::Log(r) => r.next_frame()?,
                 Cursor::File(r) => r.next_frame().map_err(|e| e.in_file(self.path))?,
             };
             let Some(fr) = next else {
@@ -150,6 +153,7 @@ impl<'a> Merge<'a> {
                 .min(usize::try_from(f.file_size).unwrap_or(usize::MAX).max(4096));
             let cursor = match &f.frames {
                 Frames::Memory(v) => Cursor::Memory(v.iter()),
+                Frames::Log(log) => Cursor::Log(log.reader()),
                 Frames::File { .. } => {
                     let file = match opened.and_then(|o| o.get(i)) {
                         Some(a) => a.clone(),

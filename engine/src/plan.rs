@@ -12,14 +12,17 @@ use nbdfmt::{
 
 use crate::error::{Error, Result};
 use crate::extent::ExtentMap;
+use crate::framelog::FrameLog;
 use crate::merge::{self, MergeStats};
 
 /// Where a chain file's frames are.
 #[derive(Debug, Clone)]
 pub enum Frames {
-    /// In memory: a raw image's one frame, or the frames a tolerant walk kept
-    /// (salvage). Memory per frame, for those files only.
+    /// In memory: a raw image's one frame (or a test's frames).
     Memory(Vec<Frame>),
+    /// In a [`FrameLog`] on disk: the frames a tolerant walk kept (salvage) of a
+    /// file that may hold millions, read back one at a time.
+    Log(FrameLog),
     /// In the file, walked (one frame at a time, every header validated) by the plan
     /// and again by the apply.
     File {
@@ -130,6 +133,24 @@ impl ChainFile {
         }
     }
 
+    /// A stream file whose frames a tolerant walk kept in `log` (validated by it).
+    pub fn from_log(
+        path: &Path,
+        meta: StreamMeta,
+        file_size: u64,
+        log: FrameLog,
+        stored_checksum: Option<u32>,
+    ) -> Self {
+        Self {
+            path: path.to_path_buf(),
+            meta,
+            file_size,
+            frames: Frames::Log(log),
+            stored_checksum,
+            raw_image: false,
+        }
+    }
+
     /// A raw image file: one data "frame" covering the whole file.
     pub fn raw_image(path: &Path, disk: &str) -> Result<Self> {
         let size = std::fs::metadata(path)
@@ -182,6 +203,7 @@ impl ChainFile {
     pub fn load_frames(&self) -> Result<Vec<Frame>> {
         match &self.frames {
             Frames::Memory(v) => Ok(v.clone()),
+            Frames::Log(log) => log.load(),
             Frames::File { .. } => {
                 let index =
                     StreamIndex::read_file(self.open_file()?).map_err(|e| e.in_file(&self.path))?;

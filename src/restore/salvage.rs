@@ -47,7 +47,8 @@ pub fn plan_outputs(
                 o.disk
             ),
         );
-        let s = engine::salvage::plan_point(ctx.set, &o.disk, point, newest, &ctx.cancel)
+        // the walk's frame logs go to $TMPDIR (a few bytes per frame; unlinked)
+        let s = engine::salvage::plan_point(ctx.set, &o.disk, point, newest, None, &ctx.cancel)
             .map_err(|e| engine_error(e, "Salvage restore failed"))?;
         log_damage(ctx, &s.damage, &o.final_path);
         let mut job = job_for(ctx.set, point, o, s.plan)
@@ -105,7 +106,7 @@ fn log_damage(ctx: &Context<'_>, d: &DamageReport, final_path: &Path) {
             iec_size(d.bytes(RangeState::Missing)),
             iec_size(d.bytes(RangeState::Stale)),
             iec_size(d.bytes(RangeState::Unverified)),
-            d.ranges.len(),
+            d.range_count(),
             map_path(final_path).display()
         ),
     );
@@ -113,7 +114,7 @@ fn log_damage(ctx: &Context<'_>, d: &DamageReport, final_path: &Path) {
 
 /// The damage map of `d` for the disk at `disk_path`, as JSON.
 pub fn map_json(d: &DamageReport, disk_path: &Path) -> Value {
-    json!({
+    let mut v = json!({
         "schema": "vmrestore.damage/1",
         "disk": d.disk,
         "image": disk_path,
@@ -137,7 +138,17 @@ pub fn map_json(d: &DamageReport, disk_path: &Path) -> Value {
             "why": r.why,
             "file": r.file,
         })).collect::<Vec<_>>(),
-    })
+    });
+    if d.ranges_omitted > 0 {
+        // the byte counts above cover these too
+        v["ranges_omitted"] = json!(d.ranges_omitted);
+        v["ranges_note"] = json!(format!(
+            "only the first {} damaged ranges are listed; {} more follow the last one listed",
+            d.ranges.len(),
+            d.ranges_omitted
+        ));
+    }
+    v
 }
 
 /// The map of `d` written and synced under a temporary name beside

@@ -1,18 +1,27 @@
 //! From what each chain member claims to the damaged ranges of the guest disk.
 //!
 //! Every member lays its claims over the disk, oldest first, newest winning (as the
-//! plan's extent map does with data): frames that were used, frames whose data is
-//! lost, frames of an interrupted backup that are not used, and ranges nobody can
-//! know (a missing file: the whole disk; a file that ends early: everything after
-//! its last readable frame, since frames are in disk order). Where the newest claim
-//! is not a used frame, the byte holds the newest *older* version the plan uses
-//! (stale) or, when there is none, zeros (missing). Where it is a used frame of a
-//! file whose checksum fails, the byte is unverified.
-
-use std::collections::BTreeMap;
+//! plan's merge does with data): frames that were used, frames whose data is lost,
+//! frames of an interrupted backup that are not used, and ranges nobody can know (a
+//! missing file: the whole disk; a file that ends early: everything after its last
+//! readable frame, since frames are in disk order). Where the newest claim is not a
+//! used frame, the byte holds the newest *older* version the plan uses (stale) or,
+//! when there is none, zeros (missing). Where it is a used frame of a file whose
+//! checksum fails, the byte is unverified.
+//!
+//! One sweep in disk order over every member's claims side by side (its frames read
+//! back from the walk's [`FrameLog`], its few other claims from memory): memory per
+//! member, not per frame. The list of ranges is bounded too ([`MAX_RANGES`]); the
+//! byte counts always cover every range.
 
 use super::{DamagedRange, RangeState};
-use crate::extent::ExtentMap;
+use crate::error::Result;
+use crate::framelog::{FrameLog, FrameLogReader};
+
+/// Ranges listed in a damage report; more are counted (bytes and number), not
+/// listed. A disk of 16,000,000 extents over a missing incremental can alternate
+/// stale and missing at every extent: 10,000 ranges are ~1.5 MB here and in the map.
+pub const MAX_RANGES: usize = 10_000;
 
 /// What one member says about a disk range.
 #[derive(Debug, Clone)]
@@ -36,8 +45,12 @@ pub(crate) struct Layer {
     pub checkpoint: u32,
     /// A differential (holds the changes since `checkpoint`).
     pub diff: bool,
-    /// Its claims: disk ranges `(start, len)` in any order.
-    pub claims: Vec<(u64, u64, Claim)>,
+    /// Its frames as the walk kept them, and what they claim (used or not).
+    pub frames: Option<(FrameLog, Claim)>,
+    /// Its other claims: disk ranges `(start, len)` in disk order, overlapping
+    /// neither each other nor the frames (lost frames, unknown spans, a raw image,
+    /// a missing file). At most one per damaged place of the file.
+    pub marks: Vec<(u64, u64, Claim)>,
     /// Why its unknown ranges are unknown ("is missing", "is truncated at byte N: …").
     pub unknown_why: String,
     /// Why its used frames are unverified, when they are.
@@ -53,184 +66,253 @@ impl Layer {
             (false, k) => format!("ranges changed after checkpoint {}", k - 1),
         }
     }
+
+    /// The (stale, missing) words of a claim that is not a used frame.
+    fn words(&self, claim: &Claim) -> (String, String) {
+        match claim {
+            Claim::Lost(why) => (
+                format!(
+                    "changed at checkpoint {}, but that data is lost ({why}); the older version is used",
+                    self.checkpoint
+                ),
+                format!("data lost ({why}); zeros written"),
+            ),
+            Claim::NotUsed => (
+                format!(
+                    "changed at checkpoint {} by the interrupted backup {}, whose data is not used; the older version is used",
+                    self.checkpoint, self.name
+                ),
+                format!(
+                    "changed at checkpoint {} by the interrupted backup {}, whose data is not used; zeros written",
+                    self.checkpoint, self.name
+                ),
+            ),
+            Claim::Unknown | Claim::Used => (
+                format!(
+                    "possibly stale: {} cannot be known ({} {}); older data is used",
+                    self.after(),
+                    self.name,
+                    self.unknown_why
+                ),
+                format!(
+                    "missing: {} {}; what it held from here on cannot be known; zeros written",
+                    self.name, self.unknown_why
+                ),
+            ),
+        }
+    }
 }
 
-/// Non-overlapping ranges keyed by start, newest wins; the value is an index.
+/// The damaged ranges: the first [`MAX_RANGES`] listed, all counted.
 #[derive(Debug, Default)]
-struct Overlay {
-    map: BTreeMap<u64, (u64, usize)>,
+pub(crate) struct Ranges {
+    /// Sorted, adjacent equal ranges merged.
+    pub list: Vec<DamagedRange>,
+    /// Bytes by state: missing, stale, unverified.
+    pub bytes: [u64; 3],
+    /// Ranges after the listed ones.
+    pub omitted: u64,
+    /// The last range not listed (to merge the next one into).
+    tail: Option<DamagedRange>,
 }
 
-impl Overlay {
-    fn insert(&mut self, start: u64, len: u64, v: usize) {
-        if len == 0 {
+/// Index of `state` in [`Ranges::bytes`].
+pub(crate) fn slot(state: RangeState) -> usize {
+    match state {
+        RangeState::Missing => 0,
+        RangeState::Stale => 1,
+        RangeState::Unverified => 2,
+    }
+}
+
+impl Ranges {
+    fn push(&mut self, offset: u64, length: u64, state: RangeState, why: &str, file: &str) {
+        if length == 0 {
             return;
         }
-        let end = start.saturating_add(len);
-        let mut hit: Vec<(u64, u64, usize)> = Vec::new();
-        if let Some((&s, &(l, x))) = self.map.range(..start).next_back() {
-            if s + l > start {
-                hit.push((s, l, x));
+        self.bytes[slot(state)] += length;
+        let last = match self.tail {
+            Some(_) => self.tail.as_mut(),
+            None => self.list.last_mut(),
+        };
+        if let Some(last) = last {
+            if last.offset + last.length == offset
+                && last.state == state
+                && last.why == why
+                && last.file == file
+            {
+                last.length += length;
+                return;
             }
         }
-        hit.extend(self.map.range(start..end).map(|(&s, &(l, x))| (s, l, x)));
-        for (s, l, x) in hit {
-            self.map.remove(&s);
-            if s < start {
-                self.map.insert(s, (start - s, x));
-            }
-            if s + l > end {
-                self.map.insert(end, (s + l - end, x));
-            }
+        let r = DamagedRange {
+            offset,
+            length,
+            state,
+            why: why.to_owned(),
+            file: file.to_owned(),
+        };
+        if self.list.len() < MAX_RANGES {
+            self.list.push(r);
+        } else {
+            self.omitted += 1;
+            self.tail = Some(r);
         }
-        self.map.insert(start, (end - start, v));
     }
 }
 
-/// The damaged ranges of a disk of `size` bytes restored from `layers` (chain order)
-/// with the data map `used` (what the plan writes). Sorted, adjacent equal ranges
-/// merged.
-pub(crate) fn ranges(layers: &[Layer], used: &ExtentMap, size: u64) -> Vec<DamagedRange> {
-    // (layer, claim) per index
-    let mut claims: Vec<(usize, &Claim)> = Vec::new();
-    let mut overlay = Overlay::default();
-    for (i, l) in layers.iter().enumerate() {
-        for (start, len, c) in &l.claims {
-            let end = start.saturating_add(*len).min(size);
-            if *start < end {
-                claims.push((i, c));
-                overlay.insert(*start, end - start, claims.len() - 1);
+/// One member's claims in disk order: its frames and its marks, side by side.
+struct Claims<'a> {
+    layer: &'a Layer,
+    frames: Option<(FrameLogReader, &'a Claim)>,
+    /// The next frame not yet current: `[start, end)`.
+    next_frame: Option<(u64, u64)>,
+    /// The next mark not yet current.
+    mark: usize,
+    /// The current claim: `[start, end)`.
+    cur: Option<(u64, u64, &'a Claim)>,
+}
+
+impl<'a> Claims<'a> {
+    fn new(layer: &'a Layer, size: u64) -> Result<Self> {
+        let mut c = Self {
+            layer,
+            frames: layer.frames.as_ref().map(|(l, claim)| (l.reader(), claim)),
+            next_frame: None,
+            mark: 0,
+            cur: None,
+        };
+        c.read_frame(size)?;
+        c.advance(size)?;
+        Ok(c)
+    }
+
+    /// Reads the next frame (cut off at `size`) into `next_frame`.
+    fn read_frame(&mut self, size: u64) -> Result<()> {
+        self.next_frame = None;
+        let Some((r, _)) = &mut self.frames else {
+            return Ok(());
+        };
+        while let Some(f) = r.next_frame()? {
+            let end = f.end().min(size);
+            if f.start < end {
+                self.next_frame = Some((f.start, end));
+                return Ok(());
             }
         }
+        Ok(())
     }
-    let mut out: Vec<DamagedRange> = Vec::new();
-    for (&start, &(len, id)) in &overlay.map {
-        let (li, claim) = claims[id];
-        let l = &layers[li];
-        match claim {
-            Claim::Used => {
-                if let Some(why) = &l.suspect {
-                    push(&mut out, start, len, RangeState::Unverified, why, &l.name);
+
+    /// Makes the earlier of the next frame and the next mark current.
+    fn advance(&mut self, size: u64) -> Result<()> {
+        let marks = &self.layer.marks;
+        // marks past the disk's end (a disk that shrank) or empty are not claims
+        while let Some(&(s, len, _)) = marks.get(self.mark) {
+            if s < s.saturating_add(len).min(size) {
+                break;
+            }
+            self.mark += 1;
+        }
+        let mark = marks.get(self.mark);
+        let frame = match (self.next_frame, mark) {
+            (Some((s, e)), Some(m)) if s <= m.0 => Some((s, e)),
+            (Some(f), None) => Some(f),
+            _ => None,
+        };
+        self.cur = match (frame, mark, &self.frames) {
+            (Some((s, e)), _, Some((_, claim))) => {
+                let claim: &'a Claim = claim;
+                self.read_frame(size)?;
+                Some((s, e, claim))
+            }
+            (_, Some((s, len, claim)), _) => {
+                self.mark += 1;
+                Some((*s, s.saturating_add(*len).min(size), claim))
+            }
+            _ => None,
+        };
+        Ok(())
+    }
+}
+
+/// The damaged ranges of a disk of `size` bytes restored from `layers` (chain
+/// order). A byte no used frame covers was written as zeros.
+pub(crate) fn ranges(layers: &[Layer], size: u64) -> Result<Ranges> {
+    let mut claims = layers
+        .iter()
+        .map(|l| Claims::new(l, size))
+        .collect::<Result<Vec<_>>>()?;
+    let mut out = Ranges::default();
+    // the words of the last claim that needed them (a claim spans many pieces)
+    let mut words: Option<(*const Claim, String, String)> = None;
+    let mut pos = 0u64;
+    while pos < size {
+        let mut top: Option<(usize, &Claim)> = None;
+        let mut used = false;
+        let mut next = size;
+        for (i, c) in claims.iter_mut().enumerate() {
+            while c.cur.is_some_and(|(_, e, _)| e <= pos) {
+                c.advance(size)?;
+            }
+            match c.cur {
+                Some((s, e, claim)) if s <= pos => {
+                    top = Some((i, claim));
+                    used |= matches!(claim, Claim::Used);
+                    next = next.min(e);
+                }
+                Some((s, _, _)) => next = next.min(s),
+                None => {}
+            }
+        }
+        if let Some((i, claim)) = top {
+            let l = &layers[i];
+            let len = next - pos;
+            match claim {
+                Claim::Used => {
+                    if let Some(why) = &l.suspect {
+                        out.push(pos, len, RangeState::Unverified, why, &l.name);
+                    }
+                }
+                _ => {
+                    if !words.as_ref().is_some_and(|w| std::ptr::eq(w.0, claim)) {
+                        let (stale, missing) = l.words(claim);
+                        words = Some((claim, stale, missing));
+                    }
+                    if let Some((_, stale, missing)) = &words {
+                        // a used frame here is older than this claim
+                        let (state, why) = if used {
+                            (RangeState::Stale, stale)
+                        } else {
+                            (RangeState::Missing, missing)
+                        };
+                        out.push(pos, len, state, why, &l.name);
+                    }
                 }
             }
-            Claim::Lost(why) => {
-                let stale = format!(
-                    "changed at checkpoint {}, but that data is lost ({why}); the older version is used",
-                    l.checkpoint
-                );
-                let missing = format!("data lost ({why}); zeros written");
-                split(&mut out, used, start, len, (&stale, &missing), &l.name);
-            }
-            Claim::NotUsed => {
-                let stale = format!(
-                    "changed at checkpoint {} by the interrupted backup {}, whose data is not used; the older version is used",
-                    l.checkpoint, l.name
-                );
-                let missing = format!(
-                    "changed at checkpoint {} by the interrupted backup {}, whose data is not used; zeros written",
-                    l.checkpoint, l.name
-                );
-                split(&mut out, used, start, len, (&stale, &missing), &l.name);
-            }
-            Claim::Unknown => {
-                let stale = format!(
-                    "possibly stale: {} cannot be known ({} {}); older data is used",
-                    l.after(),
-                    l.name,
-                    l.unknown_why
-                );
-                let missing = format!(
-                    "missing: {} {}; what it held from here on cannot be known; zeros written",
-                    l.name, l.unknown_why
-                );
-                split(&mut out, used, start, len, (&stale, &missing), &l.name);
-            }
         }
+        pos = next;
     }
-    out
-}
-
-/// `[start, start + len)` as stale where `used` has an older version, missing where
-/// it has none.
-fn split(
-    out: &mut Vec<DamagedRange>,
-    used: &ExtentMap,
-    start: u64,
-    len: u64,
-    (stale, missing): (&str, &str),
-    file: &str,
-) {
-    let end = start + len;
-    let mut pos = start;
-    for e in used.iter() {
-        if e.end() <= pos {
-            continue;
-        }
-        if e.start >= end {
-            break;
-        }
-        if e.start > pos {
-            push(out, pos, e.start - pos, RangeState::Missing, missing, file);
-        }
-        let s = e.start.max(pos);
-        let t = e.end().min(end);
-        push(out, s, t - s, RangeState::Stale, stale, file);
-        pos = t;
-    }
-    if pos < end {
-        push(out, pos, end - pos, RangeState::Missing, missing, file);
-    }
-}
-
-fn push(
-    out: &mut Vec<DamagedRange>,
-    offset: u64,
-    length: u64,
-    state: RangeState,
-    why: &str,
-    file: &str,
-) {
-    if length == 0 {
-        return;
-    }
-    if let Some(last) = out.last_mut() {
-        if last.offset + last.length == offset
-            && last.state == state
-            && last.why == why
-            && last.file == file
-        {
-            last.length += length;
-            return;
-        }
-    }
-    out.push(DamagedRange {
-        offset,
-        length,
-        state,
-        why: why.to_owned(),
-        file: file.to_owned(),
-    });
+    Ok(out)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::extent::Source;
+    use crate::framelog::FrameLogWriter;
+    use nbdfmt::{Frame, FrameKind};
 
     fn layer(name: &str, k: u32, claims: Vec<(u64, u64, Claim)>) -> Layer {
         Layer {
             name: name.into(),
             checkpoint: k,
             diff: false,
-            claims,
+            frames: None,
+            marks: claims,
             unknown_why: "is missing".into(),
             suspect: None,
         }
     }
 
-    fn d(file: u32) -> Source {
-        Source::Data { file, frame: 0 }
-    }
 
     #[test]
     fn missing_incremental_makes_all_but_newer_frames_stale() {
@@ -240,11 +322,7 @@ mod tests {
             layer("inc1", 1, vec![(0, 100, Claim::Unknown)]),
             layer("inc2", 2, vec![(50, 10, Claim::Used)]),
         ];
-        let mut used = ExtentMap::new();
-        used.insert(0, 10, d(0));
-        used.insert(10, 90, Source::Zero);
-        used.insert(50, 10, d(1));
-        let r = ranges(&layers, &used, 100);
+        let r = ranges(&layers, 100).expect("ranges").list;
         let got: Vec<_> = r.iter().map(|r| (r.offset, r.length, r.state)).collect();
         assert_eq!(
             got,
@@ -271,9 +349,7 @@ mod tests {
             ),
             layer("inc1", 1, vec![(0, 5, Claim::Lost("bad lz4".into()))]),
         ];
-        let mut used = ExtentMap::new();
-        used.insert(0, 10, d(0));
-        let r = ranges(&layers, &used, 100);
+        let r = ranges(&layers, 100).expect("ranges").list;
         let got: Vec<_> = r.iter().map(|r| (r.offset, r.length, r.state)).collect();
         assert_eq!(
             got,
@@ -292,10 +368,7 @@ mod tests {
         let mut full = layer("full", 0, vec![(0, 100, Claim::Used)]);
         full.suspect = Some("bad chksum".into());
         let layers = vec![full, layer("inc1", 1, vec![(40, 20, Claim::Used)])];
-        let mut used = ExtentMap::new();
-        used.insert(0, 100, d(0));
-        used.insert(40, 20, d(1));
-        let r = ranges(&layers, &used, 100);
+        let r = ranges(&layers, 100).expect("ranges").list;
         let got: Vec<_> = r.iter().map(|r| (r.offset, r.length, r.state)).collect();
         assert_eq!(
             got,
@@ -304,5 +377,77 @@ mod tests {
                 (60, 40, RangeState::Unverified)
             ]
         );
+    }
+
+    fn log(frames: &[(u64, u64)]) -> FrameLog {
+        let mut w = FrameLogWriter::new(None).expect("log");
+        let mut header = 1000;
+        for &(start, length) in frames {
+            let f = Frame {
+                kind: FrameKind::Data,
+                start,
+                length,
+                header_offset: header,
+                payload_offset: header + 40,
+                stored_len: length,
+                lz4_frames: Vec::new(),
+            };
+            header = f.payload_offset + length + 2;
+            w.push(&f).expect("push");
+        }
+        w.finish().expect("finish")
+    }
+
+    #[test]
+    fn frames_from_a_log_claim_like_marks_and_mix_with_them() {
+        // full: frames 0..10, 20..30, lost 30..40, unknown from 40; inc1: a frame 5..25
+        let mut full = layer(
+            "full",
+            0,
+            vec![(30, 10, Claim::Lost("bad".into())), (40, 60, Claim::Unknown)],
+        );
+        full.frames = Some((log(&[(0, 10), (20, 10)]), Claim::Used));
+        let mut inc = layer("inc1", 1, Vec::new());
+        inc.frames = Some((log(&[(5, 20)]), Claim::Used));
+        let r = ranges(&[full, inc], 100).expect("ranges");
+        let got: Vec<_> = r.list.iter().map(|r| (r.offset, r.length, r.state)).collect();
+        assert_eq!(
+            got,
+            vec![(30, 10, RangeState::Missing), (40, 60, RangeState::Missing)]
+        );
+        assert_eq!(r.bytes, [70, 0, 0]);
+    }
+
+    #[test]
+    fn an_interrupted_incrementals_frames_are_stale_over_older_data() {
+        let mut full = layer("full", 0, Vec::new());
+        full.frames = Some((log(&[(0, 50)]), Claim::Used));
+        let mut part = layer("inc1", 1, vec![(60, 40, Claim::Unknown)]);
+        part.frames = Some((log(&[(40, 20)]), Claim::NotUsed));
+        let r = ranges(&[full, part], 100).expect("ranges");
+        let got: Vec<_> = r.list.iter().map(|r| (r.offset, r.length, r.state)).collect();
+        assert_eq!(
+            got,
+            vec![
+                (40, 10, RangeState::Stale),
+                (50, 10, RangeState::Missing),
+                (60, 40, RangeState::Missing)
+            ]
+        );
+    }
+
+    #[test]
+    fn ranges_past_the_cap_are_counted_not_listed() {
+        // a base of many one-byte frames with gaps, under a missing incremental:
+        // stale and missing alternate at every byte
+        let n = MAX_RANGES as u64 + 500;
+        let frames: Vec<(u64, u64)> = (0..n).map(|i| (2 * i, 1)).collect();
+        let mut full = layer("full", 0, Vec::new());
+        full.frames = Some((log(&frames), Claim::Used));
+        let missing = layer("inc1", 1, vec![(0, u64::MAX, Claim::Unknown)]);
+        let r = ranges(&[full, missing], 2 * n).expect("ranges");
+        assert_eq!(r.list.len(), MAX_RANGES);
+        assert_eq!(r.omitted, 2 * n - MAX_RANGES as u64);
+        assert_eq!(r.bytes, [n, n, 0]);
     }
 }

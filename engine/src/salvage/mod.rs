@@ -27,9 +27,11 @@
 mod damage;
 mod walk;
 
+pub use damage::MAX_RANGES;
+
 use std::path::{Path, PathBuf};
 
-use nbdfmt::{BackupSet, ChainSlot, QcowInfo, SlotFile, StreamContent, StreamIndex, StreamMeta};
+use nbdfmt::{BackupSet, ChainSlot, QcowInfo, SlotFile, StreamContent, StreamMeta};
 
 use crate::cancel::Cancel;
 use crate::error::{Error, Result};
@@ -143,24 +145,32 @@ pub struct DamageReport {
     pub virtual_size: u64,
     /// Every member of the chain, in order.
     pub files: Vec<FileDamage>,
-    /// Damaged guest ranges, in disk order, not overlapping.
+    /// Damaged guest ranges, in disk order, not overlapping: the first
+    /// [`MAX_RANGES`] of them.
     pub ranges: Vec<DamagedRange>,
+    /// Damaged ranges after the listed ones (counted in [`bytes`](Self::bytes)).
+    pub ranges_omitted: u64,
+    /// Bytes by state (missing, stale, unverified), of every range.
+    bytes: [u64; 3],
 }
 
 impl DamageReport {
     /// True when every file was read completely and verified as far as it can be:
     /// the salvage plan equals the normal one.
     pub fn is_clean(&self) -> bool {
-        self.ranges.is_empty() && self.files.iter().all(|f| f.status == FileStatus::Ok)
+        self.ranges.is_empty()
+            && self.ranges_omitted == 0
+            && self.files.iter().all(|f| f.status == FileStatus::Ok)
     }
 
-    /// Bytes of the guest disk in `state`.
+    /// Bytes of the guest disk in `state` (listed ranges or not).
     pub fn bytes(&self, state: RangeState) -> u64 {
-        self.ranges
-            .iter()
-            .filter(|r| r.state == state)
-            .map(|r| r.length)
-            .sum()
+        self.bytes[damage::slot(state)]
+    }
+
+    /// Damaged ranges, listed or not.
+    pub fn range_count(&self) -> u64 {
+        self.ranges.len() as u64 + self.ranges_omitted
     }
 }
 
@@ -175,13 +185,16 @@ pub struct Salvage {
 
 /// Plans a salvage restore of `disk` at checkpoint `n` of `set` (with `newest`, a
 /// differential on top of `n` too). Reads every member completely (frames, LZ4
-/// payloads, checksums). Fails only when nothing of the disk is readable or on a
-/// cancel, never on damage itself.
+/// payloads, checksums). The frames that passed are kept in temporary files in
+/// `spill` (the system's temporary directory when `None`): a few bytes per frame on
+/// disk, none in memory. Fails only when nothing of the disk is readable, a
+/// temporary file cannot be written, or on a cancel — never on damage itself.
 pub fn plan_point(
     set: &BackupSet,
     disk: &str,
     n: u32,
     newest: bool,
+    spill: Option<&Path>,
     cancel: &Cancel,
 ) -> Result<Salvage> {
     let slots = set.chain_slots(disk, n, newest);
@@ -191,7 +204,7 @@ pub fn plan_point(
     let mut prev: Option<String> = None;
     for (i, slot) in slots.iter().enumerate() {
         cancel.check()?;
-        let m = member(set, disk, slot, prev.as_deref(), i == 0, cancel)?;
+        let m = member(set, disk, slot, prev.as_deref(), i == 0, spill, cancel)?;
         prev = m.checkpoint_name.clone();
         report.push(m.file);
         layers.push(m.layer);
@@ -209,14 +222,16 @@ pub fn plan_point(
     }
     let qcow = qcow_info(set, disk, n);
     let plan = DiskPlan::from_chain(disk, files, qcow)?;
-    let ranges = damage::ranges(&layers, &plan.extent_map()?, plan.virtual_size);
+    let ranges = damage::ranges(&layers, plan.virtual_size)?;
     Ok(Salvage {
         damage: DamageReport {
             disk: disk.to_owned(),
             checkpoint: n,
             virtual_size: plan.virtual_size,
             files: report,
-            ranges,
+            ranges: ranges.list,
+            ranges_omitted: ranges.omitted,
+            bytes: ranges.bytes,
         },
         plan,
     })
@@ -254,6 +269,7 @@ fn member(
     slot: &ChainSlot<'_>,
     prev: Option<&str>,
     first: bool,
+    spill: Option<&Path>,
     cancel: &Cancel,
 ) -> Result<Member> {
     let k = slot.checkpoint;
@@ -261,7 +277,8 @@ fn member(
         name: slot.name.clone(),
         checkpoint: k,
         diff: slot.diff,
-        claims: Vec::new(),
+        frames: None,
+        marks: Vec::new(),
         unknown_why: String::new(),
         suspect: None,
     };
@@ -274,7 +291,7 @@ fn member(
         used: false,
     };
     let unknown = |layer: &mut Layer, why: String| {
-        layer.claims.push((0, u64::MAX, Claim::Unknown));
+        layer.marks.push((0, u64::MAX, Claim::Unknown));
         layer.unknown_why = why;
     };
     let (path, partial) = match slot.file {
@@ -292,7 +309,7 @@ fn member(
         SlotFile::Present(f) if matches!(f.content, StreamContent::RawImage) => {
             file.path = f.path.clone();
             let cf = ChainFile::raw_image(&f.path, disk)?;
-            layer.claims.push((0, cf.file_size, Claim::Used));
+            layer.marks.push((0, cf.file_size, Claim::Used));
             file.used = true;
             return Ok(Member {
                 file,
@@ -305,7 +322,7 @@ fn member(
         SlotFile::Partial(p) => (p.to_path_buf(), true),
     };
     file.path = path.clone();
-    let w = walk::walk(&path, cancel)?;
+    let w = walk::walk(&path, spill, cancel)?;
     let Some(meta) = w.meta.clone() else {
         describe(&mut file, &w);
         if partial {
@@ -350,21 +367,21 @@ fn member(
             }
         ));
     }
-    for fr in &w.frames {
-        let c = if used { Claim::Used } else { Claim::NotUsed };
-        layer.claims.push((fr.start, fr.length, c));
-    }
+    let c = if used { Claim::Used } else { Claim::NotUsed };
+    layer.frames = Some((w.frames.clone(), c));
+    // lost frames and unknown spans, in disk order (the walk found each in order)
     for l in &w.lost {
         layer
-            .claims
+            .marks
             .push((l.start, l.len, Claim::Lost(l.why.clone())));
     }
     for &(s, e) in &w.unknown {
-        layer.claims.push((s, e.saturating_sub(s), Claim::Unknown));
+        layer.marks.push((s, e.saturating_sub(s), Claim::Unknown));
         layer.unknown_why = unknown_why(&file);
     }
+    layer.marks.sort_by_key(|m| m.0);
     if let Some(from) = w.unknown_from {
-        layer.claims.push((from, u64::MAX - from, Claim::Unknown));
+        layer.marks.push((from, u64::MAX - from, Claim::Unknown));
         layer.unknown_why = match (partial, w.faults.first()) {
             (true, Some(f)) => {
                 format!("is an interrupted backup, readable up to byte {}", f.offset)
@@ -375,15 +392,13 @@ fn member(
     if used {
         layer.suspect = suspect(&file.name(), &w);
     }
-    file.used = used && !w.frames.is_empty();
+    file.used = used && w.frames.count() > 0;
     let chain_file = used.then(|| {
-        ChainFile::from_index(
+        ChainFile::from_log(
             &path,
-            StreamIndex {
-                meta: meta.clone(),
-                frames: w.frames,
-                file_size: w.file_size,
-            },
+            meta.clone(),
+            w.file_size,
+            w.frames.clone(),
             // the apply checks the checksum again only where it held here
             match w.checksum {
                 Checksum::Ok(s) if w.faults.is_empty() => Some(s),

@@ -75,7 +75,7 @@ fn chain(dir: &Path, compressed: bool, chksum: bool) -> Vec<Vec<u8>> {
 /// Restores `disk` at `n` through a salvage plan into a raw file; its bytes.
 fn salvage(dir: &Path, n: u32) -> (Vec<u8>, DamageReport) {
     let set = BackupSet::scan(dir).expect("scan");
-    let s = plan_point(&set, "vda", n, false, &Cancel::new()).expect("salvage plan");
+    let s = plan_point(&set, "vda", n, false, None, &Cancel::new()).expect("salvage plan");
     let out = dir.join(format!("out-{n}.raw"));
     let _ = fs::remove_file(&out);
     let t = RawTarget::create(&out, s.plan.virtual_size).expect("target");

@@ -15,6 +15,7 @@ use nbdfmt::{Frame, FrameHeader, FrameKind, StreamMeta, HEADER_LEN};
 
 use crate::cancel::Cancel;
 use crate::error::Result;
+use crate::framelog::{FrameLog, FrameLogWriter};
 
 mod frames;
 
@@ -62,8 +63,8 @@ pub(crate) enum Checksum {
 pub(crate) struct Walk {
     /// The meta frame, when readable.
     pub meta: Option<StreamMeta>,
-    /// Frames that passed (data and zero), in file order.
-    pub frames: Vec<Frame>,
+    /// Frames that passed (data and zero), in file order, on disk.
+    pub frames: FrameLog,
     /// Data frames given up.
     pub lost: Vec<LostFrame>,
     /// Disk offset from which the file's frames are unknown (the pass stopped there).
@@ -81,7 +82,7 @@ pub(crate) struct Walk {
     pub file_size: u64,
 }
 
-impl Walk {
+impl Found {
     fn fault(&mut self, harm: Harm, offset: u64, reason: impl Into<String>) {
         self.faults.push(Fault {
             harm,
@@ -98,6 +99,11 @@ struct PayloadFault {
     reason: String,
 }
 
+/// Damaged places one file may have before the rest of it is given up: each one is
+/// a few claims and a reason in memory, so a file of millions of damaged frames
+/// costs ~100 KB, not gigabytes.
+pub(crate) const MAX_FAULTS: usize = 1000;
+
 /// Position unknown: the next read seeks.
 const LOST_POS: u64 = u64::MAX;
 
@@ -108,50 +114,73 @@ struct Walker<'a> {
     size: u64,
     cancel: &'a Cancel,
     scratch: Vec<u8>,
-    out: Walk,
+    /// Where the frames that passed go.
+    log: FrameLogWriter,
+    out: Found,
 }
 
-/// Walks the stream file at `path`. Only a cancellation is an error: everything else
-/// the file does wrong is in the [`Walk`].
-pub(crate) fn walk(path: &Path, cancel: &Cancel) -> Result<Walk> {
-    let mut out = Walk {
+/// What the pass found, but the frames (which go to the log).
+#[derive(Debug)]
+pub(crate) struct Found {
+    pub meta: Option<StreamMeta>,
+    pub lost: Vec<LostFrame>,
+    pub unknown_from: Option<u64>,
+    pub unknown: Vec<(u64, u64)>,
+    pub faults: Vec<Fault>,
+    pub suspect: Option<String>,
+}
+
+/// Walks the stream file at `path`, its good frames logged in a file in `spill` (the
+/// temporary directory when `None`). Only a cancellation or a log that cannot be
+/// written is an error: everything else the file does wrong is in the [`Walk`].
+pub(crate) fn walk(path: &Path, spill: Option<&Path>, cancel: &Cancel) -> Result<Walk> {
+    let mut out = Found {
         meta: None,
-        frames: Vec::new(),
         lost: Vec::new(),
         unknown_from: None,
         unknown: Vec::new(),
         faults: Vec::new(),
         suspect: None,
-        checksum: Checksum::None,
-        file_size: 0,
     };
-    let f = match File::open(path) {
-        Ok(f) => f,
+    let log = FrameLogWriter::new(spill)?;
+    let (out, log, file_size) = match File::open(path) {
         Err(e) => {
             out.fault(Harm::Corrupt, 0, format!("cannot be opened: {e}"));
             out.unknown_from = Some(0);
-            return Ok(out);
+            (out, log, 0)
+        }
+        Ok(f) => {
+            let size = f.metadata().map(|m| m.len()).unwrap_or(0);
+            let mut w = Walker {
+                size,
+                r: BufReader::with_capacity(1 << 20, f),
+                pos: 0,
+                cancel,
+                scratch: vec![0u8; 1 << 20],
+                log,
+                out,
+            };
+            match w.meta() {
+                Some((meta, body_start)) => {
+                    w.body(&meta, body_start)?;
+                    w.out.meta = Some(meta);
+                }
+                None => w.out.unknown_from = Some(0),
+            }
+            (w.out, w.log, size)
         }
     };
-    out.file_size = f.metadata().map(|m| m.len()).unwrap_or(0);
-    let mut w = Walker {
-        size: out.file_size,
-        r: BufReader::with_capacity(1 << 20, f),
-        pos: 0,
-        cancel,
-        scratch: vec![0u8; 1 << 20],
-        out,
-    };
-    match w.meta() {
-        Some((meta, body_start)) => {
-            w.body(&meta, body_start)?;
-            w.out.meta = Some(meta);
-        }
-        None => w.out.unknown_from = Some(0),
-    }
-    let mut out = w.out;
-    out.checksum = checksum(path, cancel)?;
-    Ok(out)
+    Ok(Walk {
+        meta: out.meta,
+        frames: log.finish()?,
+        lost: out.lost,
+        unknown_from: out.unknown_from,
+        unknown: out.unknown,
+        faults: out.faults,
+        suspect: out.suspect,
+        checksum: checksum(path, cancel)?,
+        file_size,
+    })
 }
 
 impl Walker<'_> {
@@ -283,6 +312,15 @@ impl Walker<'_> {
             (body_start, 0u64, 0usize, 0u64);
         loop {
             self.cancel.check()?;
+            if self.out.faults.len() >= MAX_FAULTS {
+                self.out.fault(
+                    Harm::Corrupt,
+                    pos,
+                    format!("{MAX_FAULTS} damaged places: the rest of the file is given up"),
+                );
+                self.out.unknown_from = Some(prev_end);
+                break;
+            }
             if trailer.is_some() && pos >= body_end {
                 self.out.fault(
                     Harm::Corrupt,
@@ -346,7 +384,7 @@ impl Walker<'_> {
                 FrameKind::Data | FrameKind::Zero => {
                     prev_end = h.end();
                     if h.kind == FrameKind::Zero {
-                        self.out.frames.push(Frame {
+                        self.log.push(&Frame {
                             kind: FrameKind::Zero,
                             start: h.start,
                             length: h.length,
@@ -354,7 +392,7 @@ impl Walker<'_> {
                             payload_offset: pos + HEADER_LEN as u64,
                             stored_len: 0,
                             lz4_frames: Vec::new(),
-                        });
+                        })?;
                         pos += HEADER_LEN as u64;
                         continue;
                     }
@@ -372,7 +410,7 @@ impl Walker<'_> {
                             if entry.as_ref().is_some_and(|e| e.frames != lz4_frames) {
                                 trailer_agrees = false;
                             }
-                            self.out.frames.push(Frame {
+                            self.log.push(&Frame {
                                 kind: FrameKind::Data,
                                 start: h.start,
                                 length: h.length,
@@ -380,7 +418,7 @@ impl Walker<'_> {
                                 payload_offset: payload,
                                 stored_len: stored,
                                 lz4_frames,
-                            });
+                            })?;
                             pos = payload + stored + 2;
                         }
                         Err(f) => {
