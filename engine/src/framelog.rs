@@ -45,7 +45,10 @@ struct Cursor {
 impl Cursor {
     fn after(f: &Frame) -> Self {
         let header = match f.kind {
-            FrameKind::Data => f.payload_offset.saturating_add(f.stored_len).saturating_add(2),
+            FrameKind::Data => f
+                .payload_offset
+                .saturating_add(f.stored_len)
+                .saturating_add(2),
             _ => f.header_offset.saturating_add(HEADER_LEN as u64),
         };
         Self {
@@ -103,7 +106,11 @@ impl FrameLogWriter {
         tag |= if next_header { NEXT_HEADER } else { 0 };
         tag |= if next_start { NEXT_START } else { 0 };
         if data {
-            tag |= if stored_is_length { STORED_IS_LENGTH } else { 0 };
+            tag |= if stored_is_length {
+                STORED_IS_LENGTH
+            } else {
+                0
+            };
             tag |= if f.lz4_frames.is_empty() { 0 } else { LZ4 };
         }
         let mut rec = Vec::with_capacity(32);
@@ -240,7 +247,8 @@ impl FrameLogReader {
 
     /// The next frame, `None` after the last.
     pub fn next_frame(&mut self) -> Result<Option<Frame>> {
-        self.decode().map_err(|e| log_error("reading", &self.dir, e))
+        self.decode()
+            .map_err(|e| log_error("reading", &self.dir, e))
     }
 
     fn decode(&mut self) -> io::Result<Option<Frame>> {
@@ -276,9 +284,15 @@ impl FrameLogReader {
                 lz4_frames.push(self.get()?);
             }
         }
-        start.checked_add(length).ok_or_else(|| bad("frame end overflows"))?;
+        start
+            .checked_add(length)
+            .ok_or_else(|| bad("frame end overflows"))?;
         let f = Frame {
-            kind: if data { FrameKind::Data } else { FrameKind::Zero },
+            kind: if data {
+                FrameKind::Data
+            } else {
+                FrameKind::Zero
+            },
             start,
             length,
             header_offset,
@@ -299,9 +313,20 @@ mod tests {
     use super::*;
     use proptest::prelude::*;
 
-    fn frame(data: bool, start: u64, length: u64, header: u64, stored: u64, lz4: Vec<u64>) -> Frame {
+    fn frame(
+        data: bool,
+        start: u64,
+        length: u64,
+        header: u64,
+        stored: u64,
+        lz4: Vec<u64>,
+    ) -> Frame {
         Frame {
-            kind: if data { FrameKind::Data } else { FrameKind::Zero },
+            kind: if data {
+                FrameKind::Data
+            } else {
+                FrameKind::Zero
+            },
             start,
             length,
             header_offset: header,

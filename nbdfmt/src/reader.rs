@@ -536,6 +536,79 @@ pub fn read_trailer<R: Read + Seek>(
     Ok((json_off, entries))
 }
 
+/// The compression trailer of a stream file, checked to its end once and then read
+/// one entry at a time, in order: memory per entry, not per frame (a trailer of
+/// 4,000,000 entries held as a list is ~280 MB). For a reader that walks a damaged
+/// stream itself.
+#[derive(Debug)]
+pub struct TrailerReader<R: Read + Seek> {
+    src: R,
+    json_off: u64,
+    count: usize,
+    cursor: TrailerCursor,
+    /// The entry at index `cursor.entries() - 1`.
+    cur: Option<TrailerEntry>,
+}
+
+impl<R: Read + Seek> TrailerReader<R> {
+    /// Finds and checks the trailer of a stream file of `file_size` bytes whose body
+    /// starts at `body_start`.
+    pub fn open(mut src: R, file_size: u64, body_start: u64) -> Result<Self> {
+        let (json_off, len) = trailer_extent(&mut src, file_size, body_start)?;
+        let mut check = TrailerCursor::new(json_off, len);
+        let mut read = |at: u64, buf: &mut [u8]| read_at(&mut src, json_off + at, buf);
+        while check.next_entry(&mut read)?.is_some() {}
+        Ok(Self {
+            src,
+            json_off,
+            count: check.entries(),
+            cursor: TrailerCursor::new(json_off, len),
+            cur: None,
+        })
+    }
+
+    /// File offset of the trailer JSON: where the frame body ends.
+    pub fn json_offset(&self) -> u64 {
+        self.json_off
+    }
+
+    /// Entries in the trailer.
+    pub fn len(&self) -> usize {
+        self.count
+    }
+
+    /// True when the trailer lists no payload.
+    pub fn is_empty(&self) -> bool {
+        self.count == 0
+    }
+
+    /// Entry `i` (`None` past the last); `i` never goes back from one call to the next.
+    ///
+    /// # Errors
+    /// An I/O error, or `i` before the entry of the call before.
+    pub fn get(&mut self, i: usize) -> Result<Option<&TrailerEntry>> {
+        if i >= self.count {
+            return Ok(None);
+        }
+        if i + 1 < self.cursor.entries() {
+            return Err(ErrorKind::BadTrailer {
+                offset: self.json_off,
+                reason: format!(
+                    "entry {i} asked for after entry {}",
+                    self.cursor.entries() - 1
+                ),
+            }
+            .into());
+        }
+        let (src, json_off) = (&mut self.src, self.json_off);
+        let mut read = |at: u64, buf: &mut [u8]| read_at(src, json_off + at, buf);
+        while self.cursor.entries() <= i {
+            self.cur = self.cursor.next_entry(&mut read)?;
+        }
+        Ok(self.cur.as_ref())
+    }
+}
+
 /// Finds the compression trailer from the `comp` header at the end of the file: the
 /// file offset and length of its JSON (checked to be followed by CR LF).
 fn trailer_extent<R: Read + Seek>(

@@ -313,7 +313,6 @@ mod tests {
         }
     }
 
-
     #[test]
     fn missing_incremental_makes_all_but_newer_frames_stale() {
         // full tiles 0..100 (data 0..10, zero 10..100); inc 1 missing; inc 2 data 50..60
@@ -404,13 +403,20 @@ mod tests {
         let mut full = layer(
             "full",
             0,
-            vec![(30, 10, Claim::Lost("bad".into())), (40, 60, Claim::Unknown)],
+            vec![
+                (30, 10, Claim::Lost("bad".into())),
+                (40, 60, Claim::Unknown),
+            ],
         );
         full.frames = Some((log(&[(0, 10), (20, 10)]), Claim::Used));
         let mut inc = layer("inc1", 1, Vec::new());
         inc.frames = Some((log(&[(5, 20)]), Claim::Used));
         let r = ranges(&[full, inc], 100).expect("ranges");
-        let got: Vec<_> = r.list.iter().map(|r| (r.offset, r.length, r.state)).collect();
+        let got: Vec<_> = r
+            .list
+            .iter()
+            .map(|r| (r.offset, r.length, r.state))
+            .collect();
         assert_eq!(
             got,
             vec![(30, 10, RangeState::Missing), (40, 60, RangeState::Missing)]
@@ -425,7 +431,11 @@ mod tests {
         let mut part = layer("inc1", 1, vec![(60, 40, Claim::Unknown)]);
         part.frames = Some((log(&[(40, 20)]), Claim::NotUsed));
         let r = ranges(&[full, part], 100).expect("ranges");
-        let got: Vec<_> = r.list.iter().map(|r| (r.offset, r.length, r.state)).collect();
+        let got: Vec<_> = r
+            .list
+            .iter()
+            .map(|r| (r.offset, r.length, r.state))
+            .collect();
         assert_eq!(
             got,
             vec![

@@ -346,3 +346,41 @@ fn lz4_stream_is_followed_past_a_damaged_header() {
     assert_eq!(rows(&dmg), [(2 * K, K, "missing", "vda.full.data")]);
     check_outside(&got, &exact(2, true), &dmg);
 }
+
+#[test]
+fn a_file_of_damaged_frames_is_given_up_after_max_faults_and_frames_stay_on_disk() {
+    // 1,500 compressed data frames, every payload corrupt, the trailer intact: each
+    // lost frame is stepped over until MAX_FAULTS, then the rest is unknown
+    let d = tempfile::tempdir().expect("tmp");
+    let n = walk::MAX_FAULTS + 500;
+    let frames: Vec<WriteFrame> = (0..n as u64)
+        .map(|i| WriteFrame::Data(i * 128, bytes(i as u8, 64)))
+        .collect();
+    let mut b = write_stream(&StreamOptions::full("vda", SIZE, 0).compressed(3), &frames);
+    let heads: Vec<usize> = (0..n).map(|i| data_header(&b, i)).collect();
+    for h in heads.iter().skip(1) {
+        b[h + 40 + 21] ^= 0x5a; // inside the block: its checksum fails
+    }
+    fs::write(d.path().join("vda.full.data"), &b).expect("write");
+    let set = BackupSet::scan(d.path()).expect("scan");
+    let s = plan_point(&set, "vda", 0, false, Some(d.path()), &Cancel::new()).expect("plan");
+    assert!(matches!(
+        s.plan.files[0].frames,
+        crate::plan::Frames::Log(_)
+    ));
+    let f = &s.damage.files[0];
+    assert_eq!(f.status, FileStatus::Corrupt);
+    assert!(
+        f.reason
+            .as_deref()
+            .is_some_and(|r| r.contains(&format!("{} more damaged place(s)", walk::MAX_FAULTS))),
+        "{:?}",
+        f.reason
+    );
+    // frame 0 is whole; frames 1..=MAX_FAULTS lost (64 bytes each); after the last
+    // of them unknown (missing); the gaps between frames were never data
+    let m = walk::MAX_FAULTS as u64;
+    let missing = s.damage.bytes(RangeState::Missing);
+    assert_eq!(missing, m * 64 + SIZE - (m * 128 + 64));
+    assert_eq!(s.damage.ranges[0].offset, 128);
+}

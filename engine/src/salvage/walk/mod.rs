@@ -11,7 +11,8 @@ use std::io::{self, BufReader, Read, Seek, SeekFrom};
 use std::path::Path;
 
 use nbdfmt::meta::MAX_META_LEN;
-use nbdfmt::{Frame, FrameHeader, FrameKind, StreamMeta, HEADER_LEN};
+use nbdfmt::reader::TrailerReader;
+use nbdfmt::{Frame, FrameHeader, FrameKind, PreadBuf, StreamMeta, HEADER_LEN};
 
 use crate::cancel::Cancel;
 use crate::error::Result;
@@ -114,6 +115,8 @@ struct Walker<'a> {
     size: u64,
     cancel: &'a Cancel,
     scratch: Vec<u8>,
+    /// LZ4 decode buffers, kept from one frame to the next.
+    lz4_bufs: nbdfmt::lz4::Lz4Buffers,
     /// Where the frames that passed go.
     log: FrameLogWriter,
     out: Found,
@@ -157,6 +160,7 @@ pub(crate) fn walk(path: &Path, spill: Option<&Path>, cancel: &Cancel) -> Result
                 pos: 0,
                 cancel,
                 scratch: vec![0u8; 1 << 20],
+                lz4_bufs: nbdfmt::lz4::Lz4Buffers::default(),
                 log,
                 out,
             };
@@ -196,6 +200,11 @@ impl Walker<'_> {
         }
         self.pos = off;
         Ok(())
+    }
+
+    /// Learns where the reader is after someone else moved it.
+    fn sync_pos(&mut self) {
+        self.pos = self.r.stream_position().unwrap_or(LOST_POS);
     }
 
     /// Fills `buf` from file offset `off`; the bytes read (short only at the end).
@@ -292,9 +301,8 @@ impl Walker<'_> {
     fn body(&mut self, meta: &StreamMeta, body_start: u64) -> Result<()> {
         let compressed = meta.is_compressed();
         let mut trailer_fault = None;
-        let trailer = if compressed {
-            self.pos = LOST_POS;
-            match nbdfmt::reader::read_trailer(&mut self.r, self.size, body_start) {
+        let mut trailer = if compressed {
+            match self.trailer(body_start) {
                 Ok(t) => Some(t),
                 Err(e) => {
                     trailer_fault = Some((e.offset().unwrap_or(0), e.kind().to_string()));
@@ -304,7 +312,7 @@ impl Walker<'_> {
         } else {
             None
         };
-        let body_end = trailer.as_ref().map_or(self.size, |t| t.0);
+        let body_end = trailer.as_ref().map_or(self.size, |t| t.json_offset());
         // The trailer's sizes may be used to step over a damaged payload only while
         // they agree with every payload measured so far.
         let mut trailer_agrees = trailer.is_some();
@@ -354,11 +362,9 @@ impl Walker<'_> {
                     self.out.fault(harm, pos, reason);
                     // a compressed stream can be followed past a header it cannot
                     // trust: what that frame covered lies before the next one
-                    let stored = trailer
-                        .as_ref()
+                    let stored = entry(&mut trailer, data_frames)
                         .filter(|_| trailer_agrees)
-                        .and_then(|t| t.1.get(data_frames))
-                        .map(nbdfmt::TrailerEntry::stored_len);
+                        .map(|e| e.stored_len());
                     let step = (harm == Harm::Corrupt && compressed)
                         .then(|| self.step_over(pos, prev_end, stored, body_end))
                         .flatten();
@@ -396,7 +402,7 @@ impl Walker<'_> {
                         pos += HEADER_LEN as u64;
                         continue;
                     }
-                    let entry = trailer.as_ref().and_then(|t| t.1.get(data_frames)).cloned();
+                    let entry = entry(&mut trailer, data_frames);
                     data_frames += 1;
                     data_sum = data_sum.saturating_add(h.length);
                     let payload = pos + HEADER_LEN as u64;
@@ -464,7 +470,7 @@ impl Walker<'_> {
                         data_sum,
                         data_frames,
                         body_end,
-                        trailer.as_ref().map(|t| t.1.len()),
+                        trailer.as_ref().map(|t| t.len()),
                         trailer_fault.take(),
                     );
                     break;
@@ -487,6 +493,25 @@ impl Walker<'_> {
             }
         }
         Ok(())
+    }
+}
+
+/// Entry `i` of the trailer, when there is one and it can still be read.
+fn entry(t: &mut Option<TrailerReader<PreadBuf>>, i: usize) -> Option<nbdfmt::TrailerEntry> {
+    t.as_mut()?.get(i).ok().flatten().cloned()
+}
+
+impl Walker<'_> {
+    /// The compression trailer, read through its own descriptor (the walk's buffer
+    /// stays where the frames are).
+    fn trailer(&mut self, body_start: u64) -> nbdfmt::Result<TrailerReader<PreadBuf>> {
+        let f = self.r.get_ref().try_clone().map_err(|e| {
+            nbdfmt::Error::from(nbdfmt::ErrorKind::Io {
+                offset: body_start,
+                source: e,
+            })
+        })?;
+        TrailerReader::open(PreadBuf::new(f, 64 << 10), self.size, body_start)
     }
 }
 
