@@ -539,3 +539,36 @@ fn edit_xmls(dir: &Path, prefix: &str, from: &str, to: &str) {
         }
     }
 }
+
+// A VM directory whose name holds an escape sequence and a newline: every log line
+// shows them escaped (no terminal control, no forged second line), in a listing and
+// in a restore of that VM.
+#[test]
+fn control_characters_in_vm_names_never_reach_a_log_line_raw() {
+    let t = Tree::new();
+    let evil = "ev\u{1b}[31mil\n[2026-01-01 00:00:00] [vmrestore] [main] ERROR: forged";
+    let src = t.root.join("rc-acc-files");
+    let dst = t.root.join(evil);
+    let ok = std::process::Command::new("cp")
+        .arg("-a")
+        .arg(&src)
+        .arg(&dst)
+        .status()
+        .expect("cp");
+    assert!(ok.success());
+    let out = t.out("r");
+    for args in [
+        vec!["--list"],
+        vec!["--vm", evil, "--restore-path", out.as_str(), "--skip-config", "--dry-run"],
+        vec!["--vm", evil, "--restore-path", out.as_str(), "--skip-config"],
+    ] {
+        let r = t.run(&args);
+        for text in [&r.stdout, &r.stderr] {
+            assert!(!text.contains('\u{1b}'), "{args:?}: raw ESC in\n{text}");
+            assert!(
+                !text.lines().any(|l| l.starts_with("[2026-01-01 00:00:00]")),
+                "{args:?}: a forged line in\n{text}"
+            );
+        }
+    }
+}

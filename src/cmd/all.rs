@@ -32,6 +32,8 @@ struct Planned {
     /// Bytes its disks write, and the files they become.
     bytes: u64,
     files: Vec<String>,
+    /// The libvirt domain it defines, if any.
+    domain: Option<String>,
 }
 
 /// Runs `--all`.
@@ -128,42 +130,53 @@ fn plan_one(a: &AllRequest, vm: &str, cancel: &Cancel) -> Planned {
             (Some(e.to_string()), Value::Null)
         }
     };
-    let (bytes, files) = writes(&plan);
+    let (bytes, files, domain) = writes(&plan);
     Planned {
         req,
         refused,
         refused_status,
         bytes,
         files,
+        domain,
     }
 }
 
-/// The bytes and final files a VM plan writes.
-fn writes(plan: &Value) -> (u64, Vec<String>) {
+/// The bytes and final files a VM plan writes, and the domain it defines.
+fn writes(plan: &Value) -> (u64, Vec<String>, Option<String>) {
     let mut bytes = 0;
     let mut files = Vec::new();
+    let mut domain = None;
     for action in plan["actions"].as_array().into_iter().flatten() {
         for d in action["disks"].as_array().into_iter().flatten() {
             bytes += d["data_bytes"].as_u64().unwrap_or(0);
             files.extend(d["path"].as_str().map(str::to_owned));
         }
+        match action["action"].as_str() {
+            Some("define") => domain = action["name"].as_str().map(str::to_owned),
+            Some("install-nvram") => files.extend(action["dest"].as_str().map(str::to_owned)),
+            _ => {}
+        }
     }
-    (bytes, files)
+    (bytes, files, domain)
 }
 
-/// Between VMs: two that would write one file are both refused; and the disks of
-/// all VMs must fit the restore path's filesystem together.
+/// Between VMs: two that would write one file or define one domain (two backups
+/// whose configs carry the same `<name>`: the second would replace the first) are
+/// both refused; and the disks of all VMs must fit the restore path's filesystem
+/// together.
 fn cross_checks(a: &AllRequest, plan: &mut [Planned]) {
     let mut owner: BTreeMap<String, String> = BTreeMap::new();
     let mut clash: BTreeMap<String, String> = BTreeMap::new();
     for p in plan.iter() {
-        for f in &p.files {
-            if let Some(o) = owner.insert(f.clone(), p.req.vm.label.clone()) {
-                clash.insert(
-                    p.req.vm.label.clone(),
-                    format!("{f} is also written by {o}"),
-                );
-                clash.insert(o, format!("{f} is also written by {}", p.req.vm.label));
+        let things = p.files.iter().map(|f| (f.clone(), format!("{f} is also written by")));
+        let domain = p.domain.iter().map(|d| {
+            (format!("domain\0{d}"), format!("the domain '{}' is also defined by", printable(d)))
+        });
+        for (key, what) in things.chain(domain) {
+            let me = &p.req.vm.label;
+            if let Some(o) = owner.insert(key, me.clone()) {
+                clash.insert(me.clone(), format!("{what} {o}"));
+                clash.insert(o, format!("{what} {me}"));
             }
         }
     }
