@@ -170,3 +170,77 @@ fn simd_adler(b: &[u8]) -> u32 {
     }
     (s << 16) | a
 }
+
+/// Two VM directories whose configs name one domain (a copy of a backup tree beside
+/// the original, its disks renamed): under `--all` the second DR would replace the
+/// first's definition. Both are refused, saying why; nothing is written.
+#[test]
+fn two_backups_that_define_one_domain_are_both_refused() {
+    let s = Scratch::new();
+    let root = prepare_backups(s.dir.path());
+    let twin = root.join("rc-acc-twin");
+    let ok = Command::new("cp")
+        .arg("-a")
+        .arg(root.join("rc-acc-files"))
+        .arg(&twin)
+        .status()
+        .expect("cp");
+    assert!(ok.success());
+    for e in std::fs::read_dir(&twin).expect("ls").flatten() {
+        let p = e.path();
+        if p.file_name()
+            .is_some_and(|n| n.to_string_lossy().starts_with("vmconfig."))
+        {
+            let x = std::fs::read_to_string(&p).expect("xml");
+            std::fs::write(&p, x.replace("rc-acc-files-vda", "rc-acc-twin-vda")).expect("w");
+        }
+    }
+    let out = s.dir.path().join("out");
+    let r = s.run(&[
+        "--all",
+        "--only",
+        "rc-acc-files,rc-acc-twin",
+        "--backup-path",
+        root.to_str().expect("utf8"),
+        "--restore-path",
+        out.to_str().expect("utf8"),
+        "--connect",
+        "test:///default",
+        "--json",
+    ]);
+    assert_eq!(r.code, Some(5), "{}\n{}", r.stdout, r.stderr);
+    let doc: serde_json::Value =
+        serde_json::from_str(&r.stdout[r.stdout.find('{').expect("json")..]).expect("json");
+    let rows = doc["vms"].as_array().expect("vms");
+    assert_eq!(rows.len(), 2, "{doc}");
+    for row in rows {
+        assert_eq!(row["exit_code"], 5, "{row}");
+        assert!(
+            row["outcome"]
+                .as_str()
+                .is_some_and(|o| o.contains("the domain 'rc-acc-files' is also defined by")),
+            "{row}"
+        );
+    }
+    assert!(
+        !out.exists() || walk_files(&out) == 0,
+        "a refused VM wrote into {}",
+        out.display()
+    );
+}
+
+fn walk_files(p: &Path) -> usize {
+    std::fs::read_dir(p)
+        .map(|rd| {
+            rd.flatten()
+                .map(|e| {
+                    if e.path().is_dir() {
+                        walk_files(&e.path())
+                    } else {
+                        1
+                    }
+                })
+                .sum()
+        })
+        .unwrap_or(0)
+}

@@ -559,8 +559,21 @@ fn control_characters_in_vm_names_never_reach_a_log_line_raw() {
     let out = t.out("r");
     for args in [
         vec!["--list"],
-        vec!["--vm", evil, "--restore-path", out.as_str(), "--skip-config", "--dry-run"],
-        vec!["--vm", evil, "--restore-path", out.as_str(), "--skip-config"],
+        vec![
+            "--vm",
+            evil,
+            "--restore-path",
+            out.as_str(),
+            "--skip-config",
+            "--dry-run",
+        ],
+        vec![
+            "--vm",
+            evil,
+            "--restore-path",
+            out.as_str(),
+            "--skip-config",
+        ],
     ] {
         let r = t.run(&args);
         for text in [&r.stdout, &r.stderr] {

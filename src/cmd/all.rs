@@ -168,9 +168,15 @@ fn cross_checks(a: &AllRequest, plan: &mut [Planned]) {
     let mut owner: BTreeMap<String, String> = BTreeMap::new();
     let mut clash: BTreeMap<String, String> = BTreeMap::new();
     for p in plan.iter() {
-        let things = p.files.iter().map(|f| (f.clone(), format!("{f} is also written by")));
+        let things = p
+            .files
+            .iter()
+            .map(|f| (f.clone(), format!("{f} is also written by")));
         let domain = p.domain.iter().map(|d| {
-            (format!("domain\0{d}"), format!("the domain '{}' is also defined by", printable(d)))
+            (
+                format!("domain\0{d}"),
+                format!("the domain '{}' is also defined by", printable(d)),
+            )
         });
         for (key, what) in things.chain(domain) {
             let me = &p.req.vm.label;

@@ -163,12 +163,18 @@ pub fn detail_line(s: &VmSummary) -> String {
 
 /// The §3.1 text.
 pub fn render(root_display: &str, vms: &[VmSummary]) -> String {
-    let mut out = format!("\nAvailable VMs in: {root_display}\n{}\n", list_rule());
+    // names come from the backup tree: control characters are shown escaped
+    let mut out = format!(
+        "\nAvailable VMs in: {}\n{}\n",
+        format::printable(root_display),
+        list_rule()
+    );
     for s in vms {
-        let _ = write!(out, "\n  {:<53} {:>6}\n", s.name, format::du_size(s.size));
+        let name = format::printable(&s.name);
+        let _ = write!(out, "\n  {name:<53} {:>6}\n", format::du_size(s.size));
         let _ = writeln!(out, "    {}", detail_line(s));
         if let Some(p) = &s.periods {
-            let _ = writeln!(out, "    Periods: {}", p.join(" "));
+            let _ = writeln!(out, "    Periods: {}", format::printable(&p.join(" ")));
         }
         if let Some(h) = &s.health {
             let _ = writeln!(out, "    {}", h.line());

@@ -91,7 +91,8 @@ where
         // names from a backup tree reach messages: a control character (an escape
         // sequence, a newline that forges a second log line) is shown escaped
         let mut msg = String::new();
-        ctx.field_format().format_fields(Writer::new(&mut msg), event)?;
+        ctx.field_format()
+            .format_fields(Writer::new(&mut msg), event)?;
         writeln!(writer, "{}", format::printable(&msg))
     }
 }
