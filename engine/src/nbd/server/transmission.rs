@@ -243,14 +243,21 @@ impl Conn<'_> {
                     .await?;
                     return Ok(Next::Continue);
                 }
-                let mut runs = self.reader.allocation(req.offset, u64::from(req.length));
                 let keep = if req.flags & CMD_FLAG_REQ_ONE != 0 {
                     1
                 } else {
                     MAX_DESCRIPTORS
                 };
-                runs.truncate(keep);
-                send_block_status(&self.wr, req.handle, &runs).await?;
+                match self
+                    .reader
+                    .allocation(req.offset, u64::from(req.length), keep)
+                {
+                    Ok(runs) => send_block_status(&self.wr, req.handle, &runs).await?,
+                    Err(e) => {
+                        self.fail(&req, EIO, format!("block status: {e}")).await?;
+                        return Ok(Next::Continue);
+                    }
+                }
             }
             CMD_DISC => return Ok(Next::End(Ok(()))),
             CMD_FLUSH => send_ok(&self.wr, req.handle).await?,
