@@ -258,7 +258,7 @@ pub fn engine_error(e: engine::Error, what: &str) -> AppError {
         engine::ErrorKind::Cancelled(sig) => AppError::Interrupted(sig),
         // a broken invariant of the engine is a bug, not damaged backup data
         engine::ErrorKind::Internal => AppError::Internal(message(&e)),
-        engine::ErrorKind::NoSpace => AppError::Storage(message(&e)),
+        engine::ErrorKind::NoSpace | engine::ErrorKind::Scratch => AppError::Storage(message(&e)),
         engine::ErrorKind::VerifyFailed => AppError::Storage(format!(
             "Restore produced corrupt disk images — {}",
             message(&e)

@@ -585,3 +585,35 @@ fn control_characters_in_vm_names_never_reach_a_log_line_raw() {
         }
     }
 }
+
+// A side file named for checkpoint 4294967295, or a `.cpt` listing 20,000
+// checkpoints: the set keeps a slot per checkpoint up to the latest, so such names
+// are not checkpoints (the first one aborted the run asking for 446 GB).
+#[test]
+fn absurd_checkpoint_numbers_do_not_size_the_chain() {
+    let t = Tree::new();
+    let vm = t.root.join("rc-acc-files");
+    fs::copy(
+        vm.join("vmconfig.virtnbdbackup.4.xml"),
+        vm.join("vmconfig.virtnbdbackup.4294967295.xml"),
+    )
+    .expect("copy");
+    let list: Vec<String> = (0..20_000)
+        .map(|i| format!("\"virtnbdbackup.{i}\""))
+        .collect();
+    fs::write(vm.join("rc-acc-files.cpt"), format!("[{}]", list.join(","))).expect("cpt");
+    let out = t.out("r");
+    let r = t.run(&[
+        "--vm",
+        "rc-acc-files",
+        "--restore-path",
+        &out,
+        "--skip-config",
+        "--dry-run",
+    ]);
+    assert_eq!(r.code, Some(0), "{}", r.stderr);
+    assert!(!r.stderr.contains("memory allocation"), "{}", r.stderr);
+    let r = t.run(&["--vm", "rc-acc-files", "--list-restore-points"]);
+    assert_eq!(r.code, Some(0), "{}", r.stderr);
+    assert!(!r.stdout.contains("4294967295"), "{}", r.stdout);
+}

@@ -13,6 +13,9 @@ pub enum ErrorKind {
     NoSpace,
     /// Writing, reading back or syncing the target failed.
     TargetIo,
+    /// The engine's temporary working space (`$TMPDIR`: salvage frame logs, the
+    /// extent tables of served disks) is missing or unwritable.
+    Scratch,
     /// The restore asks for something this engine refuses to do silently wrong.
     Unsupported,
     /// The restored content read back differs from the plan.
@@ -53,6 +56,17 @@ pub enum Error {
         #[source]
         source: std::io::Error,
     },
+    /// I/O on the engine's own temporary files in `dir`.
+    #[error("{op} {dir}: {source} (TMPDIR chooses the directory)")]
+    Scratch {
+        /// What was being done.
+        op: &'static str,
+        /// The directory of the temporary files.
+        dir: PathBuf,
+        /// The OS error.
+        #[source]
+        source: std::io::Error,
+    },
     /// An option or request the engine or the target cannot honour.
     #[error("{0}")]
     Unsupported(String),
@@ -81,6 +95,15 @@ impl Error {
         Self::Target {
             op,
             path: path.to_path_buf(),
+            source,
+        }
+    }
+
+    /// Wraps an I/O error on a temporary file in `dir`.
+    pub fn scratch(op: &'static str, dir: &Path, source: std::io::Error) -> Self {
+        Self::Scratch {
+            op,
+            dir: dir.to_path_buf(),
             source,
         }
     }
@@ -117,6 +140,8 @@ impl Error {
             Self::Chain { .. } => ErrorKind::BrokenChain,
             Self::Target { source, .. } if is_no_space(source) => ErrorKind::NoSpace,
             Self::Target { .. } => ErrorKind::TargetIo,
+            Self::Scratch { source, .. } if is_no_space(source) => ErrorKind::NoSpace,
+            Self::Scratch { .. } => ErrorKind::Scratch,
             Self::Unsupported(_) => ErrorKind::Unsupported,
             Self::Internal(_) => ErrorKind::Internal,
             Self::Verify { .. } => ErrorKind::VerifyFailed,

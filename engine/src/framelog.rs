@@ -168,7 +168,7 @@ fn log_error(op: &'static str, dir: &Path, e: io::Error) -> Error {
         "writing" => "writing the salvage frame log in",
         _ => "reading the salvage frame log in",
     };
-    Error::target(op, dir, e)
+    Error::scratch(op, dir, e)
 }
 
 fn put(out: &mut Vec<u8>, mut v: u64) {

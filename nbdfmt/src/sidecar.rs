@@ -29,7 +29,10 @@ impl std::fmt::Display for Ident {
 /// Parses `virtnbdbackup.N` into N.
 pub fn checkpoint_number(name: &str) -> Option<u32> {
     let n = name.strip_prefix("virtnbdbackup.")?;
-    parse_decimal(n)
+    // a name beyond MAX_CHECKPOINTS is no checkpoint of ours: the set keeps a slot per
+    // checkpoint up to the latest (`vmconfig.virtnbdbackup.4294967295.xml` asked for
+    // 446 GB and aborted)
+    parse_decimal::<u32>(n).filter(|&k| k as usize <= MAX_CHECKPOINTS)
 }
 
 fn parse_decimal<T: std::str::FromStr>(s: &str) -> Option<T> {
@@ -261,6 +264,11 @@ impl QcowInfo {
     }
 }
 
+/// Most checkpoints a `.cpt` may list: a chain of hourly backups for a year is 8,760.
+/// Each listed checkpoint whose file is missing is a chain slot (and, salvaged, a
+/// member of the damage map): a crafted list of 300,000 took 1.1 GB.
+pub const MAX_CHECKPOINTS: usize = 10_000;
+
 /// Parses a `<domain>.cpt` file: a JSON array of checkpoint names.
 pub fn parse_cpt(json: &[u8]) -> Result<Vec<String>> {
     let bad = |reason: String| Error::new(ErrorKind::BadSidecar { offset: 0, reason });
@@ -268,6 +276,12 @@ pub fn parse_cpt(json: &[u8]) -> Result<Vec<String>> {
     let Value::Array(items) = v else {
         return Err(bad(".cpt is not a JSON array".into()));
     };
+    if items.len() > MAX_CHECKPOINTS {
+        return Err(bad(format!(
+            ".cpt lists {} checkpoints, more than {MAX_CHECKPOINTS}",
+            items.len()
+        )));
+    }
     items
         .into_iter()
         .map(|x| match x {
@@ -387,5 +401,13 @@ mod tests {
             2
         );
         assert!(parse_cpt(b"[1]").is_err());
+        assert_eq!(checkpoint_number("virtnbdbackup.10000"), Some(10_000));
+        assert_eq!(checkpoint_number("virtnbdbackup.10001"), None);
+        assert_eq!(
+            BackupFile::parse("vmconfig.virtnbdbackup.4294967295.xml"),
+            BackupFile::Other
+        );
+        let many = format!("[{}]", vec!["\"x\""; MAX_CHECKPOINTS + 1].join(","));
+        assert!(parse_cpt(many.as_bytes()).is_err());
     }
 }

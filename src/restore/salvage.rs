@@ -143,9 +143,9 @@ pub fn map_json(d: &DamageReport, disk_path: &Path) -> Value {
         // the byte counts above cover these too
         v["ranges_omitted"] = json!(d.ranges_omitted);
         v["ranges_note"] = json!(format!(
-            "only the first {} damaged ranges are listed; {} more follow the last one listed",
-            d.ranges.len(),
-            d.ranges_omitted
+            "{} more damaged ranges are not listed (at most {} of each state are): the byte counts above include them",
+            d.ranges_omitted,
+            engine::salvage::MAX_RANGES
         ));
     }
     v

@@ -18,9 +18,11 @@ use super::{DamagedRange, RangeState};
 use crate::error::Result;
 use crate::framelog::{FrameLog, FrameLogReader};
 
-/// Ranges listed in a damage report; more are counted (bytes and number), not
-/// listed. A disk of 16,000,000 extents over a missing incremental can alternate
-/// stale and missing at every extent: 10,000 ranges are ~1.5 MB here and in the map.
+/// Ranges listed in a damage report per state (missing, stale, unverified); more are
+/// counted (bytes and number), not listed. A disk of 16,000,000 extents over a
+/// missing incremental can alternate stale and missing at every extent: 10,000
+/// ranges are ~1.5 MB here and in the map. Per state, so thousands of one-byte
+/// unverified ranges never hide a large missing one after them.
 pub const MAX_RANGES: usize = 10_000;
 
 /// What one member says about a disk range.
@@ -103,17 +105,20 @@ impl Layer {
     }
 }
 
-/// The damaged ranges: the first [`MAX_RANGES`] listed, all counted.
+/// The damaged ranges: the first [`MAX_RANGES`] of each state listed, all counted.
 #[derive(Debug, Default)]
 pub(crate) struct Ranges {
     /// Sorted, adjacent equal ranges merged.
     pub list: Vec<DamagedRange>,
     /// Bytes by state: missing, stale, unverified.
     pub bytes: [u64; 3],
-    /// Ranges after the listed ones.
+    /// Ranges not listed.
     pub omitted: u64,
-    /// The last range not listed (to merge the next one into).
-    tail: Option<DamagedRange>,
+    /// Listed ranges by state.
+    listed: [usize; 3],
+    /// The last range when it is not listed (to merge the next one into); `None`:
+    /// the last range is the last of `list`.
+    unlisted: Option<DamagedRange>,
 }
 
 /// Index of `state` in [`Ranges::bytes`].
@@ -131,8 +136,8 @@ impl Ranges {
             return;
         }
         self.bytes[slot(state)] += length;
-        let last = match self.tail {
-            Some(_) => self.tail.as_mut(),
+        let last = match self.unlisted {
+            Some(_) => self.unlisted.as_mut(),
             None => self.list.last_mut(),
         };
         if let Some(last) = last {
@@ -152,11 +157,13 @@ impl Ranges {
             why: why.to_owned(),
             file: file.to_owned(),
         };
-        if self.list.len() < MAX_RANGES {
+        if self.listed[slot(state)] < MAX_RANGES {
+            self.listed[slot(state)] += 1;
             self.list.push(r);
+            self.unlisted = None;
         } else {
             self.omitted += 1;
-            self.tail = Some(r);
+            self.unlisted = Some(r);
         }
     }
 }
@@ -456,8 +463,16 @@ mod tests {
         full.frames = Some((log(&frames), Claim::Used));
         let missing = layer("inc1", 1, vec![(0, u64::MAX, Claim::Unknown)]);
         let r = ranges(&[full, missing], 2 * n).expect("ranges");
-        assert_eq!(r.list.len(), MAX_RANGES);
-        assert_eq!(r.omitted, 2 * n - MAX_RANGES as u64);
+        // each state lists its first MAX_RANGES
+        assert_eq!(r.list.len(), 2 * MAX_RANGES);
+        assert_eq!(r.omitted, 2 * n - 2 * MAX_RANGES as u64);
         assert_eq!(r.bytes, [n, n, 0]);
+        assert_eq!(
+            r.list
+                .iter()
+                .filter(|x| x.state == RangeState::Missing)
+                .count(),
+            MAX_RANGES
+        );
     }
 }

@@ -145,10 +145,10 @@ pub struct DamageReport {
     pub virtual_size: u64,
     /// Every member of the chain, in order.
     pub files: Vec<FileDamage>,
-    /// Damaged guest ranges, in disk order, not overlapping: the first
-    /// [`MAX_RANGES`] of them.
+    /// Damaged guest ranges, in disk order, not overlapping: at most
+    /// [`MAX_RANGES`] of each state.
     pub ranges: Vec<DamagedRange>,
-    /// Damaged ranges after the listed ones (counted in [`bytes`](Self::bytes)).
+    /// Damaged ranges not listed (counted in [`bytes`](Self::bytes)).
     pub ranges_omitted: u64,
     /// Bytes by state (missing, stale, unverified), of every range.
     bytes: [u64; 3],

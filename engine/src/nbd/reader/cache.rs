@@ -1,12 +1,18 @@
 //! [`Lz4Cache`]: decoded LZ4 frames shared by the readers of a server.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
 use crate::error::Result;
 
 /// Default size of the decoded-LZ4 cache.
 pub const DEFAULT_CACHE_BYTES: usize = 64 << 20;
+
+/// What an entry costs besides its bytes (map entry, order entry, slot, `Arc`s),
+/// counted against the capacity: a disk of millions of one-byte LZ4 frames held
+/// 4,000,000 entries of 1 byte each (1.1 GB) under a 64 MiB cap that counted bytes
+/// only.
+const ENTRY_COST: usize = 256;
 
 pub(super) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(PoisonError::into_inner)
@@ -31,6 +37,8 @@ struct Entry {
 #[derive(Debug, Default)]
 struct CacheInner {
     map: HashMap<Key, Entry>,
+    /// Keys by last use, oldest first (eviction in O(log n), not a scan).
+    order: BTreeMap<u64, Key>,
     tick: u64,
     bytes: usize,
     hits: u64,
@@ -82,8 +90,11 @@ impl Lz4Cache {
                 last_use: tick,
                 size: 0,
             });
-            e.last_use = tick;
-            e.slot.clone()
+            let before = std::mem::replace(&mut e.last_use, tick);
+            let slot = e.slot.clone();
+            g.order.remove(&before);
+            g.order.insert(tick, key);
+            slot
         };
         let mut data = lock(&slot.data);
         if let Some(d) = &*data {
@@ -96,7 +107,9 @@ impl Lz4Cache {
                 drop(data);
                 let mut g = lock(&self.inner);
                 if g.map.get(&key).is_some_and(|e| Arc::ptr_eq(&e.slot, &slot)) {
-                    g.map.remove(&key);
+                    if let Some(e) = g.map.remove(&key) {
+                        g.order.remove(&e.last_use);
+                    }
                 }
                 return Err(e);
             }
@@ -114,20 +127,22 @@ impl Lz4Cache {
         g.misses += 1;
         if let Some(e) = g.map.get_mut(&key) {
             if Arc::ptr_eq(&e.slot, slot) && e.size == 0 {
-                e.size = size;
-                g.bytes += size;
+                e.size = size + ENTRY_COST;
+                g.bytes += size + ENTRY_COST;
             }
         }
-        // Evict least recently used completed entries (never the one just made).
+        // Evict least recently used completed entries (never the one just made; the
+        // few still decoding are passed over).
         while g.bytes > self.cap {
+            let g = &mut *g;
             let victim = g
-                .map
+                .order
                 .iter()
-                .filter(|(k, e)| **k != key && e.size > 0)
-                .min_by_key(|(_, e)| e.last_use)
-                .map(|(k, _)| *k);
+                .map(|(_, k)| *k)
+                .find(|k| *k != key && g.map.get(k).is_some_and(|e| e.size > 0));
             let Some(v) = victim else { break };
             if let Some(e) = g.map.remove(&v) {
+                g.order.remove(&e.last_use);
                 g.bytes -= e.size;
             }
         }
@@ -137,5 +152,41 @@ impl Lz4Cache {
 impl Default for Lz4Cache {
     fn default() -> Self {
         Self::new(DEFAULT_CACHE_BYTES)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tiny_entries_count_their_cost_and_the_oldest_go_first() {
+        let c = Lz4Cache::new(64 * ENTRY_COST);
+        for i in 0..10_000u32 {
+            c.get_or_decode((1, 0, i, 0), || Ok(vec![1u8]))
+                .expect("decode");
+        }
+        let (_, misses, held) = c.stats();
+        assert_eq!(misses, 10_000);
+        assert!(held <= 64 * ENTRY_COST, "{held}");
+        {
+            let g = lock(&c.inner);
+            assert!(g.map.len() <= 64);
+            assert_eq!(g.order.len(), g.map.len());
+        }
+        // the newest are kept, the oldest gone
+        let mut decoded = false;
+        c.get_or_decode((1, 0, 9_999, 0), || {
+            decoded = true;
+            Ok(vec![1u8])
+        })
+        .expect("hit");
+        assert!(!decoded, "the newest entry was evicted");
+        c.get_or_decode((1, 0, 0, 0), || {
+            decoded = true;
+            Ok(vec![1u8])
+        })
+        .expect("miss");
+        assert!(decoded, "the oldest entry was kept");
     }
 }

@@ -142,10 +142,10 @@ pub(super) fn build(
     mut check: impl FnMut(u32, &Frame) -> Result<()>,
 ) -> Result<ExtentTable> {
     let dir = std::env::temp_dir();
-    let tmp = |what| tempfile::tempfile_in(&dir).map_err(|e| Error::target(what, &dir, e));
+    let tmp = |what| tempfile::tempfile_in(&dir).map_err(|e| Error::scratch(what, &dir, e));
     let runs = tmp("creating the extent table in")?;
     let sizes = tmp("creating the extent table in")?;
-    let werr = |e| Error::target("writing the extent table in", &dir, e);
+    let werr = |e| Error::scratch("writing the extent table in", &dir, e);
     let mut rw = BufWriter::with_capacity(64 << 10, &runs);
     let mut sw = BufWriter::with_capacity(64 << 10, &sizes);
     let (mut count, mut lz4_at) = (0u64, 0u64);
@@ -249,7 +249,7 @@ impl ExtentTable {
         let mut b = vec![0u8; n * REC];
         self.runs
             .read_exact_at(&mut b, first * REC as u64)
-            .map_err(|e| Error::target("reading the extent table in", &self.dir, e))?;
+            .map_err(|e| Error::scratch("reading the extent table in", &self.dir, e))?;
         let v = Arc::new(b.chunks_exact(REC).map(Run::decode).collect::<Vec<_>>());
         let mut pages = lock(&self.pages);
         pages.push_front((p, v.clone()));
@@ -284,7 +284,7 @@ impl ExtentTable {
         let mut b = vec![0u8; d.lz4_n as usize * 8];
         self.sizes
             .read_exact_at(&mut b, d.lz4_at)
-            .map_err(|e| Error::target("reading the extent table in", &self.dir, e))?;
+            .map_err(|e| Error::scratch("reading the extent table in", &self.dir, e))?;
         Ok(Frame {
             kind: FrameKind::Data,
             start: d.frame_start,
