@@ -137,8 +137,8 @@ impl Lz4Cache {
             let g = &mut *g;
             let victim = g
                 .order
-                .iter()
-                .map(|(_, k)| *k)
+                .values()
+                .copied()
                 .find(|k| *k != key && g.map.get(k).is_some_and(|e| e.size > 0));
             let Some(v) = victim else { break };
             if let Some(e) = g.map.remove(&v) {
