@@ -8,11 +8,11 @@ use crate::error::Result;
 /// Default size of the decoded-LZ4 cache.
 pub const DEFAULT_CACHE_BYTES: usize = 64 << 20;
 
-/// What an entry costs besides its bytes (map entry, order entry, slot, `Arc`s),
-/// counted against the capacity: a disk of millions of one-byte LZ4 frames held
-/// 4,000,000 entries of 1 byte each (1.1 GB) under a 64 MiB cap that counted bytes
-/// only.
-const ENTRY_COST: usize = 256;
+/// What an entry is counted as besides its bytes: its map and order entries, slot
+/// and `Arc`s take ~300–400 bytes (hash table slack included); counting 1 KiB keeps
+/// a cache of tiny frames at ~25 MiB real. A disk of millions of one-byte LZ4 frames
+/// held 4,000,000 entries (1.1 GB) under a 64 MiB cap that counted bytes only.
+const ENTRY_COST: usize = 1024;
 
 pub(super) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(PoisonError::into_inner)
