@@ -385,6 +385,10 @@ mod tests {
         );
     }
 
+    fn spans(r: &Ranges) -> Vec<(u64, u64, RangeState)> {
+        r.list.iter().map(|r| (r.offset, r.length, r.state)).collect()
+    }
+
     fn log(frames: &[(u64, u64)]) -> FrameLog {
         let mut w = FrameLogWriter::new(None).expect("log");
         let mut header = 1000;
@@ -419,11 +423,7 @@ mod tests {
         let mut inc = layer("inc1", 1, Vec::new());
         inc.frames = Some((log(&[(5, 20)]), Claim::Used));
         let r = ranges(&[full, inc], 100).expect("ranges");
-        let got: Vec<_> = r
-            .list
-            .iter()
-            .map(|r| (r.offset, r.length, r.state))
-            .collect();
+        let got = spans(&r);
         assert_eq!(
             got,
             vec![(30, 10, RangeState::Missing), (40, 60, RangeState::Missing)]
@@ -438,11 +438,7 @@ mod tests {
         let mut part = layer("inc1", 1, vec![(60, 40, Claim::Unknown)]);
         part.frames = Some((log(&[(40, 20)]), Claim::NotUsed));
         let r = ranges(&[full, part], 100).expect("ranges");
-        let got: Vec<_> = r
-            .list
-            .iter()
-            .map(|r| (r.offset, r.length, r.state))
-            .collect();
+        let got = spans(&r);
         assert_eq!(
             got,
             vec![
