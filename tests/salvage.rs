@@ -863,3 +863,45 @@ fn disk_in_place_salvage_writes_the_map_beside_the_disk() {
     }
     assert_eq!(c.last_session().0, "partial");
 }
+
+/// The salvage keeps the frames it checked in `$TMPDIR`: one that does not exist is a
+/// storage problem (exit 4, naming it), not a partial restore (6); no disk is left.
+#[test]
+fn a_missing_tmpdir_is_a_storage_error_and_writes_no_disk() {
+    let c = Case::new("rc-damage");
+    let out = c.s.dir.path().join("o");
+    let tmp = c.s.dir.path().join("no-such-tmp");
+    let root = c.root.display().to_string();
+    let o = out.display().to_string();
+    let r = c.s.run_env(
+        &[
+            "--vm",
+            c.vm,
+            "--backup-path",
+            &root,
+            "--connect",
+            "test:///default",
+            "--skip-config",
+            "--restore-path",
+            &o,
+            "--period",
+            "20260513",
+            "--include-incomplete",
+        ],
+        &[("TMPDIR", tmp.to_str().expect("utf8"))],
+    );
+    assert_eq!(r.code, Some(4), "{}", r.stderr);
+    assert!(
+        r.stderr.contains("salvage frame log") && r.stderr.contains("no-such-tmp"),
+        "{}",
+        r.stderr
+    );
+    let images = fs::read_dir(&out)
+        .map(|rd| {
+            rd.flatten()
+                .filter(|e| e.file_name().to_string_lossy().ends_with(".qcow2"))
+                .count()
+        })
+        .unwrap_or(0);
+    assert_eq!(images, 0, "a disk took its final name");
+}

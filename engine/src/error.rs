@@ -183,5 +183,15 @@ mod tests {
         assert_eq!(Error::cancelled(15).kind(), ErrorKind::Cancelled(15));
         assert_eq!(Error::cancelled(-1).kind(), ErrorKind::Aborted);
         assert_eq!(Error::internal("x").kind(), ErrorKind::Internal);
+        let scratch = |errno| {
+            Error::scratch(
+                "creating",
+                Path::new("/tmp"),
+                std::io::Error::from_raw_os_error(errno),
+            )
+        };
+        assert_eq!(scratch(libc::ENOENT).kind(), ErrorKind::Scratch);
+        assert_eq!(scratch(libc::EROFS).kind(), ErrorKind::Scratch);
+        assert_eq!(scratch(libc::ENOSPC).kind(), ErrorKind::NoSpace);
     }
 }

@@ -386,7 +386,10 @@ mod tests {
     }
 
     fn spans(r: &Ranges) -> Vec<(u64, u64, RangeState)> {
-        r.list.iter().map(|r| (r.offset, r.length, r.state)).collect()
+        r.list
+            .iter()
+            .map(|r| (r.offset, r.length, r.state))
+            .collect()
     }
 
     fn log(frames: &[(u64, u64)]) -> FrameLog {

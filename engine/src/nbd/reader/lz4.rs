@@ -74,7 +74,9 @@ pub(super) struct Layout {
 /// a served disk of millions of one-byte LZ4 frames allocated and zeroed megabytes
 /// per frame (page faults and memset were most of its 300+ s).
 fn lz4_reader(f: &File, fs: u64, fe: u64, max_dec: u64) -> Lz4FrameReader<BufReader<Pread<'_>>> {
-    let cap = usize::try_from(fe - fs).unwrap_or(usize::MAX).clamp(64, 256 * 1024);
+    let cap = usize::try_from(fe - fs)
+        .unwrap_or(usize::MAX)
+        .clamp(64, 256 * 1024);
     let src = BufReader::with_capacity(
         cap,
         Pread {
