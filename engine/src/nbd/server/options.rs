@@ -41,10 +41,13 @@ impl Default for ServeOptions {
         Self {
             max_connections: 32,
             cache_bytes: DEFAULT_CACHE_BYTES,
-            connection_buffer: 64 << 20,
-            server_buffer: 256 << 20,
+            // requests wait beyond these (a request is at most 32 MiB): 16 clients
+            // asking 32 MiB each held 275 MB with a 256 MiB server budget
+            connection_buffer: 32 << 20,
+            server_buffer: 64 << 20,
             worker_threads: 2,
-            io_threads: 8,
+            // each may hold one decoded LZ4 frame (≤ 32 MiB) besides the cache
+            io_threads: 4,
             handshake_timeout: Duration::from_secs(30),
             verify_checksums: false,
             tls: None,
