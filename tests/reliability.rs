@@ -510,7 +510,7 @@ fn gen_chain(root: &Path, vm: &str, disks: &[GenDisk<'_>]) {
 fn big_chain() -> &'static Path {
     static DIR: OnceLock<tempfile::TempDir> = OnceLock::new();
     DIR.get_or_init(|| {
-        let d = tempfile::tempdir().expect("tmp");
+        let d = clisupport::static_tempdir();
         let full: Vec<(u64, u64)> = (0..10).map(|i| (i * 64 * MIB, 16 * MIB)).collect();
         let inc: Vec<(u64, u64)> = (0..8).map(|i| (i * 96 * MIB + 8 * MIB, 8 * MIB)).collect();
         gen_chain(

@@ -287,20 +287,13 @@ impl FrameLogReader {
         start
             .checked_add(length)
             .ok_or_else(|| bad("frame end overflows"))?;
-        let f = Frame {
-            kind: if data {
-                FrameKind::Data
-            } else {
-                FrameKind::Zero
-            },
-            start,
-            length,
-            header_offset,
-            payload_offset: header_offset
-                .checked_add(HEADER_LEN as u64)
-                .ok_or_else(|| bad("header offset overflows"))?,
-            stored_len,
-            lz4_frames,
+        header_offset
+            .checked_add(HEADER_LEN as u64)
+            .ok_or_else(|| bad("header offset overflows"))?;
+        let f = if data {
+            Frame::data(start, length, header_offset, stored_len, lz4_frames)
+        } else {
+            Frame::zero(start, length, header_offset)
         };
         self.at = Cursor::after(&f);
         self.left -= 1;
@@ -321,18 +314,10 @@ mod tests {
         stored: u64,
         lz4: Vec<u64>,
     ) -> Frame {
-        Frame {
-            kind: if data {
-                FrameKind::Data
-            } else {
-                FrameKind::Zero
-            },
-            start,
-            length,
-            header_offset: header,
-            payload_offset: header + HEADER_LEN as u64,
-            stored_len: if data { stored } else { 0 },
-            lz4_frames: if data { lz4 } else { Vec::new() },
+        if data {
+            Frame::data(start, length, header, stored, lz4)
+        } else {
+            Frame::zero(start, length, header)
         }
     }
 

@@ -132,6 +132,9 @@ fn readback_catches_corruption_everywhere() {
                 let e = run(&plan, target).expect_err("corruption must be caught");
                 assert_eq!(e.kind(), ErrorKind::VerifyFailed, "{e}");
                 assert!(e.to_string().contains("differs from the backup"), "{e}");
+                // One 160 MiB output at a time: ten kept would need 1.6 GB of scratch
+                // space, more than a CI machine's /tmp may have.
+                std::fs::remove_file(&out).expect("rm");
             }
         }
     }
@@ -145,6 +148,7 @@ fn readback_catches_corruption_everywhere() {
         let r = run(&plan, target).expect("clean restore");
         assert!(r.disks[0].readback_verified);
         assert_eq!(r.disks[0].bytes_written, 160 * MIB);
+        std::fs::remove_file(&out).expect("rm");
     }
 }
 

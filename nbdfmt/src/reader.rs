@@ -38,6 +38,39 @@ pub struct Frame {
 }
 
 impl Frame {
+    /// A zero frame whose 40-byte header is at `header_offset`.
+    pub fn zero(start: u64, length: u64, header_offset: u64) -> Frame {
+        Frame {
+            kind: FrameKind::Zero,
+            start,
+            length,
+            header_offset,
+            payload_offset: header_offset.saturating_add(HEADER_LEN as u64),
+            stored_len: 0,
+            lz4_frames: Vec::new(),
+        }
+    }
+
+    /// A data frame whose header is at `header_offset`, its payload of `stored_len`
+    /// bytes (in `lz4_frames` LZ4 frames when compressed) right after it.
+    pub fn data(
+        start: u64,
+        length: u64,
+        header_offset: u64,
+        stored_len: u64,
+        lz4_frames: Vec<u64>,
+    ) -> Frame {
+        Frame {
+            kind: FrameKind::Data,
+            start,
+            length,
+            header_offset,
+            payload_offset: header_offset.saturating_add(HEADER_LEN as u64),
+            stored_len,
+            lz4_frames,
+        }
+    }
+
     /// End of the disk range.
     pub fn end(&self) -> u64 {
         self.start + self.length
@@ -234,6 +267,35 @@ impl<R: Read + Seek> StreamReader<R> {
             return Ok(None);
         }
         self.payload = None;
+        let h = self.read_header()?;
+        let offset = self.next_header;
+        match h.kind {
+            FrameKind::Data | FrameKind::Zero => {
+                self.check_placement(&h, offset)?;
+                self.prev_end = h.end();
+                if h.kind == FrameKind::Zero {
+                    self.next_header = offset + HEADER_LEN as u64;
+                    self.crlf_before_header = false;
+                    return Ok(Some(Frame::zero(h.start, h.length, offset)));
+                }
+                self.data_frame(&h, offset).map(Some)
+            }
+            FrameKind::Stop => {
+                self.stop_frame(&h, offset)?;
+                self.finished = true;
+                Ok(None)
+            }
+            FrameKind::Meta | FrameKind::Comp => Err(ErrorKind::UnexpectedFrame {
+                offset,
+                kind: h.kind.as_str(),
+                reason: "only data, zero or stop frames may follow the meta frame",
+            }
+            .into()),
+        }
+    }
+
+    /// The header at `next_header`, after the CR LF that ends the previous payload.
+    fn read_header(&mut self) -> Result<FrameHeader> {
         let pre = if self.crlf_before_header { 2 } else { 0 };
         let at = self.next_header - pre;
         let mut buf = [0u8; HEADER_LEN + 2];
@@ -257,136 +319,120 @@ impl<R: Read + Seek> StreamReader<R> {
             // The body ran into the trailer without a stop frame.
             return Err(ErrorKind::TruncatedHeader { offset, got: 0 }.into());
         }
-        let h = FrameHeader::parse(&buf[pre as usize..got], offset)?;
-        let payload_offset = offset + HEADER_LEN as u64;
-        match h.kind {
-            FrameKind::Data | FrameKind::Zero => {
-                if h.start < self.prev_end {
-                    return Err(ErrorKind::OutOfOrder {
-                        offset,
-                        start: h.start,
-                        previous_end: self.prev_end,
-                    }
-                    .into());
-                }
-                let end = h.start.checked_add(h.length);
-                if end.is_none_or(|e| e > self.meta.virtual_size) {
-                    return Err(ErrorKind::PastVirtualSize {
-                        offset,
-                        start: h.start,
-                        length: h.length,
-                        virtual_size: self.meta.virtual_size,
-                    }
-                    .into());
-                }
-                self.prev_end = h.end();
-                if h.kind == FrameKind::Zero {
-                    self.next_header = payload_offset;
-                    self.crlf_before_header = false;
-                    return Ok(Some(Frame {
-                        kind: FrameKind::Zero,
-                        start: h.start,
-                        length: h.length,
-                        header_offset: offset,
-                        payload_offset,
-                        stored_len: 0,
-                        lz4_frames: Vec::new(),
-                    }));
-                }
-                let (stored_len, lz4_frames) = match self.next_trailer_entry(h.length)? {
-                    None => (h.length, Vec::new()),
-                    Some(Err(entries)) => {
-                        return Err(ErrorKind::TrailerCountMismatch {
-                            offset,
-                            entries,
-                            data_frames: self.data_frames + 1,
-                        }
-                        .into());
-                    }
-                    Some(Ok(entry)) => (entry.stored_len(), entry.frames),
-                };
-                let room = self.body_end.saturating_sub(payload_offset);
-                if stored_len.checked_add(2).is_none_or(|n| n > room) {
-                    return Err(ErrorKind::TruncatedPayload {
-                        offset: payload_offset,
-                        expected: stored_len,
-                        got: room.min(stored_len),
-                    }
-                    .into());
-                }
-                self.data_frames += 1;
-                self.data_sum = self.data_sum.saturating_add(h.length);
-                self.next_header = payload_offset + stored_len + 2;
-                self.crlf_before_header = true;
-                self.payload = Some(Payload {
-                    payload_offset,
-                    length: h.length,
-                    disk_pos: h.start,
-                    file_pos: payload_offset,
-                    raw_left: if self.trailer.is_none() {
-                        stored_len
-                    } else {
-                        0
-                    },
-                    lz4_left: lz4_frames.iter().copied().collect(),
-                    lz4_current: 0,
-                    decoded: 0,
-                });
-                Ok(Some(Frame {
-                    kind: FrameKind::Data,
-                    start: h.start,
-                    length: h.length,
-                    header_offset: offset,
-                    payload_offset,
-                    stored_len,
-                    lz4_frames,
-                }))
-            }
-            FrameKind::Stop => {
-                if h.start != 0 || h.length != 0 {
-                    return Err(ErrorKind::BadHeader {
-                        offset,
-                        reason: "stop frame with non-zero fields",
-                        printable: crate::frame::printable(&h.encode()),
-                    }
-                    .into());
-                }
-                if self.data_sum != self.meta.data_size {
-                    return Err(ErrorKind::DataSizeMismatch {
-                        offset,
-                        declared: self.meta.data_size,
-                        actual: self.data_sum,
-                    }
-                    .into());
-                }
-                if let Some(t) = &self.trailer {
-                    if t.count != self.data_frames {
-                        return Err(ErrorKind::TrailerCountMismatch {
-                            offset,
-                            entries: t.count,
-                            data_frames: self.data_frames,
-                        }
-                        .into());
-                    }
-                }
-                let end = payload_offset;
-                if end != self.body_end {
-                    return Err(ErrorKind::TrailingData {
-                        offset: end,
-                        len: self.body_end.saturating_sub(end),
-                    }
-                    .into());
-                }
-                self.finished = true;
-                Ok(None)
-            }
-            FrameKind::Meta | FrameKind::Comp => Err(ErrorKind::UnexpectedFrame {
+        FrameHeader::parse(&buf[pre as usize..got], offset)
+    }
+
+    /// A data or zero frame starts after the previous one and ends inside the disk.
+    fn check_placement(&self, h: &FrameHeader, offset: u64) -> Result<()> {
+        if h.start < self.prev_end {
+            return Err(ErrorKind::OutOfOrder {
                 offset,
-                kind: h.kind.as_str(),
-                reason: "only data, zero or stop frames may follow the meta frame",
+                start: h.start,
+                previous_end: self.prev_end,
             }
-            .into()),
+            .into());
         }
+        let end = h.start.checked_add(h.length);
+        if end.is_none_or(|e| e > self.meta.virtual_size) {
+            return Err(ErrorKind::PastVirtualSize {
+                offset,
+                start: h.start,
+                length: h.length,
+                virtual_size: self.meta.virtual_size,
+            }
+            .into());
+        }
+        Ok(())
+    }
+
+    /// A data frame: its stored size (from the trailer when compressed) must fit
+    /// before the body's end; its payload becomes the one `read_payload` hands out.
+    fn data_frame(&mut self, h: &FrameHeader, offset: u64) -> Result<Frame> {
+        let payload_offset = offset + HEADER_LEN as u64;
+        let (stored_len, lz4_frames) = match self.next_trailer_entry(h.length)? {
+            None => (h.length, Vec::new()),
+            Some(Err(entries)) => {
+                return Err(ErrorKind::TrailerCountMismatch {
+                    offset,
+                    entries,
+                    data_frames: self.data_frames + 1,
+                }
+                .into());
+            }
+            Some(Ok(entry)) => (entry.stored_len(), entry.frames),
+        };
+        let room = self.body_end.saturating_sub(payload_offset);
+        if stored_len.checked_add(2).is_none_or(|n| n > room) {
+            return Err(ErrorKind::TruncatedPayload {
+                offset: payload_offset,
+                expected: stored_len,
+                got: room.min(stored_len),
+            }
+            .into());
+        }
+        self.data_frames += 1;
+        self.data_sum = self.data_sum.saturating_add(h.length);
+        self.next_header = payload_offset + stored_len + 2;
+        self.crlf_before_header = true;
+        self.payload = Some(Payload {
+            payload_offset,
+            length: h.length,
+            disk_pos: h.start,
+            file_pos: payload_offset,
+            raw_left: if self.trailer.is_none() {
+                stored_len
+            } else {
+                0
+            },
+            lz4_left: lz4_frames.iter().copied().collect(),
+            lz4_current: 0,
+            decoded: 0,
+        });
+        Ok(Frame::data(
+            h.start, h.length, offset, stored_len, lz4_frames,
+        ))
+    }
+
+    /// The stop frame: its fields are zero, and the body it ends adds up (dataSize,
+    /// the trailer's entry count, nothing between it and the trailer).
+    fn stop_frame(&self, h: &FrameHeader, offset: u64) -> Result<()> {
+        if h.start != 0 || h.length != 0 {
+            return Err(ErrorKind::BadHeader {
+                offset,
+                reason: "stop frame with non-zero fields",
+                printable: crate::frame::printable(&h.encode()),
+            }
+            .into());
+        }
+        if self.data_sum != self.meta.data_size {
+            return Err(ErrorKind::DataSizeMismatch {
+                offset,
+                declared: self.meta.data_size,
+                actual: self.data_sum,
+            }
+            .into());
+        }
+        if let Some(t) = self
+            .trailer
+            .as_ref()
+            .filter(|t| t.count != self.data_frames)
+        {
+            return Err(ErrorKind::TrailerCountMismatch {
+                offset,
+                entries: t.count,
+                data_frames: self.data_frames,
+            }
+            .into());
+        }
+        let end = offset + HEADER_LEN as u64;
+        if end != self.body_end {
+            return Err(ErrorKind::TrailingData {
+                offset: end,
+                len: self.body_end.saturating_sub(end),
+            }
+            .into());
+        }
+        Ok(())
     }
 
     /// The trailer entry of the next data frame: `None` for an uncompressed stream,

@@ -306,7 +306,7 @@ pub(crate) fn ranges(layers: &[Layer], size: u64) -> Result<Ranges> {
 mod tests {
     use super::*;
     use crate::framelog::FrameLogWriter;
-    use nbdfmt::{Frame, FrameKind};
+    use nbdfmt::Frame;
 
     fn layer(name: &str, k: u32, claims: Vec<(u64, u64, Claim)>) -> Layer {
         Layer {
@@ -396,15 +396,7 @@ mod tests {
         let mut w = FrameLogWriter::new(None).expect("log");
         let mut header = 1000;
         for &(start, length) in frames {
-            let f = Frame {
-                kind: FrameKind::Data,
-                start,
-                length,
-                header_offset: header,
-                payload_offset: header + 40,
-                stored_len: length,
-                lz4_frames: Vec::new(),
-            };
+            let f = Frame::data(start, length, header, length, Vec::new());
             header = f.payload_offset + length + 2;
             w.push(&f).expect("push");
         }

@@ -2,24 +2,17 @@
 //! (plain and LZ4), stepping over what cannot be trusted.
 
 use nbdfmt::lz4::{Lz4Buffers, Lz4FrameReader};
-use nbdfmt::{ErrorKind as FmtKind, FrameHeader, FrameKind, StreamMeta, HEADER_LEN};
+use nbdfmt::{ErrorKind as FmtKind, FrameHeader, FrameKind, HEADER_LEN};
 
 use super::*;
 
 impl Walker<'_> {
     /// Checks after the stop frame (nothing is lost by what they find).
-    #[allow(clippy::too_many_arguments)]
-    pub(super) fn stop(
-        &mut self,
-        meta: &StreamMeta,
-        pos: u64,
-        h: &FrameHeader,
-        data_sum: u64,
-        data_frames: usize,
-        body_end: u64,
-        trailer_len: Option<usize>,
-        trailer_fault: Option<(u64, String)>,
-    ) {
+    pub(super) fn stop(&mut self, b: &mut body::Body<'_>, h: &FrameHeader) {
+        let (meta, pos, data_sum, data_frames, body_end) =
+            (b.meta, b.pos, b.data_sum, b.data_frames, b.body_end);
+        let trailer_len = b.trailer.as_ref().map(|t| t.len());
+        let trailer_fault = b.trailer_fault.take();
         if h.start != 0 || h.length != 0 {
             self.out
                 .fault(Harm::Corrupt, pos, "stop frame with non-zero fields");
