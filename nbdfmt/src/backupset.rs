@@ -280,85 +280,107 @@ impl BackupSet {
             let path = entry.path();
             // symlink_metadata: a planted symlink is not a backup file
             let md = fs::symlink_metadata(&path).map_err(file_error(&path))?;
-            let name = entry.file_name().to_string_lossy().into_owned();
+            // virtnbdbackup's names are made of libvirt disk targets: one that is not
+            // UTF-8 is no backup file (and is never turned into a disk name lossily)
+            let Ok(name) = entry.file_name().into_string() else {
+                continue;
+            };
             if md.is_dir() && name == "checkpoints" {
                 set.scan_checkpoints(&path)?;
-                continue;
-            }
-            if !md.is_file() {
-                // Never followed or read; but a data file's name on a directory or
-                // symlink is reported as unreadable, not as a missing file.
-                if let BackupFile::Stream {
-                    disk,
-                    level,
-                    partial: false,
-                } = BackupFile::parse(&name)
-                {
-                    let what = if md.is_dir() {
-                        "a directory"
-                    } else if md.file_type().is_symlink() {
-                        "a symbolic link"
-                    } else {
-                        "a special file"
-                    };
-                    let e = std::io::Error::new(
-                        std::io::ErrorKind::InvalidInput,
-                        format!("{what}, not a regular file"),
-                    );
-                    let content = StreamContent::Unreadable(io_at(0)(e).in_file(&path));
-                    let f = StreamFile {
-                        disk: disk.clone(),
-                        level,
-                        size: 0,
-                        mtime: None,
-                        has_chksum: false,
-                        content,
-                        path,
-                    };
-                    set.disks.entry(disk).or_default().push(f);
-                }
-                continue;
-            }
-            match BackupFile::parse(&name) {
-                BackupFile::Stream {
-                    disk,
-                    level,
-                    partial: true,
-                } => set.partials.push((disk, level, path)),
-                BackupFile::Stream {
-                    disk,
-                    level,
-                    partial: false,
-                } => {
-                    let f = open_stream_file(path, disk.clone(), level, &md);
-                    set.disks.entry(disk).or_default().push(f);
-                }
-                BackupFile::QcowJson { disk, ident } => {
-                    set.qcow_json.insert((disk, ident), path);
-                }
-                BackupFile::VmConfig { ident } => {
-                    set.vmconfigs.insert(ident, path);
-                }
-                BackupFile::Cpt => cpt_files.push(path),
-                BackupFile::BootFile { base, checkpoint } => {
-                    set.boot_files.push((base, checkpoint, path))
-                }
-                BackupFile::Checksum { .. } | BackupFile::Other => {}
+            } else if !md.is_file() {
+                set.not_regular(&name, path, &md);
+            } else if BackupFile::parse(&name) == BackupFile::Cpt {
+                cpt_files.push(path);
+            } else {
+                set.add_file(&name, path, &md);
             }
         }
         if let [one] = cpt_files.as_slice() {
             set.cpt = read_small(one).ok().and_then(|b| parse_cpt(&b).ok());
         }
-        for files in set.disks.values_mut() {
+        set.order();
+        set.evaluate();
+        Ok(set)
+    }
+
+    /// A directory entry that is no regular file is never followed or read; but a
+    /// data file's name on a directory or symlink is reported as unreadable, not as a
+    /// missing file.
+    fn not_regular(&mut self, name: &str, path: PathBuf, md: &fs::Metadata) {
+        let BackupFile::Stream {
+            disk,
+            level,
+            partial: false,
+        } = BackupFile::parse(name)
+        else {
+            return;
+        };
+        let what = if md.is_dir() {
+            "a directory"
+        } else if md.file_type().is_symlink() {
+            "a symbolic link"
+        } else {
+            "a special file"
+        };
+        let e = std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            format!("{what}, not a regular file"),
+        );
+        let content = StreamContent::Unreadable(io_at(0)(e).in_file(&path));
+        let f = StreamFile {
+            disk: disk.clone(),
+            level,
+            size: 0,
+            mtime: None,
+            has_chksum: false,
+            content,
+            path,
+        };
+        self.disks.entry(disk).or_default().push(f);
+    }
+
+    /// A regular file of the backup directory, by what its name says it is.
+    fn add_file(&mut self, name: &str, path: PathBuf, md: &fs::Metadata) {
+        match BackupFile::parse(name) {
+            BackupFile::Stream {
+                disk,
+                level,
+                partial: true,
+            } => self.partials.push((disk, level, path)),
+            BackupFile::Stream {
+                disk,
+                level,
+                partial: false,
+            } => {
+                let f = open_stream_file(path, disk.clone(), level, md);
+                self.disks.entry(disk).or_default().push(f);
+            }
+            BackupFile::QcowJson { disk, ident } => {
+                self.qcow_json.insert((disk, ident), path);
+            }
+            BackupFile::VmConfig { ident } => {
+                self.vmconfigs.insert(ident, path);
+            }
+            BackupFile::BootFile { base, checkpoint } => {
+                self.boot_files.push((base, checkpoint, path))
+            }
+            BackupFile::Cpt | BackupFile::Checksum { .. } | BackupFile::Other => {}
+        }
+    }
+
+    /// Each disk's files in chain order (base, incrementals by number, differentials
+    /// by time), and the kind of set they make.
+    fn order(&mut self) {
+        for files in self.disks.values_mut() {
             files.sort_by_key(|f| match f.level {
                 StreamLevel::Full | StreamLevel::Copy => (0u8, 0u64),
                 StreamLevel::Inc(n) => (1, u64::from(n)),
                 StreamLevel::Diff(ts) => (2, ts),
             });
         }
-        set.boot_files.sort();
-        let levels = || set.disks.values().flatten().map(|f| f.level);
-        set.kind = if levels().any(|l| matches!(l, StreamLevel::Inc(_))) {
+        self.boot_files.sort();
+        let levels = || self.disks.values().flatten().map(|f| f.level);
+        self.kind = if levels().any(|l| matches!(l, StreamLevel::Inc(_))) {
             SetKind::Incremental
         } else if levels().any(|l| l == StreamLevel::Full) {
             SetKind::Full
@@ -367,8 +389,6 @@ impl BackupSet {
         } else {
             SetKind::Unknown
         };
-        set.evaluate();
-        Ok(set)
     }
 
     fn scan_checkpoints(&mut self, dir: &Path) -> Result<()> {
@@ -548,9 +568,65 @@ impl BackupSet {
 
     /// §2.8: per checkpoint, which disks are expected and whether their files are there.
     fn evaluate(&mut self) {
+        let Some(latest) = self.latest_checkpoint() else {
+            return;
+        };
         let base = self.base_disks();
+        let mut seen = Layout {
+            expected: base.clone(),
+            driver: BTreeMap::new(),
+            had_sidecar: BTreeSet::new(),
+        };
+        let mut points = Vec::with_capacity(latest as usize + 1);
+        for n in 0..=latest {
+            if let Some(cfg) = self.vmconfig(n).and_then(|p| read_domain_config(p).ok()) {
+                seen.driver = cfg
+                    .disks
+                    .iter()
+                    .filter(|d| d.is_disk())
+                    .map(|d| (d.target.clone(), d.driver_type.clone()))
+                    .collect();
+                seen.expected = base
+                    .iter()
+                    .filter(|d| seen.driver.contains_key(*d))
+                    .cloned()
+                    .collect();
+            }
+            let mut problems = Vec::new();
+            if base.is_empty() {
+                problems.push(Problem {
+                    checkpoint: n,
+                    disk: None,
+                    file: "*.full.data".into(),
+                    kind: ProblemKind::NoBase,
+                });
+            }
+            for d in &seen.expected.clone() {
+                problems.extend(self.data_problem(d, n));
+                problems.extend(self.qcow_problem(d, n, &mut seen));
+            }
+            let disks = self
+                .disks
+                .keys()
+                .filter(|d| self.file(d, n).is_some())
+                .cloned()
+                .collect();
+            points.push(RestorePoint {
+                checkpoint: n,
+                checkpoint_xml: self.checkpoint_xmls.get(&n).cloned(),
+                disks,
+                expected: seen.expected.clone(),
+                problems,
+            });
+        }
+        self.points = points;
+    }
+
+    /// The newest checkpoint anything in the directory speaks of (data files,
+    /// interrupted ones, checkpoint XMLs, vmconfigs, the `.cpt` list), if any.
+    fn latest_checkpoint(&self) -> Option<u32> {
         let mut universe: BTreeSet<u32> = self.checkpoint_xmls.keys().copied().collect();
-        if !base.is_empty() {
+        if !self.base_disks().is_empty() {
             universe.insert(0);
         }
         for files in self.disks.values() {
@@ -567,115 +643,75 @@ impl BackupSet {
         if let Some(cpt) = &self.cpt {
             universe.extend(cpt.iter().filter_map(|c| checkpoint_number(c)));
         }
-        let Some(&latest) = universe.last() else {
-            return;
-        };
-        let mut expected = base.clone();
-        let mut driver: BTreeMap<String, Option<String>> = BTreeMap::new();
-        let mut had_sidecar: BTreeSet<String> = BTreeSet::new();
-        let mut points = Vec::with_capacity(latest as usize + 1);
-        for n in 0..=latest {
-            if let Some(cfg) = self.vmconfig(n).and_then(|p| read_domain_config(p).ok()) {
-                let listed: BTreeMap<String, Option<String>> = cfg
-                    .disks
-                    .iter()
-                    .filter(|d| d.is_disk())
-                    .map(|d| (d.target.clone(), d.driver_type.clone()))
-                    .collect();
-                expected = base
-                    .iter()
-                    .filter(|d| listed.contains_key(*d))
-                    .cloned()
-                    .collect();
-                driver = listed;
-            }
-            let mut problems = Vec::new();
-            if base.is_empty() {
-                problems.push(Problem {
-                    checkpoint: n,
-                    disk: None,
-                    file: "*.full.data".into(),
-                    kind: ProblemKind::NoBase,
-                });
-            }
-            for d in &expected {
-                let name = self.data_file_name(d, n);
-                let partial = self
-                    .partials
-                    .iter()
-                    .find(|(pd, l, _)| pd == d && l.checkpoint() == Some(n));
-                match (self.file(d, n), partial) {
-                    (_, Some((_, _, p))) => problems.push(Problem {
-                        checkpoint: n,
-                        disk: Some(d.clone()),
-                        file: p
-                            .file_name()
-                            .map(|x| x.to_string_lossy().into_owned())
-                            .unwrap_or_default(),
-                        kind: ProblemKind::Partial,
-                    }),
-                    (None, None) => problems.push(Problem {
-                        checkpoint: n,
-                        disk: Some(d.clone()),
-                        file: name,
-                        kind: ProblemKind::MissingData,
-                    }),
-                    (Some(f), None) => {
-                        let prev = n.checked_sub(1).and_then(|p| self.file(d, p));
-                        let prev = if f.meta().is_some_and(StreamMeta::is_base) {
-                            None
-                        } else {
-                            prev
-                        };
-                        if let Err(kind) = check_member(f, n, prev) {
-                            problems.push(Problem {
-                                checkpoint: n,
-                                disk: Some(d.clone()),
-                                file: f.file_name(),
-                                kind,
-                            });
-                        }
-                    }
-                }
-                let qcow2 = match driver.get(d).cloned().flatten() {
-                    Some(t) => t == "qcow2",
-                    None => had_sidecar.contains(d),
-                };
-                let raw_image = self
-                    .file(d, n)
-                    .is_some_and(|f| matches!(f.content, StreamContent::RawImage));
-                if self.qcow_json_exists(d, n) {
-                    had_sidecar.insert(d.clone());
-                } else if qcow2 && !raw_image {
-                    let file = if self.kind == SetKind::Copy {
-                        format!("{d}.copy.qcow.json")
-                    } else {
-                        format!("{d}.virtnbdbackup.{n}.qcow.json")
-                    };
-                    problems.push(Problem {
-                        checkpoint: n,
-                        disk: Some(d.clone()),
-                        file,
-                        kind: ProblemKind::MissingQcowJson,
-                    });
-                }
-            }
-            let disks = self
-                .disks
-                .iter()
-                .filter(|(d, _)| self.file(d, n).is_some())
-                .map(|(d, _)| d.clone())
-                .collect();
-            points.push(RestorePoint {
-                checkpoint: n,
-                checkpoint_xml: self.checkpoint_xmls.get(&n).cloned(),
-                disks,
-                expected: expected.clone(),
-                problems,
-            });
-        }
-        self.points = points;
+        universe.last().copied()
     }
+
+    /// What is wrong with disk `d`'s data file at point `n`: interrupted, missing, or
+    /// not the member of the chain it should be.
+    fn data_problem(&self, d: &str, n: u32) -> Option<Problem> {
+        let partial = self
+            .partials
+            .iter()
+            .find(|(pd, l, _)| pd == d && l.checkpoint() == Some(n));
+        let (file, kind) = match (self.file(d, n), partial) {
+            (_, Some((_, _, p))) => (
+                p.file_name()
+                    .map(|x| x.to_string_lossy().into_owned())
+                    .unwrap_or_default(),
+                ProblemKind::Partial,
+            ),
+            (None, None) => (self.data_file_name(d, n), ProblemKind::MissingData),
+            (Some(f), None) => {
+                let prev = if f.meta().is_some_and(StreamMeta::is_base) {
+                    None
+                } else {
+                    n.checked_sub(1).and_then(|p| self.file(d, p))
+                };
+                (f.file_name(), check_member(f, n, prev).err()?)
+            }
+        };
+        Some(Problem {
+            checkpoint: n,
+            disk: Some(d.to_owned()),
+            file,
+            kind,
+        })
+    }
+
+    /// A qcow2 disk's stream needs its `qcow.json` (the image options) at point `n`;
+    /// a disk whose driver no vmconfig names is qcow2 once a `qcow.json` was seen.
+    fn qcow_problem(&self, d: &str, n: u32, seen: &mut Layout) -> Option<Problem> {
+        let qcow2 = match seen.driver.get(d).cloned().flatten() {
+            Some(t) => t == "qcow2",
+            None => seen.had_sidecar.contains(d),
+        };
+        let raw_image = self
+            .file(d, n)
+            .is_some_and(|f| matches!(f.content, StreamContent::RawImage));
+        if self.qcow_json_exists(d, n) {
+            seen.had_sidecar.insert(d.to_owned());
+            return None;
+        }
+        (qcow2 && !raw_image).then(|| Problem {
+            checkpoint: n,
+            disk: Some(d.to_owned()),
+            file: match self.kind {
+                SetKind::Copy => format!("{d}.copy.qcow.json"),
+                _ => format!("{d}.virtnbdbackup.{n}.qcow.json"),
+            },
+            kind: ProblemKind::MissingQcowJson,
+        })
+    }
+}
+
+/// The disks and drivers known at a point, carried from one point to the next.
+struct Layout {
+    /// Disks the point should have (the base's disks its vmconfig lists).
+    expected: BTreeSet<String>,
+    /// Target → driver type, from the newest vmconfig so far.
+    driver: BTreeMap<String, Option<String>>,
+    /// Disks a `qcow.json` was seen for.
+    had_sidecar: BTreeSet<String>,
 }
 
 /// Checks one member of a chain against its name and its predecessor.

@@ -326,3 +326,21 @@ fn damaged_sets_name_the_problem() {
         "a removed disk is not a missing one"
     );
 }
+
+/// A file whose name is not UTF-8 beside a chain is no backup file: it never becomes
+/// a disk (a lossy `vd\u{FFFD}` would name an output file nobody named); the chain is
+/// read as before.
+#[test]
+fn a_name_that_is_not_utf8_is_no_disk() {
+    use std::os::unix::ffi::OsStrExt;
+    let dir = tempfile::tempdir().expect("tmp");
+    let opts = nbdfmt::writer::StreamOptions::full("vda", 1 << 20, 0);
+    let frames = [nbdfmt::writer::WriteFrame::Data(0, vec![7u8; 4096])];
+    let stream = nbdfmt::writer::write_stream(&opts, &frames);
+    std::fs::write(dir.path().join("vda.full.data"), &stream).expect("write");
+    let odd = std::ffi::OsStr::from_bytes(b"vd\xff.full.data");
+    std::fs::write(dir.path().join(odd), &stream).expect("write");
+    let set = BackupSet::scan(dir.path()).expect("scan");
+    assert_eq!(set.disks.keys().collect::<Vec<_>>(), ["vda"]);
+    assert!(set.points[0].problems.is_empty(), "{:?}", set.points[0].problems);
+}
