@@ -151,25 +151,7 @@ impl<R: Read + Seek> StreamReader<R> {
     /// file) and positions before the first body frame.
     pub fn open(mut src: R) -> Result<Self> {
         let file_size = src.seek(SeekFrom::End(0)).map_err(io_at(0))?;
-        let mut hdr = [0u8; HEADER_LEN];
-        let got = read_at(&mut src, 0, &mut hdr)?;
-        let h = FrameHeader::parse(&hdr[..got], 0)?;
-        if h.kind != FrameKind::Meta {
-            return Err(ErrorKind::UnexpectedFrame {
-                offset: 0,
-                kind: h.kind.as_str(),
-                reason: "a stream starts with a meta frame",
-            }
-            .into());
-        }
-        if h.length > MAX_META_LEN {
-            return Err(ErrorKind::MetaTooLarge {
-                offset: 0,
-                len: h.length,
-                max: MAX_META_LEN,
-            }
-            .into());
-        }
+        let h = meta_header(&mut src)?;
         let json_off = HEADER_LEN as u64;
         // length is capped above, so this fits in memory
         let mut json = vec![0u8; h.length as usize + 2];
@@ -766,11 +748,11 @@ pub fn read_all<R: Read + Seek>(src: R, mut sink: impl FnMut(u64, &[u8])) -> Res
     Ok(total)
 }
 
-/// Reads only the meta frame of a stream file (40 bytes + the JSON), without the
-/// trailer or any frame. Cheap enough to call for every file of a directory.
-pub fn read_meta<R: Read + Seek>(mut src: R) -> Result<StreamMeta> {
+/// The 40-byte header at the start of a stream: a meta frame whose JSON is no longer
+/// than [`MAX_META_LEN`] (so the JSON can be read into memory).
+fn meta_header<R: Read + Seek>(src: &mut R) -> Result<FrameHeader> {
     let mut hdr = [0u8; HEADER_LEN];
-    let got = read_at(&mut src, 0, &mut hdr)?;
+    let got = read_at(src, 0, &mut hdr)?;
     let h = FrameHeader::parse(&hdr[..got], 0)?;
     if h.kind != FrameKind::Meta {
         return Err(ErrorKind::UnexpectedFrame {
@@ -788,6 +770,13 @@ pub fn read_meta<R: Read + Seek>(mut src: R) -> Result<StreamMeta> {
         }
         .into());
     }
+    Ok(h)
+}
+
+/// Reads only the meta frame of a stream file (40 bytes + the JSON), without the
+/// trailer or any frame. Cheap enough to call for every file of a directory.
+pub fn read_meta<R: Read + Seek>(mut src: R) -> Result<StreamMeta> {
+    let h = meta_header(&mut src)?;
     let mut json = vec![0u8; h.length as usize];
     let got = read_at(&mut src, HEADER_LEN as u64, &mut json)?;
     if got < json.len() {

@@ -342,5 +342,9 @@ fn a_name_that_is_not_utf8_is_no_disk() {
     std::fs::write(dir.path().join(odd), &stream).expect("write");
     let set = BackupSet::scan(dir.path()).expect("scan");
     assert_eq!(set.disks.keys().collect::<Vec<_>>(), ["vda"]);
-    assert!(set.points[0].problems.is_empty(), "{:?}", set.points[0].problems);
+    assert!(
+        set.points[0].problems.is_empty(),
+        "{:?}",
+        set.points[0].problems
+    );
 }
