@@ -6,7 +6,8 @@ use std::path::Path;
 
 use engine::Cancel;
 
-use crate::cli::request::{self, Facts, InspectRequest, Request};
+use crate::cli::build;
+use crate::cli::request::{Facts, InspectRequest, Request};
 use crate::cli::{self, Parsed};
 use crate::cmd;
 use crate::error::{AppError, ExitStatus};
@@ -40,7 +41,7 @@ pub fn run(argv: &[String], env: &Env) -> Result<ExitStatus, AppError> {
         args.config_instance.as_deref(),
         &env.config,
     )?;
-    // step 6 needs the filesystem; computed here, reported in order by request::build
+    // step 6 needs the filesystem; computed here, reported in order by build::build
     let restore_path_inside = args.restore_path.as_deref().and_then(|p| {
         let mut roots = vec![root.path.clone()];
         roots.extend(config::configured_roots(&env.config));
@@ -50,7 +51,7 @@ pub fn run(argv: &[String], env: &Env) -> Result<ExitStatus, AppError> {
         restore_path_inside,
         default_uri: env.default_uri.clone(),
     };
-    let req = request::build(args, root, &facts)?;
+    let req = build::build(args, root, &facts)?;
     dispatch(&req, env)
 }
 

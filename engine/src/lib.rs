@@ -16,6 +16,7 @@
 
 pub mod apply;
 pub mod cancel;
+pub mod chain;
 pub mod error;
 pub mod extent;
 pub mod framelog;
@@ -29,10 +30,11 @@ pub mod target;
 
 pub use apply::{apply, ApplyOptions, ApplyReport, DiskReport, Progress};
 pub use cancel::Cancel;
+pub use chain::{ChainFile, Frames};
 pub use error::{Error, ErrorKind, Result};
 pub use extent::{Extent, ExtentMap, Source};
 pub use merge::{Merge, MergeStats, Piece};
 pub use output::StagedPath;
-pub use plan::{ChainFile, DiskPlan, Frames};
+pub use plan::DiskPlan;
 pub use rollback::{save_device_image, DeviceImageReport};
 pub use target::BlockTarget;

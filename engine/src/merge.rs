@@ -20,10 +20,11 @@ use std::sync::Arc;
 
 use nbdfmt::{Frame, FrameKind, PreadBuf, StreamReader};
 
+pub use crate::chain::MergeStats;
+use crate::chain::{ChainFile, Frames};
 use crate::error::{Error, Result};
 use crate::extent::{ExtentMap, Source};
 use crate::framelog::FrameLogReader;
-use crate::plan::{ChainFile, Frames};
 
 /// Read-ahead shared by all header cursors of one merge, by file size: a chain of
 /// many small files gets small windows (a frame header is 40 bytes; down to 512 bytes,
@@ -296,16 +297,6 @@ impl<'a> Merge<'a> {
         self.done = true;
         Ok(())
     }
-}
-
-/// What a merge of a disk's chain gives, counted without keeping it.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct MergeStats {
-    /// Bytes that come from data frames.
-    pub data_bytes: u64,
-    /// Runs of the final disk from one frame each (data or zero), adjacent runs of the
-    /// same frame counted once.
-    pub extents: u64,
 }
 
 /// Counts the final content of `files` over `size` bytes (one pass over the headers),

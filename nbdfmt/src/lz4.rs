@@ -276,7 +276,7 @@ impl<R: Read> Lz4FrameReader<R> {
         Some(Ok(n))
     }
 
-    /// Decodes into buffers left by an earlier reader ([`take_buffers`](Self::take_buffers)):
+    /// Decodes into buffers left by an earlier reader ([`finish_keep_buffers`](Self::finish_keep_buffers)):
     /// a chain file holds one LZ4 frame per data frame, and fresh megabyte buffers for
     /// each (zero-filled, page-faulted, unmapped again) cost more than decoding small
     /// frames. Only the checksum-skipping path uses them.

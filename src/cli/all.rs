@@ -2,27 +2,12 @@
 //! which VMs (`--only`, `--exclude`), how many at once (`--jobs`).
 
 use crate::cli::request::{
-    check_serve_tls, check_test_boot, restore_kind, Facts, RestoreOptions, RestorePoint,
-    RestoreRequest, VmTarget, DEFAULT_URI,
+    AllRequest, Facts, RestoreOptions, RestorePoint, RestoreRequest, VmTarget, DEFAULT_URI,
 };
+use crate::cli::rules::{check_serve_tls, check_test_boot, restore_kind};
 use crate::cli::Args;
 use crate::error::AppError;
 use crate::host::config::BackupRoot;
-
-/// `--all`: the same restore for every VM of the backup root.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct AllRequest {
-    /// The restore each VM gets; its `vm` is filled per VM (a clone's name too).
-    pub template: RestoreRequest,
-    /// `--only`.
-    pub only: Vec<String>,
-    /// `--exclude`.
-    pub exclude: Vec<String>,
-    /// `--jobs`.
-    pub jobs: Option<usize>,
-    /// `--name-prefix` / `--name-suffix` (clones).
-    pub clone_affixes: Option<(String, String)>,
-}
 
 /// `--all`: the template restore and the VM selection.
 pub(crate) fn all_request(

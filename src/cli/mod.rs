@@ -17,8 +17,10 @@
 //! statement 5 true.
 
 pub mod all;
+pub mod build;
 pub mod flags;
 pub mod request;
+pub mod rules;
 pub mod selection;
 
 pub use flags::{usage, Flag, FlagId, Section, Takes, FLAGS};

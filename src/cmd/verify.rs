@@ -1,8 +1,8 @@
 //! `--verify` (spec §4.16, natively): "this restore point will restore". Every data
 //! file of the chosen data dir goes through the restore's own read pass
-//! ([`walk`]: frame headers, trailer, sizes, every payload read and LZ4-decoded, the
+//! (`walk`: frame headers, trailer, sizes, every payload read and LZ4-decoded, the
 //! adler32 against its `.chksum`); the restore points are then judged from those
-//! results and the chain checks a restore makes ([`point`]: missing incrementals,
+//! results and the chain checks a restore makes (`point`: missing incrementals,
 //! `.partial` leftovers, broken links, completeness, `qcow.json`). Never writes.
 //!
 //! Exit 6 when any restore point is not restorable or any file is damaged, naming the

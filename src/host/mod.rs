@@ -4,6 +4,7 @@
 pub mod catalogue;
 pub mod config;
 pub mod env;
+pub mod files;
 pub mod lock;
 pub mod names;
 pub mod nvram;

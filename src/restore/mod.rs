@@ -14,6 +14,7 @@ use crate::error::AppError;
 pub mod checks;
 mod clone;
 mod context;
+pub mod damage_map;
 mod disk;
 mod dr;
 pub mod execute;

@@ -266,7 +266,7 @@ pub fn write_outputs(
         .iter()
         .map(|d| {
             d.as_ref()
-                .map(|(d, path)| crate::restore::salvage::stage_map(d, path))
+                .map(|(d, path)| crate::restore::damage_map::stage_map(d, path))
                 .transpose()
         })
         .collect::<engine::Result<Vec<_>>>()?;
@@ -302,7 +302,7 @@ pub fn commit_with_map(
 ) -> engine::Result<PathBuf> {
     let Some(map) = map else {
         let done = disk.commit(replace)?;
-        crate::restore::salvage::remove_stale_map(&done);
+        crate::restore::damage_map::remove_stale_map(&done);
         return Ok(done);
     };
     let map = map.commit(replace)?;

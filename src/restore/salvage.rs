@@ -5,26 +5,19 @@
 //! first: a disk under its final name always has its map), and the run ends with
 //! exit 6, catalogue outcome `partial` and a `Salvage restore: … PARTIALLY` summary.
 //!
-//! Owns the map's JSON, its file and the salvage wording; the planners and the
-//! executor call in through small hooks and decide nothing here.
+//! Owns the salvage plan and wording (the map's file: [`super::damage_map`]); the
+//! planners and the executor call in through small hooks and decide nothing here.
 
-use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use engine::salvage::{DamageReport, RangeState};
-use engine::StagedPath;
 use nbdfmt::SetKind;
-use serde_json::{json, Value};
 
 use crate::error::{engine_error, AppError};
+use crate::restore::damage_map::map_path;
 use crate::restore::outputs::{job_for, DiskJob, PredictedOutput};
 use crate::restore::Context;
 use crate::ui::format::iec_size;
-
-/// Where the damage map of a disk restored to `final_path` goes.
-pub fn map_path(final_path: &Path) -> PathBuf {
-    engine::salvage::map_path(final_path)
-}
 
 /// Salvage plans of `outputs` at `t`: each disk's chain read completely, its
 /// damage logged; a damaged disk's job carries its [`DamageReport`]. Without
@@ -110,76 +103,6 @@ fn log_damage(ctx: &Context<'_>, d: &DamageReport, final_path: &Path) {
             map_path(final_path).display()
         ),
     );
-}
-
-/// The damage map of `d` for the disk at `disk_path`, as JSON.
-pub fn map_json(d: &DamageReport, disk_path: &Path) -> Value {
-    let mut v = json!({
-        "schema": "vmrestore.damage/1",
-        "disk": d.disk,
-        "image": disk_path,
-        "restore_point": d.checkpoint,
-        "virtual_size": d.virtual_size,
-        "missing_bytes": d.bytes(RangeState::Missing),
-        "stale_bytes": d.bytes(RangeState::Stale),
-        "unverified_bytes": d.bytes(RangeState::Unverified),
-        "files": d.files.iter().map(|f| json!({
-            "file": f.name(),
-            "checkpoint": f.checkpoint,
-            "status": f.status.as_str(),
-            "at_offset": f.at_offset,
-            "reason": f.reason,
-            "used": f.used,
-        })).collect::<Vec<_>>(),
-        "ranges": d.ranges.iter().map(|r| json!({
-            "offset": r.offset,
-            "length": r.length,
-            "state": r.state.as_str(),
-            "why": r.why,
-            "file": r.file,
-        })).collect::<Vec<_>>(),
-    });
-    if d.ranges_omitted > 0 {
-        // the byte counts above cover these too
-        v["ranges_omitted"] = json!(d.ranges_omitted);
-        v["ranges_note"] = json!(format!(
-            "{} more damaged ranges are not listed (at most {} of each state are): the byte counts above include them",
-            d.ranges_omitted,
-            engine::salvage::MAX_RANGES
-        ));
-    }
-    v
-}
-
-/// The map of `d` written and synced under a temporary name beside
-/// `<disk_path>.damage.json` (dropping it removes the file).
-pub fn stage_map(d: &DamageReport, disk_path: &Path) -> engine::Result<StagedPath> {
-    let final_path = map_path(disk_path);
-    for p in StagedPath::remove_stale(&final_path) {
-        tracing::warn!(target: "restore_disk", "Removed leftover temporary file of an interrupted restore: {}", p.display());
-    }
-    let s = StagedPath::new(&final_path);
-    let text = serde_json::to_string_pretty(&map_json(d, disk_path))
-        .map_err(|e| engine::Error::Internal(format!("damage map: {e}")))?;
-    let write = || -> std::io::Result<()> {
-        let mut f = std::fs::File::create(s.temp_path())?;
-        f.write_all(text.as_bytes())?;
-        f.write_all(b"\n")?;
-        f.sync_all()
-    };
-    write().map_err(|e| engine::Error::target("writing", s.temp_path(), e))?;
-    Ok(s)
-}
-
-/// After a clean disk took `final_path`: a damage map left there by an earlier
-/// salvage restore no longer describes it, and goes.
-pub fn remove_stale_map(final_path: &Path) {
-    let m = map_path(final_path);
-    if std::fs::symlink_metadata(&m).is_ok_and(|md| md.is_file())
-        && std::fs::remove_file(&m).is_ok()
-    {
-        tracing::warn!(target: "restore_disk", "Removed {}: it described an earlier salvage restore of {}", m.display(), final_path.display());
-    }
 }
 
 /// What a finished salvage restore of one disk lacks.
@@ -276,6 +199,7 @@ pub fn refuse_damaged(jobs: &[DiskJob], what: &str) -> Result<(), AppError> {
 mod tests {
     use super::*;
     use crate::restore::outputs::commit_with_map;
+    use engine::StagedPath;
 
     fn staged(final_path: &Path, text: &str) -> StagedPath {
         let s = StagedPath::new(final_path);

@@ -10,6 +10,7 @@ use std::path::{Path, PathBuf};
 
 use crate::error::{engine_error, AppError};
 use crate::restore::checks::Preflight;
+use crate::restore::damage_map;
 use crate::restore::outputs::{commit_with_map, plan_outputs, write_staged};
 use crate::restore::plan::InPlace;
 use crate::restore::salvage::{self, Salvaged};
@@ -253,7 +254,7 @@ pub fn replace(
         .pop()
         .ok_or_else(|| AppError::Internal("no staged output for the disk".into()))?;
     let map = damage
-        .map(|d| salvage::stage_map(&d, &r.path))
+        .map(|d| damage_map::stage_map(&d, &r.path))
         .transpose()
         .map_err(|e| engine_error(e, &what))?;
     // TEMP until engine's commit with rollback lands
@@ -332,8 +333,8 @@ fn save_device(ctx: &Context<'_>, r: &InPlace, rb: &Path) -> engine::Result<Path
         ),
     );
     let marker = in_progress_marker(rb);
-    std::fs::write(&marker, format!("{}\n", r.path.display()))
-        .and_then(|()| std::fs::File::open(&marker)?.sync_all())
+    let text = format!("{}\n", r.path.display());
+    crate::host::files::write(&marker, text.as_bytes(), true)
         .map_err(|e| engine::Error::target("writing", &marker, e))?;
     Ok(marker)
 }

@@ -251,7 +251,7 @@ impl RunLog {
     /// `/tmp/vmrestore-<epoch>.log`), writes the header block with `fields`, and
     /// makes it the destination of every later log line. Returns its path.
     ///
-    /// The file is always a new one ([`create_new`]): when the name is taken (a
+    /// The file is always a new one (`create_new`): when the name is taken (a
     /// second run in the same second, or a name planted in `/tmp`) a fresh unique
     /// name is used instead, and said (WARN when the name held a symlink or other
     /// non-file).

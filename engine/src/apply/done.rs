@@ -5,8 +5,23 @@ use std::collections::BTreeMap;
 use std::fs::File;
 use std::io::{BufReader, BufWriter, Read, Seek, SeekFrom, Write};
 
-use super::readback::Written;
 use crate::error::{Error, Result};
+
+/// One piece handed to the target: disk range, xxh3 of its bytes and (once read back)
+/// a digest of where the target stored it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) struct Written {
+    pub offset: u64,
+    pub len: u64,
+    pub hash: u64,
+    pub placed: u64,
+}
+
+impl Written {
+    pub fn end(&self) -> u64 {
+        self.offset + self.len
+    }
+}
 
 /// Pieces read back kept in memory for the final check; more go to a temporary file.
 const DONE_IN_MEMORY: usize = 64 << 10;

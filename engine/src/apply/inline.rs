@@ -2,10 +2,10 @@
 //! ([`ApplyOptions::inline_max_bytes`]) is restored on the calling thread, without the
 //! pipeline's threads (they cost more to start, hand over and stop than the copy).
 
+use super::chunk::BufPool;
 use super::options::ApplyOptions;
 use super::report::{attach_checksums, DiskReport, FileStatuses};
 use super::source;
-use super::source::BufPool;
 use super::writer::DiskWriter;
 use crate::cancel::Cancel;
 use crate::error::Result;

@@ -22,6 +22,7 @@
 //! pieces, spilled to a temporary file when long), `pipeline` (threads and channels),
 //! `inline` (small chains).
 
+mod chunk;
 mod done;
 mod inline;
 mod lane;

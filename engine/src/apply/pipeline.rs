@@ -10,14 +10,15 @@ use std::sync::Arc;
 use tokio::sync::{mpsc, Semaphore};
 use tokio::task::JoinHandle;
 
+use super::chunk::{BufPool, Chunk};
 use super::options::ApplyOptions;
 use super::report::{attach_checksums, DiskReport, FileStatuses};
-use super::source::BufPool;
 use super::source::{self, FileOutcome};
-use super::writer::{Chunk, DiskWriter};
+use super::writer::DiskWriter;
 use crate::cancel::Cancel;
+use crate::chain::ChainFile;
 use crate::error::{Error, Result};
-use crate::plan::{ChainFile, DiskPlan};
+use crate::plan::DiskPlan;
 use crate::target::BlockTarget;
 
 /// What every reader task of one run holds.

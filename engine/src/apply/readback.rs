@@ -8,7 +8,7 @@ use std::path::PathBuf;
 use std::sync::mpsc::{Receiver, SyncSender};
 use std::thread::JoinHandle;
 
-use super::done::{DoneLog, SharedCheck};
+use super::done::{DoneLog, SharedCheck, Written};
 use super::options::ApplyOptions;
 use crate::cancel::Cancel;
 use crate::error::{Error, Result};
@@ -26,21 +26,7 @@ pub(super) const PENDING_MAX: usize = 32 << 10;
 /// Release ranges at most this far apart are released as one (see [`Rolling::settle`]).
 const RELEASE_GAP: u64 = 4 << 20;
 
-/// One piece handed to the target: disk range, xxh3 of its bytes and (once read back)
-/// a digest of where the target stored it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(super) struct Written {
-    pub offset: u64,
-    pub len: u64,
-    pub hash: u64,
-    pub placed: u64,
-}
-
 impl Written {
-    pub fn end(&self) -> u64 {
-        self.offset + self.len
-    }
-
     /// True when `bytes` (read back from where this piece was written) are what was
     /// written.
     fn matches(&self, bytes: &[u8]) -> bool {

@@ -21,65 +21,20 @@ use std::sync::Arc;
 use nbdfmt::checksum::ChecksumStatus;
 use nbdfmt::{Error as FmtError, ErrorKind as FmtKind, FrameKind, StreamReader};
 
+use super::chunk::{BufPool, Chunk, Seg};
 use super::lane::{evict, Ctx, Lane, MAX_DECODERS};
 use super::stored::{window_for, Stored};
-use super::writer::{Chunk, Seg};
 use crate::cancel::Cancel;
+use crate::chain::{ChainFile, Frames};
 use crate::error::{Error, Result};
 use crate::extent::Source;
 use crate::merge::Merge;
-use crate::plan::{ChainFile, Frames};
 
 /// Segments per chunk at most (tiny pieces apart on the disk).
 const MAX_SEGS: usize = 4096;
 
 /// Host block size the gap rule works with (see the module docs).
 const BLOCK: u64 = 4096;
-
-/// Chunk buffers handed back by the writers for the readers to fill again, so no
-/// chunk costs a fresh allocation (1 MiB allocations from several threads made glibc
-/// return and re-fault memory: page faults and zeroing were ~10 % of a restore's CPU).
-#[derive(Debug)]
-pub(crate) struct BufPool {
-    bufs: std::sync::Mutex<Vec<Vec<u8>>>,
-    cap: usize,
-    keep: usize,
-}
-
-impl BufPool {
-    /// Buffers of `cap` bytes' capacity; at most `keep` are kept for reuse.
-    pub fn new(cap: usize, keep: usize) -> Self {
-        Self {
-            bufs: std::sync::Mutex::new(Vec::new()),
-            cap,
-            keep,
-        }
-    }
-
-    /// A buffer of `n` bytes (contents unspecified).
-    pub fn get(&self, n: usize) -> Vec<u8> {
-        let reused = self.bufs.lock().ok().and_then(|mut b| b.pop());
-        let mut v = reused.unwrap_or_else(|| Vec::with_capacity(self.cap.max(n)));
-        if v.len() >= n {
-            v.truncate(n);
-        } else {
-            v.resize(n, 0);
-        }
-        v
-    }
-
-    /// Hands a buffer back.
-    pub fn put(&self, v: Vec<u8>) {
-        if v.capacity() < self.cap {
-            return;
-        }
-        if let Ok(mut b) = self.bufs.lock() {
-            if b.len() < self.keep {
-                b.push(v);
-            }
-        }
-    }
-}
 
 /// What the pass learned about one chain file: checksum outcome and bytes read.
 pub(super) type FileOutcome = (PathBuf, Option<ChecksumStatus>, u64);

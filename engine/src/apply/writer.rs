@@ -4,33 +4,14 @@
 
 use std::time::{Duration, Instant};
 
+use super::chunk::{BufPool, Chunk};
+use super::done::Written;
 use super::options::{ApplyOptions, Progress};
-use super::readback::{is_zero, Rolling, Written, PENDING_MAX, READBACK_LAG};
+use super::readback::{is_zero, Rolling, PENDING_MAX, READBACK_LAG};
 use super::report::DiskReport;
-use super::source::BufPool;
 use crate::cancel::Cancel;
 use crate::error::{Error, Result};
 use crate::target::BlockTarget;
-
-/// A run of the disk in a [`Chunk`]: data (its bytes are the chunk's next `len`
-/// bytes) or a hole (reads as zero: a gap or a zero frame).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(super) struct Seg {
-    pub offset: u64,
-    pub len: u64,
-    pub data: bool,
-}
-
-/// Part of a disk's content on its way from the reader to the writer: segments in
-/// disk order and the bytes of the data segments, back to back.
-#[derive(Debug)]
-pub(super) struct Chunk {
-    pub data: Vec<u8>,
-    pub segs: Vec<Seg>,
-    /// Bytes of the data segments that are live data (the rest are zeroes filling
-    /// small gaps), for progress.
-    pub live: u64,
-}
 
 /// Granularity of zero detection: an aligned block of this size that is all zero is
 /// not written on a fresh target (a host block that stays unallocated).

@@ -10,8 +10,8 @@ use super::damage::{Claim, Layer};
 use super::walk::{self, Checksum, Harm, Walk};
 use super::{FileDamage, FileStatus};
 use crate::cancel::Cancel;
+use crate::chain::ChainFile;
 use crate::error::Result;
-use crate::plan::ChainFile;
 
 /// One slot of the chain, judged.
 pub(super) struct Member {

@@ -6,7 +6,7 @@
 //!  (gaps kept)            │                                                    │
 //!                         └── lost frames, unknown tails, bad checksums ──▶ damage ranges
 //! ```
-//! Each member of the chain is read once here, tolerantly ([`walk`]): a damaged
+//! Each member of the chain is read once here, tolerantly (`walk`): a damaged
 //! file ends at its first unreadable frame (or, when that frame's length is still
 //! trusted, loses only that frame) instead of failing. The frames that passed make
 //! an ordinary [`DiskPlan`], so the write itself is the normal apply (read, zero

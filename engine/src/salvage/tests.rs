@@ -374,7 +374,7 @@ fn a_file_of_damaged_frames_is_given_up_after_max_faults_and_frames_stay_on_disk
     let s = plan_point(&set, "vda", 0, false, Some(d.path()), &Cancel::new()).expect("plan");
     assert!(matches!(
         s.plan.files[0].frames,
-        crate::plan::Frames::Log(_)
+        crate::chain::Frames::Log(_)
     ));
     let f = &s.damage.files[0];
     assert_eq!(f.status, FileStatus::Corrupt);

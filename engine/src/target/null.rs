@@ -88,8 +88,9 @@ mod tests {
 
     use super::NullTarget;
     use crate::apply::ApplyOptions;
+    use crate::chain::ChainFile;
     use crate::error::Error;
-    use crate::plan::{ChainFile, DiskPlan};
+    use crate::plan::DiskPlan;
     use crate::target::BlockTarget;
 
     const MIB: u64 = 1 << 20;

@@ -15,6 +15,7 @@ use crate::restore::plan::{Action, RestorePlan, Summary, TestBootSpec};
 use crate::restore::Context;
 
 mod report;
+mod screenshot;
 mod watch;
 
 pub(in crate::restore) use watch::{watch, TestResult};

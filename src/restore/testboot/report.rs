@@ -1,4 +1,4 @@
-//! The evidence of a test boot: the screenshot as PNG, the console log, one JSON
+//! The evidence of a test boot: the screenshot (as PNG), the console log, one JSON
 //! result per boot, and with `--report` one self-contained `index.html` over every
 //! result in the directory (a weekly cron run adds to it).
 
@@ -8,56 +8,9 @@ use std::path::Path;
 use serde_json::{json, Value};
 
 use super::watch::{console_copy, TestResult};
+use crate::host::files;
 use crate::restore::plan::{InstantBoot, TestBootSpec};
 use crate::restore::Context;
-
-/// A binary PPM (`P6`, 8-bit) image as PNG.
-pub fn ppm_to_png(ppm: &[u8]) -> Result<Vec<u8>, String> {
-    let mut fields = Vec::new();
-    let mut i = 0;
-    // four header fields (magic, width, height, max), separated by white space;
-    // comments start with '#'
-    while fields.len() < 4 && i < ppm.len() {
-        while i < ppm.len() && (ppm[i].is_ascii_whitespace() || ppm[i] == b'#') {
-            if ppm[i] == b'#' {
-                while i < ppm.len() && ppm[i] != b'\n' {
-                    i += 1;
-                }
-            }
-            i += 1;
-        }
-        let start = i;
-        while i < ppm.len() && !ppm[i].is_ascii_whitespace() {
-            i += 1;
-        }
-        fields.push(String::from_utf8_lossy(&ppm[start..i]).into_owned());
-    }
-    let num = |k: usize| fields.get(k).and_then(|f| f.parse::<u32>().ok());
-    let (Some(w), Some(h), Some(255)) = (num(1), num(2), num(3)) else {
-        return Err("not an 8-bit binary PPM image".into());
-    };
-    if fields.first().map(String::as_str) != Some("P6") {
-        return Err("not a P6 PPM image".into());
-    }
-    let pixels = &ppm[(i + 1).min(ppm.len())..];
-    let need = w as usize * h as usize * 3;
-    if pixels.len() < need || w == 0 || h == 0 {
-        return Err(format!(
-            "{w}x{h} image with {} bytes of pixels",
-            pixels.len()
-        ));
-    }
-    let mut out = Vec::new();
-    {
-        let mut enc = png::Encoder::new(&mut out, w, h);
-        enc.set_color(png::ColorType::Rgb);
-        enc.set_depth(png::BitDepth::Eight);
-        let mut wr = enc.write_header().map_err(|e| e.to_string())?;
-        wr.write_image_data(&pixels[..need])
-            .map_err(|e| e.to_string())?;
-    }
-    Ok(out)
-}
 
 /// Writes the screenshot, the console log and the result, and the report page.
 pub fn keep(
@@ -69,14 +22,14 @@ pub fn keep(
 ) -> std::io::Result<()> {
     std::fs::create_dir_all(&spec.evidence_dir)?;
     if let (Ok(path), Some(png)) = (&r.screenshot, &r.png) {
-        std::fs::write(path, png)?;
+        files::write(path, png, false)?;
         ctx.log
             .info("restore_vm", &format!("Screenshot: {}", path.display()));
     } else if let Err(why) = &r.screenshot {
         ctx.log.warn("restore_vm", &format!("No screenshot: {why}"));
     }
     let console = console_copy(spec, &ib.name);
-    if std::fs::copy(&spec.console_log, &console).is_ok() {
+    if files::copy(&spec.console_log, &console).is_ok() {
         ctx.log.info(
             "restore_vm",
             &format!("Serial console log: {}", console.display()),
@@ -88,13 +41,11 @@ pub fn keep(
     doc["time"] = json!(chrono::Local::now().format("%Y-%m-%d %H:%M:%S").to_string());
     doc["summary"] = json!(r.summary(vm, &ib.name));
     let result = super::evidence(spec, &ib.name, "json");
-    std::fs::write(
-        &result,
-        serde_json::to_string_pretty(&doc).unwrap_or_default(),
-    )?;
+    let text = serde_json::to_string_pretty(&doc).unwrap_or_default();
+    files::write(&result, text.as_bytes(), false)?;
     if spec.report {
         let page = spec.evidence_dir.join("index.html");
-        std::fs::write(&page, html(&spec.evidence_dir))?;
+        files::write(&page, html(&spec.evidence_dir).as_bytes(), false)?;
         ctx.log
             .info("restore_vm", &format!("Report: {}", page.display()));
     }
@@ -196,15 +147,5 @@ mod tests {
         assert_eq!(base64(b"fo"), "Zm8=");
         assert_eq!(base64(b"foo"), "Zm9v");
         assert_eq!(base64(b"foobar"), "Zm9vYmFy");
-    }
-
-    #[test]
-    fn ppm_becomes_png() {
-        let mut ppm = b"P6\n# by qemu\n2 1\n255\n".to_vec();
-        ppm.extend_from_slice(&[255, 0, 0, 0, 255, 0]);
-        let png = ppm_to_png(&ppm).expect("png");
-        assert_eq!(&png[..8], b"\x89PNG\r\n\x1a\n");
-        assert!(ppm_to_png(b"P5\n1 1\n255\n\0").is_err());
-        assert!(ppm_to_png(b"P6\n4 4\n255\n\0\0\0").is_err());
     }
 }

@@ -163,7 +163,7 @@ fn take_screenshot(ctx: &Context<'_>, name: &str) -> Result<Vec<u8>, String> {
     let (mime, data) = ctx.hv.screenshot(name).map_err(|e| e.to_string())?;
     match mime.as_str() {
         "image/png" => Ok(data),
-        _ => super::report::ppm_to_png(&data).map_err(|e| format!("{mime}: {e}")),
+        _ => super::screenshot::ppm_to_png(&data).map_err(|e| format!("{mime}: {e}")),
     }
 }
 

@@ -14,7 +14,7 @@
 //! damage is an [`Error`], never a panic.
 //!
 //! The extent map and the frames behind it are not held in memory: they are an
-//! [`ExtentTable`](table::ExtentTable) in a temporary file, read a page at a time
+//! `ExtentTable` in a temporary file, read a page at a time
 //! (a chain of 16,000,000 extents: 2.2 GB before, ~40 MiB now).
 //!
 //! Files: `cache` ([`Lz4Cache`]), `lz4` (LZ4 frame layout and decoding), `table`

@@ -17,10 +17,10 @@ use std::sync::{Arc, Mutex};
 use nbdfmt::{Frame, FrameKind, HEADER_LEN};
 
 use super::cache::lock;
+use crate::chain::ChainFile;
 use crate::error::{Error, Result};
 use crate::extent::Source;
 use crate::merge::Merge;
-use crate::plan::ChainFile;
 
 /// Records per page.
 const PAGE: usize = 256;
