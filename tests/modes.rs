@@ -68,6 +68,10 @@ fn copy_chain(src: &Path, dst: &Path, nvram_dir: &Path) {
     }
 }
 
+/// The test driver's `test:///default` is one instance per process: tests that define
+/// the same domain take turns.
+static DEFINES: Mutex<()> = Mutex::new(());
+
 fn qemu_img() -> bool {
     Command::new("qemu-img")
         .arg("--version")
@@ -92,6 +96,8 @@ fn job<'a>(
         cancel: engine::Cancel::new(),
         progress: None,
         swtpm_root: swtpm.to_path_buf(),
+        // beside swtpm's root: copy_chain points the XMLs' NVRAM there
+        nvram_dir: swtpm.with_file_name("nvram"),
         sandbox: None,
     }
 }
@@ -120,7 +126,7 @@ fn data_only_restores_a_removed_disk_at_its_point() {
     let set = nbdfmt::BackupSet::scan(&fixture("backups/rc-shrink/202606")).expect("scan");
     let hv = Libvirt::connect("test:///default").expect("test driver");
     let log = Lines::default();
-    let mut j = job(&set, "rc-shrink", &hv, &log, tmp.path());
+    let mut j = job(&set, "rc-shrink", &hv, &log, &tmp.path().join("swtpm"));
     j.point = RestorePoint::Number(2);
     let kind = RestoreKind::DataOnly {
         dir: tmp.path().join("out"),
@@ -158,6 +164,7 @@ fn data_only_restores_a_removed_disk_at_its_point() {
 
 #[test]
 fn dr_keeps_identity_and_clone_gets_a_new_one() {
+    let _turn = DEFINES.lock().unwrap_or_else(|e| e.into_inner());
     let tmp = tempfile::tempdir().expect("tmp");
     let nvram_dir = tmp.path().join("nvram");
     let chain = tmp.path().join("chain");
@@ -245,4 +252,51 @@ fn dr_keeps_identity_and_clone_gets_a_new_one() {
     for n in ["rc-uefi-tpm", "rc-uefi-tpm-clone"] {
         hv.undefine(n).expect("cleanup");
     }
+}
+
+/// Issue 18: the backup's domain XML is data from a replica, and vmrestore runs as
+/// root. Its `<nvram>` pointing outside libvirt's NVRAM directory (here: a directory
+/// holding a "victim" file of that name) must not make a DR install the backup's bytes
+/// there: the file goes into the NVRAM directory, the domain's `<nvram>` names it, a
+/// WARN says so, and the victim is untouched.
+#[test]
+fn dr_installs_nvram_only_in_the_nvram_directory() {
+    let _turn = DEFINES.lock().unwrap_or_else(|e| e.into_inner());
+    let tmp = tempfile::tempdir().expect("tmp");
+    let elsewhere = tmp.path().join("etc");
+    std::fs::create_dir_all(&elsewhere).expect("mkdir");
+    let victim = elsewhere.join("rc-uefi-tpm_VARS.fd");
+    std::fs::write(&victim, "root's file\n").expect("victim");
+    let chain = tmp.path().join("chain");
+    copy_chain(&fixture("backups/rc-uefi-tpm/2026-W26"), &chain, &elsewhere);
+    let set = nbdfmt::BackupSet::scan(&chain).expect("scan");
+    let hv = Libvirt::connect("test:///default").expect("test driver");
+    let log = Lines::default();
+    let j = job(&set, "rc-uefi-tpm", &hv, &log, &tmp.path().join("swtpm"));
+    let dr = RestoreKind::Dr {
+        dir: tmp.path().join("images"),
+    };
+    let o = plan_and_run(&j, &dr).expect("dr");
+    let installed = tmp.path().join("nvram/rc-uefi-tpm_VARS.fd");
+    assert!(
+        o.effects.contains(&Effect::new(
+            "install-nvram",
+            installed.display().to_string()
+        )),
+        "{:?}",
+        o.effects
+    );
+    assert_eq!(
+        std::fs::read(&installed).expect("installed"),
+        std::fs::read(chain.join("rc-uefi-tpm_VARS.fd.virtnbdbackup.0")).expect("backup")
+    );
+    assert_eq!(
+        std::fs::read_to_string(&victim).expect("victim"),
+        "root's file\n"
+    );
+    assert_eq!(std::fs::read_dir(&elsewhere).expect("ls").count(), 1);
+    let xml = hv.xml("rc-uefi-tpm", true).expect("xml");
+    assert!(xml.contains(&installed.display().to_string()), "{xml}");
+    assert!(log.has("The backup's domain XML puts NVRAM at"));
+    hv.undefine("rc-uefi-tpm").expect("cleanup");
 }

@@ -281,6 +281,9 @@ fn restore(
         swtpm_root: sandbox
             .as_ref()
             .map_or_else(crate::host::tpm::swtpm_root, |s| s.join("swtpm")),
+        nvram_dir: sandbox
+            .as_ref()
+            .map_or_else(crate::host::nvram::home, |s| s.join("nvram")),
         sandbox,
     };
     crate::restore::run(&ctx, &r.kind)

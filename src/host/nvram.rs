@@ -6,6 +6,42 @@ use std::path::{Path, PathBuf};
 
 use nbdfmt::{BackupSet, SetKind};
 
+/// libvirt's NVRAM directory for the system instance (`VMRESTORE_NVRAM_DIR` overrides
+/// it, as `VMRESTORE_SWTPM_ROOT` does swtpm's root): the only directory a restore
+/// writes NVRAM files into.
+pub fn home() -> PathBuf {
+    std::env::var_os("VMRESTORE_NVRAM_DIR").map_or_else(
+        || PathBuf::from("/var/lib/libvirt/qemu/nvram"),
+        PathBuf::from,
+    )
+}
+
+/// Where an NVRAM file that a domain XML puts at `path` is written: into `dir` under
+/// the path's own file name (`VARS.fd` when that is no safe name). The XML comes from
+/// the backup, a replica anyone may have written, and vmrestore runs as root: a path
+/// such as `/etc/cron.d/x` or `…/nvram/../../../root/.ssh/authorized_keys` would have
+/// made it install the backup's bytes there. A path already in `dir` (after symlinks)
+/// is kept as it is.
+pub fn confined(path: &Path, dir: &Path) -> PathBuf {
+    use crate::host::paths::canonicalize_lenient;
+    let in_dir = path.is_absolute()
+        && path.parent().is_some_and(|p| {
+            !path
+                .components()
+                .any(|c| c == std::path::Component::ParentDir)
+                && canonicalize_lenient(p) == canonicalize_lenient(dir)
+        });
+    let name = path
+        .file_name()
+        .and_then(|n| n.to_str())
+        .filter(|n| crate::host::names::unsafe_component(n).is_none());
+    match name {
+        Some(_) if in_dir => path.to_path_buf(),
+        Some(n) => dir.join(n),
+        None => dir.join("VARS.fd"),
+    }
+}
+
 /// The NVRAM copy chosen for a restore point.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct NvramPick {
@@ -67,4 +103,45 @@ pub fn install(source: &Path, dest: &Path) -> std::io::Result<()> {
     fs::set_permissions(&tmp, fs::Permissions::from_mode(0o600))?;
     crate::host::ownership::chown_to(&tmp, &["libvirt-qemu"])?;
     fs::rename(&tmp, dest)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn nvram_destinations_stay_in_the_nvram_directory() {
+        let d = tempfile::tempdir().expect("tmp");
+        let home = d.path().join("nvram");
+        std::fs::create_dir(&home).expect("mkdir");
+        let inside = home.join("vm_VARS.fd");
+        assert_eq!(confined(&inside, &home), inside);
+        // a symlinked spelling of the same directory is the same directory
+        let link = d.path().join("link");
+        std::os::unix::fs::symlink(&home, &link).expect("ln");
+        assert_eq!(
+            confined(&link.join("vm_VARS.fd"), &home),
+            link.join("vm_VARS.fd")
+        );
+        for hostile in [
+            "/etc/cron.d/x",
+            "/root/.ssh/authorized_keys",
+            "relative_VARS.fd",
+        ] {
+            let name = Path::new(hostile).file_name().expect("name");
+            assert_eq!(
+                confined(Path::new(hostile), &home),
+                home.join(name),
+                "{hostile}"
+            );
+        }
+        let dotdot = home.join("../../../etc/shadow");
+        assert_eq!(confined(&dotdot, &home), home.join("shadow"));
+        assert_eq!(confined(Path::new("/"), &home), home.join("VARS.fd"));
+        assert_eq!(confined(&home.join("a\nb"), &home), home.join("VARS.fd"));
+        assert_eq!(
+            confined(&home.join("a\u{1b}b"), &home),
+            home.join("VARS.fd")
+        );
+    }
 }

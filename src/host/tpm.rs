@@ -22,11 +22,18 @@ pub struct TpmMaterial {
     pub metadata_uuid: Option<String>,
 }
 
+/// A directory itself, not a symlink to one: the backup tree is a replica anyone may
+/// have written, and a `tpm-state` link to `/etc` would copy root's files into a
+/// state directory owned by `tss`.
+fn real_dir(p: &Path) -> bool {
+    fs::symlink_metadata(p).is_ok_and(|m| m.is_dir())
+}
+
 /// Looks for TPM material; `None` when the VM has none.
 pub fn detect(data_dir: &Path) -> Option<TpmMaterial> {
     let marker = data_dir.join(".tpm-backup-marker").is_file();
     let state = data_dir.join("tpm-state");
-    let state_dir = state.is_dir().then_some(state);
+    let state_dir = real_dir(&state).then_some(state);
     if !marker && state_dir.is_none() {
         return None;
     }
@@ -127,7 +134,7 @@ pub fn restore(
         .as_ref()
         .ok_or_else(|| TpmError::NoState(root.to_path_buf()))?;
     let tpm2 = state.join("tpm2");
-    if !tpm2.is_dir() {
+    if !real_dir(&tpm2) {
         return Err(TpmError::NoTpm2(state.clone()));
     }
     if uuid.is_empty() || uuid.contains('/') || uuid.starts_with('.') {
@@ -201,5 +208,30 @@ mod tests {
             restore(&m, &root, "abc-123", 43),
             Err(TpmError::NoState(_))
         ));
+    }
+
+    #[test]
+    fn symlinked_tpm_state_is_not_tpm_state() {
+        let d = tempfile::tempdir().expect("tmp");
+        let secret = d.path().join("secret/tpm2");
+        fs::create_dir_all(&secret).expect("mkdir");
+        fs::write(secret.join("key"), b"root's").expect("w");
+        let data = d.path().join("data");
+        fs::create_dir_all(&data).expect("mkdir");
+        fs::write(data.join(".tpm-backup-marker"), "2026").expect("w");
+        std::os::unix::fs::symlink(d.path().join("secret"), data.join("tpm-state")).expect("ln");
+        let m = detect(&data).expect("marker");
+        assert!(m.state_dir.is_none());
+        // and a real tpm-state whose tpm2 is a link
+        fs::remove_file(data.join("tpm-state")).expect("rm");
+        fs::create_dir(data.join("tpm-state")).expect("mkdir");
+        std::os::unix::fs::symlink(&secret, data.join("tpm-state/tpm2")).expect("ln");
+        let m = detect(&data).expect("material");
+        let root = d.path().join("swtpm");
+        assert!(matches!(
+            restore(&m, &root, "abc-123", 1),
+            Err(TpmError::NoTpm2(_))
+        ));
+        assert!(!root.join("abc-123/tpm2/key").exists());
     }
 }

@@ -34,6 +34,9 @@ pub struct Context<'a> {
     pub progress: Option<ProgressFn>,
     /// swtpm's state root (`/var/lib/libvirt/swtpm`; under [`Self::sandbox`] when set).
     pub swtpm_root: PathBuf,
+    /// libvirt's NVRAM directory (`/var/lib/libvirt/qemu/nvram`; under
+    /// [`Self::sandbox`] when set): every NVRAM file a restore installs goes here.
+    pub nvram_dir: PathBuf,
     /// Where a domain's host files (NVRAM) go when the hypervisor is libvirt's test
     /// driver: under the restore path, never the host's real `/var/lib/libvirt` — the
     /// test driver runs no guest that would read them, and a trial run against it must
@@ -94,14 +97,25 @@ impl Outcome {
 }
 
 impl Context<'_> {
-    /// Where the NVRAM file the domain XML names at `path` is written: `path`, or
-    /// `<sandbox>/nvram/<file name>` for the test driver.
+    /// Where the NVRAM file the domain XML names at `path` is written: libvirt's NVRAM
+    /// directory ([`Self::nvram_dir`]) under the path's file name —
+    /// `path` itself only when it already lies there ([`crate::host::nvram::confined`]).
+    /// A path the backup's XML points elsewhere is WARNed about once, here.
     pub fn host_nvram(&self, path: &std::path::Path) -> PathBuf {
-        match (&self.sandbox, path.file_name()) {
-            (Some(s), Some(f)) => s.join("nvram").join(f),
-            (Some(s), None) => s.join("nvram").join("VARS.fd"),
-            (None, _) => path.to_path_buf(),
+        let dir = &self.nvram_dir;
+        let dest = crate::host::nvram::confined(path, dir);
+        if self.sandbox.is_none() && dest != path {
+            self.log.warn(
+                "restore_nvram",
+                &format!(
+                    "The backup's domain XML puts NVRAM at {}, outside {}: it is installed as {} and the domain's <nvram> says so",
+                    crate::ui::format::printable(&path.display().to_string()),
+                    dir.display(),
+                    dest.display()
+                ),
+            );
         }
+        dest
     }
 
     /// Engine options for this restore (cancellation, progress).

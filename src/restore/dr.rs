@@ -153,9 +153,11 @@ fn dr_actions(
         &Rewrite {
             name: Some(ctx.vm.clone()),
             disks: disk_rewrites(&jobs),
+            // the test driver's sandbox, or a path the XML put outside libvirt's
+            // NVRAM directory: the domain names the file actually installed
             nvram: nvram
                 .as_ref()
-                .filter(|_| ctx.sandbox.is_some())
+                .filter(|n| cfg.nvram.as_deref().map(Path::new) != Some(n.as_path()))
                 .map(|n| n.display().to_string()),
             ..Rewrite::default()
         },
