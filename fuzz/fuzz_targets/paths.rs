@@ -11,13 +11,16 @@
 //! - `is_inside(p, base)` is `canonicalize_lenient(p)` starting with the base's;
 //! - a path through `up` or `abs` (and not back down into the tree) is never inside;
 //! - a safe name (see the `names` target) joined to a real directory of the tree
-//!   stays inside it.
+//!   stays inside it;
+//! - `nvram::confined(p, dir)` (where an NVRAM file from a backup XML is installed)
+//!   always lands directly in `dir` (after symlinks), under a safe file name.
 #![no_main]
 
 use std::path::{Component, Path, PathBuf};
 use std::sync::OnceLock;
 
 use libfuzzer_sys::fuzz_target;
+use vmrestore::host::nvram::confined;
 use vmrestore::host::paths::{canonicalize_lenient, is_inside};
 
 const PARTS: [&str; 10] = ["a", "b", "l", "up", "abs", "dead", "x", "..", ".", ""];
@@ -70,5 +73,14 @@ fuzz_target!(|data: &[u8]| {
                 assert!(is_inside(&dir.join(name), &dir), "{name:?} leaves {dir:?}");
             }
         }
+    }
+    // an NVRAM destination never leaves the NVRAM directory, whatever the XML said
+    let nvram_dir = base.join("a/b");
+    for q in [&p, &rel] {
+        let dest = confined(q, &nvram_dir);
+        let parent = dest.parent().map(canonicalize_lenient);
+        assert_eq!(parent, Some(canonicalize_lenient(&nvram_dir)), "{q:?} -> {dest:?}");
+        let name = dest.file_name().and_then(|n| n.to_str()).unwrap_or("");
+        assert!(vmrestore::host::names::unsafe_component(name).is_none(), "{q:?} -> {dest:?}");
     }
 });

@@ -2,7 +2,7 @@
 
 use serde_json::{Map, Value};
 
-use crate::error::{ErrorKind, Result};
+use crate::error::{Error, ErrorKind, Result};
 
 /// The JSON object type of [`StreamMeta::raw`].
 pub type JsonMap = Map<String, Value>;
@@ -55,39 +55,22 @@ pub struct StreamMeta {
 impl StreamMeta {
     /// Parses the JSON text of a meta frame; `offset` is where the JSON starts in the file.
     pub fn parse(json: &[u8], offset: u64) -> Result<Self> {
-        let bad = |reason: String| ErrorKind::BadMeta { offset, reason };
+        let bad = |reason: String| Error::from(ErrorKind::BadMeta { offset, reason });
         let value: Value = serde_json::from_slice(json).map_err(|e| bad(e.to_string()))?;
         let Value::Object(raw) = value else {
-            return Err(bad("not a JSON object".into()).into());
+            return Err(bad("not a JSON object".into()));
         };
-        let u64_key = |k: &str| -> Result<u64> {
-            raw.get(k)
-                .and_then(Value::as_u64)
-                .ok_or_else(|| bad(format!("key {k:?} missing or not an unsigned integer")).into())
+        // read in this order: the first key that is wrong is the one reported
+        let fields = Fields {
+            raw: &raw,
+            bad: &bad,
         };
-        let str_key = |k: &str| -> Result<String> {
-            raw.get(k)
-                .and_then(Value::as_str)
-                .map(str::to_owned)
-                .ok_or_else(|| bad(format!("key {k:?} missing or not a string")).into())
-        };
-        let virtual_size = u64_key("virtualSize")?;
-        let data_size = u64_key("dataSize")?;
-        let date = match raw.get("date") {
-            None => String::new(),
-            Some(Value::String(s)) => {
-                if parse_date(s).is_none() {
-                    return Err(
-                        bad(format!("date {s:?} is not YYYY-MM-DDTHH:MM:SS[.ffffff]")).into(),
-                    );
-                }
-                s.clone()
-            }
-            Some(_) => return Err(bad("key \"date\" is not a string".into()).into()),
-        };
-        let disk_name = str_key("diskName")?;
+        let virtual_size = fields.unsigned("virtualSize")?;
+        let data_size = fields.unsigned("dataSize")?;
+        let date = fields.date()?;
+        let disk_name = fields.string("diskName")?;
         if disk_name.is_empty() {
-            return Err(bad("diskName is empty".into()).into());
+            return Err(bad("diskName is empty".into()));
         }
         let disk_format = match raw.get("diskFormat") {
             None => "qcow2".to_owned(),
@@ -96,52 +79,15 @@ impl StreamMeta {
                 .map(str::to_owned)
                 .ok_or_else(|| bad("diskFormat is not a string".into()))?,
         };
-        let checkpoint_name = str_key("checkpointName")?;
-        let parent_checkpoint = match raw.get("parentCheckpoint") {
-            None | Some(Value::Bool(false)) | Some(Value::Null) => None,
-            Some(Value::String(s)) if s.is_empty() => None,
-            Some(Value::String(s)) => Some(s.clone()),
-            Some(_) => {
-                return Err(bad("parentCheckpoint is neither a string nor false".into()).into())
-            }
-        };
+        let checkpoint_name = fields.string("checkpointName")?;
+        let parent_checkpoint = fields.parent()?;
         let incremental = raw
             .get("incremental")
             .and_then(Value::as_bool)
             .ok_or_else(|| bad("key \"incremental\" missing or not a boolean".into()))?;
-        // The older key wins, as in virtnbdbackup's own isCompressed().
-        let stream_version = match raw
-            .get("stream-version")
-            .or_else(|| raw.get("streamVersion"))
-        {
-            None => 1,
-            Some(v) => v
-                .as_u64()
-                .ok_or_else(|| bad("streamVersion is not an unsigned integer".into()))?,
-        };
-        let compressed = raw.get("compressed").cloned().unwrap_or(Value::Bool(false));
-        let compression = if stream_version == 2 {
-            match compressed {
-                Value::Bool(false) => Compression::None,
-                Value::Bool(true) => Compression::Lz4 { level: None },
-                Value::Number(n) => Compression::Lz4 { level: n.as_i64() },
-                other => {
-                    return Err(bad(format!(
-                        "compressed is {other}, expected false, true or a level"
-                    ))
-                    .into())
-                }
-            }
-        } else {
-            Compression::None
-        };
-        if let Some(m) = raw.get("compressionMethod").and_then(Value::as_str) {
-            if compression != Compression::None && m != "lz4" {
-                return Err(bad(format!("unsupported compressionMethod {m:?}")).into());
-            }
-        }
+        let (stream_version, compression) = fields.compression()?;
         if incremental && parent_checkpoint.is_none() {
-            return Err(bad("incremental stream without a parentCheckpoint".into()).into());
+            return Err(bad("incremental stream without a parentCheckpoint".into()));
         }
         Ok(Self {
             virtual_size,
@@ -172,6 +118,88 @@ impl StreamMeta {
     /// The date as (year, month, day, hour, minute, second, microsecond).
     pub fn date_parts(&self) -> Option<DateParts> {
         parse_date(&self.date)
+    }
+}
+
+/// The keys of a meta frame's JSON object, each read with the error that names it.
+struct Fields<'a> {
+    raw: &'a JsonMap,
+    bad: &'a dyn Fn(String) -> Error,
+}
+
+impl Fields<'_> {
+    fn unsigned(&self, k: &str) -> Result<u64> {
+        self.raw
+            .get(k)
+            .and_then(Value::as_u64)
+            .ok_or_else(|| (self.bad)(format!("key {k:?} missing or not an unsigned integer")))
+    }
+
+    fn string(&self, k: &str) -> Result<String> {
+        self.raw
+            .get(k)
+            .and_then(Value::as_str)
+            .map(str::to_owned)
+            .ok_or_else(|| (self.bad)(format!("key {k:?} missing or not a string")))
+    }
+
+    /// `date`, when present, as virtnbdbackup writes it (empty when absent).
+    fn date(&self) -> Result<String> {
+        match self.raw.get("date") {
+            None => Ok(String::new()),
+            Some(Value::String(s)) if parse_date(s).is_some() => Ok(s.clone()),
+            Some(Value::String(s)) => Err((self.bad)(format!(
+                "date {s:?} is not YYYY-MM-DDTHH:MM:SS[.ffffff]"
+            ))),
+            Some(_) => Err((self.bad)("key \"date\" is not a string".into())),
+        }
+    }
+
+    /// `parentCheckpoint`: a name, or none (`false`, `null`, empty or absent).
+    fn parent(&self) -> Result<Option<String>> {
+        match self.raw.get("parentCheckpoint") {
+            None | Some(Value::Bool(false)) | Some(Value::Null) => Ok(None),
+            Some(Value::String(s)) if s.is_empty() => Ok(None),
+            Some(Value::String(s)) => Ok(Some(s.clone())),
+            Some(_) => Err((self.bad)(
+                "parentCheckpoint is neither a string nor false".into(),
+            )),
+        }
+    }
+
+    /// The stream version and its compression: only version 2 streams compress, and
+    /// only with LZ4. The older key `stream-version` wins, as in virtnbdbackup's own
+    /// `isCompressed()`.
+    fn compression(&self) -> Result<(u64, Compression)> {
+        let version = match self
+            .raw
+            .get("stream-version")
+            .or_else(|| self.raw.get("streamVersion"))
+        {
+            None => 1,
+            Some(v) => v
+                .as_u64()
+                .ok_or_else(|| (self.bad)("streamVersion is not an unsigned integer".into()))?,
+        };
+        if version != 2 {
+            return Ok((version, Compression::None));
+        }
+        let compression = match self.raw.get("compressed").unwrap_or(&Value::Bool(false)) {
+            Value::Bool(false) => Compression::None,
+            Value::Bool(true) => Compression::Lz4 { level: None },
+            Value::Number(n) => Compression::Lz4 { level: n.as_i64() },
+            other => {
+                return Err((self.bad)(format!(
+                    "compressed is {other}, expected false, true or a level"
+                )))
+            }
+        };
+        if let Some(m) = self.raw.get("compressionMethod").and_then(Value::as_str) {
+            if compression != Compression::None && m != "lz4" {
+                return Err((self.bad)(format!("unsupported compressionMethod {m:?}")));
+            }
+        }
+        Ok((version, compression))
     }
 }
 
