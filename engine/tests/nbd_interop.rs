@@ -1636,3 +1636,49 @@ fn qcow2_overlays_of_many_sizes_pass_qemu_img_check() {
         assert_eq!(info["virtual-size"], size.div_ceil(512) * 512, "{size}");
     }
 }
+
+/// Two clients that pipeline 8 MiB reads and never read their socket hold the whole
+/// server budget (64 MiB): before the stall guard every other client's reads waited
+/// for them forever. Now each is dropped once its reply makes no progress for
+/// `send_stall`, and a well-behaved client is served.
+#[test]
+fn clients_that_never_read_replies_do_not_starve_the_others() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let (paths, model) = gen_chain(tmp.path(), false);
+    let sock = tmp.path().join("s.sock");
+    let opts = ServeOptions {
+        send_stall: Duration::from_secs(1),
+        ..ServeOptions::default()
+    };
+    let _h = Server::bind(
+        vec![gen_plan(&paths, "vda")],
+        &[Listen::Unix(sock.clone())],
+        opts,
+    )
+    .expect("bind")
+    .spawn(Cancel::new())
+    .expect("spawn");
+    let mut hostile = Vec::new();
+    for _ in 0..2 {
+        let mut c = Raw::connect(&sock);
+        let r = c.opt(OPT_GO, &go_data("vda", &[]));
+        assert_eq!(r.last().map(|x| x.0), Some(REP_ACK));
+        for i in 0..12u64 {
+            c.request(CMD_READ, 0, i, (i % 5) * 8 * MIB, (8 * MIB) as u32);
+        }
+        hostile.push(c);
+    }
+    // the hostile replies fill the budget before the good client asks
+    std::thread::sleep(Duration::from_millis(300));
+    let start = Instant::now();
+    let mut good = NbdTarget::connect(&unix_uri(&sock, "vda")).expect("connect");
+    let mut b = vec![0u8; 1 << 20];
+    good.read_at(3 * MIB, &mut b).expect("read");
+    assert!(b == model[3 * MIB as usize..4 * MIB as usize]);
+    assert!(
+        start.elapsed() < Duration::from_secs(8),
+        "served after {:?}",
+        start.elapsed()
+    );
+    drop(hostile);
+}

@@ -16,6 +16,7 @@ use tokio::task::JoinSet;
 use super::context::{invalid, units, BoxStream, ConnRead, ConnWrite, Counters, Ctx};
 use super::handshake::{greet, haggle, Haggled, Session, Tls};
 use super::options::{ServeOptions, ServeStats};
+use super::stall::StallGuard;
 use super::tls::TlsConfig;
 use super::transmission::transmission;
 use crate::cancel::Cancel;
@@ -376,7 +377,7 @@ async fn accept_loop(b: Bound, ctx: Arc<Ctx>, limit: Arc<Semaphore>) {
         let accepted = tokio::select! {
             _ = ctx.cancel.cancelled() => break,
             Some(_) = conns.join_next(), if !conns.is_empty() => continue,
-            r = accept(&b) => r,
+            r = accept(&b, ctx.opts.send_stall) => r,
         };
         let (stream, peer) = match accepted {
             Ok(x) => x,
@@ -409,17 +410,22 @@ async fn accept_loop(b: Bound, ctx: Arc<Ctx>, limit: Arc<Semaphore>) {
     }
 }
 
-async fn accept(b: &Bound) -> std::io::Result<(BoxStream, String)> {
+/// The next client, its writes guarded against a peer that stops reading
+/// ([`StallGuard`]).
+async fn accept(b: &Bound, stall: Duration) -> std::io::Result<(BoxStream, String)> {
     match b {
         Bound::Unix(l, p) => {
             let (s, _) = l.accept().await?;
-            Ok((Box::new(s), format!("unix:{}", p.display())))
+            Ok((
+                Box::new(StallGuard::new(s, stall)),
+                format!("unix:{}", p.display()),
+            ))
         }
         Bound::Tcp(l, _) => {
             let (s, peer) = l.accept().await?;
             // Replies are a header plus payload in separate writes: no Nagle delays.
             s.set_nodelay(true)?;
-            Ok((Box::new(s), peer.to_string()))
+            Ok((Box::new(StallGuard::new(s, stall)), peer.to_string()))
         }
     }
 }

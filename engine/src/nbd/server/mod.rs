@@ -34,6 +34,7 @@ mod context;
 mod handshake;
 mod listener;
 mod options;
+mod stall;
 mod tls;
 mod transmission;
 

@@ -26,6 +26,9 @@ pub struct ServeOptions {
     pub io_threads: usize,
     /// A client that has not finished the handshake by then is dropped.
     pub handshake_timeout: Duration,
+    /// A client that takes no byte of a reply for this long is dropped (its read
+    /// payload in flight counts against the budget all clients share).
+    pub send_stall: Duration,
     /// Verify every chain file against its `.chksum` before serving (reads all of it).
     pub verify_checksums: bool,
     /// TLS: clients must `STARTTLS` before anything else (FORCEDTLS) and the URIs
@@ -49,6 +52,9 @@ impl Default for ServeOptions {
             // each may hold one decoded LZ4 frame (≤ 32 MiB) besides the cache
             io_threads: 4,
             handshake_timeout: Duration::from_secs(30),
+            // a client reading at 1 KiB/s is never dropped; one that reads nothing
+            // holds its share of the budget for at most this long
+            send_stall: Duration::from_secs(30),
             verify_checksums: false,
             tls: None,
             on_ready: None,
@@ -66,6 +72,7 @@ impl std::fmt::Debug for ServeOptions {
             .field("worker_threads", &self.worker_threads)
             .field("io_threads", &self.io_threads)
             .field("handshake_timeout", &self.handshake_timeout)
+            .field("send_stall", &self.send_stall)
             .field("verify_checksums", &self.verify_checksums)
             .field("tls", &self.tls)
             .finish_non_exhaustive()

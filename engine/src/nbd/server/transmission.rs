@@ -180,6 +180,12 @@ pub(super) async fn transmission(
         // Reap finished requests without waiting (a racing join in the select below
         // could drop a half-read header: read_exact is not cancel-safe).
         while tasks.try_join_next().is_some() {}
+        if conn.conn_budget.is_closed() {
+            break Err(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                "a reply could not be sent",
+            ));
+        }
         let mut hdr = [0u8; REQUEST_LEN];
         let got = tokio::select! {
             _ = ctx.cancel.cancelled() => break Ok(()),
@@ -345,13 +351,15 @@ impl Conn<'_> {
             self.s.structured,
             req,
             (p1, p2),
+            self.conn_budget.clone(),
         ));
         Ok(Next::Continue)
     }
 }
 
 /// The task of one read: the chain read on a blocking thread, then the reply; the
-/// permits (byte budgets) are held until it is sent.
+/// permits (byte budgets) are held until it is sent. A reply that cannot be sent
+/// closes `conn_budget`, which ends the connection.
 async fn serve_read(
     reader: Arc<ChainReader>,
     wr: SharedWriter,
@@ -359,6 +367,7 @@ async fn serve_read(
     structured: bool,
     req: Request,
     permits: (OwnedSemaphorePermit, OwnedSemaphorePermit),
+    conn_budget: Arc<Semaphore>,
 ) {
     let _permits = permits;
     let off = req.offset;
@@ -368,6 +377,10 @@ async fn serve_read(
         reader.read_pieces(off, &mut buf).map(|p| (buf, p))
     })
     .await;
+    if conn_budget.is_closed() {
+        // an earlier reply of this connection failed: nothing more goes out
+        return;
+    }
     let sent = match res {
         Ok(Ok((buf, pieces))) => {
             ctx.counters
@@ -393,6 +406,9 @@ async fn serve_read(
         }
     };
     if let Err(e) = sent {
-        tracing::debug!(error = %e, "reply not sent");
+        // half a reply may be on the wire (or the client stopped reading, see
+        // `StallGuard`): the connection ends, and no request of it waits for budget
+        tracing::warn!(error = %e, "reply not sent; closing the connection");
+        conn_budget.close();
     }
 }
