@@ -918,6 +918,9 @@ fn protocol_conversations_and_errors() {
     c.request(CMD_READ, 0, 3, 48 * MIB, 1);
     let h16 = c.bytes(SIMPLE_REPLY_LEN);
     assert_eq!(be32(&h16[4..8]), EINVAL, "simple error: header only");
+    c.request(CMD_READ, 0x8000, 5, 0, 16);
+    let h16 = c.bytes(SIMPLE_REPLY_LEN);
+    assert_eq!(be32(&h16[4..8]), EINVAL, "an unknown flag is refused");
     c.request(CMD_READ, 0, 4, 0, 16);
     let h16 = c.bytes(SIMPLE_REPLY_LEN);
     assert_eq!(be64(&h16[8..]), 4);

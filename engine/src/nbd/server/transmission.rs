@@ -232,6 +232,14 @@ impl Conn<'_> {
             .offset
             .checked_add(u64::from(req.length))
             .is_some_and(|e| e <= self.size);
+        let known =
+            CMD_FLAG_FUA | CMD_FLAG_NO_HOLE | CMD_FLAG_DF | CMD_FLAG_REQ_ONE | CMD_FLAG_FAST_ZERO;
+        if req.flags & !known != 0 && matches!(req.kind, CMD_READ | CMD_BLOCK_STATUS | CMD_FLUSH) {
+            // the NBD spec: an unknown command flag SHOULD be refused, not ignored
+            let msg = format!("unknown command flags {:#x}", req.flags & !known);
+            self.fail(&req, EINVAL, msg).await?;
+            return Ok(Next::Continue);
+        }
         match req.kind {
             CMD_READ => return self.read(req, in_bounds, tasks).await,
             CMD_BLOCK_STATUS => {
