@@ -269,6 +269,22 @@ fn dr_installs_nvram_only_in_the_nvram_directory() {
     std::fs::write(&victim, "root's file\n").expect("victim");
     let chain = tmp.path().join("chain");
     copy_chain(&fixture("backups/rc-uefi-tpm/2026-W26"), &chain, &elsewhere);
+    // the TPM metadata names another domain's UUID: the state still goes to the
+    // domain restored, never into that domain's swtpm directory
+    let meta = chain.join("tpm-state/BACKUP_METADATA.txt");
+    let text = std::fs::read_to_string(&meta).expect("metadata");
+    let other = "11111111-2222-3333-4444-555555555555";
+    let crafted: String = text
+        .lines()
+        .map(|l| {
+            if l.trim_start().starts_with("VM UUID:") {
+                format!("VM UUID: {other}\n")
+            } else {
+                format!("{l}\n")
+            }
+        })
+        .collect();
+    std::fs::write(&meta, crafted).expect("metadata");
     let set = nbdfmt::BackupSet::scan(&chain).expect("scan");
     let hv = Libvirt::connect("test:///default").expect("test driver");
     let log = Lines::default();
@@ -298,5 +314,70 @@ fn dr_installs_nvram_only_in_the_nvram_directory() {
     let xml = hv.xml("rc-uefi-tpm", true).expect("xml");
     assert!(xml.contains(&installed.display().to_string()), "{xml}");
     assert!(log.has("The backup's domain XML puts NVRAM at"));
+    let swtpm = tmp.path().join("swtpm");
+    assert!(swtpm
+        .join("88551b77-adbf-56aa-950b-b773d24f7f3f/tpm2")
+        .is_dir());
+    assert!(!swtpm.join(other).exists());
+    assert!(log.has("The TPM metadata names UUID"));
     hv.undefine("rc-uefi-tpm").expect("cleanup");
+    // another domain's NVRAM file, named in the XML: never the target
+    let chain2 = tmp.path().join("chain2");
+    let nvram = tmp.path().join("nvram");
+    copy_chain(&fixture("backups/rc-uefi-tpm/2026-W26"), &chain2, &nvram);
+    for e in std::fs::read_dir(&chain2).expect("ls") {
+        let p = e.expect("entry").path();
+        if p.file_name()
+            .is_some_and(|n| n.to_string_lossy().starts_with("vmconfig."))
+        {
+            let x = std::fs::read_to_string(&p).expect("xml");
+            std::fs::write(&p, x.replace("rc-uefi-tpm_VARS.fd<", "victim-vm_VARS.fd<")).expect("w");
+        }
+    }
+    let victim = nvram.join("victim-vm_VARS.fd");
+    std::fs::write(&victim, "victim's NVRAM").expect("victim");
+    let set = nbdfmt::BackupSet::scan(&chain2).expect("scan");
+    let log = Lines::default();
+    let j = job(&set, "rc-uefi-tpm", &hv, &log, &tmp.path().join("swtpm"));
+    let dr2 = RestoreKind::Dr {
+        dir: tmp.path().join("images2"),
+    };
+    plan_and_run(&j, &dr2).expect("dr");
+    assert_eq!(
+        std::fs::read_to_string(&victim).expect("victim"),
+        "victim's NVRAM"
+    );
+    assert!(hv
+        .xml("rc-uefi-tpm", true)
+        .expect("xml")
+        .contains(&installed.display().to_string()));
+    hv.undefine("rc-uefi-tpm").expect("cleanup");
+    // libvirt's <source file=…/> form of <nvram> is refused: nothing would rewrite it
+    for e in std::fs::read_dir(&chain2).expect("ls") {
+        let p = e.expect("entry").path();
+        if p.file_name()
+            .is_some_and(|n| n.to_string_lossy().starts_with("vmconfig."))
+        {
+            let x = std::fs::read_to_string(&p).expect("xml");
+            let at = x.find("<nvram").expect("nvram");
+            let end = x[at..].find("</nvram>").expect("end") + at + "</nvram>".len();
+            let form = format!(
+                "<nvram type='file'><source file='{}'/></nvram>",
+                victim.display()
+            );
+            std::fs::write(&p, format!("{}{form}{}", &x[..at], &x[end..])).expect("w");
+        }
+    }
+    let set = nbdfmt::BackupSet::scan(&chain2).expect("scan");
+    let log = Lines::default();
+    let j = job(&set, "rc-uefi-tpm", &hv, &log, &tmp.path().join("swtpm"));
+    let dr3 = RestoreKind::Dr {
+        dir: tmp.path().join("images3"),
+    };
+    let e = restore::plan(&j, &dr3).expect_err("element form");
+    assert!(e.to_string().contains("<source> element"), "{e}");
+    assert_eq!(
+        std::fs::read_to_string(&victim).expect("victim"),
+        "victim's NVRAM"
+    );
 }

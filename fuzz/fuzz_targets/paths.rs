@@ -77,10 +77,11 @@ fuzz_target!(|data: &[u8]| {
     // an NVRAM destination never leaves the NVRAM directory, whatever the XML said
     let nvram_dir = base.join("a/b");
     for q in [&p, &rel] {
-        let dest = confined(q, &nvram_dir);
+        let dest = confined(q, &nvram_dir, "vm");
         let parent = dest.parent().map(canonicalize_lenient);
         assert_eq!(parent, Some(canonicalize_lenient(&nvram_dir)), "{q:?} -> {dest:?}");
         let name = dest.file_name().and_then(|n| n.to_str()).unwrap_or("");
         assert!(vmrestore::host::names::unsafe_component(name).is_none(), "{q:?} -> {dest:?}");
+        assert!(name.starts_with("vm_VARS"), "{q:?} -> {dest:?}");
     }
 });

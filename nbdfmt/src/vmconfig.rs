@@ -42,6 +42,9 @@ pub struct DomainConfig {
     pub disks: Vec<DiskConfig>,
     /// `<os><nvram>` path.
     pub nvram: Option<String>,
+    /// True when `<nvram>` holds elements (libvirt's `<source file=…/>` form) rather
+    /// than its path as text.
+    pub nvram_elements: bool,
     /// `<os><loader>` path.
     pub loader: Option<String>,
     /// MAC addresses of the interfaces.
@@ -89,6 +92,8 @@ impl DomainConfig {
         };
         if let Some(os) = child(root, "os") {
             cfg.nvram = text(child(os, "nvram"));
+            cfg.nvram_elements =
+                child(os, "nvram").is_some_and(|n| n.children().any(|c| c.is_element()));
             cfg.loader = text(child(os, "loader"));
         }
         if let Some(devices) = child(root, "devices") {

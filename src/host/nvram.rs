@@ -16,13 +16,15 @@ pub fn home() -> PathBuf {
     )
 }
 
-/// Where an NVRAM file that a domain XML puts at `path` is written: into `dir` under
-/// the path's own file name (`VARS.fd` when that is no safe name). The XML comes from
+/// Where an NVRAM file that a domain XML puts at `path` is written for domain `owner`:
+/// into `dir` under the path's own file name when that is libvirt's name for the
+/// domain's NVRAM (`<owner>_VARS…`), else as `<owner>_VARS.fd`. The XML comes from
 /// the backup, a replica anyone may have written, and vmrestore runs as root: a path
 /// such as `/etc/cron.d/x` or `…/nvram/../../../root/.ssh/authorized_keys` would have
-/// made it install the backup's bytes there. A path already in `dir` (after symlinks)
-/// is kept as it is.
-pub fn confined(path: &Path, dir: &Path) -> PathBuf {
+/// made it install the backup's bytes there, and `…/nvram/<other vm>_VARS.fd` would
+/// have replaced another domain's NVRAM. A path already in `dir` (after symlinks)
+/// under such a name is kept as it is.
+pub fn confined(path: &Path, dir: &Path, owner: &str) -> PathBuf {
     use crate::host::paths::canonicalize_lenient;
     let in_dir = path.is_absolute()
         && path.parent().is_some_and(|p| {
@@ -31,15 +33,33 @@ pub fn confined(path: &Path, dir: &Path) -> PathBuf {
                 .any(|c| c == std::path::Component::ParentDir)
                 && canonicalize_lenient(p) == canonicalize_lenient(dir)
         });
+    let own = format!("{owner}_VARS");
     let name = path
         .file_name()
         .and_then(|n| n.to_str())
-        .filter(|n| crate::host::names::unsafe_component(n).is_none());
+        .filter(|n| crate::host::names::unsafe_component(n).is_none() && n.starts_with(&own));
     match name {
         Some(_) if in_dir => path.to_path_buf(),
         Some(n) => dir.join(n),
-        None => dir.join("VARS.fd"),
+        None => dir.join(format!("{own}.fd")),
     }
+}
+
+/// A domain XML whose `<nvram>` uses libvirt's element form (`<source file=…/>`, or a
+/// network source) names a host file vmrestore would neither install nor rewrite: a
+/// crafted backup could make libvirt create, take over or (`undefine --nvram`) delete
+/// any file. Refused (exit 5), naming the XML.
+pub fn refuse_element_form(
+    cfg: &nbdfmt::DomainConfig,
+    xml: &Path,
+) -> Result<(), crate::error::AppError> {
+    if !cfg.nvram_elements {
+        return Ok(());
+    }
+    Err(crate::error::AppError::Vm(format!(
+        "{}: <nvram> names its file in a <source> element, which vmrestore does not restore or rewrite — give it the path as text (<nvram>/var/lib/libvirt/qemu/nvram/<vm>_VARS.fd</nvram>) or restore with --skip-config",
+        xml.display()
+    )))
 }
 
 /// The NVRAM copy chosen for a restore point.
@@ -115,33 +135,34 @@ mod tests {
         let home = d.path().join("nvram");
         std::fs::create_dir(&home).expect("mkdir");
         let inside = home.join("vm_VARS.fd");
-        assert_eq!(confined(&inside, &home), inside);
+        assert_eq!(confined(&inside, &home, "vm"), inside);
         // a symlinked spelling of the same directory is the same directory
         let link = d.path().join("link");
         std::os::unix::fs::symlink(&home, &link).expect("ln");
-        assert_eq!(
-            confined(&link.join("vm_VARS.fd"), &home),
-            link.join("vm_VARS.fd")
-        );
+        let via = link.join("vm_VARS.fd");
+        assert_eq!(confined(&via, &home, "vm"), via);
+        let own = home.join("vm_VARS.fd");
         for hostile in [
             "/etc/cron.d/x",
             "/root/.ssh/authorized_keys",
             "relative_VARS.fd",
+            "/",
         ] {
-            let name = Path::new(hostile).file_name().expect("name");
-            assert_eq!(
-                confined(Path::new(hostile), &home),
-                home.join(name),
-                "{hostile}"
-            );
+            assert_eq!(confined(Path::new(hostile), &home, "vm"), own, "{hostile}");
         }
-        let dotdot = home.join("../../../etc/shadow");
-        assert_eq!(confined(&dotdot, &home), home.join("shadow"));
-        assert_eq!(confined(Path::new("/"), &home), home.join("VARS.fd"));
-        assert_eq!(confined(&home.join("a\nb"), &home), home.join("VARS.fd"));
+        // elsewhere under the domain's own name: moved into the directory
+        assert_eq!(confined(Path::new("/etc/x/vm_VARS.fd"), &home, "vm"), own);
         assert_eq!(
-            confined(&home.join("a\u{1b}b"), &home),
-            home.join("VARS.fd")
+            confined(&home.join("../../../etc/shadow"), &home, "vm"),
+            own
+        );
+        // another domain's NVRAM is never the target
+        assert_eq!(confined(&home.join("other_VARS.fd"), &home, "vm"), own);
+        assert_eq!(confined(&home.join("vm_b_VARS.fd"), &home, "vm"), own);
+        assert_eq!(confined(&home.join("vm_VARS\nb"), &home, "vm"), own);
+        assert_eq!(
+            confined(&home.join("vm_VARS.qcow2"), &home, "vm"),
+            home.join("vm_VARS.qcow2")
         );
     }
 }

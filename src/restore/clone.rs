@@ -59,6 +59,7 @@ fn clone_actions(
     cfg: &nbdfmt::DomainConfig,
     jobs: Vec<crate::restore::outputs::DiskJob>,
 ) -> Result<Vec<Action>, AppError> {
+    crate::host::nvram::refuse_element_form(cfg, &cfg_path)?;
     let pick = cfg
         .nvram
         .as_deref()
@@ -66,7 +67,7 @@ fn clone_actions(
     let nvram = match (&cfg.nvram, pick) {
         (Some(n), Some(pick)) => Some(NvramInstall {
             pick,
-            dest: ctx.host_nvram(&clone_nvram(n, name)),
+            dest: ctx.host_nvram(&clone_nvram(n, name), name),
             point: t,
             save_existing: true,
             required: true,

@@ -98,17 +98,18 @@ impl Outcome {
 
 impl Context<'_> {
     /// Where the NVRAM file the domain XML names at `path` is written: libvirt's NVRAM
-    /// directory ([`Self::nvram_dir`]) under the path's file name —
+    /// directory ([`Self::nvram_dir`]) under the path's file name when it is domain
+    /// `owner`'s (`<owner>_VARS…`) —
     /// `path` itself only when it already lies there ([`crate::host::nvram::confined`]).
     /// A path the backup's XML points elsewhere is WARNed about once, here.
-    pub fn host_nvram(&self, path: &std::path::Path) -> PathBuf {
+    pub fn host_nvram(&self, path: &std::path::Path, owner: &str) -> PathBuf {
         let dir = &self.nvram_dir;
-        let dest = crate::host::nvram::confined(path, dir);
+        let dest = crate::host::nvram::confined(path, dir, owner);
         if self.sandbox.is_none() && dest != path {
             self.log.warn(
                 "restore_nvram",
                 &format!(
-                    "The backup's domain XML puts NVRAM at {}, outside {}: it is installed as {} and the domain's <nvram> says so",
+                    "The backup's domain XML puts NVRAM at {}, not {}/<vm>_VARS…: it is installed as {} and the domain's <nvram> says so",
                     crate::ui::format::printable(&path.display().to_string()),
                     dir.display(),
                     dest.display()

@@ -146,8 +146,12 @@ fn dr_actions(
     cfg: &DomainConfig,
     jobs: Vec<DiskJob>,
 ) -> Result<Vec<Action>, AppError> {
+    crate::host::nvram::refuse_element_form(cfg, &cfg_path)?;
     // the test driver's NVRAM lives in its sandbox, and its domain says so
-    let nvram = cfg.nvram.as_deref().map(|n| ctx.host_nvram(Path::new(n)));
+    let nvram = cfg
+        .nvram
+        .as_deref()
+        .map(|n| ctx.host_nvram(Path::new(n), &ctx.vm));
     let xml = rewritten(
         &cfg_path,
         &Rewrite {

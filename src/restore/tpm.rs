@@ -55,13 +55,25 @@ pub(super) fn restore_tpm(
         log.warn("restore_tpm", "TPM restore failed (non-fatal)");
         return failed;
     }
+    // The state goes to the domain just defined: a metadata UUID (backup data) naming
+    // another domain would otherwise replace that domain's TPM.
     let uuid = match &t.uuid {
         TpmUuid::New => defined_uuid.map(str::to_owned),
-        TpmUuid::Original { .. } => t
-            .material
-            .metadata_uuid
-            .clone()
-            .or_else(|| defined_uuid.map(str::to_owned)),
+        TpmUuid::Original { .. } => {
+            let meta = t.material.metadata_uuid.as_deref();
+            if let (Some(m), Some(d)) = (meta, defined_uuid) {
+                if !m.eq_ignore_ascii_case(d) {
+                    log.warn(
+                        "restore_tpm",
+                        &format!(
+                            "The TPM metadata names UUID {} but the restored domain is {d}: the state goes to {d}",
+                            crate::ui::format::printable(m)
+                        ),
+                    );
+                }
+            }
+            defined_uuid.or(meta).map(str::to_owned)
+        }
     };
     let Some(uuid) = uuid else {
         log.error("restore_tpm", "Cannot determine UUID for TPM restore");

@@ -212,6 +212,7 @@ pub(super) fn plan_instant(
         });
     }
     let (source, cfg) = config(ctx, t, "the instant-boot clone")?;
+    crate::host::nvram::refuse_element_form(&cfg, &ctx.set.dir)?;
     let mut overlays = predict_outputs(ctx.set, t, dir);
     renamed(&mut overlays, name, dir, Some("qcow2"));
     log_predictions(ctx, &overlays);
@@ -323,6 +324,7 @@ fn instant_nvram(
             .parent()
             .unwrap_or_else(|| Path::new("/"))
             .join(format!("{name}_VARS.fd")),
+        name,
     );
     Some(NvramInstall {
         pick,
