@@ -75,7 +75,9 @@ pub fn predict_outputs(set: &BackupSet, point: u32, restore_path: &Path) -> Vec<
                 .as_deref()
                 .and_then(|s| Path::new(s).file_name())
                 .map(|n| n.to_string_lossy().into_owned())
-                .filter(|n| !n.is_empty() && n != ".." && n != ".")
+                // backup data: a control character (a newline) would name a file
+                // nobody can type; such a name falls back like an empty one
+                .filter(|n| crate::host::names::unsafe_component(n).is_none())
                 .unwrap_or_else(|| format!("{disk}.qcow2"));
             PredictedOutput {
                 disk: disk.clone(),
