@@ -5,7 +5,7 @@
 //! write whatever file it points at.
 
 use std::fs::{File, OpenOptions};
-use std::io::{self, Read, Write};
+use std::io::{self, Write};
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::Path;
 
@@ -23,10 +23,10 @@ pub fn create_new(path: &Path) -> io::Result<File> {
         .open(path)
 }
 
-/// `bytes` as the content of `path` (created, or a regular file replaced), synced
-/// when `sync`; a symlink or anything but a regular file at the name is refused.
-pub fn write(path: &Path, bytes: &[u8], sync: bool) -> io::Result<()> {
-    let mut f = OpenOptions::new()
+/// `path` opened for writing (created, or a regular file emptied); a symlink or
+/// anything but a regular file at the name is refused.
+fn replace(path: &Path) -> io::Result<File> {
+    let f = OpenOptions::new()
         .write(true)
         .create(true)
         .custom_flags(FLAGS | nix::libc::O_NONBLOCK)
@@ -40,6 +40,13 @@ pub fn write(path: &Path, bytes: &[u8], sync: bool) -> io::Result<()> {
     }
     // truncated only once known to be a regular file of ours
     f.set_len(0)?;
+    Ok(f)
+}
+
+/// `bytes` as the content of `path` (created, or a regular file replaced), synced
+/// when `sync`; a symlink or anything but a regular file at the name is refused.
+pub fn write(path: &Path, bytes: &[u8], sync: bool) -> io::Result<()> {
+    let mut f = replace(path)?;
     f.write_all(bytes)?;
     if sync {
         f.sync_all()?;
@@ -51,24 +58,7 @@ pub fn write(path: &Path, bytes: &[u8], sync: bool) -> io::Result<()> {
 /// whole (a console log can be large).
 pub fn copy(from: &Path, to: &Path) -> io::Result<u64> {
     let mut src = File::open(from)?;
-    write(to, b"", false)?;
-    let mut dst = OpenOptions::new()
-        .write(true)
-        .custom_flags(FLAGS)
-        .open(to)?;
-    let mut n = 0u64;
-    let mut buf = vec![0u8; 64 << 10];
-    loop {
-        match src.read(&mut buf) {
-            Ok(0) => return Ok(n),
-            Ok(k) => {
-                dst.write_all(&buf[..k])?;
-                n += k as u64;
-            }
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(e),
-        }
-    }
+    io::copy(&mut src, &mut replace(to)?)
 }
 
 #[cfg(test)]

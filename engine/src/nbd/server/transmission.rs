@@ -140,6 +140,16 @@ async fn send_block_status(
     w.flush().await
 }
 
+/// An unknown command flag on a command that is answered: the NBD spec says it
+/// SHOULD be refused, not ignored (writes are refused whatever their flags).
+fn unknown_flags(req: &Request) -> Option<String> {
+    let known =
+        CMD_FLAG_FUA | CMD_FLAG_NO_HOLE | CMD_FLAG_DF | CMD_FLAG_REQ_ONE | CMD_FLAG_FAST_ZERO;
+    let unknown = req.flags & !known;
+    (unknown != 0 && matches!(req.kind, CMD_READ | CMD_BLOCK_STATUS | CMD_FLUSH))
+        .then(|| format!("unknown command flags {unknown:#x}"))
+}
+
 /// After a command: go on, or end transmission with this result (after the drain).
 enum Next {
     Continue,
@@ -232,11 +242,7 @@ impl Conn<'_> {
             .offset
             .checked_add(u64::from(req.length))
             .is_some_and(|e| e <= self.size);
-        let known =
-            CMD_FLAG_FUA | CMD_FLAG_NO_HOLE | CMD_FLAG_DF | CMD_FLAG_REQ_ONE | CMD_FLAG_FAST_ZERO;
-        if req.flags & !known != 0 && matches!(req.kind, CMD_READ | CMD_BLOCK_STATUS | CMD_FLUSH) {
-            // the NBD spec: an unknown command flag SHOULD be refused, not ignored
-            let msg = format!("unknown command flags {:#x}", req.flags & !known);
+        if let Some(msg) = unknown_flags(&req) {
             self.fail(&req, EINVAL, msg).await?;
             return Ok(Next::Continue);
         }
